@@ -1,0 +1,254 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import httpx
+
+from largebatch.scaling_rules.models import Recipe, RecommendationRequest, Reference
+from largebatch.scaling_rules.wire import (
+    FinalOutcome,
+    HealthOut,
+    HeartbeatOut,
+    Page,
+    ReadyOut,
+    RecommendationIn,
+    RecommendationOut,
+    ReportIn,
+    ReportOut,
+    Run,
+    Study,
+)
+
+from ._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient, Call, Format
+
+if TYPE_CHECKING:
+    from .job import Job
+
+__all__ = ["Client"]
+
+T = TypeVar("T")
+
+_sleep = time.sleep  # tests replace this to run retries without waiting
+
+
+class Client(BaseClient):
+    """Synchronous client of the largebatch service.
+
+    Args:
+        base_url: Root of the service (default: ``$LARGEBATCH_URL``, else ``http://127.0.0.1:8000``).
+        api_key: Sent as ``Authorization: Bearer <key>`` (default: ``$LARGEBATCH_API_KEY``, else none).
+        timeout: Seconds, or an :class:`httpx.Timeout` (default: 30 s, 5 s to connect).
+        max_retries: Retries after the first try, for connection errors, 408, 429 and 5xx.
+        http_client: An :class:`httpx.Client` to send with (proxies, custom transports); the
+            caller keeps ownership of it and closes it.
+
+    Thread-safe: one client may be shared by threads. Use it as a context manager, or call
+    :meth:`close`, to release its connections.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.Client | None = None,
+        default_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
+                         default_headers=default_headers)
+        if http_client is not None and not isinstance(http_client, httpx.Client):
+            raise TypeError(f"http_client must be an httpx.Client, got {type(http_client).__name__}")
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(timeout=self.timeout)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Close the connections (only those of an ``http_client`` this client created)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def with_options(self, *, api_key: str | None = None, timeout: float | httpx.Timeout | None = None,
+                     max_retries: int | None = None) -> Client:
+        """A client with some options changed, sharing this one's connections."""
+        options = self._options()
+        if api_key is not None:
+            options["api_key"] = api_key
+        if timeout is not None:
+            options["timeout"] = timeout
+        if max_retries is not None:
+            options["max_retries"] = max_retries
+        return Client(self.base_url, http_client=self._http, **options)
+
+    # ------------------------------------------------------------------ sending
+
+    def _request(self, call: Call[T]) -> T:
+        call = call.with_key()  # one idempotency key for every try of this call
+        retries_taken = 0
+        while True:
+            request = self._build_request(self._http, call, retries_taken)
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as exc:
+                if retries_taken < self.max_retries and self._should_retry_exception(exc):
+                    _sleep(self._retry_delay(retries_taken))
+                    retries_taken += 1
+                    continue
+                raise self._connection_error(exc, request) from exc
+            if retries_taken < self.max_retries and self._should_retry(response):
+                _sleep(self._retry_delay(retries_taken, response))
+                retries_taken += 1
+                continue
+            return self._process(call, response)
+
+    # ------------------------------------------------------------------ health
+
+    def healthz(self) -> HealthOut:
+        """Liveness: the process answers."""
+        return self._request(self._healthz())
+
+    def readyz(self) -> ReadyOut:
+        """Readiness: the service can reach its store."""
+        return self._request(self._readyz())
+
+    # ------------------------------------------------------------------ studies
+
+    def create_study(self, name: str, *, model_params: int, model_family: str = "transformer",
+                     metric: str = "eval_loss", direction: str = "minimize",
+                     idempotency_key: str | None = None) -> Study:
+        """Create a study. Raises :class:`AlreadyExistsError` if the name is taken."""
+        return self._request(self._create_study(name, model_params=model_params, model_family=model_family,
+                                                metric=metric, direction=direction,
+                                                idempotency_key=idempotency_key))
+
+    def list_studies(self, *, limit: int = 100, offset: int = 0) -> Page[Study]:
+        """One page of the studies visible to this key, oldest first."""
+        return self._request(self._list_studies(limit=limit, offset=offset))
+
+    def iter_studies(self, *, page_size: int = 100) -> Iterator[Study]:
+        """Every study, fetching pages of ``page_size`` as needed."""
+        offset = 0
+        while True:
+            page = self.list_studies(limit=page_size, offset=offset)
+            yield from page.items
+            offset += len(page.items)
+            if not page.items or offset >= page.total:
+                return
+
+    def get_study(self, name: str) -> Study:
+        return self._request(self._get_study(name))
+
+    def delete_study(self, name: str, *, idempotency_key: str | None = None) -> None:
+        """Delete a study and all its runs."""
+        return self._request(self._delete_study(name, idempotency_key=idempotency_key))
+
+    # ------------------------------------------------------------------ runs
+
+    def create_run(self, study: str, *, recipe: Recipe | Mapping[str, Any] | None = None,
+                   request: RecommendationRequest | Mapping[str, Any] | None = None,
+                   environment: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Run:
+        """Open a run from a recipe you have, or from a request (the service computes the recipe).
+
+        With the same ``idempotency_key`` a second call returns the first run.
+        """
+        return self._request(self._create_run(study, recipe=recipe, request=request, environment=environment,
+                                              idempotency_key=idempotency_key))
+
+    def list_runs(self, study: str, *, state: str | None = None, batch_size: int | None = None,
+                  limit: int = 100, offset: int = 0) -> Page[Run]:
+        """One page of a study's runs, in creation order, optionally filtered."""
+        return self._request(self._list_runs(study, state=state, batch_size=batch_size, limit=limit,
+                                             offset=offset))
+
+    def iter_runs(self, study: str, *, state: str | None = None, batch_size: int | None = None,
+                  page_size: int = 100) -> Iterator[Run]:
+        offset = 0
+        while True:
+            page = self.list_runs(study, state=state, batch_size=batch_size, limit=page_size, offset=offset)
+            yield from page.items
+            offset += len(page.items)
+            if not page.items or offset >= page.total:
+                return
+
+    def list_runs_csv(self, study: str, *, state: str | None = None, batch_size: int | None = None,
+                      limit: int = 1000, offset: int = 0) -> str:
+        """A study's runs as CSV text (``?format=csv``)."""
+        return self._request(self._list_runs_csv(study, state=state, batch_size=batch_size, limit=limit,
+                                                 offset=offset))
+
+    def get_run(self, run_id: int) -> Run:
+        return self._request(self._get_run(run_id))
+
+    def heartbeat(self, run_id: int) -> HeartbeatOut:
+        """Renew the run's lease; ``should_stop`` says whether the service wants it stopped."""
+        return self._request(self._heartbeat(run_id))
+
+    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None) -> ReportOut:
+        """One intermediate report, sent now. A :class:`Job` batches them in the background instead."""
+        return self._request(self._report(run_id, step, loss, grad_norm))
+
+    def report_batch(self, run_id: int, reports: Iterable[ReportIn | Mapping[str, Any] | tuple]) -> ReportOut:
+        """Several reports in one request; the service is idempotent per step."""
+        return self._request(self._report_batch(run_id, reports))
+
+    def complete_run(self, run_id: int, *, outcome: FinalOutcome = "completed", metric: float | None = None,
+                     reason: str | None = None, step: int | None = None) -> Run:
+        """Record the final outcome (``completed`` needs ``metric``). Repeating it is a no-op."""
+        return self._request(self._complete_run(run_id, outcome=outcome, metric=metric, reason=reason, step=step))
+
+    # ------------------------------------------------------------------ recommendations
+
+    def recommend(self, request: RecommendationIn | RecommendationRequest | Mapping[str, Any] | None = None,
+                  /, *, idempotency_key: str | None = None, **fields: Any) -> RecommendationOut:
+        """Ask for a recipe. ``fields`` set or override request fields (``study=``, ``start_run=True``,
+        ``environment=``, ...). With ``start_run`` the answer's ``run`` is the opened run; repeating
+        the call with the same ``idempotency_key`` returns that same run."""
+        return self._request(self._recommend(request or {}, fields, idempotency_key))
+
+    def schedule_plot(self, request: RecommendationIn | RecommendationRequest | Mapping[str, Any],
+                      format: Format = "png") -> bytes:
+        """The recipe's LR-over-steps plot, as PNG or SVG bytes."""
+        return self._request(self._schedule_plot(request, format))
+
+    # ------------------------------------------------------------------ training jobs
+
+    def autoconfigure(self, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None = None,
+                      target_batch_size: int | None = None, target_steps: int | None = None,
+                      model_params: int | None = None, model_family: str = "transformer",
+                      environment: Mapping[str, Any] | None = None, idempotency_key: str | None = None,
+                      create_study: bool = True, metric: str = "eval_loss", direction: str = "minimize",
+                      job_options: Mapping[str, Any] | None = None, **request_fields: Any) -> Job:
+        """Ask for a recipe for ``model`` and open a run; return a :class:`Job` with the optimizer
+        and scheduler built for it (``largebatch.client.optim.build``).
+
+        Args:
+            model: The ``torch.nn.Module`` to train.
+            study: Study to file the run in; created (with ``metric``/``direction``) if missing
+                and ``create_study`` is true.
+            reference: The small-batch setup that works (``Reference`` or its dict).
+            target_batch_size: The batch size to train at; ``target_steps`` an explicit step budget.
+            model_params: Parameter count (default: the model's trainable parameters).
+            idempotency_key: Reuse it when restarting the same job to get the same run back.
+            job_options: Keyword arguments for :class:`Job` (flush interval, heartbeat interval, ...).
+            request_fields: Any other :class:`RecommendationIn` field (``rule``, ``budget``,
+                ``lr_cap``, ``optimizer``, ``stages``, ...).
+        """
+        from .job import autoconfigure
+
+        return autoconfigure(self, model, study=study, reference=reference, target_batch_size=target_batch_size,
+                             target_steps=target_steps, model_params=model_params, model_family=model_family,
+                             environment=environment, idempotency_key=idempotency_key,
+                             create_study=create_study, metric=metric, direction=direction,
+                             job_options=job_options, **request_fields)

@@ -1,0 +1,29 @@
+"""PyTorch optimizers and schedulers for large-batch recipes (needs the ``torch`` extra).
+
+* :class:`LAMB`, :class:`LANS`, :class:`LARS` and their functional forms :func:`lamb`, :func:`lans`,
+  :func:`lars`: the papers' algorithms, with a single-tensor reference path and a multi-tensor path;
+* :func:`param_groups_for`: no weight decay / no trust ratio for biases and normalisation weights;
+* :class:`RecipeLR`: a recipe's LR schedule as a torch scheduler;
+* :func:`build`: ``optimizer, scheduler = build(model, recipe)``.
+"""
+
+from ._core import NonFiniteGradientError
+from .build import build
+from .grouping import param_groups_for
+from .lamb import LAMB, lamb
+from .lans import LANS, lans
+from .lars import LARS, lars
+from .scheduler import RecipeLR
+
+__all__ = [
+    "LAMB",
+    "LANS",
+    "LARS",
+    "NonFiniteGradientError",
+    "RecipeLR",
+    "build",
+    "lamb",
+    "lans",
+    "lars",
+    "param_groups_for",
+]

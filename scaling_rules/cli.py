@@ -1,0 +1,187 @@
+"""The `largebatch` command line.
+
+`recommend` lives here (it needs only the engine). Other packages add their own subcommands
+(`serve`, `keys` from the service; `runs`, `studies` from the client) through the
+``largebatch.commands`` entry-point group, so this module never imports them: each entry point is
+a ``register(subparsers)`` function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .engine import RecipeError, recommend
+from .models import Recipe, RecommendationRequest
+
+_SUFFIX = {"": 1, "K": 1024, "M": 10**6, "B": 10**9, "G": 10**9}
+_NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgG]?)\s*$")
+
+
+class CLIError(Exception):
+    """One readable line for the user; the CLI exits 2 with it."""
+
+
+def parse_count(text: str, *, binary_k: bool = True) -> int:
+    """'32K' -> 32768, '340M' -> 340_000_000, '1.5B' -> 1_500_000_000. K is 1024 for batch sizes
+    (the papers' "32K" is 32768) and 1000 for parameter counts."""
+    m = _NUMBER.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (use e.g. 512, 32K, 340M, 1.5B)")
+    suffix = m.group(2).upper()
+    mult = _SUFFIX[suffix] if (suffix != "K" or binary_k) else 1000
+    value = float(m.group(1)) * mult
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(value)
+
+
+def _params(text: str) -> int:
+    return parse_count(text, binary_k=False)
+
+
+def _add_recommend(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recommend", help="compute a large-batch recipe from a reference setup",
+                       description="Compute a large-batch recipe. Flags cover the single-stage case; "
+                                   "--request FILE.json takes any request (multi-stage included).")
+    p.add_argument("--request", type=Path, help="request JSON file ('-' for stdin); overrides the flags")
+    p.add_argument("--model-params", type=_params, help="parameter count, e.g. 340M")
+    p.add_argument("--family", choices=["transformer", "cnn", "other"], default="transformer")
+    p.add_argument("--ref-batch", type=parse_count, help="reference batch size, e.g. 512")
+    p.add_argument("--ref-lr", type=float, help="reference peak LR, e.g. 6.25e-4")
+    p.add_argument("--ref-optimizer", default="lamb", choices=["lamb", "lans", "adamw", "adam", "lars", "sgd"])
+    p.add_argument("--ref-warmup", type=float, help="reference warmup ratio, e.g. 0.003125")
+    p.add_argument("--ref-warmup-steps", type=parse_count, help="reference warmup steps (instead of a ratio)")
+    p.add_argument("--ref-steps", type=parse_count, help="reference total steps, e.g. 1M")
+    p.add_argument("--target-batch", type=parse_count, help="target batch size, e.g. 32K")
+    p.add_argument("--target-steps", type=parse_count, help="explicit step budget at the target batch")
+    p.add_argument("--rule", choices=["sqrt", "linear"])
+    p.add_argument("--budget", choices=["same-epochs", "same-steps"], default="same-epochs")
+    p.add_argument("--lr-cap", type=float, help="largest stable LR, if known")
+    p.add_argument("--optimizer", choices=["lamb", "lans", "adamw", "lars", "sgd"], help="force an optimizer")
+    p.add_argument("--json", action="store_true", help="print the recipe as JSON")
+    p.add_argument("--plot", type=Path, help="write the LR-over-steps plot (.png or .svg)")
+    p.set_defaults(func=_cmd_recommend)
+
+
+def _request_from_args(args: argparse.Namespace) -> dict:
+    if args.request is not None:
+        text = sys.stdin.read() if str(args.request) == "-" else _read(args.request)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--request: not valid JSON: {e}") from None
+    missing = [flag for flag, v in [("--model-params", args.model_params), ("--ref-batch", args.ref_batch),
+                                    ("--ref-lr", args.ref_lr), ("--ref-steps", args.ref_steps),
+                                    ("--target-batch", args.target_batch)] if v is None]
+    if missing:
+        raise CLIError(f"missing {', '.join(missing)} (or give --request FILE.json)")
+    ref: dict = {"batch_size": args.ref_batch, "lr": args.ref_lr, "optimizer": args.ref_optimizer,
+                 "steps": args.ref_steps}
+    if args.ref_warmup is not None:
+        ref["warmup_ratio"] = args.ref_warmup
+    if args.ref_warmup_steps is not None:
+        ref["warmup_steps"] = args.ref_warmup_steps
+    target: dict = {"batch_size": args.target_batch}
+    if args.target_steps is not None:
+        target["steps"] = args.target_steps
+    req: dict = {"model": {"params": args.model_params, "family": args.family}, "reference": ref,
+                 "target": target, "budget": args.budget}
+    for key in ("rule", "lr_cap", "optimizer"):
+        if getattr(args, key) is not None:
+            req[key] = getattr(args, key)
+    return req
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as e:
+        raise CLIError(f"cannot read {path}: {e.strerror}") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-after"))
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "invalid request: " + "; ".join(parts)
+
+
+def format_recipe_table(recipe: Recipe) -> str:
+    o = recipe.optimizer
+    lines = [f"optimizer   {o.name}  (betas {o.betas}, eps {o.eps:g}, weight decay {o.weight_decay:g})",
+             f"total steps {recipe.total_steps:,}", ""]
+    header = f"{'stage':>5} {'batch':>8} {'steps':>9} {'peak LR':>11} {'warmup':>15} {'const':>15} {'decay':>9}"
+    lines += [header, "-" * len(header)]
+    for i, s in enumerate(recipe.stages, 1):
+        lines.append(f"{i:>5} {s.batch_size:>8} {s.steps:>9,} {s.peak_lr:>11.6g} "
+                     f"{s.warmup_steps:>7,} ({s.warmup_ratio:>5.1%}) {s.const_steps:>7,} ({s.const_ratio:>5.1%}) "
+                     f"{s.decay_steps:>9,}")
+    lines += ["", "why:"] + [f"  - {r}" for r in recipe.rationale]
+    if recipe.warnings:
+        lines += ["", "warnings:"] + [f"  ! {w}" for w in recipe.warnings]
+    return "\n".join(lines)
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    try:
+        recipe = recommend(RecommendationRequest.model_validate(_request_from_args(args)))
+    except ValidationError as e:
+        raise CLIError(format_validation_error(e)) from None
+    except RecipeError as e:
+        raise CLIError(str(e)) from None
+    if args.plot is not None:
+        from .plot import render_schedule
+
+        fmt = "svg" if args.plot.suffix.lower() == ".svg" else "png"
+        try:
+            args.plot.write_bytes(render_schedule(recipe, fmt))
+        except OSError as e:
+            raise CLIError(f"cannot write {args.plot}: {e.strerror}") from None
+    print(recipe.model_dump_json(indent=2) if args.json else format_recipe_table(recipe))
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one readable line (the full usage is one `--help` away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="largebatch", description="Large-batch training recipes (LAMB/LANS).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_recommend(sub)
+    for ep in sorted(entry_points(group="largebatch.commands"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except (ImportError, AttributeError):  # that part (or its extra) is absent: so are its commands
+            continue
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"largebatch: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""The typed contract shared by the engine, the CLI, the REST service and the client.
+
+A :class:`RecommendationRequest` goes in, a :class:`Recipe` comes out. Field names are a public
+contract (issue #2): add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Family = Literal["transformer", "cnn", "other"]
+RecipeOptimizerName = Literal["lamb", "lans", "adamw", "lars", "sgd"]
+# What a reference run may have used: anything we know how to scale from.
+ReferenceOptimizerName = Literal["lamb", "lans", "adamw", "adam", "lars", "sgd"]
+Rule = Literal["sqrt", "linear"]
+Budget = Literal["same-epochs", "same-steps"]
+DecayShape = Literal["linear", "cosine"]
+
+ADAM_FAMILY = frozenset({"lamb", "lans", "adamw", "adam"})
+
+
+def _finite_positive(name: str, value: float | None) -> float | None:
+    if value is None:
+        return value
+    if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+class _Strict(BaseModel):
+    # Extra keys are refused so a typo ("batchsize") is an error, not a silently ignored field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
+
+
+StrictPosInt = Annotated[int, Field(strict=True, gt=0)]
+
+
+class ModelSpec(_Strict):
+    params: StrictPosInt = Field(description="Number of trainable parameters.")
+    family: Family = "transformer"
+
+
+class Reference(_Strict):
+    """A training setup that is known to work at a small batch."""
+
+    batch_size: StrictPosInt
+    lr: float = Field(description="Peak learning rate of the reference run.")
+    optimizer: ReferenceOptimizerName = "lamb"
+    warmup_ratio: float | None = Field(default=None, description="Warmup steps / total steps.")
+    warmup_steps: Annotated[int, Field(strict=True, ge=0)] | None = None
+    steps: StrictPosInt
+    weight_decay: float | None = None
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        return _finite_positive("lr", v)  # type: ignore[return-value]
+
+    @field_validator("warmup_ratio")
+    @classmethod
+    def _warmup_ratio(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 <= v < 1):
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> Reference:
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            raise ValueError("give warmup_ratio or warmup_steps, not both")
+        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        return self
+
+    @property
+    def ratio(self) -> float:
+        if self.warmup_ratio is not None:
+            return self.warmup_ratio
+        if self.warmup_steps is not None:
+            return self.warmup_steps / self.steps
+        return 0.0
+
+
+class Target(_Strict):
+    batch_size: StrictPosInt
+    steps: StrictPosInt | None = Field(
+        default=None, description="Explicit step budget; overrides `budget` (LANS trained 3519 steps at 96K)."
+    )
+
+
+class StageRequest(_Strict):
+    """One stage of a multi-stage (mixed-batch) run, e.g. BERT's seq-128 then seq-512 phases."""
+
+    batch_size: StrictPosInt
+    share: float | None = Field(default=None, description="Fraction of the reference steps this stage covers.")
+    seq_len: StrictPosInt | None = None
+    reference: Reference | None = None
+    steps: StrictPosInt | None = None
+    lr: float | None = Field(default=None, description="Explicit peak LR (skips the scaling rule).")
+    lr_cap: float | None = None
+    warmup_scale: float | None = Field(
+        default=None, description="Multiply the reference warmup ratio by this instead of the batch ratio."
+    )
+    plateau_ratio: float | None = Field(
+        default=None, description="warmup + constant phase as a fraction of the stage (LANS: 0.7, 0.3)."
+    )
+
+    @field_validator("share", "plateau_ratio")
+    @classmethod
+    def _fraction(cls, v: float | None, info) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 < v <= 1):
+            raise ValueError(f"{info.field_name} must be in (0, 1], got {v!r}")
+        return v
+
+    @field_validator("lr", "lr_cap", "warmup_scale")
+    @classmethod
+    def _positive(cls, v: float | None, info) -> float | None:
+        return _finite_positive(info.field_name, v)
+
+
+class RecommendationRequest(_Strict):
+    model: ModelSpec
+    reference: Reference | None = None
+    target: Target | None = None
+    rule: Rule | None = None
+    budget: Budget = "same-epochs"
+    lr_cap: float | None = None
+    optimizer: RecipeOptimizerName | None = None
+    stages: list[StageRequest] | None = None
+    plateau_ratio: float | None = None
+    decay: DecayShape = "linear"
+    end_lr: float = 0.0
+
+    @field_validator("lr_cap")
+    @classmethod
+    def _cap(cls, v: float | None) -> float | None:
+        return _finite_positive("lr_cap", v)
+
+    @field_validator("plateau_ratio")
+    @classmethod
+    def _plateau(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 < v <= 1):
+            raise ValueError(f"plateau_ratio must be in (0, 1], got {v!r}")
+        return v
+
+    @field_validator("end_lr")
+    @classmethod
+    def _end_lr(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"end_lr must be a finite number >= 0, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _shape(self) -> RecommendationRequest:
+        if self.stages is None:
+            if self.reference is None:
+                raise ValueError("reference is required (or give stages, each with a reference)")
+            if self.target is None:
+                raise ValueError("target is required (or give stages)")
+            return self
+        if not self.stages:
+            raise ValueError("stages must not be empty")
+        shares = [s.share for s in self.stages]
+        if any(s is not None for s in shares):
+            if any(s is None for s in shares):
+                raise ValueError("stages: give a share for every stage or for none")
+            total = sum(shares)  # type: ignore[arg-type]
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"stages: shares must sum to 1, got {total:g}")
+        for i, s in enumerate(self.stages):
+            if s.reference is None and self.reference is None:
+                raise ValueError(f"stages[{i}].reference is required when there is no top-level reference")
+        return self
+
+
+class OptimizerConfig(BaseModel):
+    """Everything an optimizer constructor needs; `build()` in the client turns this into torch."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: RecipeOptimizerName
+    lr: float
+    betas: tuple[float, float] | None = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    exclude_from_weight_decay: list[str] = Field(default_factory=list)
+    momentum: float | None = None
+    trust_coefficient: float | None = None
+    bias_correction: bool = True
+    max_grad_norm: float | None = None
+
+
+class Stage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    batch_size: int
+    steps: int
+    peak_lr: float
+    warmup_steps: int
+    const_steps: int
+    decay_steps: int
+    warmup_ratio: float
+    const_ratio: float
+    decay: DecayShape = "linear"
+    end_lr: float = 0.0
+    seq_len: int | None = None
+    ideal_lr: float | None = Field(default=None, description="The scaled LR before any cap.")
+    lr_cap: float | None = None
+
+    @model_validator(mode="after")
+    def _phases_add_up(self) -> Stage:
+        if self.warmup_steps + self.const_steps + self.decay_steps != self.steps:
+            raise ValueError(
+                f"warmup_steps + const_steps + decay_steps ({self.warmup_steps} + {self.const_steps} + "
+                f"{self.decay_steps}) must equal steps ({self.steps})"
+            )
+        return self
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    optimizer: OptimizerConfig
+    stages: list[Stage]
+    total_steps: int
+    rationale: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+    def fingerprint(self) -> str:
+        """sha256 of what changes training (optimizer and stages), not of the explanations."""
+        payload = {"optimizer": self.optimizer.model_dump(mode="json"),
+                   "stages": [s.model_dump(mode="json") for s in self.stages]}
+        blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()

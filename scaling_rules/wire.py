@@ -1,0 +1,213 @@
+"""The HTTP wire contract of the REST service, shared by the service and the client.
+
+The service validates requests and serialises responses with these models; the client parses
+responses into them, so neither side sees raw dicts and the two cannot drift apart. Pure pydantic:
+no web framework here.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .evidence import Direction, Outcome
+from .models import Family, Recipe, RecommendationRequest
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+FinalOutcome = Literal["completed", "diverged", "failed", "pruned"]
+Scope = Literal["read", "write"]
+
+T = TypeVar("T")
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    # Newer services may add fields; older clients must still parse the response.
+    model_config = ConfigDict(extra="ignore")
+
+
+# Every error ``type`` the service can answer with, and the HTTP status it comes with. Fixed set:
+# the client maps each 1:1 to an exception class; a new type is an additive change to this table.
+ERROR_TYPES: dict[str, int] = {
+    "validation_error": 422,  # bad input; ``detail`` is a list of {"loc": [...], "msg": ..., "type": ...}
+    "bad_request": 400,  # malformed request that is not a field error (e.g. body is not JSON)
+    "unauthorized": 401,  # no key, unknown key or revoked key (``WWW-Authenticate: Bearer``)
+    "forbidden": 403,  # key lacks the scope for this operation
+    "not_found": 404,  # study / run / route does not exist (or is in another namespace)
+    "method_not_allowed": 405,
+    "already_exists": 409,  # a study with that name exists in the namespace
+    "conflict": 409,  # state conflict: e.g. completing a run already finished with another outcome
+    "payload_too_large": 413,  # body above the configured limit
+    "unsupported_media_type": 415,
+    "rate_limited": 429,  # ``Retry-After`` header says when to retry
+    "internal_error": 500,  # a bug; never carries a stack trace
+    "store_unavailable": 503,  # the study store cannot be reached; ``Retry-After`` header
+}
+
+
+class ErrorBody(_Out):
+    """Every failure: ``{"type": ..., "detail": ...}``. ``type`` maps to a client exception class."""
+
+    type: str
+    detail: str | list[dict[str, Any]]
+
+
+# ----- studies -----
+
+
+class StudyCreate(_In):
+    name: str = Field(pattern=NAME_PATTERN)
+    model_family: Family = "transformer"
+    model_params: int = Field(gt=0)
+    metric: str = Field(default="eval_loss", min_length=1, max_length=128)
+    direction: Direction = "minimize"
+
+
+class Study(_Out):
+    name: str
+    namespace: str
+    model_family: str
+    model_params: int
+    metric: str
+    direction: Direction
+    created_at: datetime
+    n_runs: int = 0
+
+
+class Page(_Out, Generic[T]):
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+# ----- runs -----
+
+
+class Run(_Out):
+    id: int
+    study: str
+    namespace: str
+    number: int
+    state: Outcome
+    batch_size: int
+    peak_lr: float
+    warmup_ratio: float
+    const_ratio: float
+    optimizer: str
+    steps: int
+    recipe: Recipe
+    recipe_hash: str
+    environment: dict[str, Any] = Field(default_factory=dict)
+    metric: float | None = None
+    reason: str | None = None
+    diverged_step: int | None = None
+    created_at: datetime
+    updated_at: datetime
+    lease_expires_at: datetime | None = None
+    last_step: int | None = None
+    last_loss: float | None = None
+
+
+class RunCreate(_In):
+    """Open a run from a recipe the caller already has, or from a request (the service computes it)."""
+
+    recipe: Recipe | None = None
+    request: RecommendationRequest | None = None
+    environment: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReportIn(_In):
+    step: int = Field(ge=0)
+    loss: float
+    grad_norm: float | None = None
+
+    @field_validator("grad_norm")
+    @classmethod
+    def _grad_norm(cls, v: float | None) -> float | None:
+        # A NaN loss is information (divergence); a negative norm is a bug in the caller.
+        if v is not None and not math.isnan(v) and v < 0:
+            raise ValueError("grad_norm must be >= 0")
+        return v
+
+
+class ReportBatchIn(_In):
+    """Several reports in one request (the client batches them in the background)."""
+
+    reports: list[ReportIn] = Field(min_length=1, max_length=10_000)
+
+
+class ReportOut(_Out):
+    run: Run
+    should_stop: bool = False
+    reason: str | None = None
+
+
+class CompleteIn(_In):
+    outcome: FinalOutcome
+    metric: float | None = None
+    reason: str | None = Field(default=None, max_length=2000)
+    step: int | None = Field(default=None, ge=0)
+
+
+class HeartbeatOut(_Out):
+    run: Run
+    should_stop: bool = False
+    reason: str | None = None
+
+
+# ----- recommendations -----
+
+
+class RecommendationIn(RecommendationRequest):
+    """The engine's request plus where to file it."""
+
+    study: str | None = Field(default=None, pattern=NAME_PATTERN)
+    start_run: bool = False
+    environment: dict[str, Any] = Field(default_factory=dict)
+    use_family_evidence: bool = False
+    explore: int = Field(default=0, ge=0, le=64)
+
+
+class RecommendationOut(Recipe):
+    """The recipe, plus the run opened for it when ``start_run`` was asked."""
+
+    run: Run | None = None
+    variants: list[Recipe] = Field(default_factory=list)
+    variant_runs: list[Run] = Field(default_factory=list)
+
+
+# ----- API keys (admin CLI only) -----
+
+
+class ApiKey(_Out):
+    id: int
+    namespace: str
+    scope: Scope
+    created_at: datetime
+    revoked_at: datetime | None = None
+    prefix: str
+
+
+# ----- operations -----
+
+
+class HealthOut(_Out):
+    """``GET /healthz``: the process is alive."""
+
+    status: Literal["ok"] = "ok"
+    version: str
+
+
+class ReadyOut(_Out):
+    """``GET /readyz``: the study store answers; ``schema_versions`` = {"optuna": ..., "largebatch": ...}."""
+
+    status: Literal["ready"] = "ready"
+    version: str
+    schema_versions: dict[str, str] = Field(default_factory=dict)

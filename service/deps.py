@@ -1,0 +1,147 @@
+"""Request dependencies: the store, the caller (API key) and the settings, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Header, Request
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.exc import DBAPIError
+from starlette.concurrency import run_in_threadpool
+
+from largebatch.service.auth import Principal, authenticate
+from largebatch.service.errors import ApiError, validation_details
+from largebatch.service.settings import Settings
+from largebatch.service.storage.base import StoreError, StoreUnavailable, StudyStore
+
+__all__ = ["IdempotencyKey", "Reader", "SettingsDep", "StoreDep", "StoreHolder", "Writer"]
+
+log = logging.getLogger("largebatch.service")
+M = TypeVar("M", bound=BaseModel)
+
+
+class StoreHolder:
+    """Owns the store of one worker process.
+
+    The store is opened at start-up; if the database is down then, the service still starts
+    (``/healthz`` is alive, ``/readyz`` and store-backed routes answer 503 with Retry-After) and
+    the schema is initialised on the first request after the database comes back.
+    """
+
+    def __init__(self, settings: Settings, store: StudyStore | None = None):
+        self.settings = settings
+        self.store = store
+        self.owned = store is None
+        self.ready = store is not None  # an injected store is the caller's to initialise
+        self._lock = threading.Lock()
+        self._next_try = 0.0
+
+    def open(self) -> None:
+        try:
+            self._ensure()
+        except StoreUnavailable as e:
+            log.warning("study store unavailable at start-up (%s); serving 503 until it is reachable", e)
+
+    def _ensure(self) -> StudyStore:
+        from largebatch.service.storage import open_store
+
+        with self._lock:
+            if self.ready and self.store is not None:
+                return self.store
+            now = time.monotonic()
+            if now < self._next_try:  # it failed a moment ago: do not hammer a database that is down
+                raise StoreUnavailable("the study store is unavailable")
+            if self.store is None:
+                # Creates/upgrades the schema (under a cross-process lock) unless told a deploy step did.
+                try:
+                    self.store = open_store(self.settings.store_url, initialize=self.settings.init_schema)
+                except StoreUnavailable:
+                    self._next_try = now + self.settings.retry_after_s
+                    raise
+                except DBAPIError as e:  # a driver error escaping the store while it sets up: database down
+                    self._next_try = now + self.settings.retry_after_s
+                    raise StoreUnavailable(f"cannot open the study store: {type(e).__name__}") from e
+            self.ready = True
+            return self.store
+
+    def get(self) -> StudyStore:
+        if self.ready and self.store is not None:
+            return self.store
+        return self._ensure()
+
+    def close(self) -> None:
+        if self.owned and self.store is not None:
+            try:
+                self.store.close()
+            except StoreError as e:  # closing a store whose database is gone
+                log.warning("closing the study store: %s", e)
+            self.store = None
+            self.ready = False
+
+
+async def get_store(request: Request) -> StudyStore:
+    holder: StoreHolder = request.app.state.store_holder
+    if holder.ready and holder.store is not None:
+        return holder.store
+    return await run_in_threadpool(holder.get)
+
+
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_reader(request: Request) -> Principal:
+    return await authenticate(request, "read")
+
+
+async def get_writer(request: Request) -> Principal:
+    return await authenticate(request, "write")
+
+
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]+$"
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    """The ``Idempotency-Key`` header: 1..200 printable ASCII characters (surrounding blanks ignored)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not 0 < len(value) <= 200 or not value.isascii() or not value.isprintable():
+        raise ApiError("validation_error", [{"loc": ["header", "Idempotency-Key"],
+                                             "msg": "must be 1 to 200 printable ASCII characters",
+                                             "type": "value_error"}])
+    return value
+
+
+async def _idempotency_key(
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=200, pattern=IDEMPOTENCY_KEY_PATTERN,
+               description="Same key, same run: a retried request returns the run the first one opened."),
+    ] = None,
+) -> str | None:
+    return check_idempotency_key(idempotency_key)
+
+
+def parse_json_body(model: type[M], raw: bytes) -> M:
+    """Validate a JSON request body straight from its bytes; errors shaped like FastAPI's (loc starts "body")."""
+    if not raw.strip():
+        raise ApiError("validation_error", [{"loc": ["body"], "msg": "Field required", "type": "missing"}])
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            raise ApiError("validation_error", [{"loc": ["body"], "msg": "request body is not valid JSON",
+                                                 "type": "json_invalid"}]) from None
+        raise ApiError("validation_error", validation_details(errors, ("body",))) from None
+
+
+StoreDep = Annotated[StudyStore, Depends(get_store)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+Reader = Annotated[Principal, Depends(get_reader)]
+Writer = Annotated[Principal, Depends(get_writer)]
+IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]

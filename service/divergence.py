@@ -1,0 +1,104 @@
+"""When a running job should stop: the ``should_stop`` rule of ``POST /v1/runs/{id}/reports``.
+
+A run has diverged when
+
+1. a reported loss (or gradient norm) is NaN or infinite; or
+2. a loss exceeds ``factor`` (default 3) times the run's own *early loss*: the median of the losses
+   of its first ``window`` (default 5) reports by step.
+
+Why against the run's own early loss: the early loss is close to the loss at initialisation (for
+language models about ln(vocabulary), ~10.4 for BERT's 30K WordPiece vocabulary), and a training run
+that is still learning does not climb back above where it started; loss spikes of healthy LAMB/LANS
+runs stay well inside that (the LANS paper's point is that an LR above ~1/L makes the loss blow up,
+not wobble). Divergence from too large an LR is fast and one-directional: the loss goes up by orders
+of magnitude, or to NaN, within a few steps. A factor of 3 therefore costs at most a few steps of
+detection delay and gives no false alarms on noisy curves; it needs no knowledge of the model or
+dataset, only the run's own numbers. The median of several reports (not the first one alone) keeps
+one odd early value from setting the bar. Non-positive early losses (objectives that are not a
+cross-entropy) switch rule 2 off; rule 1 always applies.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = ["DivergenceRule", "Verdict"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    should_stop: bool
+    reason: str | None = None
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+class DivergenceRule:
+    """The rule plus a bounded per-process cache of each run's early loss (it never changes once known)."""
+
+    def __init__(self, factor: float = 3.0, window: int = 5, max_runs: int = 50_000):
+        if not factor > 1 or not math.isfinite(factor):
+            raise ValueError("factor must be a finite number > 1")
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self.factor = factor
+        self.window = window
+        self.max_runs = max_runs
+        self._early: OrderedDict[int, float] = OrderedDict()
+        self._seen: OrderedDict[int, int] = OrderedDict()  # reports this process received, per run
+        self._lock = threading.Lock()
+
+    def note_reports(self, run_id: int, n: int) -> bool:
+        """Count ``n`` reports received here; True once the run may have ``window`` reports in all.
+
+        Lets the caller read the run's reports from the store once, not on every early report. Reports
+        spread over several replicas only delay this (each counts its own), never make it wrong: the
+        early loss itself always comes from the store's full list.
+        """
+        with self._lock:
+            count = self._seen.pop(run_id, 0) + n
+            self._seen[run_id] = count
+            while len(self._seen) > self.max_runs:
+                self._seen.popitem(last=False)
+        return count >= self.window
+
+    def early_loss(self, run_id: int) -> float | None:
+        with self._lock:
+            return self._early.get(run_id)
+
+    def learn(self, run_id: int, losses_by_step: Iterable[tuple[int, float]]) -> float | None:
+        """Work out the early loss from the run's reports, once ``window`` finite ones exist."""
+        known = self.early_loss(run_id)
+        if known is not None:
+            return known
+        first = [loss for _, loss in sorted(losses_by_step) if math.isfinite(loss)][: self.window]
+        if len(first) < self.window:
+            return None
+        value = statistics.median(first)
+        with self._lock:
+            self._early[run_id] = value
+            while len(self._early) > self.max_runs:
+                self._early.popitem(last=False)
+        return value
+
+    def judge(self, step: int, loss: float, grad_norm: float | None, early: float | None) -> Verdict:
+        if not math.isfinite(loss):
+            return Verdict(True, f"loss is {loss} at step {step}")
+        if grad_norm is not None and not math.isfinite(grad_norm):
+            return Verdict(True, f"gradient norm is {grad_norm} at step {step}")
+        if early is not None and early > 0 and loss > self.factor * early:
+            return Verdict(True, f"loss {_fmt(loss)} at step {step} exploded: above {_fmt(self.factor)} x the "
+                                 f"run's early loss {_fmt(early)} (median of its first {self.window} reports)")
+        return Verdict(False)
+
+    def forget(self, run_id: int) -> None:
+        with self._lock:
+            self._early.pop(run_id, None)
+            self._seen.pop(run_id, None)

@@ -1,0 +1,142 @@
+"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): body size limit and rate limit.
+
+Both answer in the service's one error shape ``{"type", "detail"}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+
+__all__ = ["BodyLimitMiddleware", "RateLimitMiddleware", "TokenBucket"]
+
+
+async def send_error(send, status: int, type_: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"type": type_, "detail": detail}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a declared Content-Length above the limit, or a streamed body that grows past it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_bytes
+        detail = f"request body larger than {limit} bytes"
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await send_error(send, 400, "bad_request", "invalid Content-Length")
+                    return
+                if declared > limit:
+                    await send_error(send, 413, "payload_too_large", detail, {"Connection": "close"})
+                    return
+                # The HTTP server delivers exactly Content-Length bytes: nothing left to count.
+                await self.app(scope, receive, send)
+                return
+        seen = 0
+        started = False
+        exceeded = False
+
+        async def limited_receive():
+            nonlocal seen, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    exceeded = True
+                    raise _TooLarge
+            return message
+
+        async def send_wrapper(message):
+            nonlocal started
+            if exceeded:  # the framework turned the aborted read into its own error: answer 413 instead
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await send_error(send, 413, "payload_too_large", detail, {"Connection": "close"})
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_wrapper)
+        except _TooLarge:
+            if not started:
+                await send_error(send, 413, "payload_too_large", detail, {"Connection": "close"})
+
+
+class TokenBucket:
+    """Per-client token buckets: ``rate`` tokens/s, at most ``burst``. Thread-safe, bounded."""
+
+    def __init__(self, rate: float, burst: int, max_clients: int = 100_000):
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_clients = max_clients
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, client: str) -> float:
+        """Take one token; returns 0 if allowed, else the seconds until one is available."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.rate)
+            if tokens >= 1:
+                self._buckets[client] = (tokens - 1, now)
+                if len(self._buckets) > self.max_clients:
+                    self._prune(now)
+                return 0.0
+            self._buckets[client] = (tokens, now)
+            return (1 - tokens) / self.rate
+
+    def _prune(self, now: float) -> None:
+        full_after = self.burst / self.rate
+        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+
+
+class RateLimitMiddleware:
+    """429 + Retry-After once a client (API key, else IP) exceeds its token bucket. Probes are exempt."""
+
+    EXEMPT = ("/healthz", "/readyz", "/metrics")
+
+    def __init__(self, app, rate: float | None, burst: int):
+        self.app = app
+        self.bucket = TokenBucket(rate, burst) if rate else None
+
+    async def __call__(self, scope, receive, send):
+        if self.bucket is None or scope["type"] != "http" or scope.get("path") in self.EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        client = None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                client = "key:" + hashlib.sha256(value).hexdigest()
+                break
+        if client is None:
+            peer = scope.get("client")
+            client = "ip:" + (peer[0] if peer else "unknown")
+        wait = self.bucket.take(client)
+        if wait > 0:
+            await send_error(send, 429, "rate_limited", f"rate limit of {self.bucket.rate:g} requests/s exceeded",
+                             {"Retry-After": str(max(1, math.ceil(wait)))})
+            return
+        await self.app(scope, receive, send)

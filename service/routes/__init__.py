@@ -1,0 +1,1 @@
+"""HTTP routes: thin; the work is in the engine, the store and the service modules."""

@@ -1,0 +1,274 @@
+"""Runs: open (in a study), read, heartbeat, report, complete."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Path, Query, Request, Response, status
+from pydantic import Discriminator, Tag
+
+from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.wire import (
+    NAME_PATTERN,
+    CompleteIn,
+    HeartbeatOut,
+    Page,
+    ReportBatchIn,
+    ReportIn,
+    ReportOut,
+    Run,
+    RunCreate,
+)
+from largebatch.service.convert import MAX_INT, check_recipe, to_run
+from largebatch.service.deps import IdempotencyKey, Reader, Writer
+from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
+from largebatch.service.recipes import compute_recipe, gather_history
+from largebatch.service.storage.base import Conflict, NotFound, RunRecord, StudyStore
+
+router = APIRouter(prefix="/v1", tags=["runs"])
+
+StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
+RunId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Run id (unique across studies)")]
+RunState = Literal["running", "completed", "diverged", "failed", "preempted", "pruned"]
+_JSON = "application/json"
+_CSV_COLUMNS = ("id", "number", "state", "batch_size", "peak_lr", "warmup_ratio", "const_ratio", "optimizer",
+                "steps", "metric", "reason", "diverged_step", "last_step", "last_loss", "recipe_hash",
+                "created_at", "updated_at", "lease_expires_at")
+
+
+def _json(model) -> Response:
+    return Response(model.model_dump_json(), media_type=_JSON)
+
+
+def open_run(request: Request, store: StudyStore, namespace: str, study: str, recipe: Recipe,
+             key: str | None, environment: dict[str, Any]) -> tuple[Run, bool]:
+    """Open a run (idempotent on ``key``). Returns (run, created)."""
+    settings = request.app.state.settings
+    try:
+        record, created = store.create_run(namespace, study, recipe, client_key=key, environment=environment,
+                                           lease_seconds=settings.lease_seconds)
+    except Conflict as e:
+        raise ApiError("conflict", f"Idempotency-Key {key!r} was already used for a run with a different "
+                                   f"recipe ({e})") from None
+    return to_run(record), created
+
+
+def _owned_run(store: StudyStore, namespace: str, run_id: int) -> RunRecord:
+    run = store.get_run(run_id)
+    if run.namespace != namespace:  # another namespace's run does not exist for this caller
+        raise NotFound(f"run {run_id} not found")
+    return run
+
+
+@router.post(
+    "/studies/{name}/runs",
+    response_model=Run,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": Run, "description": "Idempotency-Key replay: the run the first request opened"},
+               **ERROR_RESPONSES},
+    summary="Open a run in a study, from a recipe or from a request",
+    description="Give `recipe` (one you have) or `request` (the service computes the recipe, with the "
+                "study's history). 201 when opened, 200 when the `Idempotency-Key` was seen before.",
+)
+def create_run(name: StudyName, body: RunCreate, principal: Writer, request: Request,
+               idempotency_key: IdempotencyKey) -> Response:
+    store: StudyStore = request.app.state.store_holder.get()
+    if (body.recipe is None) == (body.request is None):
+        raise field_error(["body"], "give exactly one of recipe or request", "value_error")
+    if body.recipe is not None:
+        recipe = check_recipe(body.recipe, ["body", "recipe"])
+        store.get_study(principal.namespace, name)  # 404 before anything else
+    else:
+        assert body.request is not None
+        recipe = compute_recipe(body.request, gather_history(store, principal.namespace, name, body.request))
+    run, created = open_run(request, store, principal.namespace, name, recipe, idempotency_key, body.environment)
+    resp = _json(run)
+    resp.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    resp.headers["Location"] = f"/v1/runs/{run.id}"
+    return resp
+
+
+def _csv(rows: list[Run]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_CSV_COLUMNS)
+    for r in rows:
+        d = r.model_dump(mode="json")
+        w.writerow(["" if d[c] is None else d[c] for c in _CSV_COLUMNS])
+    return buf.getvalue()
+
+
+@router.get(
+    "/studies/{name}/runs",
+    response_model=Page[Run],
+    responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                     "description": "A page of runs (JSON), or with `format=csv` a CSV table (all matching runs "
+                                    "unless `limit` is given)"},
+               **ERROR_RESPONSES},
+    summary="List a study's runs (paged; filter by state and batch size; CSV)",
+)
+def list_runs(
+    name: StudyName,
+    principal: Reader,
+    request: Request,
+    state: Annotated[RunState | None, Query(description="Only runs in this state")] = None,
+    batch_size: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Only runs at this batch size")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size (JSON default 100)")] = None,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
+) -> Response:
+    store: StudyStore = request.app.state.store_holder.get()
+    ns = principal.namespace
+    if format == "json":
+        page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=limit or 100, offset=offset)
+        out = Page[Run](items=[to_run(r) for r in page.items], total=page.total, limit=limit or 100, offset=offset)
+        return _json(out)
+    rows: list[Run] = []
+    if limit is not None:
+        page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=limit, offset=offset)
+        rows = [to_run(r) for r in page.items]
+        total = page.total
+    else:
+        pos = offset
+        while True:
+            page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=1000, offset=pos)
+            rows += [to_run(r) for r in page.items]
+            pos += len(page.items)
+            total = page.total
+            if not page.items or pos >= page.total:
+                break
+    filename = f"{name}-runs.csv"
+    return Response(_csv(rows), media_type="text/csv; charset=utf-8",
+                    headers={"Content-Disposition": f'attachment; filename="{filename}"', "X-Total-Count": str(total)})
+
+
+@router.get("/runs/{id}", response_model=Run, responses=ERROR_RESPONSES, summary="One run")
+def get_run(id: RunId, principal: Reader, request: Request) -> Response:
+    store: StudyStore = request.app.state.store_holder.get()
+    run_id = id
+    return _json(to_run(_owned_run(store, principal.namespace, run_id)))
+
+
+_STOP_STATES = ("diverged", "pruned")
+
+
+def _report_kind(v: Any) -> str:
+    return "report-batch" if isinstance(v, dict) and "reports" in v else "single-report"
+
+
+# One report or a batch; the discriminator picks one so errors name the field (`body.step`), not both shapes.
+ReportBody = Annotated[
+    Annotated[ReportIn, Tag("single-report")] | Annotated[ReportBatchIn, Tag("report-batch")],
+    Discriminator(_report_kind),
+]
+
+
+def _not_running(run: RunRecord) -> ApiError:
+    if run.state == "preempted":
+        return ApiError("conflict", f"run {run.id} was marked preempted (its lease expired without a heartbeat); "
+                                    "complete it with its real outcome")
+    return ApiError("conflict", f"run {run.id} is already {run.state}")
+
+
+@router.post(
+    "/runs/{id}/heartbeat",
+    response_model=HeartbeatOut,
+    responses=ERROR_RESPONSES,
+    summary="Renew a running run's lease",
+    description="A run whose heartbeats stop is marked `preempted` when its lease expires. On a run the "
+                "service stopped (`diverged`, `pruned`) the answer is 200 with `should_stop: true`; on a run "
+                "that is otherwise no longer running, 409.",
+)
+def heartbeat(id: RunId, principal: Writer, request: Request) -> Response:
+    store: StudyStore = request.app.state.store_holder.get()
+    run_id = id
+    run = _owned_run(store, principal.namespace, run_id)
+    if run.state == "running":
+        try:
+            run = store.heartbeat(run_id, lease_seconds=request.app.state.settings.lease_seconds)
+            return _json(HeartbeatOut(run=to_run(run), should_stop=False))
+        except Conflict:
+            run = store.get_run(run_id)
+    if run.state in _STOP_STATES:
+        return _json(HeartbeatOut(run=to_run(run), should_stop=True, reason=run.reason or f"run is {run.state}"))
+    raise _not_running(run)
+
+
+def _report(request: Request, store: StudyStore, run: RunRecord, reports: list[ReportIn]) -> ReportOut:
+    rule = request.app.state.divergence
+    early = rule.early_loss(run.id)
+    for r in sorted(reports, key=lambda r: r.step):
+        try:
+            run = store.report(run.id, r.step, r.loss, r.grad_norm)
+        except Conflict:
+            run = store.get_run(run.id)
+            break
+        if early is None and rule.note_reports(run.id, 1) and math.isfinite(r.loss):
+            early = rule.learn(run.id, [(p.step, p.loss) for p in store.reports(run.id)])
+        verdict = rule.judge(r.step, r.loss, r.grad_norm, early)
+        if verdict.should_stop:
+            try:
+                run = store.complete_run(run.id, "diverged", step=r.step, reason=verdict.reason)
+                request.app.state.metrics.divergences.inc()
+                rule.forget(run.id)
+            except Conflict:  # finished meanwhile (by its job, or by another replica)
+                run = store.get_run(run.id)
+            break
+    if run.state == "running":
+        return ReportOut(run=to_run(run), should_stop=False)
+    if run.state in _STOP_STATES:
+        return ReportOut(run=to_run(run), should_stop=True, reason=run.reason or f"run is {run.state}")
+    raise _not_running(run)
+
+
+@router.post(
+    "/runs/{id}/reports",
+    response_model=ReportOut,
+    responses=ERROR_RESPONSES,
+    summary="Report intermediate losses; the answer says whether to stop",
+    description="One report (`step`, `loss`, optional `grad_norm`) or a batch `{\"reports\": [...]}`. Idempotent "
+                "per step. `should_stop` is true, with `reason`, when a loss is NaN/Inf or exploded above "
+                "3x the run's early loss (median of its first 5 reports); the run is then recorded `diverged`. "
+                "Reports to a run already stopped by the service answer `should_stop: true`; to a run finished "
+                "otherwise, 409.",
+)
+def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer,
+           request: Request) -> Response:
+    store: StudyStore = request.app.state.store_holder.get()
+    run_id = id
+    run = _owned_run(store, principal.namespace, run_id)
+    reports = body.reports if isinstance(body, ReportBatchIn) else [body]
+    if run.state != "running":
+        if run.state in _STOP_STATES:
+            return _json(ReportOut(run=to_run(run), should_stop=True, reason=run.reason or f"run is {run.state}"))
+        raise _not_running(run)
+    return _json(_report(request, store, run, reports))
+
+
+@router.post(
+    "/runs/{id}/complete",
+    response_model=Run,
+    responses=ERROR_RESPONSES,
+    summary="Record a run's final outcome",
+    description="`completed` needs a finite `metric`; `diverged`, `failed`, `pruned` take an optional `reason` "
+                "and `step`. Completing again with the same outcome is a no-op (200); a different outcome is "
+                "409. A `preempted` run can still be completed by its job.",
+)
+def complete(id: RunId, body: CompleteIn, principal: Writer, request: Request) -> Response:
+    store: StudyStore = request.app.state.store_holder.get()
+    run_id = id
+    if body.outcome == "completed":
+        if body.metric is None:
+            raise field_error(["body", "metric"], "a completed run needs its final metric", "missing")
+    if body.metric is not None and not math.isfinite(body.metric):
+        raise field_error(["body", "metric"], "must be a finite number", "finite_number")
+    _owned_run(store, principal.namespace, run_id)
+    run = store.complete_run(run_id, body.outcome, metric=body.metric, reason=body.reason, step=body.step)
+    request.app.state.divergence.forget(run_id)
+    return _json(to_run(run))
+
+
+__all__ = ["open_run", "router"]

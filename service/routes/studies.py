@@ -1,0 +1,60 @@
+"""Studies: create, list (paged), read, delete. Always within the caller's namespace."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response, status
+
+from largebatch.scaling_rules.wire import NAME_PATTERN, Page, Study, StudyCreate
+from largebatch.service.convert import MAX_BIGINT, MAX_INT, to_study
+from largebatch.service.deps import Reader, Writer
+from largebatch.service.errors import ERROR_RESPONSES, field_error
+from largebatch.service.storage.base import StudyStore
+
+router = APIRouter(prefix="/v1/studies", tags=["studies"])
+
+StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
+_JSON = "application/json"
+
+
+def _store(request: Request) -> StudyStore:
+    return request.app.state.store_holder.get()
+
+
+@router.post("", response_model=Study, status_code=status.HTTP_201_CREATED, responses=ERROR_RESPONSES,
+             summary="Create a study (409 already_exists if the name is taken in your namespace)")
+def create_study(body: StudyCreate, principal: Writer, request: Request) -> Response:
+    if body.model_params > MAX_BIGINT:
+        raise field_error(["body", "model_params"], f"must be <= {MAX_BIGINT}", "less_than_equal")
+    record = _store(request).create_study(
+        principal.namespace, body.name, model_family=body.model_family, model_params=body.model_params,
+        metric=body.metric, direction=body.direction,
+    )
+    return Response(to_study(record).model_dump_json(), status_code=status.HTTP_201_CREATED, media_type=_JSON,
+                    headers={"Location": f"/v1/studies/{record.name}"})
+
+
+@router.get("", response_model=Page[Study], responses=ERROR_RESPONSES, summary="List your namespace's studies")
+def list_studies(
+    principal: Reader,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+) -> Response:
+    page = _store(request).list_studies(principal.namespace, limit=limit, offset=offset)
+    out = Page[Study](items=[to_study(s) for s in page.items], total=page.total, limit=limit, offset=offset)
+    return Response(out.model_dump_json(), media_type=_JSON)
+
+
+@router.get("/{name}", response_model=Study, responses=ERROR_RESPONSES, summary="One study")
+def get_study(name: StudyName, principal: Reader, request: Request) -> Response:
+    return Response(to_study(_store(request).get_study(principal.namespace, name)).model_dump_json(),
+                    media_type=_JSON)
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+               responses=ERROR_RESPONSES, summary="Delete a study with its runs")
+def delete_study(name: StudyName, principal: Writer, request: Request) -> Response:
+    _store(request).delete_study(principal.namespace, name)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

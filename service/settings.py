@@ -1,0 +1,62 @@
+"""Service settings, from the environment (``LARGEBATCH_*``) or passed to :func:`create_app`."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from largebatch.scaling_rules.wire import NAME_PATTERN
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. ``LARGEBATCH_STORE_URL=postgresql+psycopg://...`` and so on."""
+
+    model_config = SettingsConfigDict(env_prefix="LARGEBATCH_", env_ignore_empty=True, extra="ignore")
+
+    store_url: str | None = Field(
+        default=None,
+        description="Study store URL: sqlite:///path, postgresql+psycopg://user@host/db or 'memory'. "
+                    "None: a SQLite file under $XDG_DATA_HOME/largebatch (zero configuration).",
+    )
+    init_schema: bool = Field(
+        default=True, description="Create/upgrade the store schema at start-up (safe from many processes)."
+    )
+    open_mode: bool = Field(
+        default=False,
+        description="No API key needed: requests without a key act in `open_namespace` with write scope. "
+                    "`largebatch serve` turns it on for loopback hosts unless --require-keys.",
+    )
+    open_namespace: str = Field(default="default", pattern=NAME_PATTERN)
+    key_cache_seconds: float = Field(
+        default=5.0, ge=0, description="How long a looked-up API key is trusted before the store is asked again "
+                                       "(a revoked key stops working within this time)."
+    )
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="Larger request bodies get 413.")
+    rate_limit_per_s: float | None = Field(
+        default=None, gt=0, description="Sustained requests per second per API key (or client IP); None: off."
+    )
+    rate_limit_burst: int = Field(default=100, gt=0, description="Token-bucket size of the rate limiter.")
+    lease_seconds: float = Field(
+        default=600.0, gt=0, description="A run without a heartbeat for this long is marked preempted."
+    )
+    sweep_interval_s: float = Field(default=30.0, gt=0, description="How often the lease sweeper runs.")
+    retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 store_unavailable.")
+    divergence_factor: float = Field(
+        default=3.0, gt=1, description="should_stop when a loss exceeds this multiple of the run's early loss."
+    )
+    divergence_window: int = Field(
+        default=5, ge=1, description="How many of a run's first reports define its early loss (their median)."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("divergence_factor", "lease_seconds", "sweep_interval_s")
+    @classmethod
+    def _finite(cls, v: float, info) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"{info.field_name} must be finite")
+        return v

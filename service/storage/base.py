@@ -1,0 +1,561 @@
+"""The study-store contract: records, domain errors and the abstract :class:`StudyStore`.
+
+Everything the REST service does with persistent state goes through :class:`StudyStore`. The
+only implementation today is :class:`largebatch.service.storage.optuna_store.OptunaStudyStore`,
+which keeps every study and run in a genuine Optuna RDB schema (so ``optuna.load_study`` and
+optuna-dashboard can open it) plus a few tables of our own for idempotency keys, leases,
+per-batch-size summaries and API keys.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from largebatch.scaling_rules.evidence import BatchSummary
+from largebatch.scaling_rules.learning import RunEvidence
+from largebatch.scaling_rules.models import Recipe
+
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "FINAL_OUTCOMES",
+    "NAME_PATTERN",
+    "OUTCOMES",
+    "AlreadyExists",
+    "ApiKeyRecord",
+    "BatchSummary",
+    "Conflict",
+    "Direction",
+    "InvalidArgument",
+    "NotFound",
+    "Outcome",
+    "Page",
+    "Report",
+    "RunRecord",
+    "Scope",
+    "StoreError",
+    "StoreUnavailable",
+    "StudyRecord",
+    "StudyStore",
+    "validate_name",
+]
+
+Outcome = Literal["running", "completed", "diverged", "failed", "preempted", "pruned"]
+FinalOutcome = Literal["completed", "diverged", "failed", "preempted", "pruned"]
+Direction = Literal["minimize", "maximize"]
+Scope = Literal["read", "write"]
+
+OUTCOMES: tuple[str, ...] = ("running", "completed", "diverged", "failed", "preempted", "pruned")
+FINAL_OUTCOMES: tuple[str, ...] = OUTCOMES[1:]
+DEFAULT_LEASE_SECONDS = 600.0
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors. Each subclasses a builtin so callers that only know Python's exceptions still work.
+# --------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base class of every error the store raises on purpose."""
+
+
+class NotFound(StoreError, KeyError):
+    """The study, run or API key does not exist (HTTP 404)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(StoreError, ValueError):
+    """A study with that (namespace, name) exists already (HTTP 409)."""
+
+
+class Conflict(StoreError, ValueError):
+    """The request contradicts what is stored, e.g. a second, different outcome (HTTP 409)."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """The database cannot be reached or stayed busy past every retry (HTTP 503)."""
+
+
+class InvalidArgument(StoreError, ValueError):
+    """An argument is malformed; the message names the argument (HTTP 422)."""
+
+
+def validate_name(argument: str, value: object) -> str:
+    """Return ``value`` if it is a valid namespace/study name, else raise :class:`InvalidArgument`."""
+    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+        raise InvalidArgument(
+            f"{argument} must match {NAME_PATTERN.pattern} (letters, digits, '_', '.', '-'; "
+            f"at most 128 characters), got {value!r}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Records. Immutable, JSON-serialisable (``record.model_dump(mode="json")``); datetimes are UTC-aware.
+# --------------------------------------------------------------------------------------------
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StudyRecord(_Record):
+    """A study groups the runs of one model family / experiment."""
+
+    id: int = Field(description="Optuna study_id.")
+    name: str
+    namespace: str
+    model_family: str
+    model_params: int = Field(description="Number of trainable parameters of the model.")
+    metric: str = Field(description="Name of the final metric, e.g. 'eval_loss'.")
+    direction: Direction
+    created_at: datetime
+    n_runs: int = 0
+    user_attrs: dict[str, Any] = Field(default_factory=dict, description="Free-form extra attributes.")
+
+    @property
+    def optuna_name(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class RunRecord(_Record):
+    """A run is one Optuna trial: one recipe handed out, and what became of it."""
+
+    id: int = Field(description="Optuna trial_id: globally unique across studies.")
+    study: str
+    namespace: str
+    number: int = Field(description="Optuna trial number within the study (0, 1, ...).")
+    state: Outcome
+    batch_size: int
+    peak_lr: float
+    warmup_ratio: float
+    const_ratio: float
+    optimizer: str
+    steps: int
+    recipe: dict[str, Any]
+    recipe_hash: str
+    environment: dict[str, Any] = Field(default_factory=dict)
+    client_key: str | None = None
+    metric: float | None = None
+    reason: str | None = None
+    diverged_step: int | None = None
+    created_at: datetime
+    updated_at: datetime
+    lease_expires_at: datetime | None = None
+    last_step: int | None = None
+    last_loss: float | None = None
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.state
+
+
+class Report(_Record):
+    """One intermediate report of a running job."""
+
+    step: int
+    loss: float
+    grad_norm: float | None = None
+
+
+class ApiKeyRecord(_Record):
+    """An API key, without its secret (only a sha256 hash of it is stored)."""
+
+    id: int
+    namespace: str
+    scope: Scope
+    created_at: datetime
+    revoked_at: datetime | None = None
+    prefix: str = Field(description="First characters of the plaintext key, for display.")
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+class Page(_Record):
+    """One page of a listing plus the total number of matching items."""
+
+    items: list[Any]
+    total: int
+
+
+# --------------------------------------------------------------------------------------------
+# The contract.
+# --------------------------------------------------------------------------------------------
+
+
+class StudyStore(abc.ABC):
+    """Persistent memory of the service: studies, runs, outcomes, summaries, API keys.
+
+    Contract shared by every implementation:
+
+    * **Thread-safety.** One instance is shared by all request threads of a worker process; every
+      method may be called concurrently. Several processes (uvicorn workers, CLI tools) may open
+      stores on the same database at the same time; the database, not the instance, is the unit of
+      consistency (uniqueness is enforced by constraints, not by read-then-write).
+    * **Identity.** A study is addressed by ``(namespace, name)``; its Optuna study name is
+      ``f"{namespace}/{name}"``. A run is addressed by its ``id`` (the Optuna ``trial_id``), which
+      is unique across all studies.
+    * **Idempotency.** :meth:`create_run` with a ``client_key`` already used in that study returns
+      the existing run (``created=False``). :meth:`complete_run` with the outcome already recorded
+      (same state, same metric) returns the run unchanged; a different final outcome raises
+      :class:`Conflict`. :meth:`report` of a step already reported overwrites it.
+    * **Outcomes.** ``running`` → one of ``completed`` (metric required), ``diverged`` (step and/or
+      reason), ``failed`` (reason), ``pruned`` (step), ``preempted``. Final outcomes never change
+      again, with one exception: a run that :meth:`expire_leases` preempted (its lease ran out,
+      e.g. during a network partition) still accepts the job's own final outcome once: the job's
+      word wins over the sweeper's guess. Heartbeats and reports on it are refused (Conflict),
+      which tells a live job that it was written off.
+    * **Leases.** :meth:`create_run` starts a lease; :meth:`heartbeat` and :meth:`report` renew it
+      (by the run's lease length unless a new one is given).
+    * **Returned objects** are immutable snapshots; mutating the store never changes them.
+    * **Times** are timezone-aware UTC datetimes.
+    * **Errors.** Only subclasses of :class:`StoreError` are raised on purpose: :class:`NotFound`,
+      :class:`AlreadyExists`, :class:`Conflict`, :class:`InvalidArgument` (message names the
+      argument), :class:`StoreUnavailable` (database down, or busy past all retries; transient
+      SQLite "database is locked" errors are retried inside the store and never surface).
+    """
+
+    # ----------------------------------------------------------------------------- studies
+
+    @abc.abstractmethod
+    def create_study(
+        self,
+        namespace: str,
+        name: str,
+        *,
+        model_family: str,
+        model_params: int,
+        metric: str = "loss",
+        direction: Direction = "minimize",
+        user_attrs: dict[str, Any] | None = None,
+    ) -> StudyRecord:
+        """Create a study.
+
+        Args:
+            namespace: Owner namespace (validated with :data:`NAME_PATTERN`).
+            name: Study name, unique within the namespace (same pattern).
+            model_family: e.g. ``"transformer"``; used by :meth:`family_history`.
+            model_params: Parameter count (> 0); used by :meth:`family_history` size bands.
+            metric: Name of the final metric.
+            direction: ``"minimize"`` or ``"maximize"``.
+            user_attrs: Extra JSON-serialisable attributes stored with the study.
+
+        Returns:
+            The new study.
+
+        Raises:
+            AlreadyExists: The namespace already has a study with that name.
+            InvalidArgument: An argument is malformed.
+        """
+
+    @abc.abstractmethod
+    def get_study(self, namespace: str, name: str) -> StudyRecord:
+        """Return one study (with its current ``n_runs``).
+
+        Raises:
+            NotFound: No such study.
+            InvalidArgument: A name is malformed.
+        """
+
+    @abc.abstractmethod
+    def list_studies(self, namespace: str | None = None, *, limit: int = 100, offset: int = 0) -> Page:
+        """List studies ordered by creation (oldest first).
+
+        Args:
+            namespace: Only this namespace; ``None`` lists all namespaces.
+            limit: Page size, 1..1000.
+            offset: Number of items to skip, >= 0.
+
+        Returns:
+            ``Page(items=[StudyRecord, ...], total=<all matching studies>)``.
+
+        Raises:
+            InvalidArgument: Bad namespace, limit or offset.
+        """
+
+    @abc.abstractmethod
+    def delete_study(self, namespace: str, name: str) -> None:
+        """Delete a study, its runs and its summaries (Optuna rows included).
+
+        Raises:
+            NotFound: No such study.
+        """
+
+    # ----------------------------------------------------------------------------- runs
+
+    @abc.abstractmethod
+    def create_run(
+        self,
+        namespace: str,
+        study: str,
+        recipe: Recipe,
+        *,
+        client_key: str | None = None,
+        environment: dict[str, Any] | None = None,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        stage: int = 0,
+    ) -> tuple[RunRecord, bool]:
+        """Record that ``recipe`` was handed out and a job is starting it (state ``running``).
+
+        The searchable parameters (batch size, peak LR, warmup/const ratios, optimizer, steps)
+        come from ``recipe.stages[stage]`` and ``recipe.optimizer``; the whole recipe and its
+        :meth:`Recipe.fingerprint` are kept too.
+
+        Args:
+            namespace: Owner namespace.
+            study: Study name within the namespace.
+            recipe: The recipe being run.
+            client_key: Idempotency key chosen by the client (1..200 printable characters). A
+                second call with the same key in the same study returns the first run.
+            environment: JSON-serialisable description of the client's environment.
+            lease_seconds: The run is ``running`` until this lease expires unless renewed
+                by :meth:`heartbeat`; then :meth:`expire_leases` marks it ``preempted``.
+            stage: Which recipe stage the run's parameters describe.
+
+        Returns:
+            ``(run, created)``; ``created`` is False when ``client_key`` matched an existing run.
+
+        Raises:
+            NotFound: No such study.
+            Conflict: ``client_key`` was already used for a run with a different recipe.
+            InvalidArgument: An argument is malformed.
+        """
+
+    @abc.abstractmethod
+    def get_run(self, run_id: int) -> RunRecord:
+        """Return one run.
+
+        Raises:
+            NotFound: No such run.
+            InvalidArgument: ``run_id`` is not a non-negative integer.
+        """
+
+    @abc.abstractmethod
+    def list_runs(
+        self,
+        namespace: str,
+        study: str,
+        *,
+        state: Outcome | None = None,
+        batch_size: int | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> Page:
+        """List the runs of a study in creation order, optionally filtered.
+
+        Returns:
+            ``Page(items=[RunRecord, ...], total=<all matching runs>)``.
+
+        Raises:
+            NotFound: No such study.
+            InvalidArgument: Bad state, batch size, limit or offset.
+        """
+
+    @abc.abstractmethod
+    def heartbeat(self, run_id: int, *, lease_seconds: float | None = None) -> RunRecord:
+        """Renew the lease of a running run to now + ``lease_seconds`` (default: the run's
+        current lease length, as given to :meth:`create_run` or the last heartbeat).
+
+        Raises:
+            NotFound: No such run.
+            Conflict: The run is no longer running.
+            InvalidArgument: ``lease_seconds`` is not a finite number > 0.
+        """
+
+    @abc.abstractmethod
+    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None) -> RunRecord:
+        """Record an intermediate report (Optuna intermediate value at ``step``).
+
+        Idempotent per step: reporting the same step again overwrites it. Renews the lease by the
+        run's lease length. ``loss`` and ``grad_norm`` may be NaN/inf (a diverging job says so).
+
+        Raises:
+            NotFound: No such run.
+            Conflict: The run is no longer running.
+            InvalidArgument: ``step`` < 0 or not an int, ``loss``/``grad_norm`` not numbers.
+        """
+
+    @abc.abstractmethod
+    def reports(self, run_id: int) -> list[Report]:
+        """Return the run's intermediate reports ordered by step.
+
+        Raises:
+            NotFound: No such run.
+        """
+
+    @abc.abstractmethod
+    def complete_run(
+        self,
+        run_id: int,
+        outcome: FinalOutcome,
+        *,
+        metric: float | None = None,
+        reason: str | None = None,
+        step: int | None = None,
+    ) -> RunRecord:
+        """Record the final outcome of a run and update the batch-size summary.
+
+        Args:
+            run_id: The run.
+            outcome: ``completed`` (``metric`` required, finite), ``diverged`` (``step`` and/or
+                ``reason``), ``failed`` (crash not caused by the recipe), ``pruned`` (stopped
+                early; ``step``) or ``preempted``.
+            metric: Final metric value (``completed``; optional for ``pruned``).
+            reason: Free text, at most 2000 characters.
+            step: Step at which the run diverged / was pruned / stopped.
+
+        Returns:
+            The run in its final state. Completing again with the same outcome (and metric)
+            is a no-op that returns the stored run.
+
+        Raises:
+            NotFound: No such run.
+            Conflict: The run already has a different final outcome.
+            InvalidArgument: Unknown outcome, missing or non-finite metric for ``completed``, ...
+        """
+
+    @abc.abstractmethod
+    def expire_leases(self, now: datetime | None = None) -> list[int]:
+        """Mark every running run whose lease expired before ``now`` as ``preempted``.
+
+        Safe to call from several processes at once: each run is preempted once.
+
+        Returns:
+            The ids of the runs preempted by this call.
+        """
+
+    # ----------------------------------------------------------------------------- history
+
+    @abc.abstractmethod
+    def history(self, namespace: str, study: str) -> list[BatchSummary]:
+        """Per batch size of one study: counts, best completed LR/metric, smallest diverged LR,
+        largest LR that did not diverge. Ordered by batch size. Reads the compact summary
+        table only (never whole studies).
+
+        Raises:
+            NotFound: No such study.
+        """
+
+    @abc.abstractmethod
+    def family_history(
+        self,
+        family: str,
+        min_params: int | None = None,
+        max_params: int | None = None,
+        *,
+        namespace: str | None = None,
+        metric: str | None = None,
+        direction: Direction | None = None,
+    ) -> list[BatchSummary]:
+        """Like :meth:`history`, merged over every study of ``family`` whose ``model_params`` is
+        in ``[min_params, max_params]`` (inclusive; ``None`` = unbounded), optionally only in
+        ``namespace`` and only studies of ``metric``. Counts and LR bounds merge every matched
+        study; ``best_lr``/``best_metric`` merge the studies whose direction is ``direction``
+        (default: the direction all matched studies share, else ``"minimize"``). Each summary
+        also carries ``n_studies`` (an extra field): how many studies had runs at that batch size.
+
+        Raises:
+            InvalidArgument: Bad family, bounds (min > max), namespace or direction.
+        """
+
+    @abc.abstractmethod
+    def evidence(
+        self,
+        namespace: str,
+        study: str,
+        *,
+        limit: int = 2000,
+        family_band: tuple[str, int, int] | None = None,
+    ) -> list[RunEvidence]:
+        """The finished runs the recommender fits its scaling curve on (issue #7): one compact row
+        per completed or diverged run (batch size, peak LR, warmup, optimizer, outcome, metric),
+        newest first, at most ``limit``. Reads the indexed run table only, never Optuna trials.
+
+        Args:
+            family_band: ``(family, min_params, max_params)`` to add the runs of every study of
+                that family and size band in ``namespace`` (the study's own runs are always in).
+
+        Raises:
+            NotFound: No such study.
+            InvalidArgument: Bad names or limit.
+        """
+
+    @abc.abstractmethod
+    def rebuild_summaries(self, namespace: str | None = None, study: str | None = None) -> int:
+        """Recompute the summary tables from the run rows (all studies, or one).
+
+        Returns:
+            Number of (study, batch size) summary rows written.
+        """
+
+    # ----------------------------------------------------------------------------- API keys
+
+    @abc.abstractmethod
+    def create_api_key(self, namespace: str, scope: Scope = "write") -> tuple[int, str]:
+        """Create an API key. Only its sha256 is stored; the plaintext is returned once.
+
+        Returns:
+            ``(key_id, plaintext)``.
+
+        Raises:
+            InvalidArgument: Bad namespace or scope.
+        """
+
+    @abc.abstractmethod
+    def list_api_keys(self, namespace: str | None = None) -> list[ApiKeyRecord]:
+        """List API keys (revoked ones included), oldest first."""
+
+    @abc.abstractmethod
+    def revoke_api_key(self, key_id: int) -> ApiKeyRecord:
+        """Revoke a key (idempotent: revoking twice keeps the first ``revoked_at``).
+
+        Raises:
+            NotFound: No such key.
+        """
+
+    @abc.abstractmethod
+    def lookup_api_key(self, plaintext: str) -> ApiKeyRecord | None:
+        """Return the *active* key whose plaintext this is, or None (unknown or revoked).
+
+        Looks up by the sha256 of ``plaintext`` (no comparison of secrets in Python).
+        """
+
+    # ----------------------------------------------------------------------------- operations
+
+    @abc.abstractmethod
+    def ping(self) -> bool:
+        """Return True if the database answers.
+
+        Raises:
+            StoreUnavailable: It does not.
+        """
+
+    @abc.abstractmethod
+    def schema_versions(self) -> dict[str, str]:
+        """Return ``{"optuna": <alembic head of the Optuna schema>, "largebatch": <ours>}``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections. The store must not be used afterwards."""
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def complete_runs(self, items: Sequence[tuple[int, FinalOutcome, float | None]]) -> list[RunRecord]:
+        """Convenience: :meth:`complete_run` for each ``(run_id, outcome, metric)``."""
+        return [self.complete_run(rid, outcome, metric=metric) for rid, outcome, metric in items]
+
+    def __enter__(self) -> StudyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,77 @@
+"""Hugging Face Trainer end to end: a tiny randomly initialised GPT-2 (from a config, no download),
+trained on CPU with the recipe's LAMB and scheduler, reporting to a real service."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from largebatch.client import Client  # noqa: E402
+from largebatch.client.integrations.hf import LargebatchCallback, optimizers, training_args  # noqa: E402
+from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
+
+VOCAB, SEQ = 32, 16
+
+
+class Counting(torch.utils.data.Dataset):
+    """Sequences that count modulo VOCAB from a random start: learnable in a few dozen steps."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, VOCAB, (n, 1), generator=g)
+        self.ids = (starts + torch.arange(SEQ)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class RecordLR(TrainerCallback):
+    """The LR of every param group right before each optimizer step."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, list[float]] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs[state.global_step] = [g["lr"] for g in optimizer.param_groups]
+
+
+def test_trainer_with_the_recipe_reports_and_completes(service, tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2))
+    client = Client(service.url)
+    job = client.autoconfigure(model, study="hf-gpt2", target_batch_size=32,
+                               reference={"batch_size": 8, "lr": 3e-2, "steps": 320, "warmup_ratio": 0.05},
+                               job_options={"flush_interval": 0.1})
+    total = job.recipe.total_steps
+    assert total == 80 and type(job.optimizer).__name__ == "LAMB"
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=32, per_device_eval_batch_size=64,
+        logging_steps=1, eval_strategy="steps", eval_steps=total, save_strategy="no", report_to="none",
+        use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, **training_args(job))
+    record = RecordLR()
+    callback = LargebatchCallback(job)
+    with job:
+        trainer = Trainer(model=model, args=args, train_dataset=Counting(320, 1), eval_dataset=Counting(64, 2),
+                          optimizers=optimizers(job), callbacks=[callback, record])
+        trainer.train()
+
+    # The Trainer ran the recipe's schedule: the LR before the k-th optimizer step is lr_at(recipe, k).
+    assert sorted(record.lrs) == list(range(total))
+    for step, lrs in record.lrs.items():
+        assert lrs == [lr_at(job.recipe, step)] * len(lrs), step
+    # The callback reported every logged loss and completed the run with the eval loss.
+    run = service.store.get_run(job.run.id)
+    assert run.state == "completed" and run.metric == callback.last_metric
+    assert run.metric == pytest.approx(trainer.state.log_history[-2]["eval_loss"])
+    reports = service.store.reports(run.id)
+    assert [r.step for r in reports] == list(range(total))
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert [r.loss for r in reports] == logged
+    assert reports[-1].loss < reports[0].loss / 2  # it learned to count

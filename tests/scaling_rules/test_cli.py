@@ -1,0 +1,65 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from largebatch.scaling_rules import recommend
+from largebatch.scaling_rules.cli import main, parse_count
+
+from .test_paper_vectors import LANS_REQUEST
+
+FLAGS = ["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "6.25e-4",
+         "--ref-warmup", "0.003125", "--ref-steps", "1M", "--target-batch", "32K"]
+
+
+def test_parse_count():
+    assert parse_count("32K") == 32768 and parse_count("1M") == 1_000_000 and parse_count("512") == 512
+    assert parse_count("340M") == 340_000_000 and parse_count("1.5B") == 1_500_000_000
+
+
+def test_json_output_is_the_engine_recipe(capsys):
+    assert main([*FLAGS, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = recommend({"model": {"params": 340_000_000}, "target": {"batch_size": 32768},
+                          "reference": {"batch_size": 512, "lr": 6.25e-4, "warmup_ratio": 0.003125,
+                                        "steps": 1_000_000}})
+    assert out == json.loads(expected.model_dump_json())
+    assert out["stages"][0]["peak_lr"] == 0.005 and out["total_steps"] == 15625
+
+
+def test_table_output(capsys):
+    assert main(FLAGS) == 0
+    out = capsys.readouterr().out
+    assert "lamb" in out and "15,625" in out and "why:" in out
+
+
+def test_request_file_and_plot(tmp_path, capsys):
+    req = tmp_path / "req.json"
+    req.write_text(json.dumps(LANS_REQUEST))
+    png = tmp_path / "lr.png"
+    assert main(["recommend", "--request", str(req), "--plot", str(png), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_steps"] == 4301
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    svg = tmp_path / "lr.svg"
+    assert main(["recommend", "--request", str(req), "--plot", str(svg)]) == 0
+    assert b"<svg" in svg.read_bytes()[:500]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["recommend", "--model-params", "340M", "--ref-batch", "0", "--ref-lr", "1e-3", "--ref-steps", "1000",
+      "--target-batch", "4K"], "reference.batch_size"),
+    (["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "nan", "--ref-steps", "1000",
+      "--target-batch", "4K"], "reference.lr"),
+    (["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "1e-3", "--ref-steps", "1000",
+      "--target-batch", "4.5"], "--target-batch"),
+    (["recommend", "--model-params", "340M"], "missing --ref-batch"),
+    (["recommend", "--request", "/nonexistent.json"], "cannot read"),
+])
+def test_cli_errors_are_one_line_without_traceback(args, needle):
+    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -1,0 +1,94 @@
+"""The rules beyond the paper tables: optimizer choice, caps, warmup clamps, budgets, history."""
+
+import pytest
+
+from largebatch.scaling_rules import BatchSummary, recommend
+
+from .test_paper_vectors import BERT_LARGE, LAMB_REF
+
+ADAMW_REF = {"batch_size": 256, "lr": 1e-4, "optimizer": "adamw", "warmup_ratio": 0.01, "steps": 100_000}
+
+
+def _one(target, **kw):
+    return recommend({"model": kw.pop("model", BERT_LARGE), "reference": kw.pop("reference", LAMB_REF),
+                      "target": {"batch_size": target}, **kw})
+
+
+def test_adamw_kept_below_16k_and_replaced_beyond():
+    assert _one(4096, reference=ADAMW_REF).optimizer.name == "adamw"
+    big = _one(16384, reference={**ADAMW_REF, "lr": 2e-5})
+    assert big.optimizer.name == "lamb"
+    assert any("Table 8" in r for r in big.rationale)
+    assert any("tuned for AdamW" in w for w in big.warnings)
+    # 1e-4 x sqrt(64) = 8e-4 is above AdamW's cap prior (3.3e-4 at 340M): the cap binds -> LANS.
+    capped = _one(16384, reference=ADAMW_REF)
+    assert capped.optimizer.name == "lans" and capped.stages[0].const_steps > 0
+    # Capped at a batch where AdamW still works: AdamW stays, with LANS's constant phase.
+    assert _one(8192, reference=ADAMW_REF).optimizer.name == "adamw"
+
+
+def test_forced_adamw_at_32k_warns():
+    recipe = _one(32768, optimizer="adamw")
+    assert recipe.optimizer.name == "adamw"
+    assert any("16K" in w for w in recipe.warnings)
+
+
+def test_lans_beyond_32k_single_stage():
+    recipe = _one(65536)
+    assert recipe.optimizer.name == "lans"
+
+
+def test_cnn_linear_rule_sgd_then_lars():
+    ref = {"batch_size": 256, "lr": 0.1, "optimizer": "sgd", "warmup_ratio": 0.05, "steps": 450_000}
+    model = {"params": 25_500_000, "family": "cnn"}
+    small = _one(8192, model=model, reference=ref)
+    assert small.optimizer.name == "sgd"
+    assert small.stages[0].peak_lr == pytest.approx(3.2)  # Goyal et al.: 0.1 x 8192/256
+    big = _one(32768, model=model, reference=ref)
+    assert big.optimizer.name == "lars"
+    assert big.optimizer.momentum == 0.9
+
+
+def test_model_size_prior_caps_small_models_less():
+    small = _one(65536, model={"params": 10_000_000})
+    large = _one(65536, model={"params": 10_000_000_000})
+    assert small.stages[0].lr_cap > large.stages[0].lr_cap
+    assert large.stages[0].peak_lr == large.stages[0].lr_cap  # capped
+    assert large.stages[0].const_steps > 0
+
+
+def test_warmup_ratio_is_clamped_with_a_warning():
+    recipe = _one(262144, lr_cap=1.0)
+    assert recipe.stages[0].warmup_ratio == 0.45
+    assert any("clamped" in w for w in recipe.warnings)
+
+
+def test_same_steps_budget():
+    recipe = _one(32768, budget="same-steps")
+    assert recipe.total_steps == 1_000_000
+
+
+def test_shares_split_reference_steps():
+    recipe = recommend({"model": BERT_LARGE, "reference": LAMB_REF, "stages": [
+        {"batch_size": 65536, "share": 0.9, "seq_len": 128}, {"batch_size": 32768, "share": 0.1, "seq_len": 512}]})
+    assert [s.steps for s in recipe.stages] == [7032, 1563]  # 900K x 512/64K, 100K x 512/32K
+
+
+def test_history_divergence_caps_the_lr():
+    history = [BatchSummary(batch_size=16384, n_runs=2, n_diverged=1, min_diverged_lr=0.004)]
+    recipe = recommend({"model": BERT_LARGE, "reference": LAMB_REF, "target": {"batch_size": 32768}},
+                       history=history)
+    assert recipe.stages[0].peak_lr == pytest.approx(0.8 * 0.004)
+    assert any("diverged at batch 16384" in r for r in recipe.rationale)
+
+
+def test_divergence_at_a_larger_batch_does_not_cap():
+    history = [BatchSummary(batch_size=65536, n_runs=1, n_diverged=1, min_diverged_lr=0.004)]
+    recipe = recommend({"model": BERT_LARGE, "reference": LAMB_REF, "target": {"batch_size": 32768}},
+                       history=history)
+    assert recipe.stages[0].peak_lr == pytest.approx(0.005)
+
+
+def test_deterministic():
+    a = _one(32768).model_dump_json()
+    assert all(_one(32768).model_dump_json() == a for _ in range(3))

@@ -1,0 +1,23 @@
+"""Every benchmark's --quick mode runs in CI, so the scripts that produce the README's figures keep
+working. (Figures are never asserted: timings are for the README, not for tests.)"""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_scaling_fidelity_quick(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling_fidelity.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "scaling_fidelity.md").read_text()
+    for task in ("lm", "mlp"):
+        for name in ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"):
+            assert sum(f"| {task} | {s}x | {name} |" in table for s in (4, 16, 64)) == 3, (task, name)
+    assert (tmp_path / "scaling_fidelity.png").stat().st_size > 10_000
