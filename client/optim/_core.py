@@ -19,7 +19,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -560,6 +560,30 @@ class LayerwiseOptimizer(Optimizer):
             names.append(ns)
         return params, grads, names
 
+    # -- the step ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Performs a single optimization step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params, grads, names = self._gather()
+        prologue = run_prologue(
+            self._owner, params, grads, max_grad_norm=[g["max_grad_norm"] if "max_grad_norm" in self.defaults else None for g in self.param_groups],
+            nonfinite=self._check_consistent_nonfinite(), names=names,
+        )
+        for gi, group in enumerate(self.param_groups):
+            if params[gi]:
+                states = [self._init_state(p) for p in params[gi]]
+                self._step_group(group, params[gi], grads[gi], states, prologue, gi)
+        self._count_skip(prologue.ok)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:  # pragma: no cover
+        raise NotImplementedError
+
     def _check_consistent_nonfinite(self) -> str:
         modes = {g["nonfinite"] for g in self.param_groups}
         if len(modes) > 1:
@@ -575,6 +599,30 @@ class LayerwiseOptimizer(Optimizer):
                 counter = counter.to(ok.device)
                 group["skipped_steps"] = counter
             counter.add_((~ok).to(counter.dtype))
+
+
+def check_common_options(group: dict[str, Any]) -> None:
+    """The options every layer-wise optimizer shares (``fused`` where it has one)."""
+    check_bool("layer_adaptation", group["layer_adaptation"])
+    check_phi_bounds(group["phi_bounds"])
+    check_nonfinite(group["nonfinite"])
+    check_optional_bool("foreach", group["foreach"])
+    if "fused" in group:
+        check_optional_bool("fused", group["fused"])
+
+
+def run_group(multi_tensor: Callable[..., None], single_tensor: Callable[..., None], *tensors: list[Tensor],
+              foreach: bool, **kw: Any) -> None:
+    """One group's update by the multi-tensor path, or by the single-tensor reference, which takes no
+    ``fused``, ``scratch`` or ``chunk_numel``."""
+    if foreach:
+        multi_tensor(*tensors, **kw)
+        return
+    if kw.pop("fused", None):
+        raise ValueError("fused=True needs the multi-tensor path; it cannot be combined with foreach=False")
+    kw.pop("scratch", None)
+    kw.pop("chunk_numel", None)
+    single_tensor(*tensors, **kw)
 
 
 def use_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:

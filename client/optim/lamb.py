@@ -38,14 +38,14 @@ from ._core import (
     LOW_PRECISION,
     LayerwiseOptimizer,
     NormReducer,
+    Prologue,
     Scratch,
     check_betas,
     check_bool,
+    check_common_options,
     check_lr,
     check_nonfinite,
     check_nonnegative,
-    check_optional_bool,
-    check_phi_bounds,
     chunk_indices,
     compute_dtype,
     fused_kernel_ok,
@@ -53,6 +53,7 @@ from ._core import (
     group_by_device_dtype,
     is_dtensor,
     local,
+    run_group,
     run_prologue,
     sq_norm,
     sq_norms,
@@ -134,51 +135,28 @@ class LAMB(LayerwiseOptimizer):
         check_nonnegative("epsilon", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("bias_correction", group["bias_correction"])
-        check_bool("layer_adaptation", group["layer_adaptation"])
-        check_phi_bounds(group["phi_bounds"])
         if group["max_grad_norm"] is not None:
             value = group["max_grad_norm"]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"Invalid max_grad_norm value: {value} (expected None or a number > 0)")
         check_bool("skip_adaptation_without_decay", group["skip_adaptation_without_decay"])
-        check_nonfinite(group["nonfinite"])
-        check_optional_bool("foreach", group["foreach"])
-        check_optional_bool("fused", group["fused"])
+        check_common_options(group)
 
     @staticmethod
     def _adapts(group: dict[str, Any]) -> bool:
         return group["layer_adaptation"] and not (group["skip_adaptation_without_decay"] and group["weight_decay"] == 0)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Performs a single optimization step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params, grads, names = self._gather()
-        nonfinite = self._check_consistent_nonfinite()
-        prologue = run_prologue(
-            self._owner, params, grads,
-            max_grad_norm=[g["max_grad_norm"] for g in self.param_groups],
-            nonfinite=nonfinite, names=names,
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:
+        beta1, beta2 = group["betas"]
+        run_group(
+            _multi_tensor_lamb, _single_tensor_lamb, params, grads, [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+            clip=prologue.clip[gi], ok=prologue.ok, foreach=use_foreach(group["foreach"], params),
+            fused=group["fused"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], bias_correction=group["bias_correction"], adapt=self._adapts(group),
+            phi_bounds=group["phi_bounds"], scratch=self._scratch, chunk_numel=self.chunk_numel,
         )
-        for gi, group in enumerate(self.param_groups):
-            if not params[gi]:
-                continue
-            states = [self._init_state(p) for p in params[gi]]
-            beta1, beta2 = group["betas"]
-            _lamb_group(
-                params[gi], grads[gi], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states],
-                clip=prologue.clip[gi], ok=prologue.ok,
-                foreach=use_foreach(group["foreach"], params[gi]), fused=group["fused"],
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                bias_correction=group["bias_correction"], adapt=self._adapts(group),
-                phi_bounds=group["phi_bounds"], scratch=self._scratch, chunk_numel=self.chunk_numel,
-            )
-        self._count_skip(prologue.ok)
-        return loss
 
 
 def lamb(
@@ -211,25 +189,14 @@ def lamb(
     adapt = layer_adaptation and not (skip_adaptation_without_decay and weight_decay == 0)
     prologue = run_prologue("lamb", [list(params)], [list(grads)], max_grad_norm=[max_grad_norm],
                             nonfinite=nonfinite)
-    _lamb_group(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, clip=prologue.clip[0],
+    run_group(
+        _multi_tensor_lamb, _single_tensor_lamb, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        clip=prologue.clip[0],
         ok=prologue.ok, foreach=use_foreach(foreach, params), fused=fused, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt, phi_bounds=phi_bounds,
         scratch=Scratch(), chunk_numel=DEFAULT_CHUNK_NUMEL,
     )
     return prologue.ok
-
-
-def _lamb_group(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                state_steps: list[Tensor], *, foreach: bool, fused: bool | None, **kw: Any) -> None:
-    if foreach:
-        _multi_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, **kw)
-    else:
-        if fused:
-            raise ValueError("fused=True needs the multi-tensor path; it cannot be combined with foreach=False")
-        kw.pop("scratch")
-        kw.pop("chunk_numel")
-        _single_tensor_lamb(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kw)
 
 
 def _single_tensor_lamb(

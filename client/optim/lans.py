@@ -28,14 +28,14 @@ from ._core import (
     LOW_PRECISION,
     LayerwiseOptimizer,
     NormReducer,
+    Prologue,
     Scratch,
     check_betas,
     check_bool,
+    check_common_options,
     check_lr,
     check_nonfinite,
     check_nonnegative,
-    check_optional_bool,
-    check_phi_bounds,
     chunk_indices,
     compute_dtype,
     fused_kernel_ok,
@@ -43,6 +43,7 @@ from ._core import (
     group_by_device_dtype,
     is_dtensor,
     local,
+    run_group,
     run_prologue,
     sq_norm,
     sq_norms,
@@ -103,39 +104,20 @@ class LANS(LayerwiseOptimizer):
         check_nonnegative("epsilon", group["eps"])
         check_nonnegative("weight_decay", group["weight_decay"])
         check_bool("bias_correction", group["bias_correction"])
-        check_bool("layer_adaptation", group["layer_adaptation"])
-        check_phi_bounds(group["phi_bounds"])
-        check_nonfinite(group["nonfinite"])
-        check_optional_bool("foreach", group["foreach"])
-        check_optional_bool("fused", group["fused"])
+        check_common_options(group)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Performs a single optimization step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params, grads, names = self._gather()
-        nonfinite = self._check_consistent_nonfinite()
-        prologue = run_prologue(
-            self._owner, params, grads, max_grad_norm=[None for _ in self.param_groups], nonfinite=nonfinite, names=names,
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:
+        beta1, beta2 = group["betas"]
+        run_group(
+            _multi_tensor_lans, _single_tensor_lans, params, grads, [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
+            g_sq=prologue.g_sq[gi], ok=prologue.ok, foreach=use_foreach(group["foreach"], params),
+            fused=group["fused"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+            adapt=group["layer_adaptation"], phi_bounds=group["phi_bounds"], scratch=self._scratch,
+            chunk_numel=self.chunk_numel,
         )
-        for gi, group in enumerate(self.param_groups):
-            if not params[gi]:
-                continue
-            states = [self._init_state(p) for p in params[gi]]
-            beta1, beta2 = group["betas"]
-            _lans_group(
-                params[gi], grads[gi], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states], g_sq=prologue.g_sq[gi], ok=prologue.ok,
-                foreach=use_foreach(group["foreach"], params[gi]), fused=group["fused"], lr=group["lr"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                bias_correction=group["bias_correction"], adapt=group["layer_adaptation"],
-                phi_bounds=group["phi_bounds"], scratch=self._scratch, chunk_numel=self.chunk_numel,
-            )
-        self._count_skip(prologue.ok)
-        return loss
 
 
 def lans(
@@ -160,25 +142,14 @@ def lans(
     """Functional LANS over one group of tensors (see :class:`LANS`); returns ``ok`` like :func:`lamb`."""
     check_nonfinite(nonfinite)
     prologue = run_prologue("lans", [list(params)], [list(grads)], max_grad_norm=[None], nonfinite=nonfinite)
-    _lans_group(
-        params, grads, exp_avgs, exp_avg_sqs, state_steps, g_sq=prologue.g_sq[0],
+    run_group(
+        _multi_tensor_lans, _single_tensor_lans, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        g_sq=prologue.g_sq[0],
         ok=prologue.ok, foreach=use_foreach(foreach, params), fused=fused, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, adapt=layer_adaptation,
         phi_bounds=phi_bounds, scratch=Scratch(), chunk_numel=DEFAULT_CHUNK_NUMEL,
     )
     return prologue.ok
-
-
-def _lans_group(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                state_steps: list[Tensor], *, foreach: bool, fused: bool | None, **kw: Any) -> None:
-    if foreach:
-        _multi_tensor_lans(params, grads, exp_avgs, exp_avg_sqs, state_steps, fused=fused, **kw)
-    else:
-        if fused:
-            raise ValueError("fused=True needs the multi-tensor path; it cannot be combined with foreach=False")
-        kw.pop("scratch")
-        kw.pop("chunk_numel")
-        _single_tensor_lans(params, grads, exp_avgs, exp_avg_sqs, state_steps, **kw)
 
 
 def _normaliser(g_sq: Tensor) -> Tensor:

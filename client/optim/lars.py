@@ -22,15 +22,15 @@ from ._core import (
     LOW_PRECISION,
     LayerwiseOptimizer,
     NormReducer,
-    check_bool,
+    Prologue,
+    check_common_options,
     check_lr,
     check_nonfinite,
     check_nonnegative,
-    check_optional_bool,
-    check_phi_bounds,
     compute_dtype,
     group_by_device_dtype,
     local,
+    run_group,
     run_prologue,
     sq_norm,
     sq_norms,
@@ -91,36 +91,17 @@ class LARS(LayerwiseOptimizer):
         if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)) or not coefficient > 0:
             raise ValueError(f"Invalid trust_coefficient value: {coefficient}")
         check_nonnegative("epsilon", group["eps"])
-        check_bool("layer_adaptation", group["layer_adaptation"])
-        check_phi_bounds(group["phi_bounds"])
-        check_nonfinite(group["nonfinite"])
-        check_optional_bool("foreach", group["foreach"])
+        check_common_options(group)
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Performs a single optimization step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        params, grads, names = self._gather()
-        nonfinite = self._check_consistent_nonfinite()
-        prologue = run_prologue(
-            self._owner, params, grads, max_grad_norm=[None for _ in self.param_groups], nonfinite=nonfinite, names=names,
+    def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:
+        run_group(
+            _multi_tensor_lars, _single_tensor_lars, params, grads, [s["momentum_buffer"] for s in states],
+            [s["step"] for s in states], ok=prologue.ok, foreach=use_foreach(group["foreach"], params),
+            lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"], eps=group["eps"], adapt=group["layer_adaptation"],
+            phi_bounds=group["phi_bounds"],
         )
-        for gi, group in enumerate(self.param_groups):
-            if not params[gi]:
-                continue
-            states = [self._init_state(p) for p in params[gi]]
-            _lars_group(
-                params[gi], grads[gi], [s["momentum_buffer"] for s in states], [s["step"] for s in states],
-                ok=prologue.ok, foreach=use_foreach(group["foreach"], params[gi]),
-                lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
-                trust_coefficient=group["trust_coefficient"], eps=group["eps"],
-                adapt=group["layer_adaptation"], phi_bounds=group["phi_bounds"],
-            )
-        self._count_skip(prologue.ok)
-        return loss
 
 
 def lars(
@@ -142,20 +123,12 @@ def lars(
     """Functional LARS over one group of tensors (see :class:`LARS`); returns ``ok`` like :func:`lamb`."""
     check_nonfinite(nonfinite)
     prologue = run_prologue("lars", [list(params)], [list(grads)], max_grad_norm=[None], nonfinite=nonfinite)
-    _lars_group(
-        params, grads, momentum_buffers, state_steps, ok=prologue.ok,
+    run_group(
+        _multi_tensor_lars, _single_tensor_lars, params, grads, momentum_buffers, state_steps, ok=prologue.ok,
         foreach=use_foreach(foreach, params), lr=lr, momentum=momentum, weight_decay=weight_decay,
         trust_coefficient=trust_coefficient, eps=eps, adapt=layer_adaptation, phi_bounds=phi_bounds,
     )
     return prologue.ok
-
-
-def _lars_group(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], state_steps: list[Tensor], *,
-                foreach: bool, **kw: Any) -> None:
-    if foreach:
-        _multi_tensor_lars(params, grads, bufs, state_steps, **kw)
-    else:
-        _single_tensor_lars(params, grads, bufs, state_steps, **kw)
 
 
 def _single_tensor_lars(
