@@ -167,10 +167,11 @@ ReportBody = Annotated[
 
 
 def _not_running(run: RunRecord) -> ApiError:
-    if run.state == "preempted":
-        return ApiError("conflict", f"run {run.id} was marked preempted (its lease expired without a heartbeat); "
-                                    "complete it with its real outcome")
     return ApiError("conflict", f"run {run.id} is already {run.state}")
+
+
+# A run the lease sweeper preempted comes back to life when its job speaks: the store decides.
+_LIVE_STATES = ("running", "preempted")
 
 
 @router.post(
@@ -178,15 +179,15 @@ def _not_running(run: RunRecord) -> ApiError:
     response_model=HeartbeatOut,
     responses=ERROR_RESPONSES,
     summary="Renew a running run's lease",
-    description="A run whose heartbeats stop is marked `preempted` when its lease expires. On a run the "
-                "service stopped (`diverged`, `pruned`) the answer is 200 with `should_stop: true`; on a run "
+    description="A run whose heartbeats stop is marked `preempted` when its lease expires; a heartbeat (or "
+                "report) from its job makes it `running` again. On a run the service stopped (`diverged`, `pruned`) the answer is 200 with `should_stop: true`; on a run "
                 "that is otherwise no longer running, 409.",
 )
 def heartbeat(id: RunId, principal: Writer, request: Request) -> Response:
     store: StudyStore = request.app.state.store_holder.get()
     run_id = id
     run = _owned_run(store, principal.namespace, run_id)
-    if run.state == "running":
+    if run.state in _LIVE_STATES:
         try:
             run = store.heartbeat(run_id, lease_seconds=request.app.state.settings.lease_seconds)
             return _json(HeartbeatOut(run=to_run(run), should_stop=False))
@@ -241,7 +242,7 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer,
     run_id = id
     run = _owned_run(store, principal.namespace, run_id)
     reports = body.reports if isinstance(body, ReportBatchIn) else [body]
-    if run.state != "running":
+    if run.state not in _LIVE_STATES:
         if run.state in _STOP_STATES:
             return _json(ReportOut(run=to_run(run), should_stop=True, reason=run.reason or f"run is {run.state}"))
         raise _not_running(run)
@@ -255,7 +256,7 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer,
     summary="Record a run's final outcome",
     description="`completed` needs a finite `metric`; `diverged`, `failed`, `pruned` take an optional `reason` "
                 "and `step`. Completing again with the same outcome is a no-op (200); a different outcome is "
-                "409. A `preempted` run can still be completed by its job.",
+                "409. A run the lease sweeper marked `preempted` can still be completed by its job.",
 )
 def complete(id: RunId, body: CompleteIn, principal: Writer, request: Request) -> Response:
     store: StudyStore = request.app.state.store_holder.get()

@@ -212,9 +212,9 @@ class StudyStore(abc.ABC):
     * **Outcomes.** ``running`` → one of ``completed`` (metric required), ``diverged`` (step and/or
       reason), ``failed`` (reason), ``pruned`` (step), ``preempted``. Final outcomes never change
       again, with one exception: a run that :meth:`expire_leases` preempted (its lease ran out,
-      e.g. during a network partition) still accepts the job's own final outcome once: the job's
-      word wins over the sweeper's guess. Heartbeats and reports on it are refused (Conflict),
-      which tells a live job that it was written off.
+      e.g. during a network partition) is the sweeper's guess, and the job's word wins over it: a
+      :meth:`heartbeat` or :meth:`report` from the job makes it ``running`` again, and the job's
+      own final outcome is accepted. A run its job declared ``preempted`` stays so (Conflict).
     * **Leases.** :meth:`create_run` starts a lease; :meth:`heartbeat` and :meth:`report` renew it
       (by the run's lease length unless a new one is given).
     * **Returned objects** are immutable snapshots; mutating the store never changes them.
@@ -368,7 +368,7 @@ class StudyStore(abc.ABC):
 
         Raises:
             NotFound: No such run.
-            Conflict: The run is no longer running.
+            Conflict: The run finished (one the sweeper preempted is revived instead).
             InvalidArgument: ``lease_seconds`` is not a finite number > 0.
         """
 
@@ -381,7 +381,7 @@ class StudyStore(abc.ABC):
 
         Raises:
             NotFound: No such run.
-            Conflict: The run is no longer running.
+            Conflict: The run finished (one the sweeper preempted is revived instead).
             InvalidArgument: ``step`` < 0 or not an int, ``loss``/``grad_norm`` not numbers.
         """
 

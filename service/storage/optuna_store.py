@@ -897,9 +897,28 @@ class OptunaStudyStore(StudyStore):
         row = conn.execute(q).first()
         if row is None:
             raise NotFound(f"run {run_id} not found")
+        if row.state == "preempted" and row.swept:
+            return self._revive(conn, dict(row._mapping))
         if row.state != "running":
             raise Conflict(f"run {run_id} is {row.state}, not running: cannot {action}")
         return dict(row._mapping)
+
+    def _revive(self, conn: Connection, row: dict[str, Any]) -> dict[str, Any]:
+        """Undo the sweeper's guess on a run whose job turns out to be alive (its lease ran out during a
+        network partition, say): it is ``running`` again, as if the lease had never expired. The caller
+        renews the lease in the same transaction."""
+        run_id = row["run_id"]
+        changes = {"state": "running", "swept": False, "reason": None}
+        conn.execute(update(sch.lb_runs).where(sch.lb_runs.c.run_id == run_id).values(**changes))
+        conn.execute(
+            update(T_TRIALS).where(T_TRIALS.c.trial_id == run_id).values(state=TrialState.RUNNING,
+                                                                         datetime_complete=None)
+        )
+        conn.execute(
+            delete(T_TRIAL_USER).where(T_TRIAL_USER.c.trial_id == run_id, T_TRIAL_USER.c.key.in_(("outcome", "reason")))
+        )
+        row.update(changes)
+        return row
 
     def heartbeat(self, run_id: int, *, lease_seconds: float | None = None) -> RunRecord:
         """Renew the lease to now + ``lease_seconds`` (default: the run's current lease length)."""

@@ -479,12 +479,8 @@ def test_expire_leases_preempts_once(store):
     assert pre.state == "preempted" and pre.reason == "lease expired" and pre.lease_expires_at is None
     assert store.get_run(long.id).state == "running"
     assert store.get_run(finished.id).state == "completed"
-    with pytest.raises(Conflict, match="preempted"):
-        store.heartbeat(short.id)
-    with pytest.raises(Conflict, match="preempted"):
-        store.report(short.id, 1, 1.0)
     assert store.complete_run(short.id, "preempted").state == "preempted"  # agreeing: no-op
-    # The job was alive after all (a network partition): its own word wins once.
+    # The job was alive after all (a network partition): its own word wins, and its final outcome too.
     assert store.complete_run(short.id, "completed", metric=0.5).state == "completed"
     with pytest.raises(Conflict):
         store.complete_run(short.id, "diverged")
@@ -493,6 +489,30 @@ def test_expire_leases_preempts_once(store):
         store.expire_leases(now=datetime.now())  # naive
     much_later = datetime.now(UTC) + timedelta(hours=2)
     assert store.expire_leases(now=much_later) == [long.id]
+
+
+@pytest.mark.parametrize("speak", ["heartbeat", "report"])
+def test_preempted_run_whose_job_speaks_runs_again(store, speak):
+    _study(store)
+    run = _run(store, lease_seconds=1)
+    assert store.expire_leases(now=datetime.now(UTC) + timedelta(seconds=5)) == [run.id]
+    revived = store.heartbeat(run.id, lease_seconds=60) if speak == "heartbeat" else store.report(run.id, 3, 2.5)
+    assert revived.state == "running" and revived.reason is None
+    assert revived.lease_expires_at > datetime.now(UTC)
+    assert store.get_run(run.id).state == "running"
+    assert [s.state for s in store.list_runs("team", "bert", state="running").items] == ["running"]
+    assert store.expire_leases() == []  # a fresh lease
+    # preempted again later, then the job finishes: still one run, with the job's outcome
+    assert store.expire_leases(now=datetime.now(UTC) + timedelta(hours=2)) == [run.id]
+    assert store.complete_run(run.id, "completed", metric=0.7).state == "completed"
+    assert store.history("team", "bert")[0].n_completed == 1
+    # a run its own job declared preempted stays so
+    told = _run(store)
+    store.complete_run(told.id, "preempted", reason="spot reclaimed")
+    with pytest.raises(Conflict, match="preempted"):
+        store.heartbeat(told.id)
+    with pytest.raises(Conflict, match="preempted"):
+        store.report(told.id, 1, 1.0)
 
 
 def test_expire_leases_in_batches(store):

@@ -116,3 +116,16 @@ def test_rebuild_reads_trials_written_by_plain_optuna(file_url):
     assert (h.batch_size, h.n_runs, h.best_lr, h.best_metric, h.min_diverged_lr, h.max_stable_lr) == (
         512, 2, 1e-4, 0.5, 1e-2, 1e-4)
     store.close()
+
+
+def test_optuna_sees_a_revived_run_running_again(file_url):
+    ids = _populate(file_url)
+    store = open_store(file_url)
+    try:
+        store.heartbeat(ids["preempted"], lease_seconds=60)
+    finally:
+        store.close()
+    trial = next(t for t in optuna.load_study(study_name="team/bert", storage=file_url).trials
+                 if t._trial_id == ids["preempted"])
+    assert trial.state == TrialState.RUNNING and trial.datetime_complete is None
+    assert "outcome" not in trial.user_attrs and "reason" not in trial.user_attrs
