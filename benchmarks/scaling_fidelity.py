@@ -327,7 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="lm,mlp")
     parser.add_argument("--explore", type=int, default=2, help="extra LRs swept at 4x and 16x as evidence")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
+    parser.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="DIR",
+                        help="train nothing: one table and plot from the scaling_fidelity.json of earlier runs "
+                             "(e.g. one process per task, run side by side)")
     args = parser.parse_args(argv)
+    if args.merge:
+        merged = [Result(**r) for d in args.merge for r in json.loads((d / "scaling_fidelity.json").read_text())]
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(report(merged, args.out))
+        plot(merged, args.out)
+        return 0
     # Tiny models: one thread avoids OpenMP spin contention, which costs 10x on a busy 2-core machine.
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("script, out_flag", [("optimizer_step", "--json"), ("service_load", "--json"),
+                                              ("store", "--out")])
+def test_benchmark_quick(tmp_path, script, out_flag):
+    pytest.importorskip("torch" if script == "optimizer_step" else "fastapi")
+    out = tmp_path / ("results.json" if out_flag == "--json" else "out")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", out_flag, str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.exists() and (out.is_file() or any(out.iterdir())), proc.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_scaling_fidelity_quick(tmp_path):
     pytest.importorskip("torch")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling_fidelity.py"), "--quick",
@@ -21,3 +33,10 @@ def test_scaling_fidelity_quick(tmp_path):
         for name in ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"):
             assert sum(f"| {task} | {s}x | {name} |" in table for s in (4, 16, 64)) == 3, (task, name)
     assert (tmp_path / "scaling_fidelity.png").stat().st_size > 10_000
+    # --merge rebuilds the same table (and a plot) from the JSON, without training
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling_fidelity.py"), "--merge", str(tmp_path),
+                           "--out", str(merged)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (merged / "scaling_fidelity.md").read_text() == table
+    assert (merged / "scaling_fidelity.png").stat().st_size > 10_000
