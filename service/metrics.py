@@ -93,6 +93,9 @@ class Metrics:
                                    "Runs the service marked diverged from their reports", registry=reg)
         self.preempted = Counter("largebatch_runs_preempted", "Runs the lease sweeper marked preempted",
                                  registry=reg)
+        # Sweeper guesses proved wrong (the job spoke again): a high rate says LEASE_SECONDS is too short.
+        self.revived = Counter("largebatch_runs_revived", "Preempted runs made running again by their job",
+                               registry=reg)
         self.registry.register(_PoolCollector(get_store))
 
     def render(self) -> bytes:

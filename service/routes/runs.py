@@ -174,6 +174,11 @@ def _not_running(run: RunRecord) -> ApiError:
 _LIVE_STATES = ("running", "preempted")
 
 
+def _count_revival(request: Request, before: str) -> None:
+    if before == "preempted":  # the store call succeeded, so the run is running again
+        request.app.state.metrics.revived.inc()
+
+
 @router.post(
     "/runs/{id}/heartbeat",
     response_model=HeartbeatOut,
@@ -189,7 +194,9 @@ def heartbeat(id: RunId, principal: Writer, request: Request) -> Response:
     run = _owned_run(store, principal.namespace, run_id)
     if run.state in _LIVE_STATES:
         try:
+            before = run.state
             run = store.heartbeat(run_id, lease_seconds=request.app.state.settings.lease_seconds)
+            _count_revival(request, before)
             return _json(HeartbeatOut(run=to_run(run), should_stop=False))
         except Conflict:
             run = store.get_run(run_id)
@@ -203,7 +210,9 @@ def _report(request: Request, store: StudyStore, run: RunRecord, reports: list[R
     early = rule.early_loss(run.id)
     for r in sorted(reports, key=lambda r: r.step):
         try:
+            before = run.state
             run = store.report(run.id, r.step, r.loss, r.grad_norm)
+            _count_revival(request, before)
         except Conflict:
             run = store.get_run(run.id)
             break

@@ -52,5 +52,6 @@ def test_silent_run_is_preempted_and_heartbeating_run_is_not(short_lease_api):
     assert done.status_code == 200 and done.json()["state"] == "completed"
     metrics = c.get("/metrics").text
     assert "largebatch_runs_preempted_total" in metrics
-    line = next(x for x in metrics.splitlines() if x.startswith("largebatch_runs_preempted_total"))
-    assert float(line.split()[-1]) >= 1
+    for counter in ("largebatch_runs_preempted_total", "largebatch_runs_revived_total"):
+        line = next(x for x in metrics.splitlines() if x.startswith(counter))
+        assert float(line.split()[-1]) >= 1, line
