@@ -33,7 +33,8 @@ def test_open_mode_without_key_writes_default_namespace_and_keys_still_count(url
 
 def test_rate_limit_429_with_retry_after(url):
     keys = make_keys(url)
-    app = create_app(Settings(store_url=url, open_mode=True, rate_limit_per_s=2, rate_limit_burst=3))
+    # one token per 2 s: the five requests below must not earn a token back even on a slow machine
+    app = create_app(Settings(store_url=url, open_mode=True, rate_limit_per_s=0.5, rate_limit_burst=3))
     with TestClient(app) as c:
         statuses = [c.post("/v1/recommendations", json=bert_request()).status_code for _ in range(5)]
         assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
@@ -43,7 +44,7 @@ def test_rate_limit_429_with_retry_after(url):
         other = {"Authorization": f"Bearer {keys['read']}"}
         assert c.post("/v1/recommendations", json=bert_request(), headers=other).status_code == 200
         assert all(c.get("/healthz").status_code == 200 for _ in range(10))
-        time.sleep(0.6)
+        time.sleep(2.1)
         assert c.post("/v1/recommendations", json=bert_request()).status_code == 200
         assert 'status="429"' in c.get("/metrics").text
 
