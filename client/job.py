@@ -87,6 +87,13 @@ def _transient(exc: BaseException) -> bool:
     return False
 
 
+def _detached(value: Any) -> Any:
+    """A tensor without its autograd graph: a pending report (kept while the service is down) must
+    not keep the step's activations alive. No device sync."""
+    detach = getattr(value, "detach", None)
+    return detach() if callable(detach) else value
+
+
 def _to_float(value: Any) -> float | None:
     if value is None:
         return None
@@ -402,7 +409,7 @@ class Job:
         if isinstance(loss, (int, float)) and not math.isfinite(loss):
             self._note_nonfinite(step)
         self.last_step = step if self.last_step is None else max(self.last_step, step)
-        self._reporter.put(step, loss, grad_norm)
+        self._reporter.put(step, _detached(loss), _detached(grad_norm))
 
     @property
     def pending(self) -> int:

@@ -46,7 +46,7 @@ def train(job: Job, model: torch.nn.Module, steps: int, data: Data | None = None
         lrs.append([g["lr"] for g in job.optimizer.param_groups])  # the LR this step runs with
         job.optimizer.step()
         job.scheduler.step()
-        job.report(step, loss.detach(), grad_norm(model))  # tensors: converted off the loop
+        job.report(step, loss, grad_norm(model))  # tensors as they are: detached, converted off the loop
         losses.append(loss.item())
         if on_step is not None:
             on_step(step)

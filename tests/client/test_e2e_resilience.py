@@ -34,6 +34,9 @@ def test_killing_the_service_mid_training_loses_and_duplicates_nothing(own_servi
         if step == 200:
             timeline["pending"], timeline["delivered"] = job.pending, job.delivered
             timeline["error"] = job._reporter.last_error
+            # what piles up holds numbers, not autograd graphs (and through them, activations)
+            timeline["graphs"] = sum(getattr(loss, "grad_fn", None) is not None
+                                     for loss, _ in job._reporter._pending.values())
             service.start()
             timeline["back"] = step
 
@@ -60,6 +63,7 @@ def test_killing_the_service_mid_training_loses_and_duplicates_nothing(own_servi
     # The outage was real: the reporter failed to connect and reports piled up meanwhile.
     assert isinstance(timeline["error"], APIConnectionError), timeline
     assert timeline["pending"] >= 110 and timeline["delivered"] <= 81, timeline
+    assert timeline["graphs"] == 0, timeline
     reports = service.store.reports(run.id)
     assert [r.step for r in reports] == list(range(total))  # every step, once
     assert [r.loss for r in reports] == losses  # and the values that were sent
