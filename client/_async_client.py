@@ -110,7 +110,7 @@ class AsyncClient(BaseClient):
                 await _sleep(self._retry_delay(retries_taken, response))
                 retries_taken += 1
                 continue
-            return self._process(call, response)
+            return self._process(call, response, retried=retries_taken > 0)
 
     # ------------------------------------------------------------------ health
 

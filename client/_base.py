@@ -265,8 +265,11 @@ class BaseClient:
                                          request=request)
 
     @staticmethod
-    def _process(call: Call[T], response: httpx.Response) -> T:
+    def _process(call: Call[T], response: httpx.Response, *, retried: bool = False) -> T:
         if response.is_success:
+            return call.parse(response)
+        if retried and call.method == "DELETE" and response.status_code == 404:
+            # An earlier try whose answer was lost did the delete: what was asked for is done.
             return call.parse(response)
         raise errors.error_from_response(response)
 

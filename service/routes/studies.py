@@ -8,9 +8,9 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from largebatch.scaling_rules.wire import NAME_PATTERN, Page, Study, StudyCreate
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, to_study
-from largebatch.service.deps import Reader, Writer
-from largebatch.service.errors import ERROR_RESPONSES, field_error
-from largebatch.service.storage.base import StudyStore
+from largebatch.service.deps import IdempotencyKey, Reader, Writer
+from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
+from largebatch.service.storage.base import AlreadyExists, StudyStore
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
@@ -22,16 +22,41 @@ def _store(request: Request) -> StudyStore:
     return request.app.state.store_holder.get()
 
 
-@router.post("", response_model=Study, status_code=status.HTTP_201_CREATED, responses=ERROR_RESPONSES,
-             summary="Create a study (409 already_exists if the name is taken in your namespace)")
-def create_study(body: StudyCreate, principal: Writer, request: Request) -> Response:
+# The Idempotency-Key a study was created with, kept in its Optuna user attrs (never shown by the API).
+_CREATION_KEY = "creation_key"
+
+
+@router.post("", response_model=Study, status_code=status.HTTP_201_CREATED, responses={
+                 **ERROR_RESPONSES,
+                 200: {"model": Study, "description": "Idempotency-Key replay: the study the first request created"}},
+             summary="Create a study (409 already_exists if the name is taken in your namespace)",
+             description="With an `Idempotency-Key`, a retry of a request that did create the study answers 200 "
+                         "with it (a client that lost the first answer is not told its own study exists).")
+def create_study(body: StudyCreate, principal: Writer, request: Request, idempotency_key: IdempotencyKey) -> Response:
     if body.model_params > MAX_BIGINT:
         raise field_error(["body", "model_params"], f"must be <= {MAX_BIGINT}", "less_than_equal")
-    record = _store(request).create_study(
-        principal.namespace, body.name, model_family=body.model_family, model_params=body.model_params,
-        metric=body.metric, direction=body.direction,
-    )
-    return Response(to_study(record).model_dump_json(), status_code=status.HTTP_201_CREATED, media_type=_JSON,
+    store = _store(request)
+    try:
+        record = store.create_study(
+            principal.namespace, body.name, model_family=body.model_family, model_params=body.model_params,
+            metric=body.metric, direction=body.direction,
+            user_attrs={_CREATION_KEY: idempotency_key} if idempotency_key else None,
+        )
+        created = True
+    except AlreadyExists:
+        if idempotency_key is None:
+            raise
+        record = store.get_study(principal.namespace, body.name)
+        if record.user_attrs.get(_CREATION_KEY) != idempotency_key:
+            raise
+        same = (record.model_family, record.model_params, record.metric, record.direction) == (
+            body.model_family, body.model_params, body.metric, body.direction)
+        if not same:
+            raise ApiError("conflict", f"Idempotency-Key {idempotency_key!r} was already used to create study "
+                                       f"{body.name!r} with different attributes") from None
+        created = False
+    return Response(to_study(record).model_dump_json(),
+                    status_code=status.HTTP_201_CREATED if created else status.HTTP_200_OK, media_type=_JSON,
                     headers={"Location": f"/v1/studies/{record.name}"})
 
 

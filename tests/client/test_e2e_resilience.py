@@ -8,11 +8,12 @@ import sys
 import textwrap
 import time
 
+import httpx
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from largebatch.client import APIConnectionError, Client  # noqa: E402
+from largebatch.client import APIConnectionError, Client, NotFoundError  # noqa: E402
 
 from ._training import BATCH, REFERENCE, Data, evaluate, make_model, train  # noqa: E402
 
@@ -147,3 +148,38 @@ def test_ctrl_c_loses_no_report(service, tmp_path, mode):
         assert run.state == "failed" and run.reason == "interrupted (KeyboardInterrupt)"
     else:
         assert run.state == "running"  # no outcome is guessed; the lease will expire
+
+
+class _LosesFirstAnswers(httpx.BaseTransport):
+    """Delivers every request to the real service, but loses the answers to the first ``n`` writes:
+    the service acted, the client never heard."""
+
+    def __init__(self, n: int) -> None:
+        self._inner = httpx.HTTPTransport()
+        self._left = n
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        if request.method != "GET" and self._left > 0:
+            self._left -= 1
+            response.read()
+            response.close()
+            raise httpx.ReadTimeout("answer lost", request=request)
+        return response
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+def test_writes_whose_answers_are_lost_are_retried_without_spurious_errors(service, lost):
+    with httpx.Client(transport=_LosesFirstAnswers(lost)) as http:
+        client = Client(service.url, http_client=http, max_retries=lost)
+        name = f"lossy-{lost}"
+        study = client.create_study(name, model_params=1000)  # not AlreadyExistsError on the retry
+        assert study.name == name
+        run = client.create_run(name, request={"model": {"params": 1000}, "target": {"batch_size": 64},
+                                               "reference": {"batch_size": 8, "lr": 1e-3, "steps": 100}})
+        assert run.state == "running"
+        assert service.store.list_runs("default", name).total == 1  # one run, however many tries
+        http._transport._left = lost  # type: ignore[attr-defined]
+        client.delete_study(name)  # not NotFoundError on the retry
+    with pytest.raises(NotFoundError):
+        Client(service.url).get_study(name)

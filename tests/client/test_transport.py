@@ -264,6 +264,28 @@ def test_explicit_idempotency_key_is_sent_verbatim_on_every_try(sleeps):
     assert body["study"] == "s" and body["start_run"] is True
 
 
+def test_a_delete_whose_answer_was_lost_is_done_when_the_retry_finds_nothing(sleeps):
+    rec = Recorder(httpx.ReadTimeout("answer lost"), error(404, "not_found"))
+    assert sync_client(rec).delete_study("s") is None
+    assert len(rec.requests) == 2
+    # Without a lost try, 404 is the caller's mistake and says so.
+    with pytest.raises(NotFoundError):
+        sync_client(Recorder(error(404, "not_found"))).delete_study("s")
+    # Only deletes: a GET that finds nothing after a retry is still not found.
+    with pytest.raises(NotFoundError):
+        sync_client(Recorder(httpx.ReadTimeout("lost"), error(404, "not_found"))).get_study("s")
+
+
+def test_async_delete_whose_answer_was_lost_is_done(sleeps):
+    rec = Recorder(error(502), error(404, "not_found"))
+
+    async def go():
+        async with async_client(rec) as client:
+            return await client.delete_study("s")
+
+    assert asyncio.run(go()) is None and len(rec.requests) == 2
+
+
 def test_reads_carry_no_idempotency_key():
     rec = Recorder(httpx.Response(200, json=STUDY))
     sync_client(rec).get_study("s")

@@ -159,6 +159,25 @@ def test_studies_crud_and_paging(api):
     assert_error(c.delete(f"/v1/studies/{names[0]}"), "not_found")
 
 
+def test_study_creation_replayed_with_its_idempotency_key(api):
+    c = api.client()
+    name, body = unique(), {"model_params": 1000, "metric": "ppl"}
+    first = c.post("/v1/studies", json={"name": name, **body}, headers={"Idempotency-Key": "mk-1"})
+    assert first.status_code == 201, first.text
+    # The answer was lost and the client retries: the same study, not "already exists".
+    again = c.post("/v1/studies", json={"name": name, **body}, headers={"Idempotency-Key": "mk-1"})
+    assert again.status_code == 200 and again.json() == first.json()
+    assert "creation_key" not in again.text
+    # Anyone else asking for the name gets 409, with or without a key of their own.
+    assert_error(c.post("/v1/studies", json={"name": name, **body}), "already_exists")
+    assert_error(c.post("/v1/studies", json={"name": name, **body}, headers={"Idempotency-Key": "mk-2"}),
+                 "already_exists")
+    # The same key with other attributes is a client bug: 409, and the study is unchanged.
+    assert_error(c.post("/v1/studies", json={"name": name, "model_params": 7}, headers={"Idempotency-Key": "mk-1"}),
+                 "conflict")
+    assert c.get(f"/v1/studies/{name}").json()["model_params"] == 1000
+
+
 def test_studies_bad_input_and_auth(api):
     c = api.client()
     r = c.post("/v1/studies", json={"name": "bad name!", "model_params": 1})
