@@ -21,12 +21,13 @@ when training ends, completes the run with it.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from largebatch.client.job import Job
+
+from ._finish import finish
 
 __all__ = ["LargebatchCallback", "optimizers", "training_args"]
 
@@ -96,12 +97,6 @@ class LargebatchCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         if not self.complete_on_train_end or not state.is_world_process_zero:
             return
-        job = self.job
-        if job.diverged_step is not None or job.should_stop or (
-                self.last_metric is not None and not math.isfinite(self.last_metric)):
-            job.abort()
-        elif self.last_metric is not None:
-            job.complete(self.last_metric)
-        else:
-            log.warning("largebatch: training ended without an evaluation of %s: the run stays open; call "
-                        "job.complete(metric) after trainer.evaluate()", " or ".join(self._metric_keys()))
+        finish(self.job, self.last_metric,
+               missing=f"training ended without an evaluation of {' or '.join(self._metric_keys())}: the run "
+                       "stays open; call job.complete(metric) after trainer.evaluate()")

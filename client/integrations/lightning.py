@@ -22,7 +22,6 @@ exception (Ctrl-C included), records the run ``failed`` or ``diverged``.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +29,8 @@ import lightning.pytorch as pl
 import torch
 
 from largebatch.client.job import Job
+
+from ._finish import finish
 
 __all__ = ["LargebatchCallback", "configure_optimizers"]
 
@@ -111,15 +112,9 @@ class LargebatchCallback(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.complete_on_fit_end or not trainer.is_global_zero:
             return
-        job = self.job
-        if job.diverged_step is not None or job.should_stop or (
-                self.last_metric is not None and not math.isfinite(self.last_metric)):
-            job.abort()
-        elif self.last_metric is not None:
-            job.complete(self.last_metric)
-        else:
-            log.warning("largebatch: fit ended without a validation value of %s: the run stays open; call "
-                        "job.complete(metric)", " or ".join(self._metric_keys()))
+        finish(self.job, self.last_metric,
+               missing=f"fit ended without a validation value of {' or '.join(self._metric_keys())}: the run "
+                       "stays open; call job.complete(metric)")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.is_global_zero:
