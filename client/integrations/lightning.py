@@ -21,7 +21,6 @@ exception (Ctrl-C included), records the run ``failed`` or ``diverged``.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,7 +33,6 @@ from ._finish import finish
 
 __all__ = ["LargebatchCallback", "configure_optimizers"]
 
-log = logging.getLogger("largebatch.client")
 
 
 def configure_optimizers(job: Job) -> dict[str, Any]:
