@@ -34,7 +34,6 @@ from ._finish import finish
 __all__ = ["LargebatchCallback", "configure_optimizers"]
 
 
-
 def configure_optimizers(job: Job) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns: the recipe's optimizer, and its LR
     scheduler stepped after every optimizer step (``interval="step"``)."""
