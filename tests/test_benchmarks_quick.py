@@ -11,8 +11,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, out_flag", [("optimizer_step", "--json"), ("service_load", "--json"),
-                                              ("store", "--out")])
+# (service_load.py has its own smoke test, in tests/service/test_benchmark_smoke.py)
+@pytest.mark.parametrize("script, out_flag", [("optimizer_step", "--json"), ("store", "--out")])
 def test_benchmark_quick(tmp_path, script, out_flag):
     pytest.importorskip("torch" if script == "optimizer_step" else "fastapi")
     out = tmp_path / ("results.json" if out_flag == "--json" else "out")
