@@ -3,7 +3,7 @@
 The LRs come from Optuna's TPE sampler, asked with the batch size fixed (``PartialFixedSampler``)
 and fed the study's finished runs as its history, so a sweep concentrates where earlier runs did
 well and stays out of where they diverged. The search range is a factor of 2 either side of the
-recipe's LR, never at or above the evidence's stability cap. The sampler is seeded from the study,
+recipe's LR, never above an LR cap the user gave, nor at or above the evidence's stability cap. The sampler is seeded from the study,
 the recipe and the amount of evidence: the same request against the same evidence gives the same
 variants.
 """
@@ -21,9 +21,9 @@ from optuna.samplers import PartialFixedSampler, TPESampler
 from optuna.trial import create_trial
 
 from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
-from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.models import Recipe, RecommendationRequest
 
-__all__ = ["SPREAD", "explore_variants"]
+__all__ = ["SPREAD", "explore_variants", "user_cap_factor"]
 
 SPREAD = 2.0
 _BATCH = IntDistribution(1, 2**40, log=True)
@@ -34,15 +34,31 @@ def _seed(study: str | None, recipe: Recipe, n_evidence: int) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big")
 
 
+def user_cap_factor(request: RecommendationRequest, recipe: Recipe) -> float | None:
+    """How far the recipe's LRs may be scaled up before one passes an ``lr_cap`` the user gave (the
+    request's, or a stage's): the user knows that LR to be the largest stable one."""
+    stage_requests = request.stages or [None] * len(recipe.stages)
+    factors = []
+    for stage, asked in zip(recipe.stages, stage_requests, strict=True):
+        cap = asked.lr_cap if asked is not None and asked.lr_cap is not None else request.lr_cap
+        if cap is not None and stage.peak_lr > 0:
+            factors.append(cap / stage.peak_lr)
+    return min(factors) if factors else None
+
+
 def explore_variants(recipe: Recipe, evidence: Sequence[RunEvidence], k: int, *, study: str | None = None,
-                     direction: str = "minimize") -> list[Recipe]:
-    """k recipes that differ from ``recipe`` only in their peak LRs (all stages scaled alike)."""
+                     direction: str = "minimize", max_factor: float | None = None) -> list[Recipe]:
+    """k recipes that differ from ``recipe`` only in their peak LRs (all stages scaled alike), never
+    by more than ``max_factor`` upwards (see :func:`user_cap_factor`)."""
     if k <= 0:
         return []
     batch = max(s.batch_size for s in recipe.stages)
     base = max(s.peak_lr for s in recipe.stages)
     model = EvidenceModel.from_runs(evidence, direction=direction)  # type: ignore[arg-type]
     low, high = base / SPREAD, base * SPREAD
+    if max_factor is not None and base * max_factor < high:
+        high = base * max(max_factor, 1.0)
+        low = min(low, high / SPREAD)
     cap = model.stable_cap(batch)
     if cap is not None and high >= cap:
         high = cap * (1 - 1e-9)

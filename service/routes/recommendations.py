@@ -12,7 +12,7 @@ from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut
 from largebatch.service.auth import authenticate
 from largebatch.service.deps import IDEMPOTENCY_KEY_PATTERN, Reader, check_idempotency_key, parse_json_body
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
-from largebatch.service.explore import explore_variants
+from largebatch.service.explore import explore_variants, user_cap_factor
 from largebatch.service.recipes import compute_recipe, gather_history
 from largebatch.service.routes.runs import open_run
 
@@ -97,7 +97,8 @@ async def create_recommendation(request: Request) -> Response:
                                   idempotency_key, body.environment)
         if body.explore:
             out.variants = explore_variants(recipe, evidence.runs, body.explore, study=body.study,
-                                            direction=evidence.direction)
+                                            direction=evidence.direction,
+                                            max_factor=user_cap_factor(body, recipe))
             for i, variant in enumerate(out.variants):
                 key = None if idempotency_key is None else f"{idempotency_key}:explore-{i}"
                 run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment)

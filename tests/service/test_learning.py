@@ -44,6 +44,18 @@ def test_explore_opens_one_run_per_variant_idempotently(api):
     assert c.get(f"/v1/studies/{study}").json()["n_runs"] == 4
 
 
+def test_explore_stays_at_or_below_the_users_lr_cap(api):
+    c = api.client()
+    study = new_study(c)
+    # The user knows 0.0055 to be the largest stable LR at 32K; the recipe's LR is 0.005.
+    out = RecommendationOut.model_validate(
+        c.post("/v1/recommendations", json=bert_request(study=study, explore=6, lr_cap=0.0055)).json())
+    assert out.stages[0].peak_lr == pytest.approx(0.005)
+    lrs = [v.stages[0].peak_lr for v in out.variants]
+    assert len(lrs) == 6 and all(0.005 / 2 <= x <= 0.0055 for x in lrs), lrs
+    assert all("range [0.0025, 0.0055]" in v.rationale[-1] for v in out.variants), out.variants[0].rationale[-1]
+
+
 def _request(batch: int, study: str, **extra) -> dict:
     return {"model": {"params": 10_000_000}, "study": study, "target": {"batch_size": batch},
             "reference": {"batch_size": B0, "lr": LR0, "warmup_ratio": 0.01, "steps": 100_000}, **extra}
