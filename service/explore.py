@@ -3,9 +3,9 @@
 The LRs come from Optuna's TPE sampler, asked with the batch size fixed (``PartialFixedSampler``)
 and fed the study's finished runs as its history, so a sweep concentrates where earlier runs did
 well and stays out of where they diverged. The search range is a factor of 2 either side of the
-recipe's LR, never above an LR cap the user gave, nor at or above the evidence's stability cap. The sampler is seeded from the study,
-the recipe and the amount of evidence: the same request against the same evidence gives the same
-variants.
+recipe's LR, never above an LR cap the user gave, nor at or above the evidence's stability cap. The
+sampler is seeded from the study, the recipe and the amount of evidence: the same request against
+the same evidence gives the same variants.
 """
 
 from __future__ import annotations

@@ -569,9 +569,10 @@ class LayerwiseOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         params, grads, names = self._gather()
+        clips = "max_grad_norm" in self.defaults  # LAMB only: LANS and LARS never clip
         prologue = run_prologue(
-            self._owner, params, grads, max_grad_norm=[g["max_grad_norm"] if "max_grad_norm" in self.defaults else None for g in self.param_groups],
-            nonfinite=self._check_consistent_nonfinite(), names=names,
+            self._owner, params, grads, names=names, nonfinite=self._check_consistent_nonfinite(),
+            max_grad_norm=[g["max_grad_norm"] if clips else None for g in self.param_groups],
         )
         for gi, group in enumerate(self.param_groups):
             if params[gi]:

@@ -185,8 +185,9 @@ def _count_revival(request: Request, before: str) -> None:
     responses=ERROR_RESPONSES,
     summary="Renew a running run's lease",
     description="A run whose heartbeats stop is marked `preempted` when its lease expires; a heartbeat (or "
-                "report) from its job makes it `running` again. On a run the service stopped (`diverged`, `pruned`) the answer is 200 with `should_stop: true`; on a run "
-                "that is otherwise no longer running, 409.",
+                "report) from its job makes it `running` again. On a run the service stopped (`diverged`, "
+                "`pruned`) the answer is 200 with `should_stop: true`; on a run that is otherwise no longer "
+                "running, 409.",
 )
 def heartbeat(id: RunId, principal: Writer, request: Request) -> Response:
     store: StudyStore = request.app.state.store_holder.get()

@@ -886,7 +886,8 @@ class OptunaStudyStore(StudyStore):
         return self._read(tx)
 
     def _lock_running(self, conn: Connection, run_id: int, action: str) -> Any:
-        """The run's row (locked on PostgreSQL), or NotFound / Conflict if it is not running."""
+        """The run's row (locked on PostgreSQL), revived if the sweeper preempted it; NotFound, or
+        Conflict if it finished."""
         q = (
             select(*self._RUN_COLUMNS, sch.lb_studies.c.direction)
             .join(sch.lb_studies, sch.lb_studies.c.study_id == sch.lb_runs.c.study_id)
@@ -915,7 +916,7 @@ class OptunaStudyStore(StudyStore):
                                                                          datetime_complete=None)
         )
         conn.execute(
-            delete(T_TRIAL_USER).where(T_TRIAL_USER.c.trial_id == run_id, T_TRIAL_USER.c.key.in_(("outcome", "reason")))
+            delete(T_TRIAL_USER).where(T_TRIAL_USER.c.trial_id == run_id, T_TRIAL_USER.c.key.in_(_SWEPT_ATTRS))
         )
         row.update(changes)
         return row
@@ -1142,7 +1143,8 @@ class OptunaStudyStore(StudyStore):
                     update(r)
                     .where(r.c.run_id.in_(ids), r.c.state == "running", r.c.lease_expires_at < cutoff)
                     .values(
-                        state="preempted", swept=True, reason="lease expired", updated_at=stamp, lease_expires_at=None
+                        state="preempted", swept=True, reason=_SWEPT_ATTRS["reason"], updated_at=stamp,
+                        lease_expires_at=None,
                     )
                     .returning(r.c.run_id)
                 ).scalars()
@@ -1155,7 +1157,7 @@ class OptunaStudyStore(StudyStore):
                 )
                 conn.execute(
                     delete(T_TRIAL_USER).where(
-                        T_TRIAL_USER.c.trial_id.in_(done), T_TRIAL_USER.c.key.in_(("outcome", "reason"))
+                        T_TRIAL_USER.c.trial_id.in_(done), T_TRIAL_USER.c.key.in_(_SWEPT_ATTRS)
                     )
                 )
                 conn.execute(
@@ -1163,7 +1165,7 @@ class OptunaStudyStore(StudyStore):
                     [
                         {"trial_id": t, "key": k, "value_json": json.dumps(v)}
                         for t in done
-                        for k, v in (("outcome", "preempted"), ("reason", "lease expired"))
+                        for k, v in _SWEPT_ATTRS.items()
                     ],
                 )
             return done, len(ids)
@@ -1431,6 +1433,8 @@ class OptunaStudyStore(StudyStore):
 _STUDY_CORE_ATTRS = frozenset({"namespace", "name", "model_family", "model_params", "metric"})
 _CACHE_SIZE = 4096
 _OUTCOME_ATTRS = ("outcome", "reason", "diverged_step", "stopped_step")
+# What the lease sweeper writes into a trial's user attrs (and a revival takes back out).
+_SWEPT_ATTRS = {"outcome": "preempted", "reason": "lease expired"}
 _STATE_OUTCOME = {
     TrialState.RUNNING: "running",
     TrialState.WAITING: "running",
