@@ -11,15 +11,26 @@ import json
 import math
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 Family = Literal["transformer", "cnn", "other"]
 RecipeOptimizerName = Literal["lamb", "lans", "adamw", "lars", "sgd"]
 # What a reference run may have used: anything we know how to scale from.
 ReferenceOptimizerName = Literal["lamb", "lans", "adamw", "adam", "lars", "sgd"]
 Rule = Literal["sqrt", "linear"]
-Budget = Literal["same-epochs", "same-steps"]
-DecayShape = Literal["linear", "cosine"]
+Budget = Literal["same-epochs", "same-steps", "same-loss"]
+# linear: LAMB/BERT's eta0 (1 - t/T); cosine; polynomial: power `decay_power` (2 in the LARS TPU
+# reference); step: x `decay_factor` at each of `decay_milestones` (Goyal et al.: x0.1 at 30/60/80 of 90).
+DecayShape = Literal["linear", "cosine", "polynomial", "step"]
+AdamHparams = Literal["keep", "sde"]
 
 ADAM_FAMILY = frozenset({"lamb", "lans", "adamw", "adam"})
 
@@ -32,12 +43,43 @@ def _finite_positive(name: str, value: float | None) -> float | None:
     return value
 
 
+def _check_milestones(v: list[float] | None) -> list[float] | None:
+    if v is None:
+        return v
+    if not v or len(v) > 16:
+        raise ValueError("decay_milestones must hold 1 to 16 fractions")
+    if any(not math.isfinite(m) or not 0 < m < 1 for m in v) or list(v) != sorted(set(v)):
+        raise ValueError(f"decay_milestones must be increasing fractions in (0, 1), got {v!r}")
+    return v
+
+
+def _check_factor(v: float | None) -> float | None:
+    if v is not None and (not math.isfinite(v) or not 0 < v < 1):
+        raise ValueError(f"decay_factor must be in (0, 1), got {v!r}")
+    return v
+
+
 class _Strict(BaseModel):
     # Extra keys are refused so a typo ("batchsize") is an error, not a silently ignored field.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
 
 
 StrictPosInt = Annotated[int, Field(strict=True, gt=0)]
+
+
+def _batch_or_auto(v: object) -> int | str | None:
+    if v is None or v == "auto":
+        return v  # type: ignore[return-value]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f'batch_size must be an integer > 0 or "auto", got {v!r}')
+    return v
+
+
+BatchOrAuto = Annotated[
+    int | str | None,
+    PlainValidator(_batch_or_auto),
+    WithJsonSchema({"anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"const": "auto"}, {"type": "null"}]}),
+]
 
 
 class ModelSpec(_Strict):
@@ -48,18 +90,44 @@ class ModelSpec(_Strict):
 class Reference(_Strict):
     """A training setup that is known to work at a small batch."""
 
-    batch_size: StrictPosInt
+    batch_size: StrictPosInt | None = Field(default=None, description="Batch in sequences (or give batch_tokens).")
+    batch_tokens: StrictPosInt | None = Field(
+        default=None, description="Batch in tokens instead of sequences (GPT-3 style); needs seq_len for a recipe."
+    )
+    seq_len: StrictPosInt | None = Field(default=None, description="Tokens per sequence of the reference run.")
     lr: float = Field(description="Peak learning rate of the reference run.")
     optimizer: ReferenceOptimizerName = "lamb"
     warmup_ratio: float | None = Field(default=None, description="Warmup steps / total steps.")
     warmup_steps: Annotated[int, Field(strict=True, ge=0)] | None = None
-    steps: StrictPosInt
+    steps: StrictPosInt | None = Field(
+        default=None, description="Total steps of the reference run (needed unless the target gives steps)."
+    )
     weight_decay: float | None = None
+    betas: tuple[float, float] | None = Field(default=None, description="Adam-family betas of the reference run.")
+    eps: float | None = Field(default=None, description="Optimizer epsilon of the reference run.")
+    momentum: float | None = Field(default=None, description="SGD/LARS momentum of the reference run.")
+    model_params: StrictPosInt | None = Field(
+        default=None, description="Parameters of the model the reference was measured on (default: model.params)."
+    )
+    decay: DecayShape | None = Field(default=None, description="The reference's decay shape (kept by the recipe).")
+    decay_power: float | None = None
+    decay_milestones: list[float] | None = Field(
+        default=None, description="Step decay: where the LR drops, as fractions of the run (Goyal: 30/90, 60/90, 80/90)."
+    )
+    decay_factor: float | None = None
+    noise_scale: float | None = Field(
+        default=None, description="Measured gradient noise scale B_noise, in the units of batch_size (McCandlish 2018)."
+    )
 
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
         return _finite_positive("lr", v)  # type: ignore[return-value]
+
+    @field_validator("noise_scale", "decay_power")
+    @classmethod
+    def _pos(cls, v: float | None, info) -> float | None:
+        return _finite_positive(info.field_name, v)
 
     @field_validator("warmup_ratio")
     @classmethod
@@ -75,11 +143,54 @@ class Reference(_Strict):
             raise ValueError(f"weight_decay must be a finite number >= 0, got {v!r}")
         return v
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in v):
+            raise ValueError(f"betas must each be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("eps")
+    @classmethod
+    def _eps(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {v!r}")
+        return v
+
+    @field_validator("momentum")
+    @classmethod
+    def _momentum(cls, v: float | None) -> float | None:
+        if v is not None and (not math.isfinite(v) or not 0 <= v < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {v!r}")
+        return v
+
+    @field_validator("decay_milestones")
+    @classmethod
+    def _milestones(cls, v: list[float] | None) -> list[float] | None:
+        return _check_milestones(v)
+
+    @field_validator("decay_factor")
+    @classmethod
+    def _factor(cls, v: float | None) -> float | None:
+        return _check_factor(v)
+
     @model_validator(mode="after")
     def _one_warmup(self) -> Reference:
+        if self.batch_size is None and self.batch_tokens is None:
+            raise ValueError("give batch_size (sequences) or batch_tokens")
+        if self.batch_size is not None and self.batch_tokens is not None:
+            if self.seq_len is not None and self.batch_size * self.seq_len != self.batch_tokens:
+                raise ValueError(f"batch_tokens ({self.batch_tokens}) must equal batch_size x seq_len "
+                                 f"({self.batch_size} x {self.seq_len})")
+            if self.seq_len is None:
+                self.seq_len = max(1, round(self.batch_tokens / self.batch_size))
+        if self.batch_size is None and self.seq_len is not None:
+            if self.batch_tokens % self.seq_len:  # type: ignore[operator]
+                raise ValueError(f"batch_tokens ({self.batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
+            self.batch_size = self.batch_tokens // self.seq_len  # type: ignore[operator]
         if self.warmup_ratio is not None and self.warmup_steps is not None:
             raise ValueError("give warmup_ratio or warmup_steps, not both")
-        if self.warmup_steps is not None and self.warmup_steps >= self.steps:
+        if self.warmup_steps is not None and self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
         return self
 
@@ -87,22 +198,49 @@ class Reference(_Strict):
     def ratio(self) -> float:
         if self.warmup_ratio is not None:
             return self.warmup_ratio
-        if self.warmup_steps is not None:
+        if self.warmup_steps is not None and self.steps is not None:
             return self.warmup_steps / self.steps
         return 0.0
 
+    @property
+    def tokens(self) -> int | None:
+        """Tokens per batch, where known."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens
+        if self.batch_size is not None and self.seq_len is not None:
+            return self.batch_size * self.seq_len
+        return None
+
 
 class Target(_Strict):
-    batch_size: StrictPosInt
+    batch_size: BatchOrAuto = Field(
+        default=None, description='Target batch in sequences, or "auto" (near the measured noise scale).'
+    )
+    batch_tokens: StrictPosInt | None = Field(default=None, description="Target batch in tokens instead.")
+    seq_len: StrictPosInt | None = Field(default=None, description="Tokens per sequence (default: the reference's).")
     steps: StrictPosInt | None = Field(
         default=None, description="Explicit step budget; overrides `budget` (LANS trained 3519 steps at 96K)."
     )
+    min_batch_size: StrictPosInt | None = Field(default=None, description='Lower device limit for "auto".')
+    max_batch_size: StrictPosInt | None = Field(default=None, description='Upper device limit for "auto".')
+
+    @model_validator(mode="after")
+    def _one_batch(self) -> Target:
+        if self.batch_size is None and self.batch_tokens is None:
+            raise ValueError("give batch_size (sequences, or \"auto\") or batch_tokens")
+        if self.batch_size is not None and self.batch_tokens is not None:
+            raise ValueError("give batch_size or batch_tokens, not both")
+        if (self.min_batch_size is not None and self.max_batch_size is not None
+                and self.min_batch_size > self.max_batch_size):
+            raise ValueError(f"min_batch_size ({self.min_batch_size}) must be <= max_batch_size ({self.max_batch_size})")
+        return self
 
 
 class StageRequest(_Strict):
     """One stage of a multi-stage (mixed-batch) run, e.g. BERT's seq-128 then seq-512 phases."""
 
-    batch_size: StrictPosInt
+    batch_size: StrictPosInt | None = None
+    batch_tokens: StrictPosInt | None = Field(default=None, description="The stage's batch in tokens instead.")
     share: float | None = Field(default=None, description="Fraction of the reference steps this stage covers.")
     seq_len: StrictPosInt | None = None
     reference: Reference | None = None
@@ -128,6 +266,14 @@ class StageRequest(_Strict):
     def _positive(cls, v: float | None, info) -> float | None:
         return _finite_positive(info.field_name, v)
 
+    @model_validator(mode="after")
+    def _one_batch(self) -> StageRequest:
+        if self.batch_size is None and self.batch_tokens is None:
+            raise ValueError("give batch_size (sequences) or batch_tokens")
+        if self.batch_size is not None and self.batch_tokens is not None:
+            raise ValueError("give batch_size or batch_tokens, not both")
+        return self
+
 
 class RecommendationRequest(_Strict):
     model: ModelSpec
@@ -139,13 +285,33 @@ class RecommendationRequest(_Strict):
     optimizer: RecipeOptimizerName | None = None
     stages: list[StageRequest] | None = None
     plateau_ratio: float | None = None
-    decay: DecayShape = "linear"
+    decay: DecayShape | None = Field(
+        default=None, description="Decay shape; default: the reference's, else the new optimizer's prior's, else linear."
+    )
+    decay_power: float | None = Field(default=None, description="Power of the polynomial decay (default 2).")
+    decay_milestones: list[float] | None = Field(
+        default=None, description="Step decay: fractions of the stage where the LR drops (default 30/90, 60/90, 80/90)."
+    )
+    decay_factor: float | None = Field(default=None, description="Step decay: the factor at each milestone (0.1).")
     end_lr: float = 0.0
+    adam_hparams: AdamHparams = Field(
+        default="keep", description='"keep" the reference betas/eps, or "sde": Malladi et al. 2022 scaling.'
+    )
 
-    @field_validator("lr_cap")
+    @field_validator("lr_cap", "decay_power")
     @classmethod
-    def _cap(cls, v: float | None) -> float | None:
-        return _finite_positive("lr_cap", v)
+    def _cap(cls, v: float | None, info) -> float | None:
+        return _finite_positive(info.field_name, v)
+
+    @field_validator("decay_milestones")
+    @classmethod
+    def _milestones(cls, v: list[float] | None) -> list[float] | None:
+        return _check_milestones(v)
+
+    @field_validator("decay_factor")
+    @classmethod
+    def _factor(cls, v: float | None) -> float | None:
+        return _check_factor(v)
 
     @field_validator("plateau_ratio")
     @classmethod
@@ -214,9 +380,17 @@ class Stage(BaseModel):
     const_ratio: float
     decay: DecayShape = "linear"
     end_lr: float = 0.0
+    decay_power: float | None = None
+    decay_milestones: list[float] | None = None
+    decay_factor: float | None = None
     seq_len: int | None = None
+    batch_tokens: int | None = None
     ideal_lr: float | None = Field(default=None, description="The scaled LR before any cap.")
     lr_cap: float | None = None
+    examples_ratio: float | None = Field(
+        default=None, description="Predicted examples to reach the reference loss, target/reference (McCandlish eq. 2.11)."
+    )
+    steps_ratio: float | None = Field(default=None, description="Predicted steps, target/reference (McCandlish).")
 
     @model_validator(mode="after")
     def _phases_add_up(self) -> Stage:

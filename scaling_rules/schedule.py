@@ -25,7 +25,29 @@ import numpy as np
 
 from .models import Recipe, Stage
 
-__all__ = ["lr_at", "lr_curve", "schedule_area", "stage_boundaries", "stage_lr"]
+__all__ = ["lr_at", "lr_curve", "schedule_area", "stage_area", "stage_boundaries", "stage_lr"]
+
+
+# Goyal et al. 2017: x0.1 at epochs 30, 60 and 80 of 90.
+DEFAULT_MILESTONES = (30 / 90, 60 / 90, 80 / 90)
+DEFAULT_DECAY_FACTOR = 0.1
+# The LARS TPU reference decays with power 2 (tf.train.polynomial_decay(..., power=2.0)).
+DEFAULT_DECAY_POWER = 2.0
+
+
+def _milestone_steps(stage: Stage) -> list[int]:
+    """Stage-local step counts t (1-based) after which each drop of a step decay applies."""
+    ms = stage.decay_milestones or DEFAULT_MILESTONES
+    return [math.floor(m * stage.steps + 1e-9) for m in ms]
+
+
+def _decay_frac(stage: Stage, frac: float) -> float:
+    """The decay shape at ``frac`` (1 at the start of the decay, 0 at its end), as a fraction of the peak."""
+    if stage.decay == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * frac))
+    if stage.decay == "polynomial":
+        return frac ** (stage.decay_power or DEFAULT_DECAY_POWER)
+    return frac
 
 
 def stage_lr(stage: Stage, local_step: int) -> float:
@@ -41,10 +63,12 @@ def stage_lr(stage: Stage, local_step: int) -> float:
     plateau_end = stage.warmup_steps + stage.const_steps
     if t <= plateau_end:
         return eta
+    if stage.decay == "step":
+        factor = stage.decay_factor or DEFAULT_DECAY_FACTOR
+        drops = sum(1 for m in _milestone_steps(stage) if t > m)
+        return max(stage.end_lr, eta * factor**drops)
     frac = (stage.steps - t) / (stage.steps - plateau_end)  # 1 -> 0 across the decay
-    if stage.decay == "cosine":
-        frac = 0.5 * (1.0 - math.cos(math.pi * frac))
-    return stage.end_lr + (eta - stage.end_lr) * frac
+    return stage.end_lr + (eta - stage.end_lr) * _decay_frac(stage, frac)
 
 
 def stage_boundaries(recipe: Recipe) -> list[int]:
@@ -75,10 +99,19 @@ def _stage_curve(stage: Stage, local: np.ndarray) -> np.ndarray:
         out[warm] = eta * t[warm] / wu
     dec = (t > plateau_end) & (t <= total)
     if total > plateau_end:
-        frac = (total - t[dec]) / (total - plateau_end)
-        if stage.decay == "cosine":
-            frac = 0.5 * (1.0 - np.cos(np.pi * frac))
-        out[dec] = end + (eta - end) * frac
+        if stage.decay == "step":
+            factor = stage.decay_factor or DEFAULT_DECAY_FACTOR
+            drops = np.zeros(t.shape)
+            for m in _milestone_steps(stage):
+                drops += t > m
+            out[dec] = np.maximum(end, eta * factor ** drops[dec])
+        else:
+            frac = (total - t[dec]) / (total - plateau_end)
+            if stage.decay == "cosine":
+                frac = 0.5 * (1.0 - np.cos(np.pi * frac))
+            elif stage.decay == "polynomial":
+                frac = frac ** (stage.decay_power or DEFAULT_DECAY_POWER)
+            out[dec] = end + (eta - end) * frac
     out[t > total] = end
     return out
 
@@ -101,10 +134,52 @@ def lr_curve(recipe: Recipe, steps: Sequence[int] | np.ndarray | None = None) ->
     return out
 
 
+# Below this many decay steps a power decay is summed term by term (exact); above, by Euler-Maclaurin.
+_EXACT_SUM_LIMIT = 4096
+
+
+def _power_sum(d: int, p: float) -> float:
+    """sum_{j=0}^{d-1} (j/d)^p: the decay part of the area, O(1) for any d."""
+    if p == 1:
+        return (d - 1) / 2
+    if d <= _EXACT_SUM_LIMIT:
+        return math.fsum((j / d) ** p for j in range(d))
+    # Euler-Maclaurin on f(x) = (x/d)^p over [0, d], minus f(d) since j stops at d - 1.
+    # (f(0) - f(d)) / 2 = -1/2, and (f'(d) - f'(0)) / 12 = p / (12 d) for p >= 1; for p < 1 the
+    # dropped zeta(-p) term is below 1e-4 of the sum at these d.
+    return d / (p + 1) - 0.5 + p / (12 * d)
+
+
+def stage_area(stage: Stage) -> float:
+    """Sum of one stage's LR over its steps, in closed form (O(1), whatever the step count).
+
+    Warmup t = 1..W gives eta (W + 1) / 2; the plateau eta C; a linear (or cosine) decay over D steps
+    end D + (eta - end) (D - 1) / 2, since sum_{j<D} j/D = (D - 1)/2 and the cosine terms cancel.
+    """
+    eta, end = stage.peak_lr, stage.end_lr
+    w, c = stage.warmup_steps, stage.const_steps
+    d = stage.steps - w - c
+    area = eta * (w + 1) / 2 if w else 0.0
+    area += eta * c
+    if d <= 0:
+        return area
+    if stage.decay == "step":
+        factor = stage.decay_factor or DEFAULT_DECAY_FACTOR
+        lo = w + c  # decay covers t in (lo, steps]
+        bounds = [lo] + [min(max(m, lo), stage.steps) for m in _milestone_steps(stage)] + [stage.steps]
+        for i in range(len(bounds) - 1):
+            n = bounds[i + 1] - bounds[i]
+            if n > 0:
+                area += n * max(end, eta * factor**i)
+        return area
+    if stage.decay == "polynomial":
+        shape = _power_sum(d, stage.decay_power or DEFAULT_DECAY_POWER)
+    else:
+        shape = (d - 1) / 2
+    return area + end * d + (eta - end) * shape
+
+
 def schedule_area(recipe_or_stage: Recipe | Stage) -> float:
-    """Sum of the LR over every step: the "area under the LR curve" of LANS section 3.3."""
-    if isinstance(recipe_or_stage, Stage):
-        recipe_or_stage = Recipe.model_construct(
-            optimizer=None, stages=[recipe_or_stage], total_steps=recipe_or_stage.steps
-        )
-    return float(math.fsum(lr_curve(recipe_or_stage)))
+    """Sum of the LR over every step: the "area under the LR curve" of LANS section 3.3 (closed form)."""
+    stages = [recipe_or_stage] if isinstance(recipe_or_stage, Stage) else recipe_or_stage.stages
+    return math.fsum(stage_area(s) for s in stages)

@@ -20,11 +20,17 @@ def test_adamw_kept_below_16k_and_replaced_beyond():
     assert big.optimizer.name == "lamb"
     assert any("Table 8" in r for r in big.rationale)
     assert any("tuned for AdamW" in w for w in big.warnings)
-    # 1e-4 x sqrt(64) = 8e-4 is above AdamW's cap prior (3.3e-4 at 340M): the cap binds -> LANS.
-    capped = _one(16384, reference=ADAMW_REF)
-    assert capped.optimizer.name == "lans" and capped.stages[0].const_steps > 0
-    # Capped at a batch where AdamW still works: AdamW stays, with LANS's constant phase.
-    assert _one(8192, reference=ADAMW_REF).optimizer.name == "adamw"
+    # Issue #10: the switch re-anchors on LAMB's own prior (LAMB Table 4: 5/(2^0.5 x 10^3) at 16K); the
+    # AdamW LR in LAMB's units (1e-4 x sqrt(64) = 8e-4, capped and so LANS) was the old wrong answer.
+    switched = _one(16384, reference=ADAMW_REF)
+    assert switched.optimizer.name == "lamb"
+    assert switched.stages[0].peak_lr == pytest.approx(5 / (2**0.5 * 1e3))
+    assert any("re-anchored" in r for r in switched.rationale)
+    # Capped at a batch where AdamW still works: AdamW stays, below LAMB Table 8's divergence (3e-4
+    # at 16K), with LANS's constant phase.
+    kept = _one(8192, reference=ADAMW_REF)
+    assert kept.optimizer.name == "adamw"
+    assert kept.stages[0].peak_lr == pytest.approx(0.8 * 3e-4) and kept.stages[0].const_steps > 0
 
 
 def test_forced_adamw_at_32k_warns():
