@@ -47,6 +47,20 @@ def _params(text: str) -> int:
     return parse_count(text, binary_k=False)
 
 
+def _batch_or_auto(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else parse_count(text)
+
+
+def _betas(text: str) -> list[float]:
+    try:
+        parts = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not two numbers: {text!r} (use e.g. 0.9,0.95)") from None
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"not two numbers: {text!r} (use e.g. 0.9,0.95)")
+    return parts
+
+
 def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="compute a large-batch recipe from a reference setup",
                        description="Compute a large-batch recipe. Flags cover the single-stage case; "
@@ -60,10 +74,23 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-warmup", type=float, help="reference warmup ratio, e.g. 0.003125")
     p.add_argument("--ref-warmup-steps", type=parse_count, help="reference warmup steps (instead of a ratio)")
     p.add_argument("--ref-steps", type=parse_count, help="reference total steps, e.g. 1M")
-    p.add_argument("--target-batch", type=parse_count, help="target batch size, e.g. 32K")
+    p.add_argument("--ref-batch-tokens", type=parse_count, help="reference batch in tokens (instead of --ref-batch)")
+    p.add_argument("--ref-seq-len", type=parse_count, help="reference sequence length in tokens")
+    p.add_argument("--ref-model-params", type=_params, help="size of the model the reference ran on (default: this one)")
+    p.add_argument("--ref-betas", type=_betas, help="reference Adam betas, e.g. 0.9,0.95 (kept by the recipe)")
+    p.add_argument("--ref-eps", type=float, help="reference optimizer epsilon (kept by the recipe)")
+    p.add_argument("--ref-weight-decay", type=float, help="reference weight decay (kept by the recipe)")
+    p.add_argument("--ref-decay", choices=["linear", "cosine", "polynomial", "step"], help="reference decay shape")
+    p.add_argument("--noise-scale", type=float, help="measured gradient noise scale B_noise (in sequences)")
+    p.add_argument("--target-batch", type=_batch_or_auto, help="target batch size, e.g. 32K, or 'auto' (needs "
+                   "--noise-scale)")
+    p.add_argument("--target-batch-tokens", type=parse_count, help="target batch in tokens (instead of --target-batch)")
+    p.add_argument("--seq-len", type=parse_count, help="target sequence length (default: the reference's)")
+    p.add_argument("--adam-hparams", choices=["keep", "sde"], help="keep the reference betas/eps (default) or apply "
+                   "the SDE rule (Malladi et al. 2022)")
     p.add_argument("--target-steps", type=parse_count, help="explicit step budget at the target batch")
     p.add_argument("--rule", choices=["sqrt", "linear"])
-    p.add_argument("--budget", choices=["same-epochs", "same-steps"], default="same-epochs")
+    p.add_argument("--budget", choices=["same-epochs", "same-steps", "same-loss"], default="same-epochs")
     p.add_argument("--lr-cap", type=float, help="largest stable LR, if known")
     p.add_argument("--optimizer", choices=["lamb", "lans", "adamw", "lars", "sgd"], help="force an optimizer")
     p.add_argument("--json", action="store_true", help="print the recipe as JSON")
@@ -78,23 +105,33 @@ def _request_from_args(args: argparse.Namespace) -> dict:
             return json.loads(text)
         except json.JSONDecodeError as e:
             raise CLIError(f"--request: not valid JSON: {e}") from None
-    missing = [flag for flag, v in [("--model-params", args.model_params), ("--ref-batch", args.ref_batch),
-                                    ("--ref-lr", args.ref_lr), ("--ref-steps", args.ref_steps),
-                                    ("--target-batch", args.target_batch)] if v is None]
+    def either(a, b):
+        return a if a is not None else b
+
+    missing = [flag for flag, v in [("--model-params", args.model_params),
+                                    ("--ref-batch", either(args.ref_batch, args.ref_batch_tokens)),
+                                    ("--ref-lr", args.ref_lr), ("--ref-steps", either(args.ref_steps, args.target_steps)),
+                                    ("--target-batch", either(args.target_batch, args.target_batch_tokens))]
+               if v is None]
     if missing:
         raise CLIError(f"missing {', '.join(missing)} (or give --request FILE.json)")
-    ref: dict = {"batch_size": args.ref_batch, "lr": args.ref_lr, "optimizer": args.ref_optimizer,
-                 "steps": args.ref_steps}
-    if args.ref_warmup is not None:
-        ref["warmup_ratio"] = args.ref_warmup
-    if args.ref_warmup_steps is not None:
-        ref["warmup_steps"] = args.ref_warmup_steps
-    target: dict = {"batch_size": args.target_batch}
-    if args.target_steps is not None:
-        target["steps"] = args.target_steps
+    ref: dict = {"lr": args.ref_lr, "optimizer": args.ref_optimizer}
+    for key, value in [("batch_size", args.ref_batch), ("batch_tokens", args.ref_batch_tokens),
+                       ("seq_len", args.ref_seq_len), ("steps", args.ref_steps),
+                       ("warmup_ratio", args.ref_warmup), ("warmup_steps", args.ref_warmup_steps),
+                       ("model_params", args.ref_model_params), ("betas", args.ref_betas), ("eps", args.ref_eps),
+                       ("weight_decay", args.ref_weight_decay), ("decay", args.ref_decay),
+                       ("noise_scale", args.noise_scale)]:
+        if value is not None:
+            ref[key] = value
+    target: dict = {}
+    for key, value in [("batch_size", args.target_batch), ("batch_tokens", args.target_batch_tokens),
+                       ("seq_len", args.seq_len), ("steps", args.target_steps)]:
+        if value is not None:
+            target[key] = value
     req: dict = {"model": {"params": args.model_params, "family": args.family}, "reference": ref,
                  "target": target, "budget": args.budget}
-    for key in ("rule", "lr_cap", "optimizer"):
+    for key in ("rule", "lr_cap", "optimizer", "adam_hparams"):
         if getattr(args, key) is not None:
             req[key] = getattr(args, key)
     return req
