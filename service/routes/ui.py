@@ -13,7 +13,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -22,14 +21,14 @@ __all__ = ["BEARER_SCHEME", "install"]
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 EXPLORER_DIR = STATIC_DIR / "explorer"
 BEARER_SCHEME = "APIKey"
-_PUBLIC_PREFIXES = ("/v1/",)
+_KEYED_PREFIXES = ("/v1/",)  # operations that take a key; the probes (/healthz, /readyz, /metrics) do not
 
 # The pages load nothing from elsewhere, and the browser is told so: ReDoc's bundle would otherwise
 # fetch a decorative logo from its vendor's CDN. Swagger UI and ReDoc start from an inline script, and
 # ReDoc runs its search in a blob: worker; the explorer needs neither.
 _CSP_DOCS = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
              "img-src 'self' data:; font-src 'self' data:; worker-src 'self' blob:; connect-src 'self'")
-_CSP_EXPLORER = "default-src 'self'; img-src 'self' data:; connect-src 'self'"  # operations that take a key; the probes (/healthz, /readyz, /metrics) do not
+_CSP_EXPLORER = "default-src 'self'; img-src 'self' data:; connect-src 'self'"
 
 
 def _docs_assets_dir() -> Path:
@@ -38,30 +37,33 @@ def _docs_assets_dir() -> Path:
     return Path(fastapi_offline.__file__).resolve().parent / "static"
 
 
-def _with_security(app: FastAPI) -> dict[str, Any]:
-    """The generated OpenAPI plus the bearer scheme, so /docs has an Authorize button for API keys.
+def _add_bearer_scheme(schema: dict[str, Any]) -> None:
+    """The bearer scheme, so /docs has an Authorize button for API keys.
 
     Each /v1 operation lists the key as one option and, because open mode serves requests without
     one, an empty requirement as the other."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
-            "type": "http", "scheme": "bearer",
-            "description": "An API key (`largebatch keys create`), sent as `Authorization: Bearer <key>`. "
-                           "A service in open mode also answers without one.",
-        }
-        for path, item in schema.get("paths", {}).items():
-            if path.startswith(_PUBLIC_PREFIXES):
-                for op in item.values():
-                    if isinstance(op, dict):
-                        op["security"] = [{BEARER_SCHEME: []}, {}]
-        app.openapi_schema = schema
-    return app.openapi_schema
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+        "type": "http", "scheme": "bearer",
+        "description": "An API key (`largebatch keys create`), sent as `Authorization: Bearer <key>`. "
+                       "A service in open mode also answers without one.",
+    }
+    for path, item in schema.get("paths", {}).items():
+        if path.startswith(_KEYED_PREFIXES):
+            for op in item.values():
+                if isinstance(op, dict):
+                    op["security"] = [{BEARER_SCHEME: []}, {}]
 
 
 def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc") -> None:
     """Mount the explorer and the offline docs on ``app`` (created with ``docs_url=None, redoc_url=None``)."""
-    app.openapi = lambda: _with_security(app)  # type: ignore[method-assign]
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _add_bearer_scheme(generate())  # FastAPI's own schema, cached on the app: amended once
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount("/docs-assets", StaticFiles(directory=_docs_assets_dir()), name="docs-assets")
     openapi_url = app.openapi_url or "/openapi.json"

@@ -218,9 +218,13 @@ export class Chart {
       dot.setAttribute("cx", px); dot.setAttribute("cy", py); dot.setAttribute("stroke", best.s.color);
       dot.setAttribute("visibility", "visible");
       const o = this.opts;
-      tip.innerHTML = `<b></b><br>${o.xLabel || "x"}: ${fmt(x)}<br>${o.yLabel || "y"}: ${fmt(y)}${label ? "<br><i></i>" : ""}`;
-      tip.querySelector("b").textContent = best.s.name;
-      if (label) tip.querySelector("i").textContent = label;
+      const lines = [[best.s.name, "b"], [`${o.xLabel || "x"}: ${fmt(x)}`], [`${o.yLabel || "y"}: ${fmt(y)}`]];
+      if (label) lines.push([label, "i"]);
+      tip.replaceChildren(...lines.map(([text, tag = "div"]) => {
+        const line = document.createElement(tag);
+        line.textContent = text;
+        return line;
+      }));
       tip.hidden = false;
       tip.style.left = `${Math.min(px + 12, width - 180)}px`;
       tip.style.top = `${Math.max(py - 10, 0)}px`;
