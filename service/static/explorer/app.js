@@ -238,10 +238,12 @@ function renderEvidence(ev) {
       .map((r) => [r.lr, r.metric, `run ${r.run_id}`]),
   })).filter((s) => s.points.length);
   const diverged = ev.runs.filter((r) => r.outcome === "diverged");
-  const top = done.length ? Math.max(...done.map((r) => r.metric)) : 1;
+  // A diverged run has no metric: mark its LR at the worst end of the axis.
+  const metrics = done.map((r) => r.metric);
+  const worst = !metrics.length ? 1 : ev.direction === "maximize" ? Math.min(...metrics) : Math.max(...metrics);
   if (diverged.length) {
     metricSeries.push({ name: "diverged", color: "#c0392b", kind: "points", marker: "cross",
-      points: diverged.map((r) => [r.lr, top, `run ${r.run_id}, batch ${r.batch_size}`]) });
+      points: diverged.map((r) => [r.lr, worst, `run ${r.run_id}, batch ${r.batch_size}: diverged`]) });
   }
   chart("#metric-chart", { xLabel: "peak LR", yLabel: ev.metric, xLog: true, height: 260, series: metricSeries });
 
