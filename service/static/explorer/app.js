@@ -7,6 +7,7 @@ import { Chart, fmt } from "./chart.js";
 const KEY_STORE = "largebatch.apiKey";
 const REFRESH_MS = 3000;
 const MAX_CURVES = 12; // loss curves drawn at once: the newest runs
+const MAX_POINTS = 2000; // per curve: more does not show on a screen, and slows the redraws
 const COLORS = ["#2f6fdb", "#d9480f", "#2f855a", "#9c36b5", "#c2255c", "#0c8599", "#e67700", "#5c7cfa",
   "#37b24d", "#f03e3e", "#1098ad", "#7048e8"];
 
@@ -316,6 +317,15 @@ async function fetchCurve(run) {
   return have;
 }
 
+// Every k-th point, and always the last (where a diverged run ends).
+function thin(points, max) {
+  if (points.length <= max) return points;
+  const k = Math.ceil(points.length / max);
+  const out = points.filter((_, i) => i % k === 0);
+  if ((points.length - 1) % k) out.push(points[points.length - 1]);
+  return out;
+}
+
 // A diverged run's loss explodes by orders of magnitude: scale the chart to the others' losses and let
 // the explosion run off the top, where it still reads as one.
 function robustTop(curves) {
@@ -338,7 +348,7 @@ async function renderCurves(runs) {
     color: COLORS[i % COLORS.length], kind: "line",
     width: state.selectedRun === r.id ? 3.5 : 1.8,
     hidden: state.selectedRun !== null && state.selectedRun !== r.id,
-    points: curves[i].points,
+    points: thin(curves[i].points, MAX_POINTS),
   }));
   const lossChart = state.charts["#loss-chart"];
   if (lossChart && lossChart.focus !== state.selectedRun) {
