@@ -12,4 +12,7 @@ for name, folder in FOLDERS.items():
         packages.append(f"largebatch.{name}.{sub}")
         package_dir[f"largebatch.{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir)
+# The recipe explorer's page and scripts (served at /) are files, not modules: ship them explicitly.
+package_data = {"largebatch.service": ["static/*", "static/*/*"]}
+
+setup(packages=packages, package_dir=package_dir, package_data=package_data)

@@ -81,7 +81,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None, *, store: StudyStore | None = None) -> FastAPI:
     """Build the app. ``store``: use this store (tests, embedding) instead of opening ``settings.store_url``;
     the caller keeps ownership of it (it is not closed on shutdown)."""
-    from largebatch.service.routes import health, recommendations, runs, studies
+    from largebatch.service.routes import health, recommendations, runs, studies, ui, views
 
     settings = settings or Settings()
     holder = StoreHolder(settings, store)
@@ -97,6 +97,8 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
         description=DESCRIPTION,
         lifespan=_lifespan,
         middleware=middleware,
+        docs_url=None,  # ui.install serves both from the package: no CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store_holder = holder
@@ -108,7 +110,9 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     app.include_router(recommendations.router)
     app.include_router(studies.router)
     app.include_router(runs.router)
+    app.include_router(views.router)
     app.include_router(health.router)
+    ui.install(app)
     return app
 
 

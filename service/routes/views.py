@@ -1,0 +1,190 @@
+"""Read-only views for people (the recipe explorer page, notebooks): a run's reported losses, the
+evidence a study's recipes are fitted on, and a recipe's LR schedule as points to draw.
+
+Nothing here writes; each view answers from what the store already holds, within the caller's namespace.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from largebatch.scaling_rules import priors
+from largebatch.scaling_rules.evidence import Direction, Outcome
+from largebatch.scaling_rules.learning import EvidenceModel
+from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.schedule import lr_curve, stage_boundaries
+from largebatch.scaling_rules.wire import NAME_PATTERN
+from largebatch.service.convert import MAX_BIGINT, MAX_INT, check_recipe
+from largebatch.service.deps import Reader
+from largebatch.service.errors import ERROR_RESPONSES
+from largebatch.service.recipes import EVIDENCE_LIMIT, FAMILY_BAND
+from largebatch.service.storage.base import NotFound, StudyStore
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/v1", tags=["views"])
+
+StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
+RunId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Run id (unique across studies)")]
+_JSON = "application/json"
+
+
+class ReportPoint(BaseModel):
+    step: int
+    loss: float | None = Field(description="null when the reported loss was NaN or infinite (JSON has neither)")
+    grad_norm: float | None = None
+    finite: bool = Field(description="false when the reported loss was NaN or infinite")
+
+
+class ReportPage(BaseModel):
+    run_id: int
+    items: list[ReportPoint]
+    total: int
+    limit: int
+    offset: int
+
+
+class EvidenceRun(BaseModel):
+    run_id: int | None
+    batch_size: int
+    lr: float
+    outcome: Outcome
+    metric: float | None = None
+
+
+class Fit(BaseModel):
+    exponent: float = Field(description="a in LR* ~ batch^a")
+    exponent_sd: float
+    log_c: float = Field(description="ln LR*(B) = log_c + exponent * ln B")
+    n_runs: int
+    batch_sizes: list[int]
+    data_weight: float = Field(description="0: the paper's sqrt prior alone, 1: the runs alone")
+
+
+class LrPoint(BaseModel):
+    batch_size: int
+    lr: float
+
+
+class Boundary(BaseModel):
+    batch_size: int
+    diverged_lr: float = Field(description="The smallest LR that diverged at this batch size or a smaller one")
+    cap: float = Field(description="The LR recipes stay under at this batch size (margin x diverged_lr)")
+
+
+class StudyEvidence(BaseModel):
+    study: str
+    metric: str
+    direction: Direction
+    runs: list[EvidenceRun] = Field(description="Finished runs (completed or diverged) the fit reads, newest first")
+    fit: Fit | None = Field(description="The fitted LR-vs-batch curve; null while the runs show no U shape")
+    optimum: list[LrPoint] = Field(description="The fitted optimum LR at each batch size with evidence "
+                                               "(and at `batch_size` when given)")
+    boundary: list[Boundary] = Field(description="The divergence boundary, per batch size with evidence")
+    conflicts: list[str]
+
+
+class SchedulePoints(BaseModel):
+    steps: list[int]
+    lr: list[float]
+    stage_starts: list[int]
+    total_steps: int
+
+
+def _store(request: Request) -> StudyStore:
+    return request.app.state.store_holder.get()
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+@router.get("/runs/{id}/reports", response_model=ReportPage, responses=ERROR_RESPONSES,
+            summary="A run's reported losses, by step (paged)")
+def list_reports(
+    id: RunId,
+    principal: Reader,
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+) -> Response:
+    store = _store(request)
+    run = store.get_run(id)
+    if run.namespace != principal.namespace:  # another namespace's run does not exist for this caller
+        raise NotFound(f"run {id} not found")
+    reports = store.reports(id)
+    items = [ReportPoint(step=r.step, loss=_finite(r.loss), grad_norm=_finite(r.grad_norm), finite=math.isfinite(r.loss))
+             for r in reports[offset:offset + limit]]
+    page = ReportPage(run_id=id, items=items, total=len(reports), limit=limit, offset=offset)
+    return Response(page.model_dump_json(), media_type=_JSON)
+
+
+@router.get("/studies/{name}/evidence", response_model=StudyEvidence, responses=ERROR_RESPONSES,
+            summary="What a study's recipes are fitted on: its finished runs, the fitted optimum, the "
+                    "divergence boundary",
+            description="The same runs and fit `POST /v1/recommendations` with this `study` uses. With "
+                        "`family=true`, the runs of the same family's studies within 2x the model size are "
+                        "added (as `use_family_evidence` does).")
+def study_evidence(
+    name: StudyName,
+    principal: Reader,
+    request: Request,
+    batch_size: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Also give the optimum here")] = None,
+    family: Annotated[bool, Query(description="Add the family's evidence")] = False,
+) -> Response:
+    store = _store(request)
+    study = store.get_study(principal.namespace, name)
+    p = study.model_params
+    band = ((study.model_family, int(p / FAMILY_BAND), min(int(p * FAMILY_BAND), MAX_BIGINT)) if family
+            else None)
+    runs = store.evidence(principal.namespace, name, limit=EVIDENCE_LIMIT, family_band=band)
+    model = EvidenceModel.from_runs(runs, direction=study.direction)
+    batches = sorted({r.batch_size for r in runs} | ({batch_size} if batch_size else set()))
+    fit = None
+    optimum: list[LrPoint] = []
+    if model.fit is not None:
+        f = model.fit
+        fit = Fit(exponent=f.exponent, exponent_sd=f.exponent_sd, log_c=f.log_c, n_runs=f.n_runs,
+                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight)
+        optimum = [LrPoint(batch_size=b, lr=f.optimum(b)) for b in batches if math.isfinite(f.optimum(b))]
+    boundary = []
+    for b in batches:
+        worst = model.min_diverged_at_or_below(b)
+        if worst is not None:
+            boundary.append(Boundary(batch_size=b, diverged_lr=worst.lr, cap=priors.DIVERGENCE_MARGIN * worst.lr))
+    out = StudyEvidence(
+        study=study.name, metric=study.metric, direction=study.direction,
+        runs=[EvidenceRun(run_id=r.run_id, batch_size=r.batch_size, lr=r.lr, outcome=r.outcome,
+                          metric=_finite(r.metric)) for r in runs],
+        fit=fit, optimum=optimum, boundary=boundary, conflicts=model.conflicts,
+    )
+    return Response(out.model_dump_json(), media_type=_JSON)
+
+
+@router.post("/schedule", response_model=SchedulePoints, responses=ERROR_RESPONSES,
+             summary="A recipe's LR schedule as points to draw",
+             description="Body: a recipe (as `POST /v1/recommendations` returns it). The answer samples the "
+                         "schedule at `points` evenly spaced steps plus every phase boundary, so a chart drawn "
+                         "through them is exact for linear phases.")
+def schedule_points(
+    body: Recipe,
+    principal: Reader,
+    points: Annotated[int, Query(ge=2, le=5000, description="Evenly spaced samples")] = 400,
+) -> Response:
+    recipe = check_recipe(body, ["body"])
+    total = sum(s.steps for s in recipe.stages)
+    steps = {0, total - 1}
+    steps.update(round(i * (total - 1) / (points - 1)) for i in range(points))
+    for start, s in zip(stage_boundaries(recipe), recipe.stages, strict=True):
+        # The phase edges, each seen from both sides: the LR jumps where a stage re-warms from zero.
+        for edge in (start, start + s.warmup_steps, start + s.warmup_steps + s.const_steps, start + s.steps):
+            steps.update(x for x in (edge - 1, edge) if 0 <= x < total)
+    ordered = sorted(steps)
+    lrs = lr_curve(recipe, ordered)
+    out = SchedulePoints(steps=ordered, lr=[float(x) for x in lrs], stage_starts=stage_boundaries(recipe),
+                         total_steps=total)
+    return Response(out.model_dump_json(), media_type=_JSON)
