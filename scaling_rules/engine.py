@@ -99,7 +99,7 @@ def examples_ratio(batch: float, ref_batch: float, noise_scale: float) -> float:
 def auto_batch_size(noise_scale: float, lo: int | None = None, hi: int | None = None) -> int:
     """The power of two nearest B_noise (where steps and examples are both 2x their minimum),
     within the device limits."""
-    b = 2 ** round(math.log2(max(noise_scale, 1.0)))
+    b = min(2 ** round(math.log2(max(noise_scale, 1.0))), 2**30)
     if hi is not None:
         b = min(b, hi)
     if lo is not None:

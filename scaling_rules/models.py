@@ -35,11 +35,19 @@ AdamHparams = Literal["keep", "sde"]
 ADAM_FAMILY = frozenset({"lamb", "lans", "adamw", "adam"})
 
 
-def _finite_positive(name: str, value: float | None) -> float | None:
+def _finite_positive(name: str, value: float | None, hi: float = 1e12) -> float | None:
     if value is None:
         return value
-    if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if isinstance(value, bool) or not math.isfinite(value) or value <= 0 or value > hi:
+        raise ValueError(f"{name} must be a finite number in (0, {hi:g}], got {value!r}")
+    return value
+
+
+def _lr_value(name: str, value: float | None) -> float | None:
+    if value is None:
+        return value
+    if isinstance(value, bool) or not math.isfinite(value) or not MIN_LR <= value <= MAX_LR:
+        raise ValueError(f"{name} must be a finite number in [{MIN_LR:g}, {MAX_LR:g}], got {value!r}")
     return value
 
 
@@ -64,14 +72,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=True)
 
 
-StrictPosInt = Annotated[int, Field(strict=True, gt=0)]
+# Limits, enforced at parse time (422): nobody trains past them, and every backend stores them.
+MAX_COUNT = 2**31 - 1  # batch sizes, tokens, sequence lengths, steps: 32-bit columns
+MAX_PARAMS = 10**15  # parameters: 1,000x the largest model trained so far
+MAX_LR = 1e4  # LRs: the largest published (LARS TPU) is 41
+MIN_LR = 1e-12
+MAX_STAGES = 64
+StrictPosInt = Annotated[int, Field(strict=True, gt=0, le=MAX_COUNT)]
+# Numbers must be JSON numbers: not true/false, not "512".
+StrictNum = Annotated[float, Field(strict=True)]
 
 
 def _batch_or_auto(v: object) -> int | str | None:
     if v is None or v == "auto":
         return v  # type: ignore[return-value]
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f'batch_size must be an integer > 0 or "auto", got {v!r}')
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_COUNT:
+        raise ValueError(f'batch_size must be an integer in 1..{MAX_COUNT} or "auto", got {v!r}')
     return v
 
 
@@ -83,7 +99,8 @@ BatchOrAuto = Annotated[
 
 
 class ModelSpec(_Strict):
-    params: StrictPosInt = Field(description="Number of trainable parameters.")
+    params: Annotated[int, Field(strict=True, gt=0, le=MAX_PARAMS)] = Field(
+        description="Number of trainable parameters.")
     family: Family = "transformer"
 
 
@@ -95,39 +112,44 @@ class Reference(_Strict):
         default=None, description="Batch in tokens instead of sequences (GPT-3 style); needs seq_len for a recipe."
     )
     seq_len: StrictPosInt | None = Field(default=None, description="Tokens per sequence of the reference run.")
-    lr: float = Field(description="Peak learning rate of the reference run.")
+    lr: StrictNum = Field(description="Peak learning rate of the reference run (1e-12 .. 1e4).")
     optimizer: ReferenceOptimizerName = "lamb"
-    warmup_ratio: float | None = Field(default=None, description="Warmup steps / total steps.")
-    warmup_steps: Annotated[int, Field(strict=True, ge=0)] | None = None
+    warmup_ratio: StrictNum | None = Field(default=None, description="Warmup steps / total steps.")
+    warmup_steps: Annotated[int, Field(strict=True, ge=0, le=MAX_COUNT)] | None = None
     steps: StrictPosInt | None = Field(
         default=None, description="Total steps of the reference run (needed unless the target gives steps)."
     )
-    weight_decay: float | None = None
+    weight_decay: StrictNum | None = None
     betas: tuple[float, float] | None = Field(default=None, description="Adam-family betas of the reference run.")
-    eps: float | None = Field(default=None, description="Optimizer epsilon of the reference run.")
-    momentum: float | None = Field(default=None, description="SGD/LARS momentum of the reference run.")
-    model_params: StrictPosInt | None = Field(
+    eps: StrictNum | None = Field(default=None, description="Optimizer epsilon of the reference run.")
+    momentum: StrictNum | None = Field(default=None, description="SGD/LARS momentum of the reference run.")
+    model_params: Annotated[int, Field(strict=True, gt=0, le=MAX_PARAMS)] | None = Field(
         default=None, description="Parameters of the model the reference was measured on (default: model.params)."
     )
     decay: DecayShape | None = Field(default=None, description="The reference's decay shape (kept by the recipe).")
-    decay_power: float | None = None
+    decay_power: StrictNum | None = None
     decay_milestones: list[float] | None = Field(
         default=None, description="Step decay: where the LR drops, as fractions of the run (Goyal: 30/90, 60/90, 80/90)."
     )
-    decay_factor: float | None = None
-    noise_scale: float | None = Field(
+    decay_factor: StrictNum | None = None
+    noise_scale: StrictNum | None = Field(
         default=None, description="Measured gradient noise scale B_noise, in the units of batch_size (McCandlish 2018)."
     )
 
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
-        return _finite_positive("lr", v)  # type: ignore[return-value]
+        return _lr_value("lr", v)  # type: ignore[return-value]
 
-    @field_validator("noise_scale", "decay_power")
+    @field_validator("noise_scale")
     @classmethod
-    def _pos(cls, v: float | None, info) -> float | None:
-        return _finite_positive(info.field_name, v)
+    def _noise(cls, v: float | None) -> float | None:
+        return _finite_positive("noise_scale", v)
+
+    @field_validator("decay_power")
+    @classmethod
+    def _power(cls, v: float | None) -> float | None:
+        return _finite_positive("decay_power", v, 100)
 
     @field_validator("warmup_ratio")
     @classmethod
@@ -139,8 +161,8 @@ class Reference(_Strict):
     @field_validator("weight_decay")
     @classmethod
     def _wd(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {v!r}")
+        if v is not None and (not math.isfinite(v) or not 0 <= v <= 10):
+            raise ValueError(f"weight_decay must be a finite number in [0, 10], got {v!r}")
         return v
 
     @field_validator("betas")
@@ -153,8 +175,8 @@ class Reference(_Strict):
     @field_validator("eps")
     @classmethod
     def _eps(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise ValueError(f"eps must be a finite number >= 0, got {v!r}")
+        if v is not None and (not math.isfinite(v) or not 0 <= v <= 1):
+            raise ValueError(f"eps must be a finite number in [0, 1], got {v!r}")
         return v
 
     @field_validator("momentum")
@@ -241,16 +263,16 @@ class StageRequest(_Strict):
 
     batch_size: StrictPosInt | None = None
     batch_tokens: StrictPosInt | None = Field(default=None, description="The stage's batch in tokens instead.")
-    share: float | None = Field(default=None, description="Fraction of the reference steps this stage covers.")
+    share: StrictNum | None = Field(default=None, description="Fraction of the reference steps this stage covers.")
     seq_len: StrictPosInt | None = None
     reference: Reference | None = None
     steps: StrictPosInt | None = None
-    lr: float | None = Field(default=None, description="Explicit peak LR (skips the scaling rule).")
-    lr_cap: float | None = None
-    warmup_scale: float | None = Field(
+    lr: StrictNum | None = Field(default=None, description="Explicit peak LR (skips the scaling rule).")
+    lr_cap: StrictNum | None = None
+    warmup_scale: StrictNum | None = Field(
         default=None, description="Multiply the reference warmup ratio by this instead of the batch ratio."
     )
-    plateau_ratio: float | None = Field(
+    plateau_ratio: StrictNum | None = Field(
         default=None, description="warmup + constant phase as a fraction of the stage (LANS: 0.7, 0.3)."
     )
 
@@ -261,10 +283,15 @@ class StageRequest(_Strict):
             raise ValueError(f"{info.field_name} must be in (0, 1], got {v!r}")
         return v
 
-    @field_validator("lr", "lr_cap", "warmup_scale")
+    @field_validator("lr", "lr_cap")
     @classmethod
     def _positive(cls, v: float | None, info) -> float | None:
-        return _finite_positive(info.field_name, v)
+        return _lr_value(info.field_name, v)
+
+    @field_validator("warmup_scale")
+    @classmethod
+    def _scale(cls, v: float | None) -> float | None:
+        return _finite_positive("warmup_scale", v, 1e4)
 
     @model_validator(mode="after")
     def _one_batch(self) -> StageRequest:
@@ -281,27 +308,32 @@ class RecommendationRequest(_Strict):
     target: Target | None = None
     rule: Rule | None = None
     budget: Budget = "same-epochs"
-    lr_cap: float | None = None
+    lr_cap: StrictNum | None = None
     optimizer: RecipeOptimizerName | None = None
-    stages: list[StageRequest] | None = None
-    plateau_ratio: float | None = None
+    stages: list[StageRequest] | None = Field(default=None, max_length=MAX_STAGES)
+    plateau_ratio: StrictNum | None = None
     decay: DecayShape | None = Field(
         default=None, description="Decay shape; default: the reference's, else the new optimizer's prior's, else linear."
     )
-    decay_power: float | None = Field(default=None, description="Power of the polynomial decay (default 2).")
+    decay_power: StrictNum | None = Field(default=None, description="Power of the polynomial decay (default 2).")
     decay_milestones: list[float] | None = Field(
         default=None, description="Step decay: fractions of the stage where the LR drops (default 30/90, 60/90, 80/90)."
     )
-    decay_factor: float | None = Field(default=None, description="Step decay: the factor at each milestone (0.1).")
-    end_lr: float = 0.0
+    decay_factor: StrictNum | None = Field(default=None, description="Step decay: the factor at each milestone (0.1).")
+    end_lr: StrictNum = 0.0
     adam_hparams: AdamHparams = Field(
         default="keep", description='"keep" the reference betas/eps, or "sde": Malladi et al. 2022 scaling.'
     )
 
-    @field_validator("lr_cap", "decay_power")
+    @field_validator("lr_cap")
     @classmethod
-    def _cap(cls, v: float | None, info) -> float | None:
-        return _finite_positive(info.field_name, v)
+    def _cap(cls, v: float | None) -> float | None:
+        return _lr_value("lr_cap", v)
+
+    @field_validator("decay_power")
+    @classmethod
+    def _power(cls, v: float | None) -> float | None:
+        return _finite_positive("decay_power", v, 100)
 
     @field_validator("decay_milestones")
     @classmethod
@@ -323,8 +355,8 @@ class RecommendationRequest(_Strict):
     @field_validator("end_lr")
     @classmethod
     def _end_lr(cls, v: float) -> float:
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"end_lr must be a finite number >= 0, got {v!r}")
+        if not math.isfinite(v) or not 0 <= v <= MAX_LR:
+            raise ValueError(f"end_lr must be a finite number in [0, {MAX_LR:g}], got {v!r}")
         return v
 
     @model_validator(mode="after")
