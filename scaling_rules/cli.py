@@ -25,6 +25,9 @@ _SUFFIX = {"": 1, "K": 1024, "M": 10**6, "B": 10**9, "G": 10**9}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgG]?)\s*$")
 
 
+_NEGATIVE_COUNT = re.compile(r"^-\d*\.?\d+(?:[eE][-+]?\d+)?[kKmMbBgG]?$")
+
+
 class CLIError(Exception):
     """One readable line for the user; the CLI exits 2 with it."""
 
@@ -32,6 +35,8 @@ class CLIError(Exception):
 def parse_count(text: str, *, binary_k: bool = True) -> int:
     """'32K' -> 32768, '340M' -> 340_000_000, '1.5B' -> 1_500_000_000. K is 1024 for batch sizes
     (the papers' "32K" is 32768) and 1000 for parameter counts."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"must be a positive count, got {text!r}")
     m = _NUMBER.match(text)
     if not m:
         raise argparse.ArgumentTypeError(f"not a count: {text!r} (use e.g. 512, 32K, 340M, 1.5B)")
@@ -63,14 +68,20 @@ def _betas(text: str) -> list[float]:
 
 def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="compute a large-batch recipe from a reference setup",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Compute a large-batch recipe. Flags cover the single-stage case; "
-                                   "--request FILE.json takes any request (multi-stage included).")
+                                   "--request FILE.json takes any request (multi-stage included). Counts take "
+                                   "suffixes: K is 1024 for batches and tokens (the papers' 32K is 32768) but 1000 "
+                                   "for parameters (340M, 1.5B); M is 10^6 and B/G 10^9 everywhere.")
+    p._negative_number_matcher = _NEGATIVE_COUNT  # "-1K" is a bad count, not an unknown flag
     p.add_argument("--request", type=Path, help="request JSON file ('-' for stdin); overrides the flags")
     p.add_argument("--model-params", type=_params, help="parameter count, e.g. 340M")
-    p.add_argument("--family", choices=["transformer", "cnn", "other"], default="transformer")
+    p.add_argument("--family", choices=["transformer", "cnn", "other"], default="transformer",
+                   help="model family: picks the priors (\"other\" has no cap prior)")
     p.add_argument("--ref-batch", type=parse_count, help="reference batch size, e.g. 512")
     p.add_argument("--ref-lr", type=float, help="reference peak LR, e.g. 6.25e-4")
-    p.add_argument("--ref-optimizer", default="lamb", choices=["lamb", "lans", "adamw", "adam", "lars", "sgd"])
+    p.add_argument("--ref-optimizer", default="lamb", choices=["lamb", "lans", "adamw", "adam", "lars", "sgd"],
+                   help="optimizer of the reference run")
     p.add_argument("--ref-warmup", type=float, help="reference warmup ratio, e.g. 0.003125")
     p.add_argument("--ref-warmup-steps", type=parse_count, help="reference warmup steps (instead of a ratio)")
     p.add_argument("--ref-steps", type=parse_count, help="reference total steps, e.g. 1M")
@@ -89,12 +100,13 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adam-hparams", choices=["keep", "sde"], help="keep the reference betas/eps (default) or apply "
                    "the SDE rule (Malladi et al. 2022)")
     p.add_argument("--target-steps", type=parse_count, help="explicit step budget at the target batch")
-    p.add_argument("--rule", choices=["sqrt", "linear"])
-    p.add_argument("--budget", choices=["same-epochs", "same-steps", "same-loss"], default="same-epochs")
+    p.add_argument("--rule", choices=["sqrt", "linear"], help="LR scaling rule (default: by optimizer)")
+    p.add_argument("--budget", choices=["same-epochs", "same-steps", "same-loss"], default="same-epochs",
+                   help="same examples, same steps, or the examples B_noise predicts for the same loss")
     p.add_argument("--lr-cap", type=float, help="largest stable LR, if known")
     p.add_argument("--optimizer", choices=["lamb", "lans", "adamw", "lars", "sgd"], help="force an optimizer")
     p.add_argument("--json", action="store_true", help="print the recipe as JSON")
-    p.add_argument("--plot", type=Path, help="write the LR-over-steps plot (.png or .svg)")
+    p.add_argument("--plot", type=Path, help="write the LR-over-steps plot (.png, .svg or .pdf, by the suffix)")
     p.set_defaults(func=_cmd_recommend)
 
 
@@ -179,11 +191,14 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from .plot import render_schedule
 
-        fmt = "svg" if args.plot.suffix.lower() == ".svg" else "png"
+        fmt = args.plot.suffix.lower().lstrip(".")
+        if fmt not in ("png", "svg", "pdf"):
+            raise CLIError(f"--plot {args.plot}: the suffix must be .png, .svg or .pdf")
         try:
-            args.plot.write_bytes(render_schedule(recipe, fmt))
+            args.plot.write_bytes(render_schedule(recipe, fmt))  # type: ignore[arg-type]
         except OSError as e:
             raise CLIError(f"cannot write {args.plot}: {e.strerror}") from None
+        print(f"plot written to {args.plot.resolve()}", file=sys.stderr)
     print(recipe.model_dump_json(indent=2) if args.json else format_recipe_table(recipe))
     return 0
 
@@ -210,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -745,6 +745,13 @@ def recommend(
         _resolve_batches(plan, n)
         _plan_noise(plan, n, noise_scale)
         _plan_steps(plan, req, n)
+        p = _prefix(plan, n)
+        if plan.k < 1:
+            plan.warnings.append(f"{p}the target batch is smaller than the reference's (ratio {_fmt(plan.k)}): this "
+                                 "scales down, and the papers' rules were measured scaling up")
+        if plan.steps < 10:
+            plan.warnings.append(f"{p}the stage has only {plan.steps} step(s): too short for a warmup and a decay "
+                                 "to mean anything; check the steps or the budget")
     name, notes, warns = _choose_optimizer(req, plans)
     for plan in plans:
         _plan_lr(plan, req, name, history, evidence_model, n)

@@ -17,14 +17,19 @@ def _sample_steps(recipe: Recipe) -> np.ndarray:
     """Every phase boundary plus an even grid, so corners are exact at any length."""
     marks = []
     for start, s in zip(stage_boundaries(recipe), recipe.stages, strict=False):
-        for local in (0, s.warmup_steps - 1, s.warmup_steps + s.const_steps - 1, s.steps - 1):
+        drops = []
+        if s.decay == "step":
+            from .schedule import _milestone_steps
+
+            drops = [m for m in _milestone_steps(s)] + [m - 1 for m in _milestone_steps(s)]
+        for local in (0, s.warmup_steps - 1, s.warmup_steps + s.const_steps - 1, s.steps - 1, *drops):
             if 0 <= local < s.steps:
                 marks.append(start + local)
     grid = np.linspace(0, recipe.total_steps - 1, num=min(recipe.total_steps, MAX_POINTS)).astype(np.int64)
     return np.unique(np.concatenate([grid, np.asarray(marks, dtype=np.int64)]))
 
 
-def render_schedule(recipe: Recipe, fmt: Literal["png", "svg"] = "png", *, title: str | None = None) -> bytes:
+def render_schedule(recipe: Recipe, fmt: Literal["png", "svg", "pdf"] = "png", *, title: str | None = None) -> bytes:
     """The recipe's LR schedule as PNG or SVG bytes: stages shaded, warmup/constant/decay marked."""
     import matplotlib
 

@@ -63,3 +63,42 @@ def test_cli_errors_are_one_line_without_traceback(args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bare_command_prints_usage():
+    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "usage: largebatch" in proc.stderr and "recommend" in proc.stderr
+
+
+def test_help_shows_defaults_and_suffixes():
+    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", "recommend", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    text = " ".join(proc.stdout.split())
+    assert "default: same-epochs" in text and "K is 1024 for batches" in text
+
+
+@pytest.mark.parametrize("value", ["-5", "-1K", "-0.5"])
+def test_negative_counts_get_one_message(value):
+    args = [*FLAGS[:-1], value]
+    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "--target-batch: must be a positive count" in proc.stderr, proc.stderr
+
+
+def test_plot_format_follows_the_suffix(tmp_path, capsys):
+    pdf = tmp_path / "lr.pdf"
+    assert main([*FLAGS, "--plot", str(pdf)]) == 0
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert f"plot written to {pdf}" in capsys.readouterr().err
+    assert main([*FLAGS, "--plot", str(tmp_path / "lr.jpg")]) == 2
+    assert "suffix must be .png, .svg or .pdf" in capsys.readouterr().err
+
+
+def test_down_scaling_and_one_step_recipes_warn(capsys):
+    down = recommend({"model": {"params": 10**8}, "reference": {"batch_size": 512, "lr": 1e-3, "steps": 1000},
+                      "target": {"batch_size": 128}})
+    assert any("scales down" in w for w in down.warnings)
+    short = recommend({"model": {"params": 10**8}, "reference": {"batch_size": 512, "lr": 1e-3, "steps": 1000},
+                       "target": {"batch_size": 1024, "steps": 1}})
+    assert any("only 1 step" in w for w in short.warnings)
