@@ -620,10 +620,14 @@ def _choose_optimizer(req: RecommendationRequest, plans: list[_Plan]) -> tuple[s
         name = ref_opt
         notes.append(f"optimizer {name}: LAMB trains ResNet-50 to 32K with sqrt LR and linear-epoch warmup, "
                      "untuned (LAMB Table 5)")
-    else:
+    elif family == "transformer":
         name = "lamb"
         notes.append("optimizer lamb: scales BERT to 32K with sqrt LR and linear-epoch warmup (LAMB Table 4) "
                      "where AdamW stops at 16K (Table 8) and LARS fails beyond 16K (Table 2)")
+    else:
+        name = "lamb"
+        notes.append(f"optimizer lamb: the layer-wise Adam that the LAMB paper found robust across models with "
+                     f"sqrt LR and linear-epoch warmup (Tables 4, 5); no {family}-specific evidence exists")
     if name in ("lamb", "lans") and ref_opts & {"adam", "adamw"}:
         warns.append("the reference LR was tuned for AdamW; LAMB/LANS LRs are per-layer relative steps and "
                      "usually several times larger (BERT: 1e-4 AdamW vs 6.25e-4 LAMB at 512): the LR is "
