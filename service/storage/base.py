@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -28,6 +27,7 @@ __all__ = [
     "OUTCOMES",
     "AlreadyExists",
     "ApiKeyRecord",
+    "ApiKeyStore",
     "BatchSummary",
     "Conflict",
     "Direction",
@@ -153,10 +153,6 @@ class RunRecord(_Record):
     last_step: int | None = None
     last_loss: float | None = None
 
-    @property
-    def outcome(self) -> Outcome:
-        return self.state
-
 
 class Report(_Record):
     """One intermediate report of a running job."""
@@ -193,7 +189,43 @@ class Page(_Record):
 # --------------------------------------------------------------------------------------------
 
 
-class StudyStore(abc.ABC):
+class ApiKeyStore(abc.ABC):
+    """API keys: a namespace and a scope each; only a hash of the secret is stored. Thread-safe;
+    errors as :class:`StudyStore`'s. Every :class:`StudyStore` is one (the keys live in its
+    database), and authentication needs nothing more than this interface."""
+
+    @abc.abstractmethod
+    def create_api_key(self, namespace: str, scope: Scope = "write") -> tuple[int, str]:
+        """Create an API key. Only its sha256 is stored; the plaintext is returned once.
+
+        Returns:
+            ``(key_id, plaintext)``.
+
+        Raises:
+            InvalidArgument: Bad namespace or scope.
+        """
+
+    @abc.abstractmethod
+    def list_api_keys(self, namespace: str | None = None) -> list[ApiKeyRecord]:
+        """List API keys (revoked ones included), oldest first."""
+
+    @abc.abstractmethod
+    def revoke_api_key(self, key_id: int) -> ApiKeyRecord:
+        """Revoke a key (idempotent: revoking twice keeps the first ``revoked_at``).
+
+        Raises:
+            NotFound: No such key.
+        """
+
+    @abc.abstractmethod
+    def lookup_api_key(self, plaintext: str) -> ApiKeyRecord | None:
+        """Return the *active* key whose plaintext this is, or None (unknown or revoked).
+
+        Looks up by the sha256 of ``plaintext`` (no comparison of secrets in Python).
+        """
+
+
+class StudyStore(ApiKeyStore):
     """Persistent memory of the service: studies, runs, outcomes, summaries, API keys.
 
     Contract shared by every implementation:
@@ -498,38 +530,6 @@ class StudyStore(abc.ABC):
             Number of (study, batch size) summary rows written.
         """
 
-    # ----------------------------------------------------------------------------- API keys
-
-    @abc.abstractmethod
-    def create_api_key(self, namespace: str, scope: Scope = "write") -> tuple[int, str]:
-        """Create an API key. Only its sha256 is stored; the plaintext is returned once.
-
-        Returns:
-            ``(key_id, plaintext)``.
-
-        Raises:
-            InvalidArgument: Bad namespace or scope.
-        """
-
-    @abc.abstractmethod
-    def list_api_keys(self, namespace: str | None = None) -> list[ApiKeyRecord]:
-        """List API keys (revoked ones included), oldest first."""
-
-    @abc.abstractmethod
-    def revoke_api_key(self, key_id: int) -> ApiKeyRecord:
-        """Revoke a key (idempotent: revoking twice keeps the first ``revoked_at``).
-
-        Raises:
-            NotFound: No such key.
-        """
-
-    @abc.abstractmethod
-    def lookup_api_key(self, plaintext: str) -> ApiKeyRecord | None:
-        """Return the *active* key whose plaintext this is, or None (unknown or revoked).
-
-        Looks up by the sha256 of ``plaintext`` (no comparison of secrets in Python).
-        """
-
     # ----------------------------------------------------------------------------- operations
 
     @abc.abstractmethod
@@ -547,12 +547,6 @@ class StudyStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections. The store must not be used afterwards."""
-
-    # ----------------------------------------------------------------------------- helpers
-
-    def complete_runs(self, items: Sequence[tuple[int, FinalOutcome, float | None]]) -> list[RunRecord]:
-        """Convenience: :meth:`complete_run` for each ``(run_id, outcome, metric)``."""
-        return [self.complete_run(rid, outcome, metric=metric) for rid, outcome, metric in items]
 
     def __enter__(self) -> StudyStore:
         return self
