@@ -18,7 +18,7 @@ import socket
 import sys
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from largebatch.scaling_rules.models import Recipe, Reference
 from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut, Run, Study
@@ -28,9 +28,17 @@ from ._base import BaseClient, Call, RunChannel, _new_idempotency_key, is_transi
 from ._version import __version__
 from .job import Job
 
-if TYPE_CHECKING:
-    from ._async_client import AsyncClient
-    from ._client import Client
+T = TypeVar("T")
+
+
+# What the two drivers need of a client: :meth:`Client.send` / :meth:`AsyncClient.send` (structural,
+# so that this module, which both clients import, imports neither).
+class _Client(Protocol):
+    def send(self, call: Call[T]) -> T: ...
+
+
+class _AsyncClient(Protocol):
+    async def send(self, call: Call[T]) -> T: ...
 
 __all__ = ["autoconfigure", "autoconfigure_async", "build_request", "count_parameters", "default_environment"]
 
@@ -148,7 +156,7 @@ def _plan(client: BaseClient, req: RecommendationIn, key: str, *, create_study: 
     return _Answer(out, study_info)
 
 
-def _run_sync(plan: _Plan, client: Client) -> _Answer:
+def _run_sync(plan: _Plan, client: _Client) -> _Answer:
     answer: Any = None
     error: errors.APIError | None = None
     while True:
@@ -162,7 +170,7 @@ def _run_sync(plan: _Plan, client: Client) -> _Answer:
             answer, error = None, e
 
 
-async def _run_async(plan: _Plan, client: AsyncClient) -> _Answer:
+async def _run_async(plan: _Plan, client: _AsyncClient) -> _Answer:
     answer: Any = None
     error: errors.APIError | None = None
     while True:
@@ -196,7 +204,7 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
                open_run=open_run, **dict(job_options or {}))
 
 
-def autoconfigure(client: Client, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
+def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
                   target_batch_size: int | None, target_steps: int | None = None, model_params: int | None = None,
                   model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
                   idempotency_key: str | None = None, create_study: bool = True, metric: str = "eval_loss",
@@ -209,11 +217,11 @@ def autoconfigure(client: Client, model: Any, *, study: str, reference: Referenc
     key = idempotency_key or _new_idempotency_key()
     plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
                  offline_fallback=offline_fallback)
-    return _make_job(client, model, req, _run_sync(plan, client), key=key, create_study=create_study,
+    return _make_job(client, model, req, _run_sync(plan, client), key=key,  # type: ignore[arg-type] create_study=create_study,
                      metric=metric, direction=direction, job_options=job_options)
 
 
-async def autoconfigure_async(client: AsyncClient, model: Any, *, study: str,
+async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
                               reference: Reference | Mapping[str, Any] | None, target_batch_size: int | None,
                               target_steps: int | None = None, model_params: int | None = None,
                               model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
@@ -229,6 +237,6 @@ async def autoconfigure_async(client: AsyncClient, model: Any, *, study: str,
     key = idempotency_key or _new_idempotency_key()
     plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
                  offline_fallback=offline_fallback)
-    answer = await _run_async(plan, client)
+    answer = await _run_async(plan, client)  # type: ignore[arg-type]
     return _make_job(client, model, req, answer, key=key, create_study=create_study, metric=metric,
                      direction=direction, job_options=job_options)

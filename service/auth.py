@@ -12,10 +12,11 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
 
+from largebatch.scaling_rules.wire import Scope
 from largebatch.service.errors import ApiError
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["KeyCache", "Principal", "authenticate"]
 
-Scope = Literal["read", "write"]
 _RANK = {"read": 1, "write": 2}
 _BEARER = {"WWW-Authenticate": 'Bearer realm="largebatch"'}
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from pydantic import Discriminator, Tag
 
+from largebatch.scaling_rules.evidence import Outcome
 from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.wire import (
     NAME_PATTERN,
@@ -33,7 +34,6 @@ router = APIRouter(prefix="/v1", tags=["runs"])
 
 StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
 RunId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Run id (unique across studies)")]
-RunState = Literal["running", "completed", "diverged", "failed", "preempted", "pruned"]
 _JSON = "application/json"
 _CSV_COLUMNS = ("id", "number", "state", "batch_size", "peak_lr", "warmup_ratio", "const_ratio", "optimizer",
                 "steps", "metric", "reason", "diverged_step", "last_step", "last_loss", "recipe_hash",
@@ -114,7 +114,7 @@ def list_runs(
     name: StudyName,
     principal: Reader,
     store: StoreDep,
-    state: Annotated[RunState | None, Query(description="Only runs in this state")] = None,
+    state: Annotated[Outcome | None, Query(description="Only runs in this state")] = None,
     batch_size: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Only runs at this batch size")] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size (JSON default 100)")] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,

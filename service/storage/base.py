@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from largebatch.scaling_rules.evidence import BatchSummary
+from largebatch.scaling_rules.evidence import BatchSummary, Direction, Outcome
 from largebatch.scaling_rules.learning import RunEvidence
 from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.wire import NAME_PATTERN, FinalOutcome, Page, Run, Scope
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -31,6 +32,7 @@ __all__ = [
     "BatchSummary",
     "Conflict",
     "Direction",
+    "FinalOutcome",
     "InvalidArgument",
     "NotFound",
     "Outcome",
@@ -40,20 +42,20 @@ __all__ = [
     "Scope",
     "StoreError",
     "StoreUnavailable",
+    "StoredOutcome",
     "StudyRecord",
     "StudyStore",
     "validate_name",
 ]
 
-Outcome = Literal["running", "completed", "diverged", "failed", "preempted", "pruned"]
-FinalOutcome = Literal["completed", "diverged", "failed", "preempted", "pruned"]
-Direction = Literal["minimize", "maximize"]
-Scope = Literal["read", "write"]
-
-OUTCOMES: tuple[str, ...] = ("running", "completed", "diverged", "failed", "preempted", "pruned")
-FINAL_OUTCOMES: tuple[str, ...] = OUTCOMES[1:]
+# The domain words are defined once, in largebatch.scaling_rules (evidence.py: Outcome, Direction;
+# wire.py: FinalOutcome, Scope, NAME_PATTERN, Page), and re-exported here for the store's callers.
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+#: What :meth:`StudyStore.complete_run` records: a job's :data:`FinalOutcome`, or ``preempted``.
+FINAL_OUTCOMES: tuple[str, ...] = tuple(o for o in OUTCOMES if o != "running")
+StoredOutcome = FinalOutcome | Literal["preempted"]
 DEFAULT_LEASE_SECONDS = 600.0
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_NAME = re.compile(NAME_PATTERN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,9 +92,9 @@ class InvalidArgument(StoreError, ValueError):
 
 def validate_name(argument: str, value: object) -> str:
     """Return ``value`` if it is a valid namespace/study name, else raise :class:`InvalidArgument`."""
-    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
         raise InvalidArgument(
-            f"{argument} must match {NAME_PATTERN.pattern} (letters, digits, '_', '.', '-'; "
+            f"{argument} must match {NAME_PATTERN} (letters, digits, '_', '.', '-'; "
             f"at most 128 characters), got {value!r}"
         )
     return value
@@ -126,32 +128,13 @@ class StudyRecord(_Record):
         return f"{self.namespace}/{self.name}"
 
 
-class RunRecord(_Record):
-    """A run is one Optuna trial: one recipe handed out, and what became of it."""
+class RunRecord(Run):
+    """A run as the store keeps it: the wire :class:`~largebatch.scaling_rules.wire.Run` plus the
+    client's idempotency key. Unlike on the wire, ``metric`` and ``last_loss`` keep NaN/inf."""
 
-    id: int = Field(description="Optuna trial_id: globally unique across studies.")
-    study: str
-    namespace: str
-    number: int = Field(description="Optuna trial number within the study (0, 1, ...).")
-    state: Outcome
-    batch_size: int
-    peak_lr: float
-    warmup_ratio: float
-    const_ratio: float
-    optimizer: str
-    steps: int
-    recipe: dict[str, Any]
-    recipe_hash: str
-    environment: dict[str, Any] = Field(default_factory=dict)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     client_key: str | None = None
-    metric: float | None = None
-    reason: str | None = None
-    diverged_step: int | None = None
-    created_at: datetime
-    updated_at: datetime
-    lease_expires_at: datetime | None = None
-    last_step: int | None = None
-    last_loss: float | None = None
 
 
 class Report(_Record):
@@ -175,13 +158,6 @@ class ApiKeyRecord(_Record):
     @property
     def active(self) -> bool:
         return self.revoked_at is None
-
-
-class Page(_Record):
-    """One page of a listing plus the total number of matching items."""
-
-    items: list[Any]
-    total: int
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +405,7 @@ class StudyStore(ApiKeyStore):
     def complete_run(
         self,
         run_id: int,
-        outcome: FinalOutcome,
+        outcome: StoredOutcome,
         *,
         metric: float | None = None,
         reason: str | None = None,

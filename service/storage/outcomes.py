@@ -36,9 +36,9 @@ from largebatch.service.storage._queries import (
 from largebatch.service.storage.base import (
     FINAL_OUTCOMES,
     Conflict,
-    FinalOutcome,
     InvalidArgument,
     RunRecord,
+    StoredOutcome,
 )
 
 __all__ = ["SWEPT_ATTRS", "OutcomeOps"]
@@ -87,7 +87,7 @@ class OutcomeOps:
     def complete_run(
         self,
         run_id: int,
-        outcome: FinalOutcome,
+        outcome: StoredOutcome,
         *,
         metric: float | None = None,
         reason: str | None = None,

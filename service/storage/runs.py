@@ -343,7 +343,7 @@ class RunOps:
                 .limit(limit)
                 .offset(offset)
             ).all()
-            return Page(items=self._run_records(conn, rows), total=total)
+            return Page(items=self._run_records(conn, rows), total=total, limit=limit, offset=offset)
 
         return self._read(tx)
 

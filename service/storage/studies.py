@@ -175,7 +175,8 @@ class StudyOps:
                 select(s).where(*where).order_by(s.c.study_id).limit(limit).offset(offset)
             ).all()
             attrs = self._study_user_attrs(conn, [r.study_id for r in rows])
-            return Page(items=[self._study_record(r, attrs[r.study_id]) for r in rows], total=total)
+            return Page(items=[self._study_record(r, attrs[r.study_id]) for r in rows], total=total,
+                        limit=limit, offset=offset)
 
         return self._read(tx)
 
