@@ -22,7 +22,7 @@ from largebatch.service.errors import ApiError
 if TYPE_CHECKING:
     from fastapi import Request
 
-    from largebatch.service.storage.base import ApiKeyRecord
+    from largebatch.service.storage.base import ApiKeyRecord, ApiKeyStore
 
 __all__ = ["KeyCache", "Principal", "authenticate"]
 
@@ -94,7 +94,8 @@ async def authenticate(request: Request, needed: Scope) -> Principal:
         holder = app.state.store_holder
 
         def lookup() -> ApiKeyRecord | None:
-            return holder.get().lookup_api_key(token)
+            keys: ApiKeyStore = holder.get()  # authentication needs the key store only
+            return keys.lookup_api_key(token)
 
         record = await run_in_threadpool(lookup)
         cache.put(digest, record)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from typing import Any
+from typing import Any, get_args
 
 from sqlalchemy import select, update
 from sqlalchemy.engine import Connection
@@ -41,7 +41,7 @@ class SqlApiKeyStore(ApiKeyStore):
 
     def create_api_key(self, namespace: str, scope: Scope = "write") -> tuple[int, str]:
         validate_name("namespace", namespace)
-        if scope not in ("read", "write"):
+        if scope not in get_args(Scope):
             raise InvalidArgument(f"scope must be 'read' or 'write', got {scope!r}")
         plaintext = _KEY_PREFIX + secrets.token_urlsafe(32)
         digest = hashlib.sha256(plaintext.encode()).hexdigest()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args
 
 from optuna.study import StudyDirection
 from sqlalchemy import delete, func, select
@@ -128,7 +128,7 @@ class StudyOps:
         _int("model_params", model_params, minimum=1, maximum=2**62)
         if not isinstance(metric, str) or not 1 <= len(metric) <= 128:
             raise InvalidArgument(f"metric must be a string of 1..128 characters, got {metric!r}")
-        if direction not in ("minimize", "maximize"):
+        if direction not in get_args(Direction):
             raise InvalidArgument(f"direction must be 'minimize' or 'maximize', got {direction!r}")
         extra = _user_attrs(user_attrs)
         core = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 from optuna.storages._rdb import models as om
 from optuna.trial import TrialState
@@ -259,7 +259,7 @@ class SummaryOps:
             raise InvalidArgument(f"min_params ({min_params}) must be <= max_params ({max_params})")
         if namespace is not None:
             validate_name("namespace", namespace)
-        if direction is not None and direction not in ("minimize", "maximize"):
+        if direction is not None and direction not in get_args(Direction):
             raise InvalidArgument(f"direction must be 'minimize' or 'maximize', got {direction!r}")
         s, b = sch.lb_studies, sch.lb_batch_summary
 
