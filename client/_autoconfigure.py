@@ -217,7 +217,7 @@ def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Refe
     key = idempotency_key or _new_idempotency_key()
     plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
                  offline_fallback=offline_fallback)
-    return _make_job(client, model, req, _run_sync(plan, client), key=key,  # type: ignore[arg-type] create_study=create_study,
+    return _make_job(client, model, req, _run_sync(plan, client), key=key, create_study=create_study,
                      metric=metric, direction=direction, job_options=job_options)
 
 
@@ -237,6 +237,6 @@ async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
     key = idempotency_key or _new_idempotency_key()
     plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
                  offline_fallback=offline_fallback)
-    answer = await _run_async(plan, client)  # type: ignore[arg-type]
+    answer = await _run_async(plan, client)
     return _make_job(client, model, req, answer, key=key, create_study=create_study, metric=metric,
                      direction=direction, job_options=job_options)

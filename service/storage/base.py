@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from largebatch.scaling_rules.evidence import BatchSummary, Direction, Outcome
 from largebatch.scaling_rules.learning import RunEvidence
 from largebatch.scaling_rules.models import Recipe
-from largebatch.scaling_rules.wire import NAME_PATTERN, FinalOutcome, Page, Run, Scope
+from largebatch.scaling_rules.wire import NAME_PATTERN, FinalOutcome, Page, RunFields, Scope
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -128,12 +128,15 @@ class StudyRecord(_Record):
         return f"{self.namespace}/{self.name}"
 
 
-class RunRecord(Run):
-    """A run as the store keeps it: the wire :class:`~largebatch.scaling_rules.wire.Run` plus the
-    client's idempotency key. Unlike on the wire, ``metric`` and ``last_loss`` keep NaN/inf."""
+class RunRecord(RunFields):
+    """A run is one Optuna trial: one recipe handed out, and what became of it. The fields of the
+    wire :class:`~largebatch.scaling_rules.wire.Run`, with the recipe as its JSON object (parsed
+    into a ``Recipe`` only when a response is made) and the client's idempotency key; unlike on
+    the wire, ``metric`` and ``last_loss`` keep NaN/inf."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    recipe: dict[str, Any]
     client_key: str | None = None
 
 
