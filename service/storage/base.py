@@ -1,4 +1,5 @@
-"""The study-store contract: records, domain errors and the abstract :class:`StudyStore`.
+"""The study-store contract: records, domain errors, the abstract :class:`StudyStore` and the
+:class:`ApiKeyStore` it includes (authentication needs only that one).
 
 Everything the REST service does with persistent state goes through :class:`StudyStore`. The
 only implementation today is :class:`largebatch.service.storage.optuna_store.OptunaStudyStore`,
