@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,10 +23,10 @@ from largebatch.scaling_rules.wire import (
     Study,
 )
 
+from ._autoconfigure import autoconfigure_async
 from ._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient, Call, Format
-
-if TYPE_CHECKING:
-    from .job import Job
+from ._client import Client
+from .job import Job
 
 __all__ = ["AsyncClient"]
 
@@ -91,7 +91,17 @@ class AsyncClient(BaseClient):
             options["max_retries"] = max_retries
         return AsyncClient(self.base_url, http_client=self._http, **options)
 
+    def run_channel(self) -> Client:
+        """The client a :class:`Job` sends with: a synchronous :class:`Client` of the same
+        configuration (the job's reporter is a thread), with its own connections and no retries of
+        its own (the job's thread retries, for as long as it takes)."""
+        return Client(self.base_url, **{**self._options(), "max_retries": 0})
+
     # ------------------------------------------------------------------ sending
+
+    async def send(self, call: Call[T]) -> T:
+        """Send one :class:`Call` (an endpoint of :class:`BaseClient`) with this client's retries."""
+        return await self._request(call)
 
     async def _request(self, call: Call[T]) -> T:
         call = call.with_key()  # one idempotency key for every try of this call
@@ -247,8 +257,6 @@ class AsyncClient(BaseClient):
             request_fields: Any other :class:`RecommendationIn` field (``rule``, ``budget``,
                 ``lr_cap``, ``optimizer``, ``stages``, ...).
         """
-        from .job import autoconfigure_async
-
         return await autoconfigure_async(self, model, study=study, reference=reference, target_batch_size=target_batch_size,
                              target_steps=target_steps, model_params=model_params, model_family=model_family,
                              environment=environment, idempotency_key=idempotency_key,

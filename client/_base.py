@@ -5,9 +5,12 @@ sleep between tries. Everything else is here, so the two cannot drift apart:
 
 * Each endpoint is a method of :class:`BaseClient` returning a :class:`Call` (method, path, query,
   body, how to parse the answer); the public methods are one line each.
-* The retry policy: connection errors and timeouts, 408, 429 and 5xx are retried up to
+* The retry policy (:func:`is_transient`, :func:`retry_delay`; a :class:`~largebatch.client.Job`
+  retries by the same policy): connection errors and timeouts, 408, 429 and 5xx are retried up to
   ``max_retries`` times with exponential backoff and full jitter, honouring ``Retry-After``; any
   other 4xx is raised at once.
+* :class:`RunChannel`: the few calls a :class:`~largebatch.client.Job` makes; both clients hand
+  a job one (:meth:`BaseClient.run_channel`).
 * Writes (POST, DELETE) carry an ``Idempotency-Key`` header, chosen once per call and resent
   unchanged on every retry, so a write whose response was lost is not applied twice.
 """
@@ -24,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -61,6 +64,9 @@ __all__ = [
     "MAX_RETRY_DELAY",
     "BaseClient",
     "Call",
+    "RunChannel",
+    "is_transient",
+    "retry_delay",
 ]
 
 T = TypeVar("T")
@@ -75,6 +81,29 @@ RETRY_STATUSES = frozenset({408, 429})  # plus every 5xx
 _NAME = re.compile(NAME_PATTERN)
 
 Format = Literal["png", "svg"]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth trying again later: no response (connection error, timeout), or 408, 429, 5xx."""
+    if isinstance(exc, errors.APIConnectionError):
+        return True
+    if isinstance(exc, errors.APIStatusError):
+        return exc.status_code in RETRY_STATUSES or exc.status_code >= 500
+    return False
+
+
+def retry_delay(retries_taken: int, retry_after: str | None = None) -> float:
+    """Seconds to wait before retry number ``retries_taken + 1``.
+
+    ``Retry-After`` (seconds or an HTTP date) wins when it is between 0 and
+    :data:`MAX_RETRY_AFTER`; otherwise exponential backoff with full jitter:
+    uniform in [0.5, 1] x min(INITIAL_RETRY_DELAY x 2**retries_taken, MAX_RETRY_DELAY).
+    """
+    after = _retry_after_seconds(retry_after)
+    if after is not None and 0 <= after <= MAX_RETRY_AFTER:
+        return after
+    base = min(INITIAL_RETRY_DELAY * 2.0 ** max(retries_taken, 0), MAX_RETRY_DELAY)
+    return base * (1.0 - 0.5 * random.random())
 
 
 def _new_idempotency_key() -> str:
@@ -173,6 +202,31 @@ def _report(item: ReportIn | Mapping[str, Any] | tuple) -> ReportIn:
     return ReportIn.model_validate(item)
 
 
+class RunChannel(Protocol):
+    """What a :class:`~largebatch.client.Job` needs of the service: open its study and run, report,
+    heartbeat, complete, read. Synchronous (the job's reporter is a thread) and without retries of
+    its own: the job retries by :func:`is_transient` / :func:`retry_delay`, for as long as it takes.
+    :meth:`Client.run_channel` and :meth:`AsyncClient.run_channel` return one."""
+
+    def create_study(self, name: str, *, model_params: int, model_family: str = ..., metric: str = ...,
+                     direction: str = ..., idempotency_key: str | None = None) -> Study: ...
+
+    def get_study(self, name: str) -> Study: ...
+
+    def create_run(self, study: str, *, recipe: Recipe | Mapping[str, Any] | None = None,
+                   request: RecommendationRequest | Mapping[str, Any] | None = None,
+                   environment: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Run: ...
+
+    def get_run(self, run_id: int) -> Run: ...
+
+    def report_batch(self, run_id: int, reports: Iterable[ReportIn | Mapping[str, Any] | tuple]) -> ReportOut: ...
+
+    def heartbeat(self, run_id: int) -> HeartbeatOut: ...
+
+    def complete_run(self, run_id: int, *, outcome: FinalOutcome = ..., metric: float | None = None,
+                     reason: str | None = None, step: int | None = None) -> Run: ...
+
+
 class BaseClient:
     """Configuration and endpoint definitions shared by :class:`Client` and :class:`AsyncClient`."""
 
@@ -206,6 +260,10 @@ class BaseClient:
     def _options(self) -> dict[str, Any]:
         return {"api_key": self.api_key, "timeout": self.timeout, "max_retries": self.max_retries,
                 "default_headers": self._default_headers}
+
+    def run_channel(self) -> RunChannel:
+        """The client a :class:`~largebatch.client.Job` talks to the service with (see :class:`RunChannel`)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ request / response
 
@@ -244,18 +302,8 @@ class BaseClient:
         return not isinstance(exc, (httpx.UnsupportedProtocol, httpx.ProxyError))
 
     def _retry_delay(self, retries_taken: int, response: httpx.Response | None = None) -> float:
-        """Seconds to wait before retry number ``retries_taken + 1``.
-
-        ``Retry-After`` (seconds or an HTTP date) wins when it is between 0 and
-        :data:`MAX_RETRY_AFTER`; otherwise exponential backoff with full jitter:
-        uniform in [0.5, 1] x min(INITIAL_RETRY_DELAY x 2**retries_taken, MAX_RETRY_DELAY).
-        """
-        if response is not None:
-            after = _retry_after_seconds(response.headers.get("retry-after"))
-            if after is not None and 0 <= after <= MAX_RETRY_AFTER:
-                return after
-        base = min(INITIAL_RETRY_DELAY * 2.0**retries_taken, MAX_RETRY_DELAY)
-        return base * (1.0 - 0.5 * random.random())
+        """Seconds to wait before retry number ``retries_taken + 1`` (see :func:`retry_delay`)."""
+        return retry_delay(retries_taken, response.headers.get("retry-after") if response is not None else None)
 
     @staticmethod
     def _connection_error(exc: httpx.TransportError, request: httpx.Request) -> errors.APIConnectionError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -23,10 +23,9 @@ from largebatch.scaling_rules.wire import (
     Study,
 )
 
+from ._autoconfigure import autoconfigure
 from ._base import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, BaseClient, Call, Format
-
-if TYPE_CHECKING:
-    from .job import Job
+from .job import Job
 
 __all__ = ["Client"]
 
@@ -92,7 +91,20 @@ class Client(BaseClient):
             options["max_retries"] = max_retries
         return Client(self.base_url, http_client=self._http, **options)
 
+    def run_channel(self) -> Client:
+        """The client a :class:`Job` sends with: it does not retry on its own (the job's thread
+        retries, for as long as it takes) and has its own connections, so the job outlives a
+        ``with Client(...)`` block; an injected ``http_client`` is the caller's to configure and
+        keep open, so it is shared."""
+        if self._owns_http:
+            return Client(self.base_url, **{**self._options(), "max_retries": 0})
+        return self.with_options(max_retries=0)
+
     # ------------------------------------------------------------------ sending
+
+    def send(self, call: Call[T]) -> T:
+        """Send one :class:`Call` (an endpoint of :class:`BaseClient`) with this client's retries."""
+        return self._request(call)
 
     def _request(self, call: Call[T]) -> T:
         call = call.with_key()  # one idempotency key for every try of this call
@@ -245,8 +257,6 @@ class Client(BaseClient):
             request_fields: Any other :class:`RecommendationIn` field (``rule``, ``budget``,
                 ``lr_cap``, ``optimizer``, ``stages``, ...).
         """
-        from .job import autoconfigure
-
         return autoconfigure(self, model, study=study, reference=reference, target_batch_size=target_batch_size,
                              target_steps=target_steps, model_params=model_params, model_family=model_family,
                              environment=environment, idempotency_key=idempotency_key,

@@ -23,16 +23,16 @@ below ``DIVERGENCE_MARGIN`` x the smallest LR that diverged at that batch size o
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from . import priors
-from .evidence import BatchSummary, Direction, Outcome
+from .evidence import Direction, Outcome
 
-__all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "explore_lrs", "summarise"]
+__all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "explore_lrs"]
 
 PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling.
 PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd: what LR sweeps in the literature show.
@@ -70,11 +70,6 @@ class ScalingFit:
 
     def optimum(self, batch_size: int) -> float:
         return math.exp(self.log_c + self.exponent * math.log(batch_size))
-
-    def log_sd_at(self, batch_size: int) -> float:
-        """Rough sd of ln lr*(B) from the exponent's uncertainty, about the data's centre."""
-        centre = float(np.mean(np.log(self.batch_sizes)))
-        return self.exponent_sd * abs(math.log(batch_size) - centre)
 
 
 @dataclass
@@ -195,23 +190,6 @@ class EvidenceModel:
 
     def run_ids(self) -> list[int]:
         return sorted(r.run_id for r in self.runs if r.run_id is not None)
-
-
-def summarise(runs: Sequence[RunEvidence]) -> list[BatchSummary]:
-    """The per-batch summary rows the store keeps, computed from runs (for tests and offline use)."""
-    out: dict[int, BatchSummary] = {}
-    for r in sorted(runs, key=lambda r: (r.batch_size, r.lr)):
-        s = out.setdefault(r.batch_size, BatchSummary(batch_size=r.batch_size))
-        s.n_runs += 1
-        if r.outcome == "completed":
-            s.n_completed += 1
-            s.max_stable_lr = max(s.max_stable_lr or 0.0, r.lr)
-            if r.metric is not None and (s.best_metric is None or r.metric < s.best_metric):
-                s.best_metric, s.best_lr = r.metric, r.lr
-        elif r.outcome == "diverged":
-            s.n_diverged += 1
-            s.min_diverged_lr = r.lr if s.min_diverged_lr is None else min(s.min_diverged_lr, r.lr)
-    return [out[b] for b in sorted(out)]
 
 
 def explore_lrs(lr: float, k: int, *, spread: float = 2.0, cap: float | None = None) -> list[float]:

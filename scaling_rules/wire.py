@@ -90,7 +90,10 @@ class Page(_Out, Generic[T]):
 # ----- runs -----
 
 
-class Run(_Out):
+class RunFields(BaseModel):
+    """What a run is, shared by the wire :class:`Run` and the store's ``RunRecord`` (which keeps the
+    recipe as its JSON object and adds the client's idempotency key)."""
+
     id: int
     study: str
     namespace: str
@@ -102,7 +105,7 @@ class Run(_Out):
     const_ratio: float
     optimizer: str
     steps: int
-    recipe: Recipe
+    recipe: Any
     recipe_hash: str
     environment: dict[str, Any] = Field(default_factory=dict)
     metric: float | None = None
@@ -113,6 +116,10 @@ class Run(_Out):
     lease_expires_at: datetime | None = None
     last_step: int | None = None
     last_loss: float | None = None
+
+
+class Run(RunFields, _Out):
+    recipe: Recipe
 
 
 class RunCreate(_In):

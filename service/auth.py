@@ -12,20 +12,20 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
 
+from largebatch.scaling_rules.wire import Scope
 from largebatch.service.errors import ApiError
 
 if TYPE_CHECKING:
     from fastapi import Request
 
-    from largebatch.service.storage.base import ApiKeyRecord
+    from largebatch.service.storage.base import ApiKeyRecord, ApiKeyStore
 
 __all__ = ["KeyCache", "Principal", "authenticate"]
 
-Scope = Literal["read", "write"]
 _RANK = {"read": 1, "write": 2}
 _BEARER = {"WWW-Authenticate": 'Bearer realm="largebatch"'}
 
@@ -94,7 +94,8 @@ async def authenticate(request: Request, needed: Scope) -> Principal:
         holder = app.state.store_holder
 
         def lookup() -> ApiKeyRecord | None:
-            return holder.get().lookup_api_key(token)
+            keys: ApiKeyStore = holder.get()  # authentication needs the key store only
+            return keys.lookup_api_key(token)
 
         record = await run_in_threadpool(lookup)
         cache.put(digest, record)

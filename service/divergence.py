@@ -24,10 +24,13 @@ import math
 import statistics
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["DivergenceRule", "Verdict"]
+from largebatch.service.storage.base import Conflict, RunRecord, StudyStore
+
+__all__ = ["DivergenceRule", "Verdict", "record_reports"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,42 @@ class DivergenceRule:
         with self._lock:
             self._early.pop(run_id, None)
             self._seen.pop(run_id, None)
+
+
+class _Report(Protocol):
+    step: int
+    loss: float
+    grad_norm: float | None
+
+
+def record_reports(store: StudyStore, rule: DivergenceRule, run: RunRecord, reports: Sequence[_Report], *,
+                   on_revived: Callable[[], None] = lambda: None,
+                   on_diverged: Callable[[], None] = lambda: None) -> RunRecord:
+    """Store ``reports`` of ``run`` in step order, judging each; the first that diverges records the
+    run ``diverged`` (its step and reason) and the rest are not stored. Returns the run as it is
+    then (``running``, ``diverged``, or whatever the run became meanwhile).
+
+    ``on_revived`` is called when a report revived a run the lease sweeper had preempted,
+    ``on_diverged`` when this call recorded the divergence.
+    """
+    early = rule.early_loss(run.id)
+    for r in sorted(reports, key=lambda r: r.step):
+        try:
+            before = run.state
+            run = store.report(run.id, r.step, r.loss, r.grad_norm)
+            if before == "preempted":  # the store call succeeded, so the run is running again
+                on_revived()
+        except Conflict:
+            return store.get_run(run.id)
+        if early is None and rule.note_reports(run.id, 1) and math.isfinite(r.loss):
+            early = rule.learn(run.id, [(p.step, p.loss) for p in store.reports(run.id)])
+        verdict = rule.judge(r.step, r.loss, r.grad_norm, early)
+        if verdict.should_stop:
+            try:
+                run = store.complete_run(run.id, "diverged", step=r.step, reason=verdict.reason)
+                on_diverged()
+                rule.forget(run.id)
+            except Conflict:  # finished meanwhile (by its job, or by another replica)
+                run = store.get_run(run.id)
+            return run
+    return run

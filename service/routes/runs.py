@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
 from pydantic import Discriminator, Tag
 
+from largebatch.scaling_rules.evidence import Outcome
 from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.wire import (
     NAME_PATTERN,
@@ -23,7 +24,8 @@ from largebatch.scaling_rules.wire import (
     RunCreate,
 )
 from largebatch.service.convert import MAX_INT, check_recipe, to_run
-from largebatch.service.deps import IdempotencyKey, Reader, Writer
+from largebatch.service.deps import IdempotencyKey, Reader, StoreDep, Writer
+from largebatch.service.divergence import record_reports
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
 from largebatch.service.recipes import compute_recipe, gather_history
 from largebatch.service.storage.base import Conflict, NotFound, RunRecord, StudyStore
@@ -32,7 +34,6 @@ router = APIRouter(prefix="/v1", tags=["runs"])
 
 StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
 RunId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Run id (unique across studies)")]
-RunState = Literal["running", "completed", "diverged", "failed", "preempted", "pruned"]
 _JSON = "application/json"
 _CSV_COLUMNS = ("id", "number", "state", "batch_size", "peak_lr", "warmup_ratio", "const_ratio", "optimizer",
                 "steps", "metric", "reason", "diverged_step", "last_step", "last_loss", "recipe_hash",
@@ -73,9 +74,8 @@ def _owned_run(store: StudyStore, namespace: str, run_id: int) -> RunRecord:
     description="Give `recipe` (one you have) or `request` (the service computes the recipe, with the "
                 "study's history). 201 when opened, 200 when the `Idempotency-Key` was seen before.",
 )
-def create_run(name: StudyName, body: RunCreate, principal: Writer, request: Request,
+def create_run(name: StudyName, body: RunCreate, principal: Writer, store: StoreDep, request: Request,
                idempotency_key: IdempotencyKey) -> Response:
-    store: StudyStore = request.app.state.store_holder.get()
     if (body.recipe is None) == (body.request is None):
         raise field_error(["body"], "give exactly one of recipe or request", "value_error")
     if body.recipe is not None:
@@ -113,14 +113,13 @@ def _csv(rows: list[Run]) -> str:
 def list_runs(
     name: StudyName,
     principal: Reader,
-    request: Request,
-    state: Annotated[RunState | None, Query(description="Only runs in this state")] = None,
+    store: StoreDep,
+    state: Annotated[Outcome | None, Query(description="Only runs in this state")] = None,
     batch_size: Annotated[int | None, Query(ge=1, le=MAX_INT, description="Only runs at this batch size")] = None,
     limit: Annotated[int | None, Query(ge=1, le=1000, description="Page size (JSON default 100)")] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
 ) -> Response:
-    store: StudyStore = request.app.state.store_holder.get()
     ns = principal.namespace
     if format == "json":
         page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=limit or 100, offset=offset)
@@ -146,10 +145,8 @@ def list_runs(
 
 
 @router.get("/runs/{id}", response_model=Run, responses=ERROR_RESPONSES, summary="One run")
-def get_run(id: RunId, principal: Reader, request: Request) -> Response:
-    store: StudyStore = request.app.state.store_holder.get()
-    run_id = id
-    return _json(to_run(_owned_run(store, principal.namespace, run_id)))
+def get_run(id: RunId, principal: Reader, store: StoreDep) -> Response:
+    return _json(to_run(_owned_run(store, principal.namespace, id)))
 
 
 _STOP_STATES = ("diverged", "pruned")
@@ -189,8 +186,7 @@ def _count_revival(request: Request, before: str) -> None:
                 "`pruned`) the answer is 200 with `should_stop: true`; on a run that is otherwise no longer "
                 "running, 409.",
 )
-def heartbeat(id: RunId, principal: Writer, request: Request) -> Response:
-    store: StudyStore = request.app.state.store_holder.get()
+def heartbeat(id: RunId, principal: Writer, store: StoreDep, request: Request) -> Response:
     run_id = id
     run = _owned_run(store, principal.namespace, run_id)
     if run.state in _LIVE_STATES:
@@ -207,27 +203,9 @@ def heartbeat(id: RunId, principal: Writer, request: Request) -> Response:
 
 
 def _report(request: Request, store: StudyStore, run: RunRecord, reports: list[ReportIn]) -> ReportOut:
-    rule = request.app.state.divergence
-    early = rule.early_loss(run.id)
-    for r in sorted(reports, key=lambda r: r.step):
-        try:
-            before = run.state
-            run = store.report(run.id, r.step, r.loss, r.grad_norm)
-            _count_revival(request, before)
-        except Conflict:
-            run = store.get_run(run.id)
-            break
-        if early is None and rule.note_reports(run.id, 1) and math.isfinite(r.loss):
-            early = rule.learn(run.id, [(p.step, p.loss) for p in store.reports(run.id)])
-        verdict = rule.judge(r.step, r.loss, r.grad_norm, early)
-        if verdict.should_stop:
-            try:
-                run = store.complete_run(run.id, "diverged", step=r.step, reason=verdict.reason)
-                request.app.state.metrics.divergences.inc()
-                rule.forget(run.id)
-            except Conflict:  # finished meanwhile (by its job, or by another replica)
-                run = store.get_run(run.id)
-            break
+    metrics = request.app.state.metrics
+    run = record_reports(store, request.app.state.divergence, run, reports, on_revived=metrics.revived.inc,
+                         on_diverged=metrics.divergences.inc)
     if run.state == "running":
         return ReportOut(run=to_run(run), should_stop=False)
     if run.state in _STOP_STATES:
@@ -246,9 +224,8 @@ def _report(request: Request, store: StudyStore, run: RunRecord, reports: list[R
                 "Reports to a run already stopped by the service answer `should_stop: true`; to a run finished "
                 "otherwise, 409.",
 )
-def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer,
+def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer, store: StoreDep,
            request: Request) -> Response:
-    store: StudyStore = request.app.state.store_holder.get()
     run_id = id
     run = _owned_run(store, principal.namespace, run_id)
     reports = body.reports if isinstance(body, ReportBatchIn) else [body]
@@ -268,8 +245,7 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer,
                 "and `step`. Completing again with the same outcome is a no-op (200); a different outcome is "
                 "409. A run the lease sweeper marked `preempted` can still be completed by its job.",
 )
-def complete(id: RunId, body: CompleteIn, principal: Writer, request: Request) -> Response:
-    store: StudyStore = request.app.state.store_holder.get()
+def complete(id: RunId, body: CompleteIn, principal: Writer, store: StoreDep, request: Request) -> Response:
     run_id = id
     if body.outcome == "completed":
         if body.metric is None:

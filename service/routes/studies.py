@@ -4,22 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from largebatch.scaling_rules.wire import NAME_PATTERN, Page, Study, StudyCreate
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, to_study
-from largebatch.service.deps import IdempotencyKey, Reader, Writer
+from largebatch.service.deps import IdempotencyKey, Reader, StoreDep, Writer
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
-from largebatch.service.storage.base import AlreadyExists, StudyStore
+from largebatch.service.storage.base import AlreadyExists
 
 router = APIRouter(prefix="/v1/studies", tags=["studies"])
 
 StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
 _JSON = "application/json"
-
-
-def _store(request: Request) -> StudyStore:
-    return request.app.state.store_holder.get()
 
 
 # The Idempotency-Key a study was created with, kept in its Optuna user attrs (never shown by the API).
@@ -32,10 +28,9 @@ _CREATION_KEY = "creation_key"
              summary="Create a study (409 already_exists if the name is taken in your namespace)",
              description="With an `Idempotency-Key`, a retry of a request that did create the study answers 200 "
                          "with it (a client that lost the first answer is not told its own study exists).")
-def create_study(body: StudyCreate, principal: Writer, request: Request, idempotency_key: IdempotencyKey) -> Response:
+def create_study(body: StudyCreate, principal: Writer, store: StoreDep, idempotency_key: IdempotencyKey) -> Response:
     if body.model_params > MAX_BIGINT:
         raise field_error(["body", "model_params"], f"must be <= {MAX_BIGINT}", "less_than_equal")
-    store = _store(request)
     try:
         record = store.create_study(
             principal.namespace, body.name, model_family=body.model_family, model_params=body.model_params,
@@ -63,23 +58,23 @@ def create_study(body: StudyCreate, principal: Writer, request: Request, idempot
 @router.get("", response_model=Page[Study], responses=ERROR_RESPONSES, summary="List your namespace's studies")
 def list_studies(
     principal: Reader,
-    request: Request,
+    store: StoreDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> Response:
-    page = _store(request).list_studies(principal.namespace, limit=limit, offset=offset)
+    page = store.list_studies(principal.namespace, limit=limit, offset=offset)
     out = Page[Study](items=[to_study(s) for s in page.items], total=page.total, limit=limit, offset=offset)
     return Response(out.model_dump_json(), media_type=_JSON)
 
 
 @router.get("/{name}", response_model=Study, responses=ERROR_RESPONSES, summary="One study")
-def get_study(name: StudyName, principal: Reader, request: Request) -> Response:
-    return Response(to_study(_store(request).get_study(principal.namespace, name)).model_dump_json(),
+def get_study(name: StudyName, principal: Reader, store: StoreDep) -> Response:
+    return Response(to_study(store.get_study(principal.namespace, name)).model_dump_json(),
                     media_type=_JSON)
 
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                responses=ERROR_RESPONSES, summary="Delete a study with its runs")
-def delete_study(name: StudyName, principal: Writer, request: Request) -> Response:
-    _store(request).delete_study(principal.namespace, name)
+def delete_study(name: StudyName, principal: Writer, store: StoreDep) -> Response:
+    store.delete_study(principal.namespace, name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

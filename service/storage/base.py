@@ -1,4 +1,5 @@
-"""The study-store contract: records, domain errors and the abstract :class:`StudyStore`.
+"""The study-store contract: records, domain errors, the abstract :class:`StudyStore` and the
+:class:`ApiKeyStore` it includes (authentication needs only that one).
 
 Everything the REST service does with persistent state goes through :class:`StudyStore`. The
 only implementation today is :class:`largebatch.service.storage.optuna_store.OptunaStudyStore`,
@@ -11,15 +12,15 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from largebatch.scaling_rules.evidence import BatchSummary
+from largebatch.scaling_rules.evidence import BatchSummary, Direction, Outcome
 from largebatch.scaling_rules.learning import RunEvidence
 from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.wire import NAME_PATTERN, FinalOutcome, Page, RunFields, Scope
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -28,9 +29,11 @@ __all__ = [
     "OUTCOMES",
     "AlreadyExists",
     "ApiKeyRecord",
+    "ApiKeyStore",
     "BatchSummary",
     "Conflict",
     "Direction",
+    "FinalOutcome",
     "InvalidArgument",
     "NotFound",
     "Outcome",
@@ -40,20 +43,20 @@ __all__ = [
     "Scope",
     "StoreError",
     "StoreUnavailable",
+    "StoredOutcome",
     "StudyRecord",
     "StudyStore",
     "validate_name",
 ]
 
-Outcome = Literal["running", "completed", "diverged", "failed", "preempted", "pruned"]
-FinalOutcome = Literal["completed", "diverged", "failed", "preempted", "pruned"]
-Direction = Literal["minimize", "maximize"]
-Scope = Literal["read", "write"]
-
-OUTCOMES: tuple[str, ...] = ("running", "completed", "diverged", "failed", "preempted", "pruned")
-FINAL_OUTCOMES: tuple[str, ...] = OUTCOMES[1:]
+# The domain words are defined once, in largebatch.scaling_rules (evidence.py: Outcome, Direction;
+# wire.py: FinalOutcome, Scope, NAME_PATTERN, Page), and re-exported here for the store's callers.
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+#: What :meth:`StudyStore.complete_run` records: a job's :data:`FinalOutcome`, or ``preempted``.
+FINAL_OUTCOMES: tuple[str, ...] = tuple(o for o in OUTCOMES if o != "running")
+StoredOutcome = FinalOutcome | Literal["preempted"]
 DEFAULT_LEASE_SECONDS = 600.0
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_NAME = re.compile(NAME_PATTERN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,9 +93,9 @@ class InvalidArgument(StoreError, ValueError):
 
 def validate_name(argument: str, value: object) -> str:
     """Return ``value`` if it is a valid namespace/study name, else raise :class:`InvalidArgument`."""
-    if not isinstance(value, str) or NAME_PATTERN.fullmatch(value) is None:
+    if not isinstance(value, str) or _NAME.fullmatch(value) is None:
         raise InvalidArgument(
-            f"{argument} must match {NAME_PATTERN.pattern} (letters, digits, '_', '.', '-'; "
+            f"{argument} must match {NAME_PATTERN} (letters, digits, '_', '.', '-'; "
             f"at most 128 characters), got {value!r}"
         )
     return value
@@ -126,36 +129,16 @@ class StudyRecord(_Record):
         return f"{self.namespace}/{self.name}"
 
 
-class RunRecord(_Record):
-    """A run is one Optuna trial: one recipe handed out, and what became of it."""
+class RunRecord(RunFields):
+    """A run is one Optuna trial: one recipe handed out, and what became of it. The fields of the
+    wire :class:`~largebatch.scaling_rules.wire.Run`, with the recipe as its JSON object (parsed
+    into a ``Recipe`` only when a response is made) and the client's idempotency key; unlike on
+    the wire, ``metric`` and ``last_loss`` keep NaN/inf."""
 
-    id: int = Field(description="Optuna trial_id: globally unique across studies.")
-    study: str
-    namespace: str
-    number: int = Field(description="Optuna trial number within the study (0, 1, ...).")
-    state: Outcome
-    batch_size: int
-    peak_lr: float
-    warmup_ratio: float
-    const_ratio: float
-    optimizer: str
-    steps: int
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
     recipe: dict[str, Any]
-    recipe_hash: str
-    environment: dict[str, Any] = Field(default_factory=dict)
     client_key: str | None = None
-    metric: float | None = None
-    reason: str | None = None
-    diverged_step: int | None = None
-    created_at: datetime
-    updated_at: datetime
-    lease_expires_at: datetime | None = None
-    last_step: int | None = None
-    last_loss: float | None = None
-
-    @property
-    def outcome(self) -> Outcome:
-        return self.state
 
 
 class Report(_Record):
@@ -181,19 +164,48 @@ class ApiKeyRecord(_Record):
         return self.revoked_at is None
 
 
-class Page(_Record):
-    """One page of a listing plus the total number of matching items."""
-
-    items: list[Any]
-    total: int
-
-
 # --------------------------------------------------------------------------------------------
 # The contract.
 # --------------------------------------------------------------------------------------------
 
 
-class StudyStore(abc.ABC):
+class ApiKeyStore(abc.ABC):
+    """API keys: a namespace and a scope each; only a hash of the secret is stored. Thread-safe;
+    errors as :class:`StudyStore`'s. Every :class:`StudyStore` is one (the keys live in its
+    database), and authentication needs nothing more than this interface."""
+
+    @abc.abstractmethod
+    def create_api_key(self, namespace: str, scope: Scope = "write") -> tuple[int, str]:
+        """Create an API key. Only its sha256 is stored; the plaintext is returned once.
+
+        Returns:
+            ``(key_id, plaintext)``.
+
+        Raises:
+            InvalidArgument: Bad namespace or scope.
+        """
+
+    @abc.abstractmethod
+    def list_api_keys(self, namespace: str | None = None) -> list[ApiKeyRecord]:
+        """List API keys (revoked ones included), oldest first."""
+
+    @abc.abstractmethod
+    def revoke_api_key(self, key_id: int) -> ApiKeyRecord:
+        """Revoke a key (idempotent: revoking twice keeps the first ``revoked_at``).
+
+        Raises:
+            NotFound: No such key.
+        """
+
+    @abc.abstractmethod
+    def lookup_api_key(self, plaintext: str) -> ApiKeyRecord | None:
+        """Return the *active* key whose plaintext this is, or None (unknown or revoked).
+
+        Looks up by the sha256 of ``plaintext`` (no comparison of secrets in Python).
+        """
+
+
+class StudyStore(ApiKeyStore):
     """Persistent memory of the service: studies, runs, outcomes, summaries, API keys.
 
     Contract shared by every implementation:
@@ -397,7 +409,7 @@ class StudyStore(abc.ABC):
     def complete_run(
         self,
         run_id: int,
-        outcome: FinalOutcome,
+        outcome: StoredOutcome,
         *,
         metric: float | None = None,
         reason: str | None = None,
@@ -498,38 +510,6 @@ class StudyStore(abc.ABC):
             Number of (study, batch size) summary rows written.
         """
 
-    # ----------------------------------------------------------------------------- API keys
-
-    @abc.abstractmethod
-    def create_api_key(self, namespace: str, scope: Scope = "write") -> tuple[int, str]:
-        """Create an API key. Only its sha256 is stored; the plaintext is returned once.
-
-        Returns:
-            ``(key_id, plaintext)``.
-
-        Raises:
-            InvalidArgument: Bad namespace or scope.
-        """
-
-    @abc.abstractmethod
-    def list_api_keys(self, namespace: str | None = None) -> list[ApiKeyRecord]:
-        """List API keys (revoked ones included), oldest first."""
-
-    @abc.abstractmethod
-    def revoke_api_key(self, key_id: int) -> ApiKeyRecord:
-        """Revoke a key (idempotent: revoking twice keeps the first ``revoked_at``).
-
-        Raises:
-            NotFound: No such key.
-        """
-
-    @abc.abstractmethod
-    def lookup_api_key(self, plaintext: str) -> ApiKeyRecord | None:
-        """Return the *active* key whose plaintext this is, or None (unknown or revoked).
-
-        Looks up by the sha256 of ``plaintext`` (no comparison of secrets in Python).
-        """
-
     # ----------------------------------------------------------------------------- operations
 
     @abc.abstractmethod
@@ -547,12 +527,6 @@ class StudyStore(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release connections. The store must not be used afterwards."""
-
-    # ----------------------------------------------------------------------------- helpers
-
-    def complete_runs(self, items: Sequence[tuple[int, FinalOutcome, float | None]]) -> list[RunRecord]:
-        """Convenience: :meth:`complete_run` for each ``(run_id, outcome, metric)``."""
-        return [self.complete_run(rid, outcome, metric=metric) for rid, outcome, metric in items]
 
     def __enter__(self) -> StudyStore:
         return self

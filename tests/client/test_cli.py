@@ -12,6 +12,8 @@ import pytest
 from largebatch.client import Client
 from largebatch.scaling_rules.cli import main
 
+pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
+
 REQUEST = {"model": {"params": 110_000_000}, "target": {"batch_size": 4096},
            "reference": {"batch_size": 256, "lr": 1e-4, "steps": 100_000, "warmup_ratio": 0.01}}
 

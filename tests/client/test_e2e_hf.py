@@ -14,6 +14,8 @@ from largebatch.client import Client  # noqa: E402
 from largebatch.client.integrations.hf import LargebatchCallback, optimizers, training_args  # noqa: E402
 from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
 
+pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
+
 VOCAB, SEQ = 32, 16
 
 

@@ -14,6 +14,8 @@ from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
 
 from ._training import BATCH, REFERENCE, Data, make_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
+
 
 class Regression(L.LightningModule):
     def __init__(self) -> None:

@@ -17,6 +17,8 @@ from largebatch.client import APIConnectionError, Client, NotFoundError  # noqa:
 
 from ._training import BATCH, REFERENCE, Data, evaluate, make_model, train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
+
 
 def test_killing_the_service_mid_training_loses_and_duplicates_nothing(own_service):
     service = own_service.start()

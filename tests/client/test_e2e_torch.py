@@ -16,6 +16,8 @@ from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
 
 from ._training import BATCH, REFERENCE, evaluate, make_model, train  # noqa: E402
 
+pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
+
 FAST = {"flush_interval": 0.1, "heartbeat_interval": 30.0, "close_timeout": 30.0}
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
+
 pytest.importorskip("torch")
 
 README = Path(__file__).resolve().parents[2] / "README.md"

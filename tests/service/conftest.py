@@ -192,8 +192,12 @@ def in_process_api(url: str, name: str, **settings) -> Iterator[Api]:
         api.close()
 
 
-@pytest.fixture(scope="session", params=["inprocess-sqlite", "inprocess-postgresql", "uvicorn-sqlite",
-                                         "uvicorn-postgresql"])
+# The uvicorn servers (a `largebatch serve` subprocess each) are `slow`: scripts/test.sh --fast runs
+# the same tests against the app in-process on SQLite only.
+@pytest.fixture(scope="session", params=["inprocess-sqlite",
+                                         pytest.param("inprocess-postgresql", marks=pytest.mark.postgres),
+                                         pytest.param("uvicorn-sqlite", marks=pytest.mark.slow),
+                                         pytest.param("uvicorn-postgresql", marks=pytest.mark.slow)])
 def api(request, tmp_path_factory) -> Iterator[Api]:
     mode, backend = request.param.split("-")
     if backend == "postgresql":

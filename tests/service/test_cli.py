@@ -14,6 +14,8 @@ from largebatch.scaling_rules.cli import main as cli_main
 
 from .conftest import LARGEBATCH, UvicornServer, bert_request
 
+pytestmark = pytest.mark.slow  # every test starts `largebatch` processes
+
 
 def lb(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os

@@ -31,6 +31,7 @@ def _wait_state(c, run_id: int, state: str, timeout: float = 10) -> dict:
         time.sleep(0.1)
 
 
+@pytest.mark.slow  # waits, in real time, for leases to run out and the sweeper to pass
 def test_silent_run_is_preempted_and_heartbeating_run_is_not(short_lease_api):
     c = short_lease_api.client()
     study = unique()

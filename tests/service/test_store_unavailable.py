@@ -37,6 +37,7 @@ def test_in_process_app_starts_and_answers_503():
         _assert_503(c.get("/v1/studies", headers={"Authorization": "Bearer some-key"}))
 
 
+@pytest.mark.slow
 def test_uvicorn_serve_with_dead_database(tmp_path):
     server = UvicornServer(_dead_url(), "--require-keys", log=tmp_path / "serve.log")
     try:

@@ -1,0 +1,242 @@
+"""``Client.autoconfigure`` and ``AsyncClient.autoconfigure``: ask for a recipe, open the run, build
+the optimizer and scheduler, return a :class:`Job`.
+
+The conversation with the service (recommend; on 404 create the study and recommend again; on a
+transient error fall back to the locally computed recipe if asked) is written once, as a plan: a
+generator that yields the :class:`~largebatch.client._base.Call` to make next and is sent back its
+answer (or thrown its error). :func:`autoconfigure` runs the plan with a sync client,
+:func:`autoconfigure_async` with an async one; nothing else differs.
+
+torch is imported (through ``largebatch.client.optim``) only when a job is built.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import sys
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from largebatch.scaling_rules.models import Recipe, Reference
+from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut, Run, Study
+
+from . import errors
+from ._base import BaseClient, Call, RunChannel, _new_idempotency_key, is_transient
+from ._version import __version__
+from .job import Job
+
+T = TypeVar("T")
+
+
+# What the two drivers need of a client: :meth:`Client.send` / :meth:`AsyncClient.send` (structural,
+# so that this module, which both clients import, imports neither).
+class _Client(Protocol):
+    def send(self, call: Call[T]) -> T: ...
+
+
+class _AsyncClient(Protocol):
+    async def send(self, call: Call[T]) -> T: ...
+
+__all__ = ["autoconfigure", "autoconfigure_async", "build_request", "count_parameters", "default_environment"]
+
+log = logging.getLogger("largebatch.client")
+
+
+def count_parameters(model: Any) -> int:
+    """Trainable parameters of a torch module (duck-typed: anything with ``parameters()``)."""
+    return int(sum(p.numel() for p in model.parameters() if getattr(p, "requires_grad", True)))
+
+
+def default_environment(model: Any = None) -> dict[str, Any]:
+    """What the run records about where it ran."""
+    env: dict[str, Any] = {"client": f"largebatch-client {__version__}", "python": platform.python_version(),
+                           "platform": platform.platform(terse=True), "host": socket.gethostname()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        env["torch"] = torch.__version__
+    if model is not None:
+        try:
+            env["device"] = str(next(iter(model.parameters())).device)
+        except (StopIteration, AttributeError, TypeError):
+            pass
+    return env
+
+
+def build_request(model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
+                  target_batch_size: int | None, target_steps: int | None = None, model_params: int | None = None,
+                  model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
+                  **request_fields: Any) -> RecommendationIn:
+    """The ``start_run`` request :func:`autoconfigure` sends (validated locally)."""
+    fields: dict[str, Any] = dict(request_fields)
+    if "model" not in fields:
+        fields["model"] = {"params": model_params or count_parameters(model), "family": model_family}
+    if reference is not None:
+        fields["reference"] = reference
+    if target_batch_size is not None:
+        fields["target"] = {"batch_size": target_batch_size, **({"steps": target_steps} if target_steps else {})}
+    fields.update(study=study, start_run=True,
+                  environment={**default_environment(model), **dict(environment or {})})
+    return RecommendationIn.model_validate(fields)
+
+
+def _engine_request(req: RecommendationIn) -> dict[str, Any]:
+    return req.model_dump(exclude={"study", "start_run", "environment", "use_family_evidence", "explore"},
+                          exclude_unset=True)
+
+
+def _study_args(req: RecommendationIn, metric: str, direction: str) -> dict[str, Any]:
+    assert req.study is not None
+    return {"model_params": req.model.params, "model_family": req.model.family, "metric": metric,
+            "direction": direction}
+
+
+def _open_offline(req: RecommendationIn, recipe: Recipe, key: str, create_study: bool, metric: str,
+                  direction: str) -> Callable[[RunChannel], Run]:
+    """How the background thread opens the run once the service answers (offline fallback)."""
+
+    def open_run(client: RunChannel) -> Run:
+        assert req.study is not None
+        try:
+            return client.create_run(req.study, recipe=recipe, environment=req.environment, idempotency_key=key)
+        except errors.NotFoundError:
+            if not create_study:
+                raise
+            try:
+                client.create_study(req.study, **_study_args(req, metric, direction))
+            except errors.AlreadyExistsError:
+                pass
+            return client.create_run(req.study, recipe=recipe, environment=req.environment, idempotency_key=key)
+
+    return open_run
+
+
+def _build(model: Any, recipe: Recipe) -> tuple[Any, Any]:
+    from largebatch.client.optim import build
+
+    return build(model, recipe)
+
+
+@dataclass
+class _Answer:
+    """What the service said: the recommendation (None: unreachable, train offline) and the study
+    if this job created it."""
+
+    out: RecommendationOut | None
+    study_info: Study | None = None
+    offline_reason: BaseException | None = None
+
+
+_Plan = Generator[Call[Any], Any, _Answer]
+
+
+def _plan(client: BaseClient, req: RecommendationIn, key: str, *, create_study: bool, metric: str,
+          direction: str, offline_fallback: bool) -> _Plan:
+    """The calls autoconfigure makes, whichever client sends them."""
+    assert req.study is not None
+    study_info: Study | None = None
+    try:
+        try:
+            out = yield client._recommend(req, {}, key)
+        except errors.NotFoundError:
+            if not create_study:
+                raise
+            try:
+                study_info = yield client._create_study(req.study, **_study_args(req, metric, direction),
+                                                        idempotency_key=None)
+            except errors.AlreadyExistsError:  # another job created it meanwhile
+                pass
+            out = yield client._recommend(req, {}, key)
+    except errors.APIError as e:
+        if not (offline_fallback and is_transient(e)):
+            raise
+        return _Answer(None, study_info, e)
+    return _Answer(out, study_info)
+
+
+def _run_sync(plan: _Plan, client: _Client) -> _Answer:
+    answer: Any = None
+    error: errors.APIError | None = None
+    while True:
+        try:
+            call = plan.throw(error) if error is not None else plan.send(answer)
+        except StopIteration as done:
+            return done.value
+        try:
+            answer, error = client.send(call), None
+        except errors.APIError as e:
+            answer, error = None, e
+
+
+async def _run_async(plan: _Plan, client: _AsyncClient) -> _Answer:
+    answer: Any = None
+    error: errors.APIError | None = None
+    while True:
+        try:
+            call = plan.throw(error) if error is not None else plan.send(answer)
+        except StopIteration as done:
+            return done.value
+        try:
+            answer, error = await client.send(call), None
+        except errors.APIError as e:
+            answer, error = None, e
+
+
+def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _Answer, *, key: str,
+              create_study: bool, metric: str, direction: str, job_options: Mapping[str, Any] | None) -> Job:
+    out = answer.out
+    if out is None:
+        from .offline import recommend_local
+
+        out = recommend_local(_engine_request(req))
+        log.warning("largebatch: service unreachable (%s): training with the recipe computed locally; the run "
+                    "will be opened and the reports delivered when the service answers", answer.offline_reason)
+        open_run = _open_offline(req, out, key, create_study, metric, direction)
+    else:
+        open_run = None
+        if out.run is None:
+            raise errors.JobError("the service answered without opening a run")
+    recipe = Recipe.model_validate(out.model_dump(exclude={"run", "variants", "variant_runs"}))
+    optimizer, scheduler = _build(model, recipe)
+    return Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
+               open_run=open_run, **dict(job_options or {}))
+
+
+def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
+                  target_batch_size: int | None, target_steps: int | None = None, model_params: int | None = None,
+                  model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
+                  idempotency_key: str | None = None, create_study: bool = True, metric: str = "eval_loss",
+                  direction: str = "minimize", job_options: Mapping[str, Any] | None = None,
+                  offline_fallback: bool = False, **request_fields: Any) -> Job:
+    """See :meth:`Client.autoconfigure`."""
+    req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
+                        target_steps=target_steps, model_params=model_params, model_family=model_family,
+                        environment=environment, **request_fields)
+    key = idempotency_key or _new_idempotency_key()
+    plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
+                 offline_fallback=offline_fallback)
+    return _make_job(client, model, req, _run_sync(plan, client), key=key, create_study=create_study,
+                     metric=metric, direction=direction, job_options=job_options)
+
+
+async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
+                              reference: Reference | Mapping[str, Any] | None, target_batch_size: int | None,
+                              target_steps: int | None = None, model_params: int | None = None,
+                              model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
+                              idempotency_key: str | None = None, create_study: bool = True,
+                              metric: str = "eval_loss", direction: str = "minimize",
+                              job_options: Mapping[str, Any] | None = None, offline_fallback: bool = False,
+                              **request_fields: Any) -> Job:
+    """See :meth:`AsyncClient.autoconfigure`. The job's thread reports with the sync client of
+    :meth:`AsyncClient.run_channel`."""
+    req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
+                        target_steps=target_steps, model_params=model_params, model_family=model_family,
+                        environment=environment, **request_fields)
+    key = idempotency_key or _new_idempotency_key()
+    plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
+                 offline_fallback=offline_fallback)
+    answer = await _run_async(plan, client)
+    return _make_job(client, model, req, answer, key=key, create_study=create_study, metric=metric,
+                     direction=direction, job_options=job_options)

@@ -1,0 +1,89 @@
+"""Argument checks and value conversions shared by the store's parts (each names the argument)."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime, timezone
+
+from largebatch.service.storage.base import InvalidArgument
+
+MAX_JSON_BYTES = 256 * 1024
+MAX_REASON = 2000
+
+
+def _now() -> datetime:
+    """Naive UTC (what we store; Optuna 5 stores naive UTC too)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+
+
+def _naive_utc(argument: str, dt: datetime) -> datetime:
+    if not isinstance(dt, datetime):
+        raise InvalidArgument(f"{argument} must be a datetime, got {dt!r}")
+    if dt.tzinfo is None:
+        raise InvalidArgument(f"{argument} must be timezone-aware (UTC), got naive {dt!r}")
+    return dt.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def _int(argument: str, value: object, *, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{argument} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise InvalidArgument(f"{argument} must be {bound}, got {value!r}")
+    return value
+
+
+def _float(argument: str, value: object, *, finite: bool = True, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{argument} must be a number, got {value!r}")
+    v = float(value)
+    if finite and not math.isfinite(v):
+        raise InvalidArgument(f"{argument} must be a finite number, got {value!r}")
+    if positive and not v > 0:
+        raise InvalidArgument(f"{argument} must be > 0, got {value!r}")
+    return v
+
+
+def _json(argument: str, value: object) -> str:
+    try:
+        blob = json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"{argument} must be JSON-serialisable (no NaN/inf): {e}") from e
+    if len(blob) > MAX_JSON_BYTES:
+        raise InvalidArgument(f"{argument} is too large ({len(blob)} bytes > {MAX_JSON_BYTES})")
+    return blob
+
+
+def _page_args(limit: object, offset: object) -> tuple[int, int]:
+    return _int("limit", limit, minimum=1, maximum=1000), _int("offset", offset, minimum=0)
+
+
+def _client_key(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 200 or not value.isprintable():
+        raise InvalidArgument(f"client_key must be 1..200 printable characters, got {value!r}")
+    return value
+
+
+def _nonfinite_repr(v: float) -> tuple[float | None, str | None]:
+    if math.isfinite(v):
+        return v, None
+    return None, ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+
+def _from_nonfinite(v: float | None, tag: str | None) -> float | None:
+    return float(tag) if tag is not None else v
+
+
+def _same_metric(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
