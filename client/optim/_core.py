@@ -51,7 +51,7 @@ DEFAULT_NONFINITE = "skip"
 # update while they are still in cache, and the update direction lives in a reusable scratch buffer.
 DEFAULT_CHUNK_NUMEL = 1 << 21
 # Block length of the accurate squared norm (see `sq_norm`).
-_NORM_BLOCK = 1 << 14
+_NORM_BLOCK = 1 << 15
 # Tensors up to this size get their norm from one multi-tensor call (biases and norm weights).
 _SMALL_NUMEL = 1 << 12
 
@@ -197,9 +197,9 @@ def sq_norm(t: Tensor) -> Tensor:
     """Accurate squared L2 norm as a 0-d float64 tensor.
 
     On CPU, ``torch.linalg.vector_norm`` and ``torch.dot`` accumulate fp32 over the whole tensor: on a
-    23M-element embedding their relative errors are ~3e-3 and ~1e-4 (measured). Here the norms of rows
-    of 2^14 elements (error ~1e-7) are combined in float64, in one parallel call, at the speed of a
-    plain norm.
+    23M-element embedding their relative errors are ~3e-3 and ~1e-4 (measured). Here the norms of
+    blocks of 2^15 elements (error ~1e-7) are combined in float64. One ``torch._foreach_norm`` over the
+    blocks runs at ~80% of a plain norm's speed; a row-wise ``vector_norm(dim=1)`` ran at ~30%.
     """
     flat = t.reshape(-1)
     if flat.dtype in LOW_PRECISION:
@@ -208,12 +208,10 @@ def sq_norm(t: Tensor) -> Tensor:
     if flat.dtype == torch.float64 or n <= _NORM_BLOCK:
         return torch.dot(flat, flat).to(torch.float64)
     k = n // _NORM_BLOCK
-    rows = torch.linalg.vector_norm(flat[: k * _NORM_BLOCK].view(k, _NORM_BLOCK), dim=1)
-    total = rows.to(torch.float64).square().sum()
+    blocks = list(flat[: k * _NORM_BLOCK].view(k, _NORM_BLOCK).unbind())
     if n > k * _NORM_BLOCK:
-        tail = flat[k * _NORM_BLOCK :]
-        total = total + torch.dot(tail, tail).to(torch.float64)
-    return total
+        blocks.append(flat[k * _NORM_BLOCK :])
+    return torch.stack(torch._foreach_norm(blocks, 2)).to(torch.float64).square().sum()
 
 
 def sq_norms(tensors: Sequence[Tensor]) -> Tensor:

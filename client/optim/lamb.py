@@ -313,10 +313,7 @@ def _multi_tensor_lamb(
         steps = [state_steps[i] for i in idx]
         found_inf = None if ok is None else (~ok).to(device=device, dtype=torch.float32)
         ok_dev = None if ok is None else ok.to(device)
-        if ok_dev is None:
-            torch._foreach_add_(steps, 1.0)
-        else:
-            torch._foreach_add_(steps, [ok_dev.to(torch.float32)] * len(steps))  # (the Tensor overload calls .item())
+        increment_steps(steps, ok_dev)
         # sharded tensors: one chunk, so that their norms take one collective
         limit = None if any(is_dtensor(params[i]) for i in idx) else chunk_numel
 
@@ -441,3 +438,4 @@ def _fused_scales(x_sq: Tensor | None, u_sq: Tensor | None, *, members: list[Ten
     if ok is not None:
         scale = scale * ok
     return scale
+
