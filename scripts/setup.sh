@@ -8,4 +8,5 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null; then
     .venv/bin/pip install --quiet torch==2.13.0
 fi
+# (dev pulls in triton: beside the CPU torch it runs the fused optimizer kernels under its interpreter)
 .venv/bin/pip install --quiet -e '.[dev,torch,hf,lightning]'

@@ -19,9 +19,10 @@ __all__ = ["build", "build_optimizer"]
 
 # Extra OptimizerConfig fields (the model allows extras) passed on to our optimizers as keyword arguments.
 _EXTRA_OPTIONS = {
-    "lamb": {"layer_adaptation", "phi_bounds", "skip_adaptation_without_decay", "nonfinite", "foreach", "fused"},
-    "lans": {"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "fused"},
-    "lars": {"layer_adaptation", "phi_bounds", "nonfinite", "foreach"},
+    "lamb": {"layer_adaptation", "phi_bounds", "skip_adaptation_without_decay", "nonfinite", "foreach", "fused",
+             "capturable"},
+    "lans": {"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "fused", "capturable"},
+    "lars": {"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "capturable"},
     "adamw": {"foreach", "fused", "amsgrad"},
     "sgd": {"foreach", "fused", "nesterov", "dampening"},
 }

@@ -28,6 +28,7 @@ Named options, each off by default, reproduce the variants people actually run:
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from ._core import (
     DEFAULT_CHUNK_NUMEL,
+    DEFAULT_NONFINITE,
     LOW_PRECISION,
     LayerwiseOptimizer,
     NormReducer,
@@ -50,16 +52,19 @@ from ._core import (
     compute_dtype,
     fused_kernel_ok,
     fused_layout_ok,
+    fused_subgroups,
     group_by_device_dtype,
+    increment_steps,
     is_dtensor,
     local,
+    pick_path,
     run_group,
     run_prologue,
     sq_norm,
     sq_norms,
     steps_for_bias_correction,
     trust_ratios,
-    use_foreach,
+    where_ok,
 )
 
 __all__ = ["LAMB", "lamb"]
@@ -79,13 +84,17 @@ class LAMB(LayerwiseOptimizer):
         phi_bounds: ``(lower, upper)`` clamp of :math:`\lVert x\rVert` (the paper's φ), or ``None``.
         max_grad_norm: global gradient-norm clipping before the moments (apex), or ``None``.
         skip_adaptation_without_decay: no trust ratio where ``weight_decay == 0`` (apex, timm).
-        nonfinite: ``"raise"`` (default): a NaN/Inf gradient raises :class:`NonFiniteGradientError`
-            before anything changes (this check is the step's one host sync); ``"skip"``: such a step
-            leaves parameters and state untouched, without a host sync, and is counted in
-            :attr:`skipped_steps`.
-        foreach: ``None``/``True``: multi-tensor path; ``False``: the single-tensor reference loop.
-        fused: use torch's fused Adam kernel for the moment update inside the multi-tensor path
-            (``None``: where the device supports it).
+        nonfinite: ``"skip"`` (default): a step with a NaN/Inf gradient leaves parameters and state
+            untouched, decided on the device without a host sync (torch's ``GradScaler`` convention), and
+            is counted in :attr:`skip_counter` (a device tensor; :attr:`skipped_steps` reads it as an
+            int); ``"raise"``: raise :class:`NonFiniteGradientError` before anything changes, a
+            debugging mode that synchronises with the device on every step.
+        foreach: ``False``: the single-tensor reference loop; ``None``/``True``: a multi-tensor path.
+        fused: the Triton multi-tensor kernel (two passes over all tensors, see ``_fused``). ``None``:
+            on CUDA when Triton is importable, else the ``torch._foreach_*`` path; ``True``: required
+            (an error on CPU, except under Triton's interpreter); ``False``: never.
+        capturable: keep ``lr`` as a float64 tensor on the parameters' device (step counters always
+            are), so that ``step()`` can be captured in a CUDA graph and LR schedulers still work.
 
     State per parameter: ``step`` (0-d float32 tensor on the parameter's device), ``exp_avg`` and
     ``exp_avg_sq`` (fp32 for bf16/fp16 parameters). ``p.grad`` is never modified.
@@ -107,17 +116,20 @@ class LAMB(LayerwiseOptimizer):
         phi_bounds: tuple[float, float] | None = None,
         max_grad_norm: float | None = None,
         skip_adaptation_without_decay: bool = False,
-        nonfinite: str = "raise",
+        nonfinite: str = DEFAULT_NONFINITE,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay,
             bias_correction=bias_correction, layer_adaptation=layer_adaptation, phi_bounds=phi_bounds,
             max_grad_norm=max_grad_norm, skip_adaptation_without_decay=skip_adaptation_without_decay,
-            nonfinite=nonfinite, foreach=foreach, fused=fused,
+            nonfinite=nonfinite, foreach=foreach, fused=fused, capturable=capturable,
         )
         self.chunk_numel: int | None = DEFAULT_CHUNK_NUMEL
+        # the foreach path's moment update by torch's fused Adam kernel (a test switches it off)
+        self._torch_fused_adam = True
         super().__init__(params, defaults)
 
     @classmethod
@@ -147,15 +159,16 @@ class LAMB(LayerwiseOptimizer):
         return group["layer_adaptation"] and not (group["skip_adaptation_without_decay"] and group["weight_decay"] == 0)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int, path: str) -> None:
         beta1, beta2 = group["betas"]
         run_group(
-            _multi_tensor_lamb, _single_tensor_lamb, params, grads, [s["exp_avg"] for s in states],
+            _multi_tensor_lamb, _single_tensor_lamb, _fused_lamb, params, grads, [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-            clip=prologue.clip[gi], ok=prologue.ok, foreach=use_foreach(group["foreach"], params),
-            fused=group["fused"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], bias_correction=group["bias_correction"], adapt=self._adapts(group),
-            phi_bounds=group["phi_bounds"], scratch=self._scratch, chunk_numel=self.chunk_numel,
+            clip=prologue.clip[gi], ok=prologue.ok, path=path, lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+            adapt=self._adapts(group), phi_bounds=group["phi_bounds"], scratch=self._scratch,
+            chunk_numel=self.chunk_numel, torch_fused_adam=self._torch_fused_adam,
+            cache=self.fused_cache() if path == "fused" else None,
         )
 
 
@@ -178,7 +191,7 @@ def lamb(
     phi_bounds: tuple[float, float] | None = None,
     max_grad_norm: float | None = None,
     skip_adaptation_without_decay: bool = False,
-    nonfinite: str = "raise",
+    nonfinite: str = DEFAULT_NONFINITE,
 ) -> Tensor | None:
     """Functional LAMB over one group of tensors (see :class:`LAMB`); updates everything in place.
 
@@ -187,14 +200,19 @@ def lamb(
     """
     check_nonfinite(nonfinite)
     adapt = layer_adaptation and not (skip_adaptation_without_decay and weight_decay == 0)
+    path = pick_path(foreach, fused, params)
+    cache = None
+    if path == "fused":
+        from ._fused import FusedCache
+
+        cache = FusedCache()
     prologue = run_prologue("lamb", [list(params)], [list(grads)], max_grad_norm=[max_grad_norm],
                             nonfinite=nonfinite)
     run_group(
-        _multi_tensor_lamb, _single_tensor_lamb, params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        clip=prologue.clip[0],
-        ok=prologue.ok, foreach=use_foreach(foreach, params), fused=fused, lr=lr, beta1=beta1, beta2=beta2,
+        _multi_tensor_lamb, _single_tensor_lamb, _fused_lamb, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        clip=prologue.clip[0], ok=prologue.ok, path=path, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt, phi_bounds=phi_bounds,
-        scratch=Scratch(), chunk_numel=DEFAULT_CHUNK_NUMEL,
+        scratch=Scratch(), chunk_numel=DEFAULT_CHUNK_NUMEL, torch_fused_adam=True, cache=cache,
     )
     return prologue.ok
 
@@ -222,8 +240,8 @@ def _single_tensor_lamb(
             b1, b2 = beta1, beta2
         else:
             step += ok.to(step.dtype)
-            b1 = torch.where(ok, beta1, 1.0).to(x.dtype)
-            b2 = torch.where(ok, beta2, 1.0).to(x.dtype)
+            b1 = where_ok(ok, beta1, x.dtype)
+            b2 = where_ok(ok, beta2, x.dtype)
         m.mul_(b1).add_(g, alpha=1 - beta1)
         v.mul_(b2).addcmul_(g, g, value=1 - beta2)
 
@@ -251,7 +269,7 @@ def _single_tensor_lamb(
 def _multi_tensor_lamb(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor], *, clip: Tensor | None, ok: Tensor | None,
-    fused: bool | None, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+    torch_fused_adam: bool, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
     bias_correction: bool, adapt: bool, phi_bounds: tuple[float, float] | None, scratch: Scratch,
     chunk_numel: int | None,
 ) -> None:
@@ -260,17 +278,15 @@ def _multi_tensor_lamb(
     Per chunk: ``u = λx`` into a scratch buffer; the fused Adam kernel with ``lr = -1`` adds
     ``m̂/(√v̂+ε)`` to it while updating ``m`` and ``v`` (one pass over g, m, v, u); the norms of ``x``
     and ``u``; then ``x += -η·τ·u`` in one ``addcmul``. A chunk is small enough to stay in cache
-    between passes. Without the fused kernel (``fused=False`` or an unsupported device) the moments
-    and ``u`` are computed with ``torch._foreach_*`` ops.
+    between passes. Without torch's fused Adam kernel (an unsupported device, or while
+    ``torch.compile`` traces) the moments and ``u`` are computed with ``torch._foreach_*`` ops.
     """
     if not params:
         return
     for (device, dtype), idx in group_by_device_dtype(len(params), params).items():
         cdt = compute_dtype(dtype)
         low = dtype in LOW_PRECISION
-        use_fused = fused is not False and fused_kernel_ok(device)
-        if fused and not use_fused:
-            raise RuntimeError(f"fused=True but torch's fused Adam kernel does not support {device.type}")
+        use_fused = torch_fused_adam and fused_kernel_ok(device)
         if use_fused:
             # the kernel walks memory linearly: a parameter whose gradient or state is laid out
             # differently (or that is not dense) takes the reference path
@@ -297,10 +313,7 @@ def _multi_tensor_lamb(
         steps = [state_steps[i] for i in idx]
         found_inf = None if ok is None else (~ok).to(device=device, dtype=torch.float32)
         ok_dev = None if ok is None else ok.to(device)
-        if ok_dev is None:
-            torch._foreach_add_(steps, 1.0)
-        else:
-            torch._foreach_add_(steps, [ok_dev.to(torch.float32)] * len(steps))  # (the Tensor overload calls .item())
+        increment_steps(steps, ok_dev)
         # sharded tensors: one chunk, so that their norms take one collective
         limit = None if any(is_dtensor(params[i]) for i in idx) else chunk_numel
 
@@ -343,8 +356,8 @@ def _multi_tensor_lamb(
                     b1: float | Tensor = beta1
                     b2: float | Tensor = beta2
                 else:
-                    b1 = torch.where(ok_dev, beta1, 1.0).to(cdt)
-                    b2 = torch.where(ok_dev, beta2, 1.0).to(cdt)
+                    b1 = where_ok(ok_dev, beta1, cdt)
+                    b2 = where_ok(ok_dev, beta2, cdt)
                 torch._foreach_mul_(cm, b1)
                 torch._foreach_add_(cm, g_in, alpha=1 - beta1)
                 torch._foreach_mul_(cv, b2)
@@ -374,3 +387,55 @@ def _multi_tensor_lamb(
             torch._foreach_addcmul_(cx, us, list(scale.to(cdt).unbind()))
         if low:
             torch._foreach_copy_(p_loc, xs)
+
+
+def _fused_lamb(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], *, clip: Tensor | None, ok: Tensor | None, lr: float | Tensor, beta1: float,
+    beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
+    phi_bounds: tuple[float, float] | None, cache: Any,
+) -> None:
+    """Same math by the Triton kernels of :mod:`._fused`: two launches per (device, dtypes)."""
+    from ._fused import lamb_fused
+
+    if not params:
+        return
+    for (device, _), idx in fused_subgroups(params, grads).items():
+        slow = [i for i in idx if not fused_layout_ok(
+            local(params[i]), local(grads[i]), local(exp_avgs[i]), local(exp_avg_sqs[i]))]
+        if slow:  # the kernel walks memory linearly: other layouts take the reference path
+            _single_tensor_lamb(
+                [params[i] for i in slow], [grads[i] for i in slow], [exp_avgs[i] for i in slow],
+                [exp_avg_sqs[i] for i in slow], [state_steps[i] for i in slow], clip=clip, ok=ok, lr=lr,
+                beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                adapt=adapt, phi_bounds=phi_bounds,
+            )
+            idx = [i for i in idx if i not in set(slow)]
+            if not idx:
+                continue
+        steps = [state_steps[i] for i in idx]
+        ok_dev = None if ok is None else ok.to(device)
+        increment_steps(steps, ok_dev)
+        t = steps_for_bias_correction(torch.stack(steps))
+        scales = partial(_fused_scales, members=[params[i] for i in idx], device=device, lr=lr,
+                         phi_bounds=phi_bounds, ok=ok_dev)
+        lamb_fused(
+            [local(params[i]) for i in idx], [local(grads[i]) for i in idx], [local(exp_avgs[i]) for i in idx],
+            [local(exp_avg_sqs[i]) for i in idx], bc1=1 - beta1**t, bc2=1 - beta2**t, ok=ok_dev,
+            clip=None if clip is None else clip.to(device), beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt, cache=cache, scales=scales,
+        )
+
+
+def _fused_scales(x_sq: Tensor | None, u_sq: Tensor | None, *, members: list[Tensor], device: torch.device,
+                  lr: float | Tensor, phi_bounds: tuple[float, float] | None, ok: Tensor | None) -> Tensor:
+    """``-lr * trust ratio * ok`` per tensor, from pass 1's local squared norms (None: no adaptation)."""
+    n = len(members)
+    scale = torch.full((n,), -1.0, dtype=torch.float64, device=device) * lr
+    if x_sq is not None and u_sq is not None:
+        sq = NormReducer(members * 2)(torch.cat([x_sq, u_sq]))
+        scale = scale * trust_ratios(sq[:n], sq[n:], phi_bounds)
+    if ok is not None:
+        scale = scale * ok
+    return scale
+

@@ -18,6 +18,7 @@ one of its norms is 0. There is no gradient clipping: the per-block normalisatio
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from torch import Tensor
 
 from ._core import (
     DEFAULT_CHUNK_NUMEL,
+    DEFAULT_NONFINITE,
     LOW_PRECISION,
     LayerwiseOptimizer,
     NormReducer,
@@ -40,16 +42,19 @@ from ._core import (
     compute_dtype,
     fused_kernel_ok,
     fused_layout_ok,
+    fused_subgroups,
     group_by_device_dtype,
+    increment_steps,
     is_dtensor,
     local,
+    pick_path,
     run_group,
     run_prologue,
     sq_norm,
     sq_norms,
     steps_for_bias_correction,
     trust_ratios,
-    use_foreach,
+    where_ok,
 )
 
 __all__ = ["LANS", "lans"]
@@ -67,7 +72,7 @@ class LANS(LayerwiseOptimizer):
         bias_correction: divide the moments by :math:`1-\beta^t`.
         layer_adaptation: apply the two trust ratios (``False``: both are 1).
         phi_bounds: ``(lower, upper)`` clamp of :math:`\lVert x\rVert`, or ``None`` (identity).
-        nonfinite, foreach, fused: as in :class:`LAMB`.
+        nonfinite, foreach, fused, capturable: as in :class:`LAMB` (default ``nonfinite="skip"``).
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32 for bf16/fp16 parameters).
     """
@@ -86,16 +91,18 @@ class LANS(LayerwiseOptimizer):
         bias_correction: bool = True,
         layer_adaptation: bool = True,
         phi_bounds: tuple[float, float] | None = None,
-        nonfinite: str = "raise",
+        nonfinite: str = DEFAULT_NONFINITE,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay,
             bias_correction=bias_correction, layer_adaptation=layer_adaptation, phi_bounds=phi_bounds,
-            nonfinite=nonfinite, foreach=foreach, fused=fused,
+            nonfinite=nonfinite, foreach=foreach, fused=fused, capturable=capturable,
         )
         self.chunk_numel: int | None = DEFAULT_CHUNK_NUMEL
+        self._torch_fused_adam = True
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -107,16 +114,16 @@ class LANS(LayerwiseOptimizer):
         check_common_options(group)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int, path: str) -> None:
         beta1, beta2 = group["betas"]
         run_group(
-            _multi_tensor_lans, _single_tensor_lans, params, grads, [s["exp_avg"] for s in states],
+            _multi_tensor_lans, _single_tensor_lans, _fused_lans, params, grads, [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["step"] for s in states],
-            g_sq=prologue.g_sq[gi], ok=prologue.ok, foreach=use_foreach(group["foreach"], params),
-            fused=group["fused"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+            g_sq=prologue.g_sq[gi], ok=prologue.ok, path=path, lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
             adapt=group["layer_adaptation"], phi_bounds=group["phi_bounds"], scratch=self._scratch,
-            chunk_numel=self.chunk_numel,
+            chunk_numel=self.chunk_numel, torch_fused_adam=self._torch_fused_adam,
+            cache=self.fused_cache() if path == "fused" else None,
         )
 
 
@@ -137,17 +144,23 @@ def lans(
     bias_correction: bool = True,
     layer_adaptation: bool = True,
     phi_bounds: tuple[float, float] | None = None,
-    nonfinite: str = "raise",
+    nonfinite: str = DEFAULT_NONFINITE,
 ) -> Tensor | None:
     """Functional LANS over one group of tensors (see :class:`LANS`); returns ``ok`` like :func:`lamb`."""
     check_nonfinite(nonfinite)
+    path = pick_path(foreach, fused, params)
+    cache = None
+    if path == "fused":
+        from ._fused import FusedCache
+
+        cache = FusedCache()
     prologue = run_prologue("lans", [list(params)], [list(grads)], max_grad_norm=[None], nonfinite=nonfinite)
     run_group(
-        _multi_tensor_lans, _single_tensor_lans, params, grads, exp_avgs, exp_avg_sqs, state_steps,
-        g_sq=prologue.g_sq[0],
-        ok=prologue.ok, foreach=use_foreach(foreach, params), fused=fused, lr=lr, beta1=beta1, beta2=beta2,
+        _multi_tensor_lans, _single_tensor_lans, _fused_lans, params, grads, exp_avgs, exp_avg_sqs, state_steps,
+        g_sq=prologue.g_sq[0], ok=prologue.ok, path=path, lr=lr, beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, adapt=layer_adaptation,
-        phi_bounds=phi_bounds, scratch=Scratch(), chunk_numel=DEFAULT_CHUNK_NUMEL,
+        phi_bounds=phi_bounds, scratch=Scratch(), chunk_numel=DEFAULT_CHUNK_NUMEL, torch_fused_adam=True,
+        cache=cache,
     )
     return prologue.ok
 
@@ -180,8 +193,8 @@ def _single_tensor_lans(
             b1, b2 = beta1, beta2
         else:
             step += ok.to(step.dtype)
-            b1 = torch.where(ok, beta1, 1.0).to(x.dtype)
-            b2 = torch.where(ok, beta2, 1.0).to(x.dtype)
+            b1 = where_ok(ok, beta1, x.dtype)
+            b2 = where_ok(ok, beta2, x.dtype)
         m.mul_(b1).add_(g_hat, alpha=1 - beta1)
         v.mul_(b2).addcmul_(g_hat, g_hat, value=1 - beta2)
 
@@ -215,7 +228,7 @@ def _single_tensor_lans(
 def _multi_tensor_lans(
     params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
     state_steps: list[Tensor], *, g_sq: Tensor, ok: Tensor | None,
-    fused: bool | None, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
+    torch_fused_adam: bool, lr: float | Tensor, beta1: float, beta2: float, eps: float, weight_decay: float,
     bias_correction: bool, adapt: bool, phi_bounds: tuple[float, float] | None, scratch: Scratch,
     chunk_numel: int | None,
 ) -> None:
@@ -225,9 +238,7 @@ def _multi_tensor_lans(
     for (device, dtype), idx in group_by_device_dtype(len(params), params).items():
         cdt = compute_dtype(dtype)
         low = dtype in LOW_PRECISION
-        use_fused = fused is not False and fused_kernel_ok(device)
-        if fused and not use_fused:
-            raise RuntimeError(f"fused=True but torch's fused Adam kernel does not support {device.type}")
+        use_fused = torch_fused_adam and fused_kernel_ok(device)
         if use_fused:
             # the kernel walks memory linearly: a parameter whose gradient or state is laid out
             # differently (or that is not dense) takes the reference path
@@ -306,8 +317,8 @@ def _multi_tensor_lans(
                     b1: float | Tensor = beta1
                     b2: float | Tensor = beta2
                 else:
-                    b1 = torch.where(ok_dev, beta1, 1.0).to(cdt)
-                    b2 = torch.where(ok_dev, beta2, 1.0).to(cdt)
+                    b1 = where_ok(ok_dev, beta1, cdt)
+                    b2 = where_ok(ok_dev, beta2, cdt)
                 torch._foreach_mul_(cm, b1)
                 torch._foreach_add_(cm, gh, alpha=1 - beta1)
                 torch._foreach_mul_(cv, b2)
@@ -339,3 +350,59 @@ def _multi_tensor_lans(
             torch._foreach_addcmul_(cx, cs_, list(scale_c.to(cdt).unbind()))
         if low:
             torch._foreach_copy_(p_loc, xs)
+
+
+def _fused_lans(
+    params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor], *, g_sq: Tensor, ok: Tensor | None, lr: float | Tensor, beta1: float,
+    beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
+    phi_bounds: tuple[float, float] | None, cache: Any,
+) -> None:
+    """Same math by the Triton kernels of :mod:`._fused`: two launches per (device, dtypes)."""
+    from ._fused import lans_fused
+
+    if not params:
+        return
+    for (device, _), idx in fused_subgroups(params, grads).items():
+        slow = [i for i in idx if not fused_layout_ok(
+            local(params[i]), local(grads[i]), local(exp_avgs[i]), local(exp_avg_sqs[i]))]
+        if slow:  # the kernel walks memory linearly: other layouts take the reference path
+            _single_tensor_lans(
+                [params[i] for i in slow], [grads[i] for i in slow], [exp_avgs[i] for i in slow],
+                [exp_avg_sqs[i] for i in slow], [state_steps[i] for i in slow],
+                g_sq=torch.stack([g_sq[i] for i in slow]), ok=ok, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt, phi_bounds=phi_bounds,
+            )
+            idx = [i for i in idx if i not in set(slow)]
+            if not idx:
+                continue
+        steps = [state_steps[i] for i in idx]
+        ok_dev = None if ok is None else ok.to(device)
+        increment_steps(steps, ok_dev)
+        t = steps_for_bias_correction(torch.stack(steps))
+        g_norm = _normaliser(torch.stack([g_sq[i] for i in idx]).to(device))
+        scales = partial(_fused_scales, members=[params[i] for i in idx], device=device, lr=lr, beta1=beta1,
+                         phi_bounds=phi_bounds, ok=ok_dev)
+        lans_fused(
+            [local(params[i]) for i in idx], [local(grads[i]) for i in idx], [local(exp_avgs[i]) for i in idx],
+            [local(exp_avg_sqs[i]) for i in idx], g_norm=g_norm, bc1=1 - beta1**t, bc2=1 - beta2**t, ok=ok_dev,
+            beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+            adapt=adapt, cache=cache, scales=scales,
+        )
+
+
+def _fused_scales(x_sq: Tensor | None, r_sq: Tensor | None, c_sq: Tensor | None, *, members: list[Tensor],
+                  device: torch.device, lr: float | Tensor, beta1: float, phi_bounds: tuple[float, float] | None,
+                  ok: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The step sizes of ``r`` and ``c`` per tensor, from pass 1's local squared norms."""
+    n = len(members)
+    scale_r = torch.full((n,), -beta1, dtype=torch.float64, device=device) * lr
+    scale_c = torch.full((n,), -(1 - beta1), dtype=torch.float64, device=device) * lr
+    if x_sq is not None and r_sq is not None and c_sq is not None:
+        sq = NormReducer(members * 3)(torch.cat([x_sq, r_sq, c_sq]))
+        scale_r = scale_r * trust_ratios(sq[:n], sq[n : 2 * n], phi_bounds)
+        scale_c = scale_c * trust_ratios(sq[:n], sq[2 * n :], phi_bounds)
+    if ok is not None:
+        scale_r = scale_r * ok
+        scale_c = scale_c * ok
+    return scale_r, scale_c

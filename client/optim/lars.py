@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ._core import (
+    DEFAULT_NONFINITE,
     LOW_PRECISION,
     LayerwiseOptimizer,
     NormReducer,
@@ -30,12 +31,13 @@ from ._core import (
     compute_dtype,
     group_by_device_dtype,
     local,
+    pick_path,
     run_group,
     run_prologue,
     sq_norm,
     sq_norms,
     trust_ratios,
-    use_foreach,
+    where_ok,
 )
 
 __all__ = ["LARS", "lars"]
@@ -53,7 +55,8 @@ class LARS(LayerwiseOptimizer):
         eps: added to :math:`\lVert m\rVert` in the trust ratio.
         layer_adaptation: apply the trust ratio (``False``: plain momentum step).
         phi_bounds: ``(lower, upper)`` clamp of :math:`\lVert x\rVert`, or ``None``.
-        nonfinite, foreach: as in :class:`LAMB`.
+        nonfinite, foreach, capturable: as in :class:`LAMB` (default ``nonfinite="skip"``; LARS has no
+            fused kernel).
 
     State per parameter: ``step`` and ``momentum_buffer`` (fp32 for bf16/fp16 parameters).
     """
@@ -72,12 +75,14 @@ class LARS(LayerwiseOptimizer):
         eps: float = 0.0,
         layer_adaptation: bool = True,
         phi_bounds: tuple[float, float] | None = None,
-        nonfinite: str = "raise",
+        nonfinite: str = DEFAULT_NONFINITE,
         foreach: bool | None = None,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps,
             layer_adaptation=layer_adaptation, phi_bounds=phi_bounds, nonfinite=nonfinite, foreach=foreach,
+            capturable=capturable,
         )
         super().__init__(params, defaults)
 
@@ -94,10 +99,10 @@ class LARS(LayerwiseOptimizer):
         check_common_options(group)
 
     def _step_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    states: list[dict[str, Any]], prologue: Prologue, gi: int) -> None:
+                    states: list[dict[str, Any]], prologue: Prologue, gi: int, path: str) -> None:
         run_group(
-            _multi_tensor_lars, _single_tensor_lars, params, grads, [s["momentum_buffer"] for s in states],
-            [s["step"] for s in states], ok=prologue.ok, foreach=use_foreach(group["foreach"], params),
+            _multi_tensor_lars, _single_tensor_lars, None, params, grads, [s["momentum_buffer"] for s in states],
+            [s["step"] for s in states], ok=prologue.ok, path=path,
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
             trust_coefficient=group["trust_coefficient"], eps=group["eps"], adapt=group["layer_adaptation"],
             phi_bounds=group["phi_bounds"],
@@ -118,14 +123,14 @@ def lars(
     eps: float = 0.0,
     layer_adaptation: bool = True,
     phi_bounds: tuple[float, float] | None = None,
-    nonfinite: str = "raise",
+    nonfinite: str = DEFAULT_NONFINITE,
 ) -> Tensor | None:
     """Functional LARS over one group of tensors (see :class:`LARS`); returns ``ok`` like :func:`lamb`."""
     check_nonfinite(nonfinite)
     prologue = run_prologue("lars", [list(params)], [list(grads)], max_grad_norm=[None], nonfinite=nonfinite)
     run_group(
-        _multi_tensor_lars, _single_tensor_lars, params, grads, momentum_buffers, state_steps, ok=prologue.ok,
-        foreach=use_foreach(foreach, params), lr=lr, momentum=momentum, weight_decay=weight_decay,
+        _multi_tensor_lars, _single_tensor_lars, None, params, grads, momentum_buffers, state_steps,
+        ok=prologue.ok, path=pick_path(foreach, False, params), lr=lr, momentum=momentum, weight_decay=weight_decay,
         trust_coefficient=trust_coefficient, eps=eps, adapt=layer_adaptation, phi_bounds=phi_bounds,
     )
     return prologue.ok
@@ -151,7 +156,7 @@ def _single_tensor_lars(
             m.mul_(momentum).add_(d, alpha=1 - momentum)
         else:
             step += ok.to(step.dtype)
-            m.mul_(torch.where(ok, momentum, 1.0).to(x.dtype)).add_(d * ((1 - momentum) * ok).to(x.dtype))
+            m.mul_(where_ok(ok, momentum, x.dtype)).add_(d * (ok.to(x.dtype) * (1 - momentum)))
 
         scale = -lr * torch.ones((), dtype=torch.float64, device=x.device)
         if adapt:
@@ -192,8 +197,8 @@ def _multi_tensor_lars(
             torch._foreach_add_(ms, ds, alpha=1 - momentum)
         else:
             torch._foreach_add_(steps, [ok_dev.to(torch.float32)] * len(steps))  # (the Tensor overload calls .item())
-            torch._foreach_mul_(ms, torch.where(ok_dev, momentum, 1.0).to(cdt))
-            torch._foreach_addcmul_(ms, ds, [((1 - momentum) * ok_dev).to(cdt)] * len(ds))
+            torch._foreach_mul_(ms, where_ok(ok_dev, momentum, cdt))
+            torch._foreach_addcmul_(ms, ds, [ok_dev.to(cdt) * (1 - momentum)] * len(ds))
 
         scale = torch.full((len(idx),), -1.0, dtype=torch.float64, device=device) * lr
         if adapt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
@@ -59,5 +60,8 @@ class RecipeLR(LRScheduler):
         state = {k: v for k, v in state_dict.items() if k != "recipe"}
         super().load_state_dict(state)
         for group, lr in zip(self.optimizer.param_groups, self._get_closed_form_lr(), strict=True):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+            if isinstance(group["lr"], Tensor):  # capturable: a CUDA graph reads this very tensor
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = [float(group["lr"]) for group in self.optimizer.param_groups]

@@ -7,6 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from largebatch.client.optim import LAMB, LANS, LARS, NonFiniteGradientError, param_groups_for
+from largebatch.client.optim._fused import fused_available
 
 STEPS = 10
 BATCH = 8
@@ -21,6 +22,11 @@ CONFIGS = {
     "lars": lambda groups: LARS(groups, lr=0.5, weight_decay=0.01),
     "lamb-skip": lambda groups: LAMB(groups, lr=0.05, nonfinite="skip"),
 }
+if fused_available(torch.device("cpu")):  # the Triton kernels, under the interpreter (see conftest.py)
+    CONFIGS["lamb-fused"] = lambda groups: LAMB(groups, lr=0.05, fused=True)
+    CONFIGS["lamb-apex-fused"] = lambda groups: LAMB.from_apex_defaults(groups, lr=0.05, max_grad_norm=0.1,
+                                                                         fused=True)
+    CONFIGS["lans-fused"] = lambda groups: LANS(groups, lr=0.05, fused=True)
 
 
 class Scale(nn.Module):
@@ -94,7 +100,7 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
         # raise mode: a NaN in rank 1's shard only; every rank must raise (no hang, no divergence)
         model = make_model()
         _shard(model)
-        opt = LAMB(param_groups_for(model, 0.01), lr=0.05)
+        opt = LAMB(param_groups_for(model, 0.01), lr=0.05, nonfinite="raise")
         x, y = batches()[0]
         nn.functional.mse_loss(model(x), y).backward()
         if rank == 1:

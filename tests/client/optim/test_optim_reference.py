@@ -168,7 +168,7 @@ def _layouts(dtype):
 
 
 LAYOUT_CASES = [(cls, ref, path) for cls, ref in ((LAMB, lamb_reference), (LANS, lans_reference), (LARS, lars_reference))
-                for path in PATHS if not (cls is LARS and path == "foreach-fused")]
+                for path in PATHS if not (cls is LARS and path == "fused")]
 
 
 @pytest.mark.parametrize(("cls", "reference", "path"), LAYOUT_CASES)

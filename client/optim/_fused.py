@@ -1,0 +1,446 @@
+"""The fused multi-tensor path of LAMB and LANS: Triton kernels over every tensor of a group at once.
+
+A group's tensors are described to the kernels by tables of addresses (one per operand: parameters,
+gradients, ``exp_avg``, ``exp_avg_sq``) and a table of chunks (tensor index, start offset): one
+program updates ``BLOCK`` elements of one tensor, so a handful of launches cover the whole model, as
+apex's ``multi_tensor_apply`` does. The tables depend only on addresses and sizes; they are built once
+and cached (a step whose tensors sit where they sat before copies nothing to the device).
+
+The passes, each one launch per (group, dtypes):
+
+* ``sumsq``: per-tensor ``||g||^2`` (the step's prologue: the on-device non-finite test, the global
+  clip and LANS's normalisation), fp32 partial sums per program added atomically in float64;
+* pass 1: reads ``p, g, m, v``, writes the new ``m, v`` and adds each tensor's ``||u||^2`` and
+  ``||p||^2`` (LANS: ``||r||^2`` and ``||c||^2``) atomically;
+* between the passes, a few tiny torch ops on the per-tensor norms give the trust-ratio-scaled step
+  sizes (on the device: no host synchronisation);
+* pass 2: reads ``p, m, v`` (LANS also ``g``), recomputes the update and writes ``p``.
+
+The update is recomputed in pass 2 rather than stored: that moves ~10 words per parameter (fused
+AdamW moves 7). fp32 division and square root use ``div_rn``/``sqrt_rn`` (correctly rounded; plain
+``/`` and ``sqrt`` are approximate on NVIDIA GPUs); float64 ones are correctly rounded already.
+
+Runs on CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set
+before this module is first imported), which is how it is tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+__all__ = ["FusedCache", "fused_available", "fused_unavailable_reason", "lamb_fused", "lans_fused",
+           "sumsq_fused"]
+
+# Elements per program. On the GPU a program is one block of 8 warps; under the interpreter every
+# program costs ~1 ms of Python, so it takes big blocks (numpy does the work).
+_BLOCK_CUDA = 4096
+_BLOCK_INTERPRETED = 1 << 14
+_WARPS = 8
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_on() -> bool:
+    return triton is not None and _INTERPRETED
+
+
+def fused_unavailable_reason(device: torch.device) -> str | None:
+    """Why the fused path cannot run on ``device``, or None when it can."""
+    if triton is None:
+        return "Triton is not installed (pip install triton; it ships with the CUDA builds of torch)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _INTERPRETED:
+        return None
+    if device.type == "cpu":
+        return ("its Triton kernels run on CUDA, or on CPU tensors only under Triton's interpreter "
+                "(TRITON_INTERPRET=1, set before largebatch is imported; slow, meant for tests)")
+    return f"its Triton kernels do not run on {device.type} tensors"
+
+
+def fused_available(device: torch.device) -> bool:
+    return fused_unavailable_reason(device) is None
+
+
+def _block(device: torch.device) -> int:
+    return _BLOCK_CUDA if device.type == "cuda" else _BLOCK_INTERPRETED
+
+
+# ----------------------------------------------------------------------------------------------
+# tables
+
+
+def _to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":  # a pinned, asynchronous copy: no host synchronisation
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class _Layout:
+    """Address and chunk tables of one list of tensor operands on one device."""
+
+    def __init__(self, operands: Sequence[Sequence[Tensor]], device: torch.device, block: int):
+        numels = [t.numel() for t in operands[0]]
+        self.ptrs = [_to_device([t.data_ptr() for t in op], torch.int64, device) for op in operands]
+        self.numels = _to_device(numels, torch.int64, device)
+        chunk_tensor: list[int] = []
+        chunk_start: list[int] = []
+        for i, n in enumerate(numels):
+            for start in range(0, n, block):
+                chunk_tensor.append(i)
+                chunk_start.append(start)
+        self.n_chunks = len(chunk_tensor)
+        self.chunk_tensor = _to_device(chunk_tensor, torch.int32, device)
+        self.chunk_start = _to_device(chunk_start, torch.int64, device)
+
+
+class FusedCache:
+    """Tables and constants reused from step to step (not optimizer state: rebuilt on demand)."""
+
+    def __init__(self, size: int = 16):
+        self._layouts: OrderedDict[tuple, _Layout] = OrderedDict()
+        self._constants: dict[tuple, Tensor] = {}
+        self._size = size
+
+    def layout(self, operands: Sequence[Sequence[Tensor]], device: torch.device) -> _Layout:
+        block = _block(device)
+        key = (device, block, tuple(t.numel() for t in operands[0]),
+               tuple(tuple(t.data_ptr() for t in op) for op in operands))
+        found = self._layouts.get(key)
+        if found is None:
+            found = _Layout(operands, device, block)
+            self._layouts[key] = found
+            if len(self._layouts) > self._size:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return found
+
+    def constants(self, values: Sequence[float], device: torch.device) -> Tensor:
+        """Hyperparameters as a float64 device tensor (kernel float arguments would be fp32)."""
+        key = (device, tuple(values))
+        found = self._constants.get(key)
+        if found is None:
+            found = _to_device_f64(list(values), device)
+            self._constants[key] = found
+        return found
+
+
+def _to_device_f64(values: list[float], device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=torch.float64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16,
+            torch.float16: tl.float16}[dtype]
+
+
+def _compute(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+
+if triton is not None:
+
+    # (Helpers are few and branch on constexprs inside: under the interpreter every nested call of a
+    # jit function costs a patch of the language module.)
+
+    @triton.jit
+    def _div(a, b, F64: tl.constexpr):
+        if F64:
+            q = a / b
+        else:
+            q = tl.div_rn(a, b)
+        return q
+
+    @triton.jit
+    def _store(ptr, offs, x, mask, P_DT: tl.constexpr, MANUAL_BF16: tl.constexpr):
+        """Store fp32 ``x`` as ``P_DT``. The interpreter truncates fp32 -> bf16; the GPU and torch round
+        to nearest even, which ``MANUAL_BF16`` does with integer ops (identical results)."""
+        if MANUAL_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + (((bits >> 16) & 1) + 0x7FFF)
+            tl.store(ptr + offs, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptr + offs, x.to(P_DT), mask=mask)
+
+    @triton.jit
+    def _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(chunk_tensor + pid)
+        offs = tl.load(chunk_start + pid) + tl.arange(0, BLOCK)
+        n = tl.load(numels + t)
+        if HAS_OK:  # a skipped step (ok == 0) reads and writes nothing
+            n = n * tl.load(ok_ptr)
+        return t, offs, offs < n
+
+    @triton.jit
+    def _sumsq_kernel(g_ptrs, numels, chunk_tensor, chunk_start, out,
+                      BLOCK: tl.constexpr, G_DT: tl.constexpr, C_DT: tl.constexpr):
+        t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, numels, False, BLOCK)
+        g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        tl.atomic_add(out + t, tl.sum(g * g, axis=0).to(tl.float64))
+
+    @triton.jit
+    def _lamb_update(p, m, v, bc1, bc2, eps, wd, BIAS_CORRECTION: tl.constexpr, F64: tl.constexpr):
+        if F64:
+            if BIAS_CORRECTION:
+                m = m / bc1
+                v = v / bc2
+            u = m / (tl.sqrt(v) + eps) + wd * p
+        else:
+            if BIAS_CORRECTION:
+                m = tl.div_rn(m, bc1)
+                v = tl.div_rn(v, bc2)
+            u = tl.div_rn(m, tl.sqrt_rn(v) + eps) + wd * p
+        return u
+
+    @triton.jit
+    def _lamb_pass1(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, chunk_tensor, chunk_start,
+                    hp, bc1_ptr, bc2_ptr, ok_ptr, clip_ptr, x_sq, u_sq,
+                    HAS_OK: tl.constexpr, HAS_CLIP: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                    ADAPT: tl.constexpr, BLOCK: tl.constexpr,
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, C_DT: tl.constexpr, F64: tl.constexpr,
+                    MANUAL_BF16: tl.constexpr):
+        t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK, BLOCK)
+        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
+        g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(C_DT))
+        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(C_DT))
+        b1 = tl.load(hp + 0).to(C_DT)
+        omb1 = tl.load(hp + 1).to(C_DT)
+        b2 = tl.load(hp + 2).to(C_DT)
+        omb2 = tl.load(hp + 3).to(C_DT)
+        eps = tl.load(hp + 4).to(C_DT)
+        wd = tl.load(hp + 5).to(C_DT)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        if HAS_CLIP:
+            g = _div(g, tl.load(clip_ptr).to(C_DT), F64)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        m = m * b1 + g * omb1
+        v = v * b2 + g * g * omb2
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if ADAPT:
+            u = _lamb_update(p, m, v, tl.load(bc1_ptr + t).to(C_DT), tl.load(bc2_ptr + t).to(C_DT), eps, wd,
+                             BIAS_CORRECTION, F64)
+            u = tl.where(mask, u, 0.0)
+            tl.atomic_add(u_sq + t, tl.sum(u * u, axis=0).to(tl.float64))
+            tl.atomic_add(x_sq + t, tl.sum(p * p, axis=0).to(tl.float64))
+
+    @triton.jit
+    def _lamb_pass2(p_ptrs, m_ptrs, v_ptrs, numels, chunk_tensor, chunk_start,
+                    hp, bc1_ptr, bc2_ptr, ok_ptr, scale_ptr,
+                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
+                    P_DT: tl.constexpr, C_DT: tl.constexpr, F64: tl.constexpr, MANUAL_BF16: tl.constexpr):
+        t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK, BLOCK)
+        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
+        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(C_DT))
+        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(C_DT))
+        eps = tl.load(hp + 4).to(C_DT)
+        wd = tl.load(hp + 5).to(C_DT)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        u = _lamb_update(p, m, v, tl.load(bc1_ptr + t).to(C_DT), tl.load(bc2_ptr + t).to(C_DT), eps, wd,
+                         BIAS_CORRECTION, F64)
+        p = p + u * tl.load(scale_ptr + t).to(C_DT)
+        _store(p_ptr, offs, p, mask, P_DT, MANUAL_BF16)
+
+    @triton.jit
+    def _lans_directions(p, gh, m, v, bc1, bc2, eps, wd, BIAS_CORRECTION: tl.constexpr, F64: tl.constexpr):
+        if F64:
+            if BIAS_CORRECTION:
+                m = m / bc1
+                v = v / bc2
+            denom = tl.sqrt(v) + eps
+            r = m / denom + wd * p
+            c = gh / denom + wd * p
+        else:
+            if BIAS_CORRECTION:
+                m = tl.div_rn(m, bc1)
+                v = tl.div_rn(v, bc2)
+            denom = tl.sqrt_rn(v) + eps
+            r = tl.div_rn(m, denom) + wd * p
+            c = tl.div_rn(gh, denom) + wd * p
+        return r, c
+
+    @triton.jit
+    def _lans_pass1(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, chunk_tensor, chunk_start,
+                    hp, bc1_ptr, bc2_ptr, ok_ptr, gnorm_ptr, x_sq, r_sq, c_sq,
+                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr,
+                    BLOCK: tl.constexpr, P_DT: tl.constexpr, G_DT: tl.constexpr, C_DT: tl.constexpr,
+                    F64: tl.constexpr, MANUAL_BF16: tl.constexpr):
+        t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK, BLOCK)
+        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
+        g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(C_DT))
+        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(C_DT))
+        b1 = tl.load(hp + 0).to(C_DT)
+        omb1 = tl.load(hp + 1).to(C_DT)
+        b2 = tl.load(hp + 2).to(C_DT)
+        omb2 = tl.load(hp + 3).to(C_DT)
+        eps = tl.load(hp + 4).to(C_DT)
+        wd = tl.load(hp + 5).to(C_DT)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        gn = tl.load(gnorm_ptr + t).to(C_DT)
+        gh = _div(g, gn, F64)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        m = m * b1 + gh * omb1
+        v = v * b2 + gh * gh * omb2
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if ADAPT:
+            r, c = _lans_directions(p, gh, m, v, tl.load(bc1_ptr + t).to(C_DT), tl.load(bc2_ptr + t).to(C_DT),
+                                    eps, wd, BIAS_CORRECTION, F64)
+            r = tl.where(mask, r, 0.0)
+            c = tl.where(mask, c, 0.0)
+            tl.atomic_add(x_sq + t, tl.sum(p * p, axis=0).to(tl.float64))
+            tl.atomic_add(r_sq + t, tl.sum(r * r, axis=0).to(tl.float64))
+            tl.atomic_add(c_sq + t, tl.sum(c * c, axis=0).to(tl.float64))
+
+    @triton.jit
+    def _lans_pass2(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, chunk_tensor, chunk_start,
+                    hp, bc1_ptr, bc2_ptr, ok_ptr, gnorm_ptr, scale_r_ptr, scale_c_ptr,
+                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
+                    P_DT: tl.constexpr, G_DT: tl.constexpr, C_DT: tl.constexpr, F64: tl.constexpr,
+                    MANUAL_BF16: tl.constexpr):
+        t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK, BLOCK)
+        p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
+        g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DT))
+        m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(C_DT))
+        v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(C_DT))
+        eps = tl.load(hp + 4).to(C_DT)
+        wd = tl.load(hp + 5).to(C_DT)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(C_DT)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+        gh = _div(g, tl.load(gnorm_ptr + t).to(C_DT), F64)
+        r, c = _lans_directions(p, gh, m, v, tl.load(bc1_ptr + t).to(C_DT), tl.load(bc2_ptr + t).to(C_DT), eps,
+                                wd, BIAS_CORRECTION, F64)
+        p = p + r * tl.load(scale_r_ptr + t).to(C_DT) + c * tl.load(scale_c_ptr + t).to(C_DT)
+        _store(p_ptr, offs, p, mask, P_DT, MANUAL_BF16)
+
+
+def _launch_kwargs(device: torch.device) -> dict:
+    return {"num_warps": _WARPS} if device.type == "cuda" else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# entry points (tensors: local, dense, on one device; the caller groups them)
+
+
+def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
+    """Per-tensor squared norms as a 1-D float64 tensor (one launch per dtype)."""
+    device = tensors[0].device
+    out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    parts = []
+    for dtype, idx in by_dtype.items():
+        members = [tensors[i] for i in idx]
+        layout = cache.layout([members], device)
+        part = out if len(idx) == len(tensors) else torch.zeros(len(idx), dtype=torch.float64, device=device)
+        if layout.n_chunks:
+            _sumsq_kernel[(layout.n_chunks,)](
+                layout.ptrs[0], layout.numels, layout.chunk_tensor, layout.chunk_start, part,
+                BLOCK=_block(device), G_DT=_tl_dtype(dtype), C_DT=_compute(dtype), **_launch_kwargs(device))
+        parts.append((idx, part))
+    if len(parts) == 1:
+        return out
+    values: list[Tensor] = [out[0]] * len(tensors)
+    for idx, part in parts:
+        for k, i in enumerate(idx):
+            values[i] = part[k]
+    return torch.stack(values)
+
+
+def _common(params, grads, exp_avgs, device, cache, hp_values):
+    layout = cache.layout([params, grads, exp_avgs[0], exp_avgs[1]], device)
+    hp = cache.constants(hp_values, device)
+    return layout, hp
+
+
+def lamb_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               *, bc1: Tensor, bc2: Tensor, ok: Tensor | None, clip: Tensor | None, beta1: float, beta2: float,
+               eps: float, weight_decay: float, bias_correction: bool, adapt: bool, cache: FusedCache,
+               scales: callable) -> None:
+    """One LAMB update. ``scales(x_sq, u_sq)`` turns the local squared norms (None without adaptation)
+    into the per-tensor step sizes ``-lr * ratio * ok`` (1-D, on the device)."""
+    device = params[0].device
+    layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache,
+                         (beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay))
+    n = len(params)
+    x_sq = torch.zeros(n, dtype=torch.float64, device=device)
+    u_sq = torch.zeros(n, dtype=torch.float64, device=device)
+    ok_i = ok.to(torch.int64) if ok is not None else layout.numels
+    p_dt, g_dt = params[0].dtype, grads[0].dtype
+    c_dt = torch.float64 if p_dt == torch.float64 else torch.float32
+    common = dict(BLOCK=_block(device), P_DT=_tl_dtype(p_dt), C_DT=_tl_dtype(c_dt), F64=c_dt == torch.float64,
+                  BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None,
+                  MANUAL_BF16=_INTERPRETED and p_dt == torch.bfloat16, **_launch_kwargs(device))
+    if layout.n_chunks:
+        _lamb_pass1[(layout.n_chunks,)](
+            layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+            layout.chunk_start, hp, bc1, bc2, ok_i, clip if clip is not None else x_sq, x_sq, u_sq,
+            HAS_CLIP=clip is not None, ADAPT=adapt, G_DT=_tl_dtype(g_dt), **common)
+    scale = scales(x_sq, u_sq) if adapt else scales(None, None)
+    scale = scale.to(c_dt)
+    if layout.n_chunks:
+        _lamb_pass2[(layout.n_chunks,)](
+            layout.ptrs[0], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+            layout.chunk_start, hp, bc1, bc2, ok_i, scale, **common)
+
+
+def lans_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+               *, g_norm: Tensor, bc1: Tensor, bc2: Tensor, ok: Tensor | None, beta1: float, beta2: float,
+               eps: float, weight_decay: float, bias_correction: bool, adapt: bool, cache: FusedCache,
+               scales: callable) -> None:
+    """One LANS update. ``g_norm``: per-tensor ``||g||`` (1 where 0); ``scales(x_sq, r_sq, c_sq)``
+    returns the two per-tensor step-size vectors."""
+    device = params[0].device
+    layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache,
+                         (beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay))
+    n = len(params)
+    sq = torch.zeros(3, n, dtype=torch.float64, device=device)
+    ok_i = ok.to(torch.int64) if ok is not None else layout.numels
+    p_dt, g_dt = params[0].dtype, grads[0].dtype
+    c_dt = torch.float64 if p_dt == torch.float64 else torch.float32
+    g_norm = g_norm.to(c_dt)
+    common = dict(BLOCK=_block(device), P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt), C_DT=_tl_dtype(c_dt),
+                  F64=c_dt == torch.float64, BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None,
+                  MANUAL_BF16=_INTERPRETED and p_dt == torch.bfloat16, **_launch_kwargs(device))
+    if layout.n_chunks:
+        _lans_pass1[(layout.n_chunks,)](
+            layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+            layout.chunk_start, hp, bc1, bc2, ok_i, g_norm, sq[0], sq[1], sq[2], ADAPT=adapt, **common)
+    scale_r, scale_c = scales(sq[0], sq[1], sq[2]) if adapt else scales(None, None, None)
+    if layout.n_chunks:
+        _lans_pass2[(layout.n_chunks,)](
+            layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+            layout.chunk_start, hp, bc1, bc2, ok_i, g_norm, scale_r.to(c_dt).contiguous(),
+            scale_c.to(c_dt).contiguous(), **common)

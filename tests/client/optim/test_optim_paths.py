@@ -1,0 +1,176 @@
+"""The code paths and what makes a step GPU-friendly: the fused Triton kernels (under Triton's
+interpreter on CPU), path selection, the on-device skip counter, ``capturable`` and ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from optim_helpers import make_problem, max_rel_err, run
+from optim_reference import lamb_reference, lans_reference
+from test_optim_reference import LAMB_CONFIGS, LANS_CONFIGS
+
+from largebatch.client.optim import LAMB, LANS, LARS, RecipeLR
+from largebatch.client.optim import _fused as fused_module
+from largebatch.client.optim._core import pick_path
+
+FUSED_CASES = [(LAMB, c) for c in LAMB_CONFIGS] + [(LANS, c) for c in LANS_CONFIGS]
+
+
+def _fused_needed():
+    if not fused_module.fused_available(torch.device("cpu")):
+        pytest.skip("the fused path needs Triton's interpreter on CPU (pip install triton)")
+
+
+@pytest.mark.parametrize(("cls", "config"), FUSED_CASES, ids=lambda v: getattr(v, "__name__", v))
+def test_fused_equals_foreach_in_float32(cls, config):
+    """The Triton kernels (pass 1: moments and norms with atomic adds; pass 2: the scaled update) give
+    the foreach path's result within 1e-6 relative, on the reference problem's tensors."""
+    _fused_needed()
+    kwargs, no_decay, _ = (LAMB_CONFIGS if cls is LAMB else LANS_CONFIGS)[config]
+    pb = make_problem(torch.float32, steps=6, zero_grad_steps=2 if cls is LANS else 0)
+    out = {}
+    for name, path in (("foreach", dict(fused=False)), ("fused", dict(fused=True))):
+        params = pb.params(torch.float32)
+        opt = cls(pb.groups(params, **no_decay), lr=0.0, **kwargs, **path)
+        run(opt, params, pb)
+        out[name] = params
+    assert max_rel_err(out["fused"], [p.detach().double().numpy() for p in out["foreach"]]) < 1e-6
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS])
+def test_fused_bf16_parameters_round_like_torch(cls):
+    """bf16 parameters: fp32 math, one round-to-nearest-even store; the same bits as the foreach path
+    on almost every element (the two paths' fp32 update can differ in its last bit)."""
+    _fused_needed()
+    pb = make_problem(torch.bfloat16, steps=4)
+    out = {}
+    for name, path in (("foreach", dict(fused=False)), ("fused", dict(fused=True))):
+        params = pb.params(torch.bfloat16)
+        run(cls(pb.groups(params), lr=0.0, **path), params, pb)
+        out[name] = params
+    for a, b in zip(out["fused"], out["foreach"], strict=True):
+        assert (a != b).float().mean() < 0.01
+        assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max()
+
+
+def test_path_selection_follows_torch():
+    cpu = [torch.zeros(3)]
+    assert pick_path(None, None, cpu) == "foreach"  # fused=None: fused only for CUDA tensors
+    assert pick_path(False, None, cpu) == "single"
+    assert pick_path(None, False, cpu) == "foreach"
+    with pytest.raises(ValueError, match="fused=True needs the multi-tensor path"):
+        pick_path(False, True, cpu)
+
+
+def test_fused_true_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(fused_module, "_INTERPRETED", False)
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = LAMB([p], lr=0.1, fused=True)
+    with pytest.raises(RuntimeError, match=r"fused=True cannot run on cpu tensors: its Triton kernels run on "
+                                           r"CUDA, or on CPU tensors only under Triton's interpreter"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize(("cls", "reference", "config"),
+                         [(LAMB, lamb_reference, "apex"), (LAMB, lamb_reference, "no_bias_correction"),
+                          (LANS, lans_reference, "paper")])
+def test_foreach_ops_without_torchs_fused_adam(cls, reference, config):
+    """The foreach path's own moment update (used where torch's fused Adam kernel is not: other
+    devices, and while ``torch.compile`` traces) against the float64 reference."""
+    kwargs, no_decay, ref_kwargs = (LAMB_CONFIGS if cls is LAMB else LANS_CONFIGS)[config]
+    pb = make_problem(torch.float64, steps=8)
+    params = pb.params(torch.float64)
+    opt = cls(pb.groups(params, **no_decay), lr=0.0, **kwargs, fused=False)
+    opt._torch_fused_adam = False
+    run(opt, params, pb)
+    expected = reference(pb.x0, pb.grads, pb.lrs, beta1=0.9, beta2=0.999, eps=1e-6, wd=pb.wd(), **ref_kwargs(pb))
+    assert max_rel_err(params, expected) < 1e-12
+
+
+# -- the skip counter ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS, LARS])
+def test_skip_is_the_default_and_the_counter_is_one_device_tensor(cls):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    opt = cls([{"params": [a]}, {"params": [b], "weight_decay": 0.0}], lr=0.1)
+    counter = opt.skip_counter
+    assert opt.defaults["nonfinite"] == "skip"
+    assert isinstance(counter, torch.Tensor) and counter.dtype == torch.int64 and counter.device == a.device
+    a.grad, b.grad = torch.ones(3), torch.tensor([1.0, math.inf])
+    opt.step()
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()
+    assert opt.skip_counter is counter and int(counter) == 1 and opt.skipped_steps == 1
+    assert all(g["skipped_steps"] is counter for g in opt.param_groups)
+    assert float(opt.state[a]["step"]) == 1
+
+
+# -- capturable and torch.compile ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS, LARS])
+def test_capturable_keeps_lr_on_the_device_and_schedulers_update_it_in_place(cls):
+    pb = make_problem(torch.float32, steps=5)
+    results = []
+    for capturable in (False, True):
+        params = pb.params(torch.float32)
+        opt = cls(pb.groups(params), lr=0.05, capturable=capturable)
+        lr_before = opt.param_groups[0]["lr"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        for t in range(5):
+            for p, g in zip(params, pb.grads[t], strict=True):
+                p.grad = torch.tensor(g, dtype=torch.float32)
+            opt.step()
+            sched.step()
+        if capturable:
+            lr = opt.param_groups[0]["lr"]
+            assert isinstance(lr, torch.Tensor) and lr is lr_before  # updated in place: a graph sees it
+            assert lr.device == params[0].device and float(lr) == pytest.approx(0.05 / 6)
+        results.append(params)
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_capturable_lr_survives_a_checkpoint_and_recipe_lr():
+    from test_optim_build import make_recipe
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = LAMB([p], lr=0.1, capturable=True)
+    q = torch.nn.Parameter(torch.ones(3))
+    fresh = LAMB([q], lr=0.1, capturable=True)
+    fresh.load_state_dict(opt.state_dict())
+    lr = fresh.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor)
+    sched = RecipeLR(fresh, make_recipe())
+    for _ in range(4):
+        q.grad = torch.ones(3)
+        fresh.step()
+        sched.step()
+    saved = sched.state_dict()
+    sched.load_state_dict(saved)
+    assert fresh.param_groups[0]["lr"] is lr  # RecipeLR writes into the tensor, never replaces it
+    assert float(lr) == pytest.approx(sched.get_last_lr()[0])
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+@pytest.mark.parametrize("cls", [LAMB, LANS, LARS])
+def test_step_traces_into_one_graph(cls, capturable):
+    """``torch.compile(opt.step, fullgraph=True)`` works: dynamo sees no graph break (a full compile
+    takes ~30 s on 2 cores; scripts/gpu_check.sh compiles and runs it on CUDA)."""
+    import torch._dynamo
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    kwargs = {"max_grad_norm": 1.0} if cls is LAMB else {}
+    opt = cls(model.parameters(), lr=0.01, capturable=capturable, **kwargs)
+    model(torch.randn(3, 8)).sum().backward()
+    opt.step()  # state creation happens once, outside the steady state
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(opt.step)()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
