@@ -198,7 +198,7 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, rule: str, history: Sequen
             plan.warnings.append(f"{p}LR capped: the scaled LR {_fmt(plan.ideal_lr)} exceeds {_fmt(cap)}")
 
 
-def _plan_schedule(plan: _Plan, req: RecommendationRequest, n: int) -> Stage:
+def _plan_schedule(plan: _Plan, req: RecommendationRequest, n: int, evidence: EvidenceModel | None = None) -> Stage:
     p, ref, s, T = _prefix(plan, n), plan.ref, plan.req, plan.steps
     k = s.batch_size / ref.batch_size
     ref_ratio = ref.ratio
@@ -215,6 +215,18 @@ def _plan_schedule(plan: _Plan, req: RecommendationRequest, n: int) -> Stage:
         plan.rationale.append(
             f"{p}linear-epoch warmup (LAMB Tables 4, 5): ratio {_fmt(ref_ratio)} x {_fmt(k)} = {_fmt(ratio)}"
         )
+    # --- issue #11 hook (learning.py owns the fit): the study's runs that varied the warmup replace
+    # the linear-epoch rule, unless the request fixed the warmup scale itself.
+    learned = evidence.warmup_ratio_at(s.batch_size) if evidence is not None and s.warmup_scale is None else None
+    if learned is not None and evidence is not None and evidence.warmup_fit is not None:
+        wf, ids = evidence.warmup_fit, ", ".join(map(str, evidence.warmup_fit.run_ids[:12]))
+        plan.rationale.append(
+            f"{p}evidence (runs {ids or '?'}; warmup varied at batch sizes {', '.join(map(str, wf.batch_sizes))}): "
+            f"warmup ratio ~ batch^w with w = {wf.exponent:.3f} +- {wf.exponent_sd:.3f} (prior 1, linear-epoch; "
+            f"data weight {wf.data_weight:.2f}): {_fmt(learned)} at {s.batch_size}, the rule gave {_fmt(ratio)}"
+        )
+        ratio = learned
+    # --- end of the issue #11 hook
     if ratio > priors.MAX_WARMUP_RATIO:
         plan.warnings.append(
             f"{p}warmup ratio {_fmt(ratio)} clamped to {priors.MAX_WARMUP_RATIO} (largest published: LANS 42.65%)"
@@ -407,7 +419,7 @@ def recommend(
     rationale += notes
     stages = []
     for plan in plans:
-        stages.append(_plan_schedule(plan, req, n))
+        stages.append(_plan_schedule(plan, req, n, evidence_model))
         rationale += plan.rationale
         warnings += plan.warnings
     warnings += warns
