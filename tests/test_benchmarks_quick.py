@@ -1,6 +1,7 @@
 """Every benchmark's --quick mode runs in CI, so the scripts that produce the README's figures keep
 working. (Figures are never asserted: timings are for the README, not for tests.)"""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -40,3 +41,19 @@ def test_scaling_fidelity_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (merged / "scaling_fidelity.md").read_text() == table
     assert (merged / "scaling_fidelity.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_critical_batch_quick(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "critical_batch.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "critical_batch.md").read_text()
+    results = json.loads((tmp_path / "critical_batch.json").read_text())
+    assert {r["task"] for r in results} == {"lm", "mlp"}
+    for r in results:
+        assert len(r["points"]) >= 5  # eq. 2.11 is fitted on >= 5 batch sizes
+        assert r["b_noise"] > 0 and r["b_crit"] > 0  # both measured (the README says how close)
+        for scale in (16, 64):
+            assert f"| {r['task']} | {scale}x |" in table
