@@ -95,7 +95,7 @@ def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | Non
                 lo = i * (batch // n_micro)
                 loss = task.loss(model, x[lo:lo + batch // n_micro], y[lo:lo + batch // n_micro]) / n_micro
                 loss.backward()
-            value = float(loss) * n_micro
+            value = float(loss.detach()) * n_micro
             first = value if first is None else first
             if not math.isfinite(value) or value > sf.DIVERGENCE_FACTOR * first:
                 return None, trace

@@ -33,6 +33,10 @@ def test_scaling_fidelity_quick(tmp_path):
     for task in ("lm", "mlp"):
         for name in ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"):
             assert sum(f"| {task} | {s}x | {name} |" in table for s in (4, 16, 64)) == 3, (task, name)
+        # the oracle (best of the LR x warmup grid and the recipes) and the regret summary per scale
+        assert sum(f"| {task} | {s}x | oracle (" in table for s in (4, 16, 64)) == 3, task
+        assert sum(line.startswith(f"| {task} | {s}x | ") and "(B_noise " in line
+                   for s in (4, 16, 64) for line in table.splitlines()) == 3, task
     assert (tmp_path / "scaling_fidelity.png").stat().st_size > 10_000
     # --merge rebuilds the same table (and a plot) from the JSON, without training
     merged = tmp_path / "merged"
