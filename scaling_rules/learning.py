@@ -23,7 +23,8 @@ The papers' rule is linear-epoch warmup (LAMB Table 4: constant warmup steps at 
 ratio grows as B), so the prior on ``w`` is N(1, 0.35^2) and, as for ``a``, the posterior over a
 grid is the profile likelihood times that prior. Runs must vary the warmup at one batch size at
 least (else the warmup is confounded with the level m_B and nothing is fitted); the optimum is kept
-within a factor 2 of the warmups tried (a quadratic extrapolated further says nothing).
+within a factor 2 of the warmups tried (a quadratic extrapolated further says nothing), and with no
+U at all (the metric only falls towards one end) it is the better end, if clearly better.
 
 Stability. An LR that diverged at batch B diverges at every larger batch too (the stable region
 grows more slowly than the sqrt line: the "cliff" of LANS Fig. 1), so the recommendation stays
@@ -241,14 +242,22 @@ class EvidenceModel:
         w_sd = float(math.sqrt(max(weights @ (WARMUP_EXPONENT_GRID - w_mean) ** 2, 0.0)))
         _, coef = solve(w_mean)
         kappa, beta = float(coef[-1]), float(coef[-2])
-        if kappa <= 0:
-            return None  # no U in the warmup: the best warmup lies outside what was tried
         u = ln_r - w_mean * ln_b
+        lo, hi = float(u.min()), float(u.max())
+        if kappa > 0:
+            log_c = -beta / (2 * kappa)
+        else:
+            # No U: the best warmup tried lies at an edge. Take the better edge when the fitted
+            # difference is clearly above the noise; else the runs say nothing about the warmup.
+            at_lo, at_hi = beta * lo + kappa * lo * lo, beta * hi + kappa * hi * hi
+            if abs(at_lo - at_hi) < 2 * math.sqrt(sigma2):
+                return None
+            log_c = lo if at_lo < at_hi else hi
         return WarmupFit(
-            exponent=w_mean, exponent_sd=w_sd, log_c=-beta / (2 * kappa), curvature=kappa, n_runs=n,
+            exponent=w_mean, exponent_sd=w_sd, log_c=log_c, curvature=kappa, n_runs=n,
             batch_sizes=tuple(varied),
             data_weight=1.0 - min(1.0, (w_sd / WARMUP_PRIOR_SD) ** 2) if identifiable else 0.0,
-            u_range=(float(u.min()), float(u.max())),
+            u_range=(lo, hi),
             run_ids=tuple(sorted(r.run_id for r in runs if r.run_id is not None)),
         )
 

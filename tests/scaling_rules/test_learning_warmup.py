@@ -78,9 +78,9 @@ def test_one_batch_size_leaves_the_exponent_to_the_prior():
     assert fit.ratio(1024) == pytest.approx(best_warmup(1024), rel=0.15)
 
 
-def test_monotone_or_concave_warmup_evidence():
-    """Shorter always better: the answer goes below what was tried (by at most 2x); a cap-shaped
-    response (no minimum at all) fits nothing."""
+def test_monotone_concave_and_flat_warmup_evidence():
+    """Shorter always better: the answer goes below what was tried (by at most 2x). No minimum at
+    all (cap-shaped): the better end of what was tried. No effect beyond the noise: nothing."""
     points = [(512, 0.01), (512, 0.02), (512, 0.04), (2048, 0.02), (2048, 0.08)]
     rng = random.Random(0)
     monotone = [RunEvidence(batch_size=b, lr=LR0, warmup_ratio=r, outcome="completed", run_id=i,
@@ -88,8 +88,13 @@ def test_monotone_or_concave_warmup_evidence():
     model = EvidenceModel.from_runs(monotone)
     assert model.warmup_ratio_at(512) < 0.01 and model.warmup_ratio_at(2048) < 0.02
     concave = [RunEvidence(batch_size=b, lr=LR0, warmup_ratio=r, outcome="completed", run_id=i,
-                           metric=2.0 - 0.05 * math.log(r / 0.02) ** 2) for i, (b, r) in enumerate(points)]
-    assert EvidenceModel.from_runs(concave).warmup_fit is None
+                           metric=2.0 - 0.05 * math.log(r / 0.015) ** 2) for i, (b, r) in enumerate(points)]
+    fit = EvidenceModel.from_runs(concave).warmup_fit
+    assert fit is not None and fit.curvature < 0
+    assert fit.log_c in fit.u_range  # an end of what was tried, not beyond
+    flat = [RunEvidence(batch_size=b, lr=LR0, warmup_ratio=r, outcome="completed", run_id=i,
+                        metric=2.0 + rng.gauss(0, 1e-3)) for i, (b, r) in enumerate(points * 2)]
+    assert EvidenceModel.from_runs(flat).warmup_fit is None
 
 
 def test_optimum_stays_near_the_warmups_tried():
