@@ -18,7 +18,14 @@ steps in the full run), these recipes:
   the reference warmup ratio;
 * ``lamb-sqrt``: LAMB with sqrt scaling and an unscaled warmup (the reference's warmup ratio).
 
-Reports validation loss relative to the reference and a PNG of loss curves and LR schedules.
+and, at each target batch, an **oracle**: the best of a grid sweep of LAMB over LR x warmup ratio
+at that batch with the same examples (and of every recipe above, which are configurations at that
+batch too). Reports, per run, the regret vs the oracle (the autoscaler's own error: the LR and
+warmup it picked vs the best ones) and the gap to the small-batch reference (the task's critical
+batch: what no LR fixes); per scale, the examples ratio that the gradient noise scale predicts,
+``(1 + B/B_noise) / (1 + B0/B_noise)`` (McCandlish et al. 2018), with B_noise measured by the client's
+estimator during the first large-batch run (4x, micro-batches of B0). The LAMB runs at smaller scales (grid included) are the study's
+evidence for ``largebatch+evidence`` at the larger ones. Also writes a PNG of loss curves and LR schedules.
 Usage: ``python benchmarks/scaling_fidelity.py [--quick] [--out DIR] [--tasks lm,mlp]``.
 """
 
@@ -36,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from largebatch.client.optim import build
+from largebatch.client.optim import GradientNoiseScale, build
 from largebatch.scaling_rules import OptimizerConfig, Recipe, Stage, lr_at, recommend
 from largebatch.scaling_rules.learning import RunEvidence, explore_lrs
 
@@ -155,6 +162,8 @@ class Result:
     seconds: float
     curve: list[tuple[int, float]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
+    warmup_ratio: float | None = None
+    b_noise: float | None = None  # measured during this run (the first largebatch run only)
 
 
 def manual_recipe(name: str, lr: float, batch: int, steps: int, warmup_ratio: float) -> Recipe:
@@ -167,7 +176,10 @@ def manual_recipe(name: str, lr: float, batch: int, steps: int, warmup_ratio: fl
     return Recipe(optimizer=opt, stages=[stage], total_steps=steps)
 
 
-def train(task: Task, recipe: Recipe, seed: int = 0, log_points: int = 60) -> tuple[float, bool, list, list]:
+def train(task: Task, recipe: Recipe, seed: int = 0, log_points: int = 60,
+          noise: GradientNoiseScale | None = None, micro: int = 0) -> tuple[float, bool, list, list]:
+    """One run. With ``noise``, each batch is accumulated from micro-batches of ``micro`` examples
+    (the same gradient) and the client's estimator reads B_noise from their norms."""
     torch.manual_seed(seed)
     model = task.make_model()
     optimizer, scheduler = build(model, recipe)
@@ -175,15 +187,25 @@ def train(task: Task, recipe: Recipe, seed: int = 0, log_points: int = 60) -> tu
     batch = recipe.stages[0].batch_size
     every = max(1, recipe.total_steps // log_points)
     curve, lrs, first = [], [], None
+    halves = batch // micro if noise is not None else 1
+    if noise is not None:
+        noise.attach_accumulation(model.parameters(), micro, grad_scale=halves)
     for step in range(recipe.total_steps):
         x, y = task.batch(gen, batch)
-        loss = task.loss(model, x, y)
-        value = float(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        value = 0.0
+        for i in range(halves):
+            lo, hi = i * batch // halves, (i + 1) * batch // halves
+            loss = task.loss(model, x[lo:hi], y[lo:hi]) / halves
+            value += float(loss.detach())
+            if not math.isfinite(value):
+                break
+            loss.backward()
         first = value if first is None else first
         if not math.isfinite(value) or value > DIVERGENCE_FACTOR * first:
             return float("nan"), True, curve, lrs
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if noise is not None:
+            noise.step()
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
@@ -193,15 +215,20 @@ def train(task: Task, recipe: Recipe, seed: int = 0, log_points: int = 60) -> tu
     return val, not math.isfinite(val), curve, lrs
 
 
-def run(task: Task, scale: int, name: str, recipe: Recipe) -> Result:
+def run(task: Task, scale: int, name: str, recipe: Recipe, *, noise_micro: int = 0) -> Result:
     t0 = time.perf_counter()
-    val, diverged, curve, lrs = train(task, recipe)
+    # A 100-step memory: at 4x B0 the batch is far below B_noise late in training, where one step's
+    # |G|^2 estimate is mostly noise (the default 20-step EMA can even end negative there).
+    noise = GradientNoiseScale(ema=0.99) if noise_micro else None
+    val, diverged, curve, lrs = train(task, recipe, noise=noise, micro=noise_micro)
     assert all(abs(a - lr_at(recipe, i)) <= 1e-12 * max(1.0, abs(a)) for i, a in enumerate(lrs[:50]))
     stage = recipe.stages[0]
     res = Result(task.name, scale, name, stage.batch_size, stage.peak_lr, recipe.total_steps, val, diverged,
-                 time.perf_counter() - t0, curve, lrs[:: max(1, len(lrs) // 200)])
+                 time.perf_counter() - t0, curve, lrs[:: max(1, len(lrs) // 200)],
+                 warmup_ratio=stage.warmup_ratio, b_noise=noise.value if noise is not None else None)
     print(f"  {task.name:>3} {scale:>3}x {name:<20} batch {res.batch:>5} steps {res.steps:>6} LR {res.lr:.5f} "
-          f"val {res.val_loss:.4f}{' DIVERGED' if diverged else ''} ({res.seconds:.1f}s)", flush=True)
+          f"warmup {stage.warmup_ratio:.4f} val {res.val_loss:.4f}{' DIVERGED' if diverged else ''}"
+          f"{f' B_noise {res.b_noise:.1f}' if res.b_noise else ''} ({res.seconds:.1f}s)", flush=True)
     return res
 
 
@@ -209,13 +236,23 @@ def evidence_of(results: list[Result], names: set[str]) -> list[RunEvidence]:
     out = []
     for i, r in enumerate(results):
         if r.name in names:
-            out.append(RunEvidence(batch_size=r.batch, lr=r.lr, run_id=i + 1,
+            out.append(RunEvidence(batch_size=r.batch, lr=r.lr, run_id=i + 1, warmup_ratio=r.warmup_ratio,
                                    outcome="diverged" if r.diverged else "completed",
                                    metric=None if r.diverged else r.val_loss))
     return out
 
 
-def benchmark_task(task: Task, explore: int) -> list[Result]:
+def oracle_grid(ref_lr: float, ref_warmup: float, scale: int, quick: bool) -> list[tuple[float, float]]:
+    """LAMB (LR, warmup ratio) pairs around sqrt scaling, from the reference's warmup ratio up to the
+    linear-epoch one: the sweep a team would run to find the best recipe at this batch by hand."""
+    centre = ref_lr * math.sqrt(scale)
+    lr_factors = (0.7, 1.4) if quick else (0.5, 1.0, 2.0)
+    linear_epoch = min(ref_warmup * scale, 0.45)
+    warmups = sorted({ref_warmup, math.sqrt(ref_warmup * linear_epoch), linear_epoch})
+    return [(centre * f, w) for f in lr_factors for w in warmups]
+
+
+def benchmark_task(task: Task, explore: int, quick: bool = False) -> list[Result]:
     results: list[Result] = []
     ref_steps = task.examples // task.b0
     task.params = sum(p.numel() for p in task.make_model().parameters())
@@ -234,13 +271,19 @@ def benchmark_task(task: Task, explore: int) -> list[Result]:
     ref.name = "reference"
     reference = {"batch_size": task.b0, "lr": ref.lr, "optimizer": "lamb", "warmup_ratio": warmup_ratio,
                  "steps": ref_steps}
-    evidence_names = {"reference", "ref-sweep-lamb", "largebatch", "largebatch+evidence", "largebatch-sweep"}
+    # Every LAMB run of the study at a smaller batch is evidence for the larger ones (the oracle grid
+    # included: it is the only source that varies the warmup at one batch size).
+    evidence_names = {"reference", "ref-sweep-lamb", "largebatch", "largebatch+evidence", "largebatch-sweep",
+                      "lamb-sqrt", "oracle-grid"}
     for scale in SCALES:
         batch = task.b0 * scale
         request = {"model": {"params": task.params, "family": "transformer" if task.name == "lm" else "other"},
                    "reference": reference, "target": {"batch_size": batch}}
         empty = recommend(request)
-        results.append(run(task, scale, "largebatch", empty))
+        # The client measures B_noise on the first large-batch run (micro-batches of B0, so the
+        # estimator's two batch sizes are B0 and 4 B0); its value near the end (the lowest loss) is
+        # the one that predicts what reaching that loss costs at larger batches.
+        results.append(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == SCALES[0] else 0))
         learned = recommend(request, evidence=evidence_of(results, evidence_names))
         results.append(run(task, scale, "largebatch+evidence", learned))
         steps = empty.total_steps
@@ -250,6 +293,8 @@ def benchmark_task(task: Task, explore: int) -> list[Result]:
                                                                       steps, warmup_ratio)))
         results.append(run(task, scale, "lamb-sqrt", manual_recipe("lamb", ref.lr * math.sqrt(scale), batch, steps,
                                                                      warmup_ratio)))
+        for lr, w in oracle_grid(ref.lr, warmup_ratio, scale, quick):
+            results.append(run(task, scale, "oracle-grid", manual_recipe("lamb", lr, batch, steps, w)))
         # What a team does with `"explore": k`: a small sweep around the recipe, logged as evidence
         # for the larger batches still to come (not at the largest scale: nothing comes after it).
         if scale != SCALES[-1] and explore:
@@ -263,21 +308,63 @@ def benchmark_task(task: Task, explore: int) -> list[Result]:
     return results
 
 
+RULES = ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt")
+
+
+def oracle_of(rs: list[Result], scale: int) -> Result | None:
+    """The best run at this scale: the grid sweep's, or a recipe's if one beat the grid."""
+    ok = [r for r in rs if r.scale == scale and not r.diverged and r.name in (*RULES, "oracle-grid")]
+    return min(ok, key=lambda r: r.val_loss) if ok else None
+
+
+def predicted_examples_ratio(batch: int, b0: int, b_noise: float | None) -> float | None:
+    """McCandlish et al. 2018 eq. 2.11: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise) at the same loss."""
+    if not b_noise or not math.isfinite(b_noise):
+        return None
+    return (1 + batch / b_noise) / (1 + b0 / b_noise)
+
+
 def report(all_results: list[Result], out: pathlib.Path) -> str:
-    lines = ["| task | scale | recipe | batch | steps | peak LR | val loss | vs reference |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | scale | recipe | batch | steps | peak LR | warmup | val loss | regret vs oracle | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    summary = ["| task | scale | B_noise predicts E(B)/E(B0) | oracle (LR, warmup) | oracle vs reference | "
+               + " | ".join(f"{n} regret" for n in RULES) + " |",
+               "|---|---|---|---|---|" + "---|" * len(RULES)]
     for task in sorted({r.task for r in all_results}):
         rs = [r for r in all_results if r.task == task]
         ref = next(r for r in rs if r.name == "reference")
         lines.append(f"| {task} | 1x | reference (LAMB, tuned) | {ref.batch} | {ref.steps} | {ref.lr:.4g} | "
-                     f"{ref.val_loss:.4f} | - |")
-        for r in rs:
-            if r.scale == 1 or r.name == "largebatch-sweep":
+                     f"{ref.warmup_ratio if ref.warmup_ratio is not None else float('nan'):.4g} | "
+                     f"{ref.val_loss:.4f} | - | - |")
+        for scale in sorted({r.scale for r in rs if r.scale > 1}):
+            oracle = oracle_of(rs, scale)
+            for r in rs:
+                if r.scale != scale or r.name not in RULES:
+                    continue
+                if r.diverged:
+                    regret = rel = "diverged"
+                else:
+                    regret = f"{r.val_loss / oracle.val_loss - 1:+.2%}" if oracle else "-"
+                    rel = f"{r.val_loss / ref.val_loss - 1:+.2%}"
+                lines.append(f"| {task} | {r.scale}x | {r.name} | {r.batch} | {r.steps} | {r.lr:.4g} | "
+                             f"{r.warmup_ratio if r.warmup_ratio is not None else float('nan'):.4g} | "
+                             f"{'nan' if r.diverged else f'{r.val_loss:.4f}'} | {regret} | {rel} |")
+            if oracle is None:
                 continue
-            rel = "diverged" if r.diverged else f"{r.val_loss / ref.val_loss - 1:+.2%}"
-            lines.append(f"| {task} | {r.scale}x | {r.name} | {r.batch} | {r.steps} | {r.lr:.4g} | "
-                         f"{'nan' if r.diverged else f'{r.val_loss:.4f}'} | {rel} |")
-    table = "\n".join(lines)
+            lines.append(f"| {task} | {scale}x | oracle ({oracle.name}) | {oracle.batch} | {oracle.steps} | "
+                         f"{oracle.lr:.4g} | {oracle.warmup_ratio:.4g} | {oracle.val_loss:.4f} | - | "
+                         f"{oracle.val_loss / ref.val_loss - 1:+.2%} |")
+            b_noise = next((r.b_noise for r in rs if r.b_noise), None)
+            pred = predicted_examples_ratio(oracle.batch, ref.batch, b_noise)
+            regrets = []
+            for name in RULES:
+                r = next((r for r in rs if r.scale == scale and r.name == name), None)
+                regrets.append("-" if r is None else "diverged" if r.diverged
+                               else f"{r.val_loss / oracle.val_loss - 1:+.2%}")
+            summary.append(f"| {task} | {scale}x | {'-' if pred is None else f'{pred:.2f} (B_noise {b_noise:.0f})'}"
+                           f" | {oracle.lr:.3g}, {oracle.warmup_ratio:.3g} | "
+                           f"{oracle.val_loss / ref.val_loss - 1:+.2%} | " + " | ".join(regrets) + " |")
+    table = "\n".join(lines) + "\n\n" + "\n".join(summary)
     (out / "scaling_fidelity.md").write_text(table + "\n")
     (out / "scaling_fidelity.json").write_text(json.dumps([r.__dict__ for r in all_results], indent=1))
     return table
@@ -291,7 +378,7 @@ def plot(all_results: list[Result], out: pathlib.Path) -> None:
 
     tasks = sorted({r.task for r in all_results})
     fig, axes = plt.subplots(len(tasks), 4, figsize=(18, 4 * len(tasks)), squeeze=False)
-    names = ["largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"]
+    names = list(RULES)
     for row, task in enumerate(tasks):
         rs = [r for r in all_results if r.task == task]
         ref = next(r for r in rs if r.name == "reference")
@@ -344,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: list[Result] = []
     for name in args.tasks.split(","):
-        results += benchmark_task(makers[name](args.quick), args.explore)
+        results += benchmark_task(makers[name](args.quick), args.explore, args.quick)
     table = report(results, args.out)
     plot(results, args.out)
     print(table)

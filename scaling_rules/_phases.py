@@ -7,6 +7,7 @@ import math
 
 from . import priors
 from ._plan import RecipeError, _fmt, _Plan, _prefix, _ratio_text
+from .learning import EvidenceModel
 from .models import RecommendationRequest, Stage
 from .schedule import DEFAULT_DECAY_POWER, schedule_area
 
@@ -93,9 +94,28 @@ def _equal_area_const(plan: _Plan, decay: dict, warmup: int) -> float:
     return (r - 1) * (warmup / 2 + f * (T - warmup)) / (1 - f)
 
 
-def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> Stage:
+def _learned_warmup(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p: str) -> float:
+    """The study's runs that varied the warmup replace the policy's ratio (issue #11), unless the
+    request fixed the warmup scale itself (learning.py owns the fit; the rule is its prior)."""
+    if evidence is None or plan.req.warmup_scale is not None:
+        return ratio
+    learned = evidence.warmup_ratio_at(plan.batch)
+    wf = evidence.warmup_fit
+    if learned is None or wf is None:
+        return ratio
+    ids = ", ".join(map(str, wf.run_ids[:12]))
+    plan.rationale.append(
+        f"{p}evidence (runs {ids or '?'}; warmup varied at batch sizes {', '.join(map(str, wf.batch_sizes))}): "
+        f"warmup ratio ~ batch^w with w = {wf.exponent:.3f} +- {wf.exponent_sd:.3f} (prior 1, linear-epoch; "
+        f"data weight {wf.data_weight:.2f}): {_fmt(learned)} at {plan.batch}, the rule gave {_fmt(ratio)}"
+    )
+    return learned
+
+
+def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int,
+                   evidence: EvidenceModel | None = None) -> Stage:
     p, s, T = _prefix(plan, n), plan.req, plan.steps
-    ratio = _warmup_ratio(plan, req, name, n)
+    ratio = _learned_warmup(plan, _warmup_ratio(plan, req, name, n), evidence, p)
     if ratio > priors.MAX_WARMUP_RATIO:
         plan.warnings.append(
             f"{p}warmup ratio {_fmt(ratio)} clamped to {priors.MAX_WARMUP_RATIO} (largest published: LANS 42.65%)"

@@ -248,7 +248,7 @@ def recommend(
     rationale += notes
     stages = []
     for plan in plans:
-        stages.append(_plan_schedule(plan, req, name, n))
+        stages.append(_plan_schedule(plan, req, name, n, evidence_model))
         rationale += plan.rationale
         warnings += plan.warnings
     warnings += warns

@@ -15,6 +15,17 @@ squares solve; the exponent's posterior combines that profile likelihood with a 
 N(1/2, 0.15^2) centred on the paper's rule. Thin evidence leaves the prior in charge (shrinkage);
 the posterior standard deviation is the uncertainty.
 
+The warmup (issue #11). The same model with a second quadratic term, in the log warmup ratio:
+
+    metric = m_B + kappa (x - x0)^2 + kappa_w (ln r - ln c_w - w ln B)^2
+
+The papers' rule is linear-epoch warmup (LAMB Table 4: constant warmup steps at fixed epochs, so the
+ratio grows as B), so the prior on ``w`` is N(1, 0.35^2) and, as for ``a``, the posterior over a
+grid is the profile likelihood times that prior. Runs must vary the warmup at one batch size at
+least (else the warmup is confounded with the level m_B and nothing is fitted); the optimum is kept
+within a factor 2 of the warmups tried (a quadratic extrapolated further says nothing), and with no
+U at all (the metric only falls towards one end) it is the better end, if clearly better.
+
 Stability. An LR that diverged at batch B diverges at every larger batch too (the stable region
 grows more slowly than the sqrt line: the "cliff" of LANS Fig. 1), so the recommendation stays
 below ``DIVERGENCE_MARGIN`` x the smallest LR that diverged at that batch size or a smaller one.
@@ -32,12 +43,17 @@ from pydantic import BaseModel, ConfigDict
 from . import priors
 from .evidence import Direction, Outcome
 
-__all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "explore_lrs"]
+__all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "WarmupFit", "explore_lrs"]
 
 PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling.
 PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd: what LR sweeps in the literature show.
 EXPONENT_GRID = np.linspace(-0.25, 1.25, 601)
 MIN_CURVATURE_RUNS = 3  # a U needs three LRs
+WARMUP_PRIOR_EXPONENT = 1.0  # linear-epoch warmup (LAMB Table 4; You et al. 2019 "LEGW")
+# 2 sd reaches 0.3 (close to a fixed warmup ratio) and 1.7: tuned warmups in the literature sit in there.
+WARMUP_PRIOR_SD = 0.35
+WARMUP_EXPONENT_GRID = np.linspace(-0.5, 2.5, 301)
+WARMUP_EXTRAPOLATION = math.log(2.0)  # the fitted optimum stays within 2x of the warmups tried
 
 
 class RunEvidence(BaseModel):
@@ -72,12 +88,34 @@ class ScalingFit:
         return math.exp(self.log_c + self.exponent * math.log(batch_size))
 
 
+@dataclass(frozen=True)
+class WarmupFit:
+    """The fitted warmup curve ln ratio*(B) = log_c + exponent * ln B, limited to what was tried."""
+
+    exponent: float
+    exponent_sd: float
+    log_c: float
+    curvature: float
+    n_runs: int
+    batch_sizes: tuple[int, ...]  # the batch sizes whose runs varied the warmup
+    data_weight: float
+    u_range: tuple[float, float]  # ln ratio - exponent ln B over the runs: where the fit has data
+    run_ids: tuple[int, ...] = ()
+
+    def ratio(self, batch_size: int) -> float:
+        u = self.log_c
+        lo, hi = self.u_range
+        u = min(max(u, lo - WARMUP_EXTRAPOLATION), hi + WARMUP_EXTRAPOLATION)
+        return math.exp(u + self.exponent * math.log(batch_size))
+
+
 @dataclass
 class EvidenceModel:
     runs: list[RunEvidence]
     direction: Direction = "minimize"
     fit: ScalingFit | None = None
     conflicts: list[str] = field(default_factory=list)
+    warmup_fit: WarmupFit | None = None
 
     @classmethod
     def from_runs(cls, runs: Iterable[RunEvidence | dict], *, direction: Direction = "minimize") -> EvidenceModel:
@@ -87,6 +125,7 @@ class EvidenceModel:
                                    r.run_id or 0))
         model = cls(runs=parsed, direction=direction)
         model.fit = model._fit()
+        model.warmup_fit = model._fit_warmup()
         model.conflicts = model._find_conflicts()
         return model
 
@@ -113,7 +152,13 @@ class EvidenceModel:
         ln_lr = np.log([r.lr for r in rows])
         ln_b = np.log([r.batch_size for r in rows])
         onehot = np.array([[1.0 if r.batch_size == b else 0.0 for b in batches] for r in rows])
-        n, p = len(rows), len(batches) + 2
+        # Runs that also varied the warmup: its U (at the rule's exponent) joins the design, so a
+        # warmup effect is not read as an LR effect.
+        if all(r.warmup_ratio is not None and r.warmup_ratio > 0 for r in rows) and any(
+                len({x.warmup_ratio for x in rs}) >= 2 for rs in informative.values()):
+            u = np.log([r.warmup_ratio for r in rows]) - WARMUP_PRIOR_EXPONENT * ln_b  # type: ignore[misc]
+            onehot = np.column_stack([onehot, u, u * u])
+        n, p = len(rows), onehot.shape[1] + 2
 
         def solve(a: float) -> tuple[float, np.ndarray]:
             x = ln_lr - a * ln_b
@@ -144,6 +189,72 @@ class EvidenceModel:
         data_weight = 1.0 - min(1.0, (a_sd / PRIOR_SD) ** 2) if identifiable else 0.0
         return ScalingFit(exponent=a_mean, exponent_sd=a_sd, log_c=log_c, curvature=kappa, n_runs=n,
                           batch_sizes=tuple(batches), data_weight=data_weight)
+
+    # ----- the warmup -----
+
+    def warmup_ratio_at(self, batch_size: int) -> float | None:
+        """The warmup ratio the study's runs say is best at ``batch_size``, or ``None`` when they
+        never varied the warmup at one batch size (then the rule's linear-epoch warmup stands)."""
+        return None if self.warmup_fit is None else self.warmup_fit.ratio(batch_size)
+
+    def _fit_warmup(self) -> WarmupFit | None:
+        runs = [r for r in self._usable() if r.warmup_ratio is not None and r.warmup_ratio > 0]
+        by_batch: dict[int, list[RunEvidence]] = {}
+        for r in runs:
+            by_batch.setdefault(r.batch_size, []).append(r)
+        varied = sorted(b for b, rs in by_batch.items() if len({x.warmup_ratio for x in rs}) >= 2)
+        if not varied or len({(r.batch_size, r.warmup_ratio) for r in runs}) < MIN_CURVATURE_RUNS:
+            return None
+        batches = sorted(by_batch)
+        sign = 1.0 if self.direction == "minimize" else -1.0
+        y = np.array([sign * r.metric for r in runs])  # type: ignore[operator]
+        ln_b = np.log([r.batch_size for r in runs])
+        ln_r = np.log([r.warmup_ratio for r in runs])  # type: ignore[misc]
+        columns = [np.array([1.0 if r.batch_size == b else 0.0 for r in runs]) for b in batches]
+        if self.fit is not None:
+            # The LR's own U, at its fitted exponent, so LR changes are not read as warmup effects.
+            x = np.log([r.lr for r in runs]) - self.fit.exponent * ln_b
+            columns += [x, x * x]
+        base = np.column_stack(columns)
+
+        def solve(w: float) -> tuple[float, np.ndarray]:
+            u = ln_r - w * ln_b
+            design = np.column_stack([base, u, u * u])
+            coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+            resid = y - design @ coef
+            return float(resid @ resid), coef
+
+        sse = np.array([solve(float(w))[0] for w in WARMUP_EXPONENT_GRID])
+        n, p = len(runs), base.shape[1] + 2
+        sigma2 = max(float(sse.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
+        # The exponent is identified only by warmup optima at two batch sizes or more.
+        identifiable = len(varied) >= 2
+        log_lik = -sse / (2 * sigma2) if identifiable else np.zeros_like(sse)
+        log_post = log_lik - (WARMUP_EXPONENT_GRID - WARMUP_PRIOR_EXPONENT) ** 2 / (2 * WARMUP_PRIOR_SD**2)
+        weights = np.exp(log_post - log_post.max())
+        weights /= weights.sum()
+        w_mean = float(weights @ WARMUP_EXPONENT_GRID)
+        w_sd = float(math.sqrt(max(weights @ (WARMUP_EXPONENT_GRID - w_mean) ** 2, 0.0)))
+        _, coef = solve(w_mean)
+        kappa, beta = float(coef[-1]), float(coef[-2])
+        u = ln_r - w_mean * ln_b
+        lo, hi = float(u.min()), float(u.max())
+        if kappa > 0:
+            log_c = -beta / (2 * kappa)
+        else:
+            # No U: the best warmup tried lies at an edge. Take the better edge when the fitted
+            # difference is clearly above the noise; else the runs say nothing about the warmup.
+            at_lo, at_hi = beta * lo + kappa * lo * lo, beta * hi + kappa * hi * hi
+            if abs(at_lo - at_hi) < 2 * math.sqrt(sigma2):
+                return None
+            log_c = lo if at_lo < at_hi else hi
+        return WarmupFit(
+            exponent=w_mean, exponent_sd=w_sd, log_c=log_c, curvature=kappa, n_runs=n,
+            batch_sizes=tuple(varied),
+            data_weight=1.0 - min(1.0, (w_sd / WARMUP_PRIOR_SD) ** 2) if identifiable else 0.0,
+            u_range=(lo, hi),
+            run_ids=tuple(sorted(r.run_id for r in runs if r.run_id is not None)),
+        )
 
     # ----- stability -----
 

@@ -1,6 +1,7 @@
 """Every benchmark's --quick mode runs in CI, so the scripts that produce the README's figures keep
 working. (Figures are never asserted: timings are for the README, not for tests.)"""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -32,6 +33,10 @@ def test_scaling_fidelity_quick(tmp_path):
     for task in ("lm", "mlp"):
         for name in ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"):
             assert sum(f"| {task} | {s}x | {name} |" in table for s in (4, 16, 64)) == 3, (task, name)
+        # the oracle (best of the LR x warmup grid and the recipes) and the regret summary per scale
+        assert sum(f"| {task} | {s}x | oracle (" in table for s in (4, 16, 64)) == 3, task
+        assert sum(line.startswith(f"| {task} | {s}x | ") and "(B_noise " in line
+                   for s in (4, 16, 64) for line in table.splitlines()) == 3, task
     assert (tmp_path / "scaling_fidelity.png").stat().st_size > 10_000
     # --merge rebuilds the same table (and a plot) from the JSON, without training
     merged = tmp_path / "merged"
@@ -40,3 +45,19 @@ def test_scaling_fidelity_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (merged / "scaling_fidelity.md").read_text() == table
     assert (merged / "scaling_fidelity.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_critical_batch_quick(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "critical_batch.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "critical_batch.md").read_text()
+    results = json.loads((tmp_path / "critical_batch.json").read_text())
+    assert {r["task"] for r in results} == {"lm", "mlp"}
+    for r in results:
+        assert len(r["points"]) >= 5  # eq. 2.11 is fitted on >= 5 batch sizes
+        assert r["b_noise"] > 0 and r["b_crit"] > 0  # both measured (the README says how close)
+        for scale in (16, 64):
+            assert f"| {r['task']} | {scale}x |" in table

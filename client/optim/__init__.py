@@ -4,7 +4,8 @@
   :func:`lars`: the papers' algorithms, with a single-tensor reference path and a multi-tensor path;
 * :func:`param_groups_for`: no weight decay / no trust ratio for biases and normalisation weights;
 * :class:`RecipeLR`: a recipe's LR schedule as a torch scheduler;
-* :func:`build`: ``optimizer, scheduler = build(model, recipe)``.
+* :func:`build`: ``optimizer, scheduler = build(model, recipe)``;
+* :class:`GradientNoiseScale`: the gradient noise scale B_noise (McCandlish et al. 2018), nearly free.
 """
 
 from ._core import NonFiniteGradientError
@@ -13,12 +14,14 @@ from .grouping import param_groups_for
 from .lamb import LAMB, lamb
 from .lans import LANS, lans
 from .lars import LARS, lars
+from .noise_scale import GradientNoiseScale
 from .scheduler import RecipeLR
 
 __all__ = [
     "LAMB",
     "LANS",
     "LARS",
+    "GradientNoiseScale",
     "NonFiniteGradientError",
     "RecipeLR",
     "build",

@@ -1,0 +1,245 @@
+"""The critical batch size of the benchmark tasks, fitted from steps-to-target, against the client's B_noise.
+
+Real CPU training (issue #11) on the two tasks of ``scaling_fidelity.py`` (a tiny LM and an MLP):
+
+1. a pilot at 8x the reference batch B0 fixes the target loss (where the pilot ends) and, on the
+   way, measures the gradient noise scale with the client's
+   :class:`~largebatch.client.optim.GradientNoiseScale` (gradient accumulation, micro-batches of
+   B0, every micro-batch's norm read by a tensor hook);
+2. at >= 5 batch sizes from B0 to 64 B0, the steps to reach that target, with Adam at a constant LR
+   (after a short warmup) tuned per batch on a small grid around sqrt scaling, extended upwards
+   while the best LR is the grid's largest;
+3. a fit of McCandlish et al. 2018 eq. 2.11, ``(S/S_min - 1)(E/E_min - 1) = 1``, i.e.
+   ``S = S_min + E_min / B`` (linear in 1/B; least squares in relative error), and
+   ``B_crit = E_min / S_min``;
+4. the examples ratio E(B)/E(B0) at 16x and 64x, measured and as B_noise predicts it:
+   ``(1 + B/B_noise) / (1 + B0/B_noise)``.
+
+Usage: ``python benchmarks/critical_batch.py [--quick] [--out DIR] [--tasks lm,mlp] [--readme]``.
+Writes ``critical_batch.md`` (the README tables) and ``critical_batch.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import scaling_fidelity as sf  # the tasks are shared with the fidelity benchmark
+
+from largebatch.client.optim import GradientNoiseScale
+
+WARMUP_STEPS = 5  # Adam needs a few steps to settle its second moments; short next to every S here
+PILOT_SCALE = 8
+ADAM_LR = {"lm": 3e-3, "mlp": 2e-3}  # at B0; the grid spans 4x around sqrt scaling from here
+TARGET_FRACTION = 0.97  # target = initial loss - 97% of what the pilot gained
+
+
+@dataclass
+class Point:
+    batch: int
+    lr: float
+    steps: int | None  # steps to the target, None if not reached within the cap
+    cap: int
+    seconds: float
+
+
+@dataclass
+class TaskResult:
+    task: str
+    b0: int
+    target: float
+    pilot_steps: int
+    b_noise: float
+    b_noise_trace: list[tuple[int, float, float]] = field(default_factory=list)  # (step, val loss, B_noise)
+    points: list[Point] = field(default_factory=list)
+    s_min: float = float("nan")
+    e_min: float = float("nan")
+    b_crit: float = float("nan")
+
+
+def eval_steps(cap: int) -> list[int]:
+    """Evaluation points 4% apart (a geometric grid): steps-to-target to within 4% at any scale."""
+    out, s = [], 1.0
+    while s < cap:
+        out.append(round(s))
+        s = max(s * 1.04, s + 1)
+    return sorted({*out, cap})
+
+
+def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | None = None,
+          noise: GradientNoiseScale | None = None, micro: int = 0, seed: int = 0):
+    """Adam at a constant LR; stops when the validation loss reaches ``target``. Returns the step
+    count at the target (or None), and the (step, val loss, B_noise) trace."""
+    torch.manual_seed(seed)
+    model = task.make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
+    gen = torch.Generator().manual_seed(seed + 1)
+    checks = set(eval_steps(cap))
+    n_micro = batch // micro if noise is not None else 1
+    if noise is not None:
+        noise.attach_accumulation(model.parameters(), micro, grad_scale=n_micro)
+    trace, first = [], None
+    try:
+        for step in range(1, cap + 1):
+            x, y = task.batch(gen, batch)
+            for i in range(n_micro):
+                lo = i * (batch // n_micro)
+                loss = task.loss(model, x[lo:lo + batch // n_micro], y[lo:lo + batch // n_micro]) / n_micro
+                loss.backward()
+            value = float(loss.detach()) * n_micro
+            first = value if first is None else first
+            if not math.isfinite(value) or value > sf.DIVERGENCE_FACTOR * first:
+                return None, trace
+            b_noise = noise.step() if noise is not None else None
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            if step in checks:
+                val = task.val_loss(model)
+                trace.append((step, val, b_noise if b_noise is not None else float("nan")))
+                if target is not None and val <= target:
+                    return step, trace
+    finally:
+        if noise is not None:
+            noise.detach()
+    return None, trace
+
+
+def fit_eq_2_11(points: list[Point]) -> tuple[float, float]:
+    """S = S_min + E_min / B, least squares in relative error (each S weighs the same)."""
+    rows = [(p.batch, p.steps) for p in points if p.steps is not None]
+    if len(rows) < 2:
+        return float("nan"), float("nan")
+    a = torch.tensor([[1.0 / s, 1.0 / (b * s)] for b, s in rows], dtype=torch.float64)
+    y = torch.ones(len(rows), dtype=torch.float64)
+    s_min, e_min = torch.linalg.lstsq(a, y).solution.tolist()
+    return s_min, e_min
+
+
+def examples(res: TaskResult, batch: int) -> float | None:
+    p = next((p for p in res.points if p.batch == batch and p.steps is not None), None)
+    return None if p is None else p.steps * batch
+
+
+def predicted_ratio(b: float, b_ref: float, b_noise: float) -> float:
+    return (1 + b / b_noise) / (1 + b_ref / b_noise)
+
+
+def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float, ...], pilot_steps: int) -> TaskResult:
+    base = ADAM_LR[task.name]
+    b0 = task.b0
+    print(f"task {task.name}: B0 {b0}, batches {[s * b0 for s in scales]}, LR grid x{lr_grid} around "
+          f"{base} x sqrt(B/B0)", flush=True)
+    t0 = time.perf_counter()
+    noise = GradientNoiseScale()
+    b_pilot = PILOT_SCALE * b0
+    _, trace = train(task, b_pilot, base * math.sqrt(PILOT_SCALE), pilot_steps, noise=noise, micro=b0)
+    torch.manual_seed(0)
+    initial = task.val_loss(task.make_model())
+    final = min(v for _, v, _ in trace[-3:])
+    target = initial - TARGET_FRACTION * (initial - final)
+    b_noise = noise.value or float("nan")
+    print(f"  pilot: batch {b_pilot}, {pilot_steps} steps, val {initial:.4f} -> {final:.4f}; target {target:.4f}; "
+          f"B_noise at the end {b_noise:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    res = TaskResult(task.name, b0, target, pilot_steps, b_noise, trace)
+    s_p, e_p = pilot_steps, pilot_steps * b_pilot
+    for scale in scales:
+        batch = scale * b0
+        # A tuned run needs at most the pilot's steps above its batch and its examples below: 2x slack.
+        cap = int(2 * max(s_p, e_p / batch))
+        best: Point | None = None
+        factors, best_f, i = list(lr_grid), 0.0, 0
+        while i < len(factors):
+            f, i = factors[i], i + 1
+            lr = base * math.sqrt(scale) * f
+            t1 = time.perf_counter()
+            steps, _ = train(task, batch, lr, cap if best is None or best.steps is None else min(cap, best.steps),
+                             target=target)
+            p = Point(batch, lr, steps, cap, time.perf_counter() - t1)
+            print(f"  batch {batch:>5} LR {lr:.5f}: {steps if steps is not None else '-':>6} steps "
+                  f"({p.seconds:.1f}s)", flush=True)
+            if steps is not None and (best is None or best.steps is None or steps < best.steps):
+                best, best_f = p, f
+            # Best at an edge of the grid: the tuned LR may lie beyond it, so extend (2 more at most).
+            if i == len(factors) and best is not None and len(factors) < len(lr_grid) + 2:
+                if best_f == max(factors):
+                    factors.append(best_f * 2)
+                elif best_f == min(factors):
+                    factors.append(best_f / 2)
+        res.points.append(best if best is not None else Point(batch, float("nan"), None, cap, 0.0))
+    res.s_min, res.e_min = fit_eq_2_11(res.points)
+    # S_min <= 0: steps still fall as 1/B at the largest batch, so B_crit lies beyond it (inf).
+    res.b_crit = res.e_min / res.s_min if res.s_min > 0 else float("inf")
+    return res
+
+
+def report(results: list[TaskResult]) -> str:
+    lines = ["| task | batch | tuned LR (Adam) | steps to target | examples | fit S_min(1 + B_crit/B) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for p in r.points:
+            fit = r.s_min + r.e_min / p.batch
+            lines.append(f"| {r.task} | {p.batch} | {p.lr:.4g} | {p.steps if p.steps is not None else f'> {p.cap}'} | "
+                         f"{p.steps * p.batch if p.steps is not None else '-'} | {fit:.0f} |")
+    lines += ["", "| task | target val loss | S_min | E_min | B_crit = E_min/S_min | B_noise (client) | "
+              "B_noise / B_crit | within 2x |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = r.b_noise / r.b_crit if r.b_crit > 0 else float("nan")
+        ok = "yes" if 0.5 <= ratio <= 2 else "**no**"
+        crit = f"{r.b_crit:.1f}" if math.isfinite(r.b_crit) else f"> {max(p.batch for p in r.points)} (S_min <= 0)"
+        lines.append(f"| {r.task} | {r.target:.4f} | {r.s_min:.1f} | {r.e_min:.0f} | {crit} | "
+                     f"{r.b_noise:.1f} | {ratio:.2f} | {ok} |")
+    lines += ["", "| task | scale | E(B)/E(B0) measured | predicted by B_noise | error | within 25% | "
+              "predicted by fitted B_crit |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        e0 = examples(r, r.b0)
+        for scale in (16, 64):
+            e = examples(r, scale * r.b0)
+            if e0 is None or e is None:
+                lines.append(f"| {r.task} | {scale}x | not reached | - | - | - | - |")
+                continue
+            measured = e / e0
+            pred = predicted_ratio(scale * r.b0, r.b0, r.b_noise)
+            err = pred / measured - 1
+            lines.append(f"| {r.task} | {scale}x | {measured:.2f} | {pred:.2f} | {err:+.0%} | "
+                         f"{'yes' if abs(err) <= 0.25 else '**no**'} | "
+                         f"{predicted_ratio(scale * r.b0, r.b0, r.b_crit):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 5 batch sizes, 2 LRs each (CI)")
+    parser.add_argument("--tasks", default="lm,mlp")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny models: see scaling_fidelity.py
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        scales, grid, pilot = (1, 2, 4, 16, 64), (0.7, 1.4), {"lm": 120, "mlp": 300}
+    else:
+        # Up to 256x: the MLP still scales perfectly at 64x, so its B_crit lies beyond the issue's range.
+        scales, grid, pilot = (1, 2, 4, 8, 16, 32, 64, 128, 256), (0.5, 1.0, 2.0), {"lm": 400, "mlp": 1600}
+    makers = {"lm": sf.lm_task, "mlp": sf.mlp_task}
+    t0 = time.perf_counter()
+    # The MLP trains fast: a longer pilot gives it a target loss deep enough for more than a few steps.
+    results = [benchmark_task(makers[name](args.quick), scales, grid, pilot[name]) for name in args.tasks.split(",")]
+    table = report(results)
+    (args.out / "critical_batch.md").write_text(table + "\n")
+    (args.out / "critical_batch.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print(table)
+    print(f"total {time.perf_counter() - t0:.0f}s; wrote {args.out}/critical_batch.{{md,json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
