@@ -138,7 +138,9 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
         caps.append((cap, f"study history: LR {_fmt(worst.min_diverged_lr)} diverged at batch "
                           f"{worst.batch_size} (<= {plan.batch}), so the cap is "
                           f"{priors.DIVERGENCE_MARGIN} x that = {_fmt(cap)}"))
-    if evidence is not None:
+    elif evidence is not None:
+        # One road for divergence: the per-batch summaries cover every run of the study (and its
+        # family); the runs behind the fit are the newest 2,000. Only without summaries do the runs cap.
         worst_run = evidence.min_diverged_at_or_below(plan.batch)
         if worst_run is not None:
             cap = priors.DIVERGENCE_MARGIN * worst_run.lr

@@ -434,6 +434,12 @@ class Stage(BaseModel):
         return self
 
 
+# Stage fields added after recipes were first stored: left out of the fingerprint while unset, so a
+# recipe that none of them touches keeps the fingerprint it always had.
+_ADDED_STAGE_FIELDS = frozenset({"decay_power", "decay_milestones", "decay_factor", "batch_tokens",
+                                 "examples_ratio", "steps_ratio"})
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -446,6 +452,7 @@ class Recipe(BaseModel):
     def fingerprint(self) -> str:
         """sha256 of what changes training (optimizer and stages), not of the explanations."""
         payload = {"optimizer": self.optimizer.model_dump(mode="json"),
-                   "stages": [s.model_dump(mode="json") for s in self.stages]}
+                   "stages": [{k: v for k, v in s.model_dump(mode="json").items()
+                               if not (v is None and k in _ADDED_STAGE_FIELDS)} for s in self.stages]}
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -132,6 +132,8 @@ def test_requests_untouched_by_v2_give_the_same_recipe():
     assert (r.optimizer.name, s.peak_lr, s.warmup_steps, s.const_steps, s.decay, r.optimizer.betas) == (
         "lamb", 0.005, 3125, 0, "linear", (0.9, 0.999))
     assert s.batch_tokens is None and s.examples_ratio is None
+    # ... and its fingerprint is v1's (engine v1, commit a6a80f6), so stored runs still match it.
+    assert r.fingerprint() == "9e5122e3c5ba296c8270f747a7a7dd15194153c72f8476e31eee0bede713e61e"
 
 
 # ------------------------------------------------------------------ critical batch (issue #11)
