@@ -22,6 +22,7 @@ path (the default elsewhere), ``single`` the per-tensor reference loop (``foreac
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import math
 from collections import defaultdict
@@ -691,6 +692,7 @@ def run_group(multi_tensor: Callable[..., None], single_tensor: Callable[..., No
         single_tensor(*tensors, **kw)
 
 
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
