@@ -323,7 +323,7 @@ class Scratch:
 
 def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: its elements fill ``numel`` consecutive slots, in some order."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:
         return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
@@ -336,6 +336,8 @@ def is_dense(t: Tensor) -> bool:
 def fused_layout_ok(*tensors: Tensor) -> bool:
     """torch's fused Adam kernel walks memory linearly: every operand needs the same dense layout."""
     first = tensors[0]
+    if all(t.is_contiguous() for t in tensors):
+        return True
     if first.numel() == 0:  # an empty shard: nothing to walk (and every rank must take the same path)
         return True
     return is_dense(first) and all(t.stride() == first.stride() for t in tensors[1:])
