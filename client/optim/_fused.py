@@ -73,8 +73,11 @@ def fused_available(device: torch.device) -> bool:
     return fused_unavailable_reason(device) is None
 
 
-def _block(device: torch.device) -> int:
-    return _BLOCK_CUDA if device.type == "cuda" else _BLOCK_INTERPRETED
+def _block(device: torch.device, numels: Sequence[int]) -> int:
+    if device.type == "cuda":
+        return _BLOCK_CUDA
+    # interpreted: a block no bigger than the largest tensor (numpy works on whole blocks, masked or not)
+    return min(_BLOCK_INTERPRETED, triton.next_power_of_2(max(max(numels, default=1), 16)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +105,7 @@ class _Layout:
                 chunk_tensor.append(i)
                 chunk_start.append(start)
         self.n_chunks = len(chunk_tensor)
+        self.block = block
         self.chunk_tensor = _to_device(chunk_tensor, torch.int32, device)
         self.chunk_start = _to_device(chunk_start, torch.int64, device)
 
@@ -115,8 +119,9 @@ class FusedCache:
         self._size = size
 
     def layout(self, operands: Sequence[Sequence[Tensor]], device: torch.device) -> _Layout:
-        block = _block(device)
-        key = (device, block, tuple(t.numel() for t in operands[0]),
+        numels = tuple(t.numel() for t in operands[0])
+        block = _block(device, numels)
+        key = (device, block, numels,
                tuple(tuple(t.data_ptr() for t in op) for op in operands))
         found = self._layouts.get(key)
         if found is None:
@@ -368,7 +373,7 @@ def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
         if layout.n_chunks:
             _sumsq_kernel[(layout.n_chunks,)](
                 layout.ptrs[0], layout.numels, layout.chunk_tensor, layout.chunk_start, part,
-                BLOCK=_block(device), G_DT=_tl_dtype(dtype), C_DT=_compute(dtype), **_launch_kwargs(device))
+                BLOCK=layout.block, G_DT=_tl_dtype(dtype), C_DT=_compute(dtype), **_launch_kwargs(device))
         parts.append((idx, part))
     if len(parts) == 1:
         return out
@@ -400,7 +405,7 @@ def lamb_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     ok_i = ok.to(torch.int64) if ok is not None else layout.numels
     p_dt, g_dt = params[0].dtype, grads[0].dtype
     c_dt = torch.float64 if p_dt == torch.float64 else torch.float32
-    common = dict(BLOCK=_block(device), P_DT=_tl_dtype(p_dt), C_DT=_tl_dtype(c_dt), F64=c_dt == torch.float64,
+    common = dict(BLOCK=layout.block, P_DT=_tl_dtype(p_dt), C_DT=_tl_dtype(c_dt), F64=c_dt == torch.float64,
                   BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None,
                   MANUAL_BF16=_INTERPRETED and p_dt == torch.bfloat16, **_launch_kwargs(device))
     if layout.n_chunks:
@@ -431,7 +436,7 @@ def lans_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     p_dt, g_dt = params[0].dtype, grads[0].dtype
     c_dt = torch.float64 if p_dt == torch.float64 else torch.float32
     g_norm = g_norm.to(c_dt)
-    common = dict(BLOCK=_block(device), P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt), C_DT=_tl_dtype(c_dt),
+    common = dict(BLOCK=layout.block, P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt), C_DT=_tl_dtype(c_dt),
                   F64=c_dt == torch.float64, BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None,
                   MANUAL_BF16=_INTERPRETED and p_dt == torch.bfloat16, **_launch_kwargs(device))
     if layout.n_chunks:
