@@ -186,6 +186,17 @@ class NormReducer:
         return torch.stack(values)
 
 
+class RowsReducer:
+    """:class:`NormReducer` for a ``(kinds, n)`` tensor of local squared norms, in place."""
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self._tensors = list(tensors)
+
+    def __call__(self, rows: Tensor) -> None:
+        kinds = rows.shape[0]
+        rows.copy_(NormReducer(self._tensors * kinds)(rows.reshape(-1)).view_as(rows))
+
+
 # ----------------------------------------------------------------------------------------------
 # numerics
 

@@ -20,7 +20,7 @@ POINTERS = {
     "p_ptrs": "*i64", "g_ptrs": "*i64", "m_ptrs": "*i64", "v_ptrs": "*i64", "numels": "*i64",
     "chunk_tensor": "*i32", "chunk_start": "*i64", "hp": "*fp64", "bc1_ptr": "*fp64", "bc2_ptr": "*fp64",
     "ok_ptr": "*i64", "clip_ptr": "*fp64", "x_sq": "*fp64", "u_sq": "*fp64", "r_sq": "*fp64", "c_sq": "*fp64",
-    "out": "*fp64", "scale_ptr": "*fp32", "gnorm_ptr": "*fp32", "scale_r_ptr": "*fp32", "scale_c_ptr": "*fp32",
+    "out": "*fp64", "gnorm_ptr": "*fp32", "lr_ptr": "*fp64",
 }
 
 
@@ -36,10 +36,10 @@ def main() -> int:
     for p_dt, c_dt, f64 in ((tl.float32, tl.float32, False), (tl.bfloat16, tl.float32, False),
                             (tl.float64, tl.float64, True)):
         base = dict(BLOCK=fused._BLOCK_CUDA, P_DT=p_dt, C_DT=c_dt, F64=f64, BIAS_CORRECTION=True, HAS_OK=True,
-                    MANUAL_BF16=False)
-        for fn, extra in ((fused._sumsq_kernel, None), (fused._lamb_pass1, dict(HAS_CLIP=True, ADAPT=True, G_DT=p_dt)),
-                          (fused._lamb_pass2, {}), (fused._lans_pass1, dict(ADAPT=True, G_DT=p_dt)),
-                          (fused._lans_pass2, dict(G_DT=p_dt))):
+                    ADAPT=True, MANUAL_BF16=False)
+        for fn, extra in ((fused._sumsq_kernel, None), (fused._lamb_pass1, dict(HAS_CLIP=True, G_DT=p_dt)),
+                          (fused._lamb_pass2, dict(PHI=True)), (fused._lans_pass1, dict(G_DT=p_dt)),
+                          (fused._lans_pass2, dict(G_DT=p_dt, PHI=True))):
             constexprs = dict(BLOCK=fused._BLOCK_CUDA, G_DT=p_dt, C_DT=c_dt) if extra is None else {**base, **extra}
             print(p_dt, compile_one(fn, constexprs), flush=True)
     return 0
