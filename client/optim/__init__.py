@@ -1,7 +1,9 @@
 """PyTorch optimizers and schedulers for large-batch recipes (needs the ``torch`` extra).
 
 * :class:`LAMB`, :class:`LANS`, :class:`LARS` and their functional forms :func:`lamb`, :func:`lans`,
-  :func:`lars`: the papers' algorithms, with a single-tensor reference path and a multi-tensor path;
+  :func:`lars`: the papers' algorithms, with a single-tensor reference path, a foreach path and (LAMB,
+  LANS) a fused Triton multi-tensor path, the default on CUDA; no host synchronisation in ``step()``
+  (non-finite gradients skip the step on the device, counted in ``optimizer.skip_counter``);
 * :func:`param_groups_for`: no weight decay / no trust ratio for biases and normalisation weights;
 * :class:`RecipeLR`: a recipe's LR schedule as a torch scheduler;
 * :func:`build`: ``optimizer, scheduler = build(model, recipe)``;

@@ -22,6 +22,7 @@ path (the default elsewhere), ``single`` the per-tensor reference loop (``foreac
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib.util
 import math
 from collections import defaultdict
@@ -185,6 +186,17 @@ class NormReducer:
         return torch.stack(values)
 
 
+class RowsReducer:
+    """:class:`NormReducer` for a ``(kinds, n)`` tensor of local squared norms, in place."""
+
+    def __init__(self, tensors: Sequence[Tensor]):
+        self._tensors = list(tensors)
+
+    def __call__(self, rows: Tensor) -> None:
+        kinds = rows.shape[0]
+        rows.copy_(NormReducer(self._tensors * kinds)(rows.reshape(-1)).view_as(rows))
+
+
 # ----------------------------------------------------------------------------------------------
 # numerics
 
@@ -322,7 +334,7 @@ class Scratch:
 
 def is_dense(t: Tensor) -> bool:
     """Non-overlapping and dense: its elements fill ``numel`` consecutive slots, in some order."""
-    if t.numel() == 0:
+    if t.is_contiguous() or t.numel() == 0:
         return True
     expected = 1
     for stride, size in sorted((st, s) for s, st in zip(t.shape, t.stride(), strict=True) if s != 1):
@@ -335,6 +347,8 @@ def is_dense(t: Tensor) -> bool:
 def fused_layout_ok(*tensors: Tensor) -> bool:
     """torch's fused Adam kernel walks memory linearly: every operand needs the same dense layout."""
     first = tensors[0]
+    if all(t.is_contiguous() for t in tensors):
+        return True
     if first.numel() == 0:  # an empty shard: nothing to walk (and every rank must take the same path)
         return True
     return is_dense(first) and all(t.stride() == first.stride() for t in tensors[1:])
@@ -691,6 +705,7 @@ def run_group(multi_tensor: Callable[..., None], single_tensor: Callable[..., No
         single_tensor(*tensors, **kw)
 
 
+@functools.cache
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

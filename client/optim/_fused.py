@@ -12,9 +12,11 @@ The passes, each one launch per (group, dtypes):
   clip and LANS's normalisation), fp32 partial sums per program added atomically in float64;
 * pass 1: reads ``p, g, m, v``, writes the new ``m, v`` and adds each tensor's ``||u||^2`` and
   ``||p||^2`` (LANS: ``||r||^2`` and ``||c||^2``) atomically;
-* between the passes, a few tiny torch ops on the per-tensor norms give the trust-ratio-scaled step
-  sizes (on the device: no host synchronisation);
-* pass 2: reads ``p, m, v`` (LANS also ``g``), recomputes the update and writes ``p``.
+* between the passes nothing runs, except for sharded (DTensor) parameters, whose norms are summed
+  over the ranks there;
+* pass 2: each program computes its tensor's trust ratio from those norms and the LR (a device
+  tensor: no host synchronisation), reads ``p, m, v`` (LANS also ``g``), recomputes the update and
+  writes ``p``.
 
 The update is recomputed in pass 2 rather than stored: that moves ~10 words per parameter (fused
 AdamW moves 7). fp32 division and square root use ``div_rn``/``sqrt_rn`` (correctly rounded; plain
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -73,8 +75,11 @@ def fused_available(device: torch.device) -> bool:
     return fused_unavailable_reason(device) is None
 
 
-def _block(device: torch.device) -> int:
-    return _BLOCK_CUDA if device.type == "cuda" else _BLOCK_INTERPRETED
+def _block(device: torch.device, numels: Sequence[int]) -> int:
+    if device.type == "cuda":
+        return _BLOCK_CUDA
+    # interpreted: a block no bigger than the largest tensor (numpy works on whole blocks, masked or not)
+    return min(_BLOCK_INTERPRETED, triton.next_power_of_2(max(max(numels, default=1), 16)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +107,7 @@ class _Layout:
                 chunk_tensor.append(i)
                 chunk_start.append(start)
         self.n_chunks = len(chunk_tensor)
+        self.block = block
         self.chunk_tensor = _to_device(chunk_tensor, torch.int32, device)
         self.chunk_start = _to_device(chunk_start, torch.int64, device)
 
@@ -115,8 +121,9 @@ class FusedCache:
         self._size = size
 
     def layout(self, operands: Sequence[Sequence[Tensor]], device: torch.device) -> _Layout:
-        block = _block(device)
-        key = (device, block, tuple(t.numel() for t in operands[0]),
+        numels = tuple(t.numel() for t in operands[0])
+        block = _block(device, numels)
+        key = (device, block, numels,
                tuple(tuple(t.data_ptr() for t in op) for op in operands))
         found = self._layouts.get(key)
         if found is None:
@@ -249,9 +256,25 @@ if triton is not None:
             tl.atomic_add(x_sq + t, tl.sum(p * p, axis=0).to(tl.float64))
 
     @triton.jit
+    def _ratio(x_sq, u_sq, t, hp, ADAPT: tl.constexpr, PHI: tl.constexpr):
+        """The trust ratio in float64, as ``_core.trust_ratios`` computes it: ``phi(||x||)/||u||``,
+        1 where either norm is 0."""
+        if ADAPT:
+            xn = tl.sqrt(tl.load(x_sq + t))
+            un = tl.sqrt(tl.load(u_sq + t))
+            phi = xn
+            if PHI:
+                phi = tl.minimum(tl.maximum(xn, tl.load(hp + 6)), tl.load(hp + 7))
+            ratio = tl.where((xn > 0) & (un > 0), phi / tl.where(un > 0, un, 1.0), 1.0)
+        else:
+            ratio = tl.load(hp + 8)  # 1.0
+        return ratio
+
+    @triton.jit
     def _lamb_pass2(p_ptrs, m_ptrs, v_ptrs, numels, chunk_tensor, chunk_start,
-                    hp, bc1_ptr, bc2_ptr, ok_ptr, scale_ptr,
-                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
+                    hp, bc1_ptr, bc2_ptr, ok_ptr, lr_ptr, x_sq, u_sq,
+                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr,
+                    PHI: tl.constexpr, BLOCK: tl.constexpr,
                     P_DT: tl.constexpr, C_DT: tl.constexpr, F64: tl.constexpr, MANUAL_BF16: tl.constexpr):
         t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK, BLOCK)
         p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DT))
@@ -264,7 +287,9 @@ if triton is not None:
         v = tl.load(v_ptr + offs, mask=mask, other=0.0)
         u = _lamb_update(p, m, v, tl.load(bc1_ptr + t).to(C_DT), tl.load(bc2_ptr + t).to(C_DT), eps, wd,
                          BIAS_CORRECTION, F64)
-        p = p + u * tl.load(scale_ptr + t).to(C_DT)
+        # the step size -lr * ratio, in float64 then rounded once, as the foreach path does
+        scale = -tl.load(lr_ptr) * _ratio(x_sq, u_sq, t, hp, ADAPT, PHI)
+        p = p + u * scale.to(C_DT)
         _store(p_ptr, offs, p, mask, P_DT, MANUAL_BF16)
 
     @triton.jit
@@ -323,8 +348,9 @@ if triton is not None:
 
     @triton.jit
     def _lans_pass2(p_ptrs, g_ptrs, m_ptrs, v_ptrs, numels, chunk_tensor, chunk_start,
-                    hp, bc1_ptr, bc2_ptr, ok_ptr, gnorm_ptr, scale_r_ptr, scale_c_ptr,
-                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, BLOCK: tl.constexpr,
+                    hp, bc1_ptr, bc2_ptr, ok_ptr, gnorm_ptr, lr_ptr, x_sq, r_sq, c_sq,
+                    HAS_OK: tl.constexpr, BIAS_CORRECTION: tl.constexpr, ADAPT: tl.constexpr,
+                    PHI: tl.constexpr, BLOCK: tl.constexpr,
                     P_DT: tl.constexpr, G_DT: tl.constexpr, C_DT: tl.constexpr, F64: tl.constexpr,
                     MANUAL_BF16: tl.constexpr):
         t, offs, mask = _chunk(numels, chunk_tensor, chunk_start, ok_ptr, HAS_OK, BLOCK)
@@ -341,7 +367,10 @@ if triton is not None:
         gh = _div(g, tl.load(gnorm_ptr + t).to(C_DT), F64)
         r, c = _lans_directions(p, gh, m, v, tl.load(bc1_ptr + t).to(C_DT), tl.load(bc2_ptr + t).to(C_DT), eps,
                                 wd, BIAS_CORRECTION, F64)
-        p = p + r * tl.load(scale_r_ptr + t).to(C_DT) + c * tl.load(scale_c_ptr + t).to(C_DT)
+        lr = tl.load(lr_ptr)
+        scale_r = -tl.load(hp + 0) * lr * _ratio(x_sq, r_sq, t, hp, ADAPT, PHI)
+        scale_c = -tl.load(hp + 1) * lr * _ratio(x_sq, c_sq, t, hp, ADAPT, PHI)
+        p = p + r * scale_r.to(C_DT) + c * scale_c.to(C_DT)
         _store(p_ptr, offs, p, mask, P_DT, MANUAL_BF16)
 
 
@@ -368,7 +397,7 @@ def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
         if layout.n_chunks:
             _sumsq_kernel[(layout.n_chunks,)](
                 layout.ptrs[0], layout.numels, layout.chunk_tensor, layout.chunk_start, part,
-                BLOCK=_block(device), G_DT=_tl_dtype(dtype), C_DT=_compute(dtype), **_launch_kwargs(device))
+                BLOCK=layout.block, G_DT=_tl_dtype(dtype), C_DT=_compute(dtype), **_launch_kwargs(device))
         parts.append((idx, part))
     if len(parts) == 1:
         return out
@@ -379,68 +408,77 @@ def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
     return torch.stack(values)
 
 
-def _common(params, grads, exp_avgs, device, cache, hp_values):
+def _common(params, grads, exp_avgs, device, cache, beta1, beta2, eps, weight_decay, phi_bounds):
     layout = cache.layout([params, grads, exp_avgs[0], exp_avgs[1]], device)
-    hp = cache.constants(hp_values, device)
+    lo, hi = phi_bounds if phi_bounds is not None else (0.0, 0.0)
+    hp = cache.constants((beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, lo, hi, 1.0), device)
     return layout, hp
 
 
+def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    """``lr`` as a 0-d float64 tensor on ``device``: a capturable LR as it is (a CUDA graph reads it
+    there), a float by one fill (no copy from the host, hence no synchronisation)."""
+    if isinstance(lr, Tensor) and lr.device == device:
+        return lr if lr.dtype == torch.float64 else lr.to(torch.float64)
+    return torch.full((), float(lr), dtype=torch.float64, device=device)
+
+
 def lamb_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               *, bc1: Tensor, bc2: Tensor, ok: Tensor | None, clip: Tensor | None, beta1: float, beta2: float,
-               eps: float, weight_decay: float, bias_correction: bool, adapt: bool, cache: FusedCache,
-               scales: callable) -> None:
-    """One LAMB update. ``scales(x_sq, u_sq)`` turns the local squared norms (None without adaptation)
-    into the per-tensor step sizes ``-lr * ratio * ok`` (1-D, on the device)."""
+               *, bc1: Tensor, bc2: Tensor, ok: Tensor | None, clip: Tensor | None, lr: float | Tensor,
+               beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
+               phi_bounds: tuple[float, float] | None, cache: FusedCache, reduce: Callable | None) -> None:
+    """One LAMB update. ``reduce(x_sq, u_sq)``, when given, turns pass 1's local squared norms into
+    full-tensor ones in place (sharded tensors); pass 2 computes the trust ratios itself."""
     device = params[0].device
-    layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache,
-                         (beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay))
+    layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache, beta1, beta2, eps,
+                         weight_decay, phi_bounds)
     n = len(params)
-    x_sq = torch.zeros(n, dtype=torch.float64, device=device)
-    u_sq = torch.zeros(n, dtype=torch.float64, device=device)
+    sq = torch.zeros(2, n, dtype=torch.float64, device=device)
     ok_i = ok.to(torch.int64) if ok is not None else layout.numels
     p_dt, g_dt = params[0].dtype, grads[0].dtype
     c_dt = torch.float64 if p_dt == torch.float64 else torch.float32
-    common = dict(BLOCK=_block(device), P_DT=_tl_dtype(p_dt), C_DT=_tl_dtype(c_dt), F64=c_dt == torch.float64,
-                  BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None,
+    common = dict(BLOCK=layout.block, P_DT=_tl_dtype(p_dt), C_DT=_tl_dtype(c_dt), F64=c_dt == torch.float64,
+                  BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None, ADAPT=adapt,
                   MANUAL_BF16=_INTERPRETED and p_dt == torch.bfloat16, **_launch_kwargs(device))
-    if layout.n_chunks:
-        _lamb_pass1[(layout.n_chunks,)](
-            layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
-            layout.chunk_start, hp, bc1, bc2, ok_i, clip if clip is not None else x_sq, x_sq, u_sq,
-            HAS_CLIP=clip is not None, ADAPT=adapt, G_DT=_tl_dtype(g_dt), **common)
-    scale = scales(x_sq, u_sq) if adapt else scales(None, None)
-    scale = scale.to(c_dt)
-    if layout.n_chunks:
-        _lamb_pass2[(layout.n_chunks,)](
-            layout.ptrs[0], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
-            layout.chunk_start, hp, bc1, bc2, ok_i, scale, **common)
+    if not layout.n_chunks:
+        return
+    _lamb_pass1[(layout.n_chunks,)](
+        layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+        layout.chunk_start, hp, bc1, bc2, ok_i, clip if clip is not None else sq, sq[0], sq[1],
+        HAS_CLIP=clip is not None, G_DT=_tl_dtype(g_dt), **common)
+    if adapt and reduce is not None:
+        reduce(sq)
+    _lamb_pass2[(layout.n_chunks,)](
+        layout.ptrs[0], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor, layout.chunk_start,
+        hp, bc1, bc2, ok_i, _lr_tensor(lr, device), sq[0], sq[1], PHI=phi_bounds is not None, **common)
 
 
 def lans_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               *, g_norm: Tensor, bc1: Tensor, bc2: Tensor, ok: Tensor | None, beta1: float, beta2: float,
-               eps: float, weight_decay: float, bias_correction: bool, adapt: bool, cache: FusedCache,
-               scales: callable) -> None:
-    """One LANS update. ``g_norm``: per-tensor ``||g||`` (1 where 0); ``scales(x_sq, r_sq, c_sq)``
-    returns the two per-tensor step-size vectors."""
+               *, g_norm: Tensor, bc1: Tensor, bc2: Tensor, ok: Tensor | None, lr: float | Tensor, beta1: float,
+               beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
+               phi_bounds: tuple[float, float] | None, cache: FusedCache, reduce: Callable | None) -> None:
+    """One LANS update. ``g_norm``: per-tensor ``||g||`` (1 where 0); ``reduce`` as in :func:`lamb_fused`
+    (on the three rows ``||x||^2, ||r||^2, ||c||^2``)."""
     device = params[0].device
-    layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache,
-                         (beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay))
+    layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache, beta1, beta2, eps,
+                         weight_decay, phi_bounds)
     n = len(params)
     sq = torch.zeros(3, n, dtype=torch.float64, device=device)
     ok_i = ok.to(torch.int64) if ok is not None else layout.numels
     p_dt, g_dt = params[0].dtype, grads[0].dtype
     c_dt = torch.float64 if p_dt == torch.float64 else torch.float32
     g_norm = g_norm.to(c_dt)
-    common = dict(BLOCK=_block(device), P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt), C_DT=_tl_dtype(c_dt),
-                  F64=c_dt == torch.float64, BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None,
+    common = dict(BLOCK=layout.block, P_DT=_tl_dtype(p_dt), G_DT=_tl_dtype(g_dt), C_DT=_tl_dtype(c_dt),
+                  F64=c_dt == torch.float64, BIAS_CORRECTION=bias_correction, HAS_OK=ok is not None, ADAPT=adapt,
                   MANUAL_BF16=_INTERPRETED and p_dt == torch.bfloat16, **_launch_kwargs(device))
-    if layout.n_chunks:
-        _lans_pass1[(layout.n_chunks,)](
-            layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
-            layout.chunk_start, hp, bc1, bc2, ok_i, g_norm, sq[0], sq[1], sq[2], ADAPT=adapt, **common)
-    scale_r, scale_c = scales(sq[0], sq[1], sq[2]) if adapt else scales(None, None, None)
-    if layout.n_chunks:
-        _lans_pass2[(layout.n_chunks,)](
-            layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
-            layout.chunk_start, hp, bc1, bc2, ok_i, g_norm, scale_r.to(c_dt).contiguous(),
-            scale_c.to(c_dt).contiguous(), **common)
+    if not layout.n_chunks:
+        return
+    _lans_pass1[(layout.n_chunks,)](
+        layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+        layout.chunk_start, hp, bc1, bc2, ok_i, g_norm, sq[0], sq[1], sq[2], **common)
+    if adapt and reduce is not None:
+        reduce(sq)
+    _lans_pass2[(layout.n_chunks,)](
+        layout.ptrs[0], layout.ptrs[1], layout.ptrs[2], layout.ptrs[3], layout.numels, layout.chunk_tensor,
+        layout.chunk_start, hp, bc1, bc2, ok_i, g_norm, _lr_tensor(lr, device), sq[0], sq[1], sq[2],
+        PHI=phi_bounds is not None, **common)

@@ -28,7 +28,6 @@ Named options, each off by default, reproduce the variants people actually run:
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from ._core import (
     LayerwiseOptimizer,
     NormReducer,
     Prologue,
+    RowsReducer,
     Scratch,
     check_betas,
     check_bool,
@@ -417,25 +417,14 @@ def _fused_lamb(
         ok_dev = None if ok is None else ok.to(device)
         increment_steps(steps, ok_dev)
         t = steps_for_bias_correction(torch.stack(steps))
-        scales = partial(_fused_scales, members=[params[i] for i in idx], device=device, lr=lr,
-                         phi_bounds=phi_bounds, ok=ok_dev)
+        members = [params[i] for i in idx]
+        reduce = RowsReducer(members) if any(is_dtensor(m) for m in members) else None
         lamb_fused(
             [local(params[i]) for i in idx], [local(grads[i]) for i in idx], [local(exp_avgs[i]) for i in idx],
             [local(exp_avg_sqs[i]) for i in idx], bc1=1 - beta1**t, bc2=1 - beta2**t, ok=ok_dev,
             clip=None if clip is None else clip.to(device), beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt, cache=cache, scales=scales,
+            weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt, phi_bounds=phi_bounds,
+            cache=cache, reduce=reduce, lr=lr,
         )
 
-
-def _fused_scales(x_sq: Tensor | None, u_sq: Tensor | None, *, members: list[Tensor], device: torch.device,
-                  lr: float | Tensor, phi_bounds: tuple[float, float] | None, ok: Tensor | None) -> Tensor:
-    """``-lr * trust ratio * ok`` per tensor, from pass 1's local squared norms (None: no adaptation)."""
-    n = len(members)
-    scale = torch.full((n,), -1.0, dtype=torch.float64, device=device) * lr
-    if x_sq is not None and u_sq is not None:
-        sq = NormReducer(members * 2)(torch.cat([x_sq, u_sq]))
-        scale = scale * trust_ratios(sq[:n], sq[n:], phi_bounds)
-    if ok is not None:
-        scale = scale * ok
-    return scale
 

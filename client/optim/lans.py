@@ -18,7 +18,6 @@ one of its norms is 0. There is no gradient clipping: the per-block normalisatio
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from ._core import (
     LayerwiseOptimizer,
     NormReducer,
     Prologue,
+    RowsReducer,
     Scratch,
     check_betas,
     check_bool,
@@ -381,28 +381,13 @@ def _fused_lans(
         increment_steps(steps, ok_dev)
         t = steps_for_bias_correction(torch.stack(steps))
         g_norm = _normaliser(torch.stack([g_sq[i] for i in idx]).to(device))
-        scales = partial(_fused_scales, members=[params[i] for i in idx], device=device, lr=lr, beta1=beta1,
-                         phi_bounds=phi_bounds, ok=ok_dev)
+        members = [params[i] for i in idx]
+        reduce = RowsReducer(members) if any(is_dtensor(m) for m in members) else None
         lans_fused(
             [local(params[i]) for i in idx], [local(grads[i]) for i in idx], [local(exp_avgs[i]) for i in idx],
             [local(exp_avg_sqs[i]) for i in idx], g_norm=g_norm, bc1=1 - beta1**t, bc2=1 - beta2**t, ok=ok_dev,
             beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-            adapt=adapt, cache=cache, scales=scales,
+            adapt=adapt, phi_bounds=phi_bounds, cache=cache, reduce=reduce, lr=lr,
         )
 
 
-def _fused_scales(x_sq: Tensor | None, r_sq: Tensor | None, c_sq: Tensor | None, *, members: list[Tensor],
-                  device: torch.device, lr: float | Tensor, beta1: float, phi_bounds: tuple[float, float] | None,
-                  ok: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The step sizes of ``r`` and ``c`` per tensor, from pass 1's local squared norms."""
-    n = len(members)
-    scale_r = torch.full((n,), -beta1, dtype=torch.float64, device=device) * lr
-    scale_c = torch.full((n,), -(1 - beta1), dtype=torch.float64, device=device) * lr
-    if x_sq is not None and r_sq is not None and c_sq is not None:
-        sq = NormReducer(members * 3)(torch.cat([x_sq, r_sq, c_sq]))
-        scale_r = scale_r * trust_ratios(sq[:n], sq[n : 2 * n], phi_bounds)
-        scale_c = scale_c * trust_ratios(sq[:n], sq[2 * n :], phi_bounds)
-    if ok is not None:
-        scale_r = scale_r * ok
-        scale_c = scale_c * ok
-    return scale_r, scale_c

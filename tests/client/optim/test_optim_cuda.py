@@ -146,7 +146,7 @@ def test_a_step_captured_in_a_cuda_graph_replays_like_eager(cls):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("cls", [LAMB, LANS, LARS])
+@pytest.mark.parametrize("cls", [LAMB])  # (a compile takes ~30 s; CPU tests check every optimizer traces)
 def test_the_step_compiles_in_one_graph_on_cuda(cls):
     g = torch.Generator(device=CUDA).manual_seed(2)
     start = [torch.randn(s, device=CUDA, generator=g) for s in ((64, 32), (32,))]
