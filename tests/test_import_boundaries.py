@@ -70,7 +70,7 @@ PACKAGES = ("client", "service", "scaling_rules")
 MAX_MODULE_LINES = 600
 # Over the limit today and owned by other work in progress; each entry is the module's current
 # length, so that it may shrink but not grow, and the entry goes when the module is split.
-OVER_THE_LIMIT = {"largebatch.client.optim._core": 652}
+OVER_THE_LIMIT: dict[str, int] = {}
 
 
 def _modules() -> dict[str, "object"]:
