@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from largebatch.client import AsyncClient, Client, JobError, recommend_local  # noqa: E402
 from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
 
-from ._training import BATCH, REFERENCE, evaluate, make_model, train  # noqa: E402
+from ._training import BATCH, REFERENCE, Data, evaluate, make_model, train  # noqa: E402
 
 pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
 
@@ -127,6 +127,37 @@ def test_a_nan_loss_stops_the_job_and_the_run_is_diverged(service, client):
     assert run.state == "diverged" and run.diverged_step == 30
     reports = service.store.reports(run.id)
     assert len(reports) == 31 and math.isnan(reports[-1].loss)
+
+
+def test_a_step_the_optimizer_skipped_is_divergence_at_that_step(service, client):
+    """LAMB skips a step whose gradient is not finite (nonfinite='skip', its default) and counts it:
+    the job reports that step as divergence although its loss was finite, and stops."""
+    model = make_model()
+    job = client.autoconfigure(model, study="skipped", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    data, loss_fn = Data(), torch.nn.MSELoss()
+    with job:
+        for step in range(50):
+            x, y = data.batch()
+            loss = loss_fn(model(x), y)
+            job.optimizer.zero_grad()
+            loss.backward()
+            if step == 12:  # one overflowing gradient, as a bad batch under fp16 would give
+                next(model.parameters()).grad[0, 0] = math.inf
+            before = [p.detach().clone() for p in model.parameters()]
+            job.optimizer.step()
+            job.scheduler.step()
+            job.report(step, loss)
+            if step == 12:
+                assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+            if job.should_stop:
+                break
+    assert step == 12 and job.skipped_steps == 1 and job.diverged_step == 12
+    assert "step 12 skipped" in job.stop_reason
+    run = service.store.get_run(job.run.id)
+    assert run.state == "diverged" and run.diverged_step == 12
+    reports = service.store.reports(run.id)
+    assert math.isfinite(reports[-1].loss) and math.isinf(reports[-1].grad_norm)
 
 
 def test_nan_then_exception_is_diverged_not_failed(service, client):
