@@ -156,6 +156,25 @@ class ReportOut(_Out):
     reason: str | None = None
 
 
+class ReportPoint(_Out):
+    """One stored report, as ``GET /v1/runs/{id}/reports`` gives it."""
+
+    step: int
+    loss: float | None = Field(description="null when the reported loss was NaN or infinite (JSON has neither)")
+    grad_norm: float | None = None
+    finite: bool = Field(description="false when the reported loss was NaN or infinite")
+
+
+class ReportPage(_Out):
+    """A page of a run's reports, by step."""
+
+    run_id: int
+    items: list[ReportPoint]
+    total: int
+    limit: int
+    offset: int
+
+
 class CompleteIn(_In):
     outcome: FinalOutcome
     metric: float | None = None

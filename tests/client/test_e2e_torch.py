@@ -160,6 +160,31 @@ def test_a_step_the_optimizer_skipped_is_divergence_at_that_step(service, client
     assert math.isfinite(reports[-1].loss) and math.isinf(reports[-1].grad_norm)
 
 
+def test_a_runs_reports_read_back_sync_and_async(service, client):
+    model = make_model()
+    job = client.autoconfigure(model, study="readback", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    with job:
+        for step in range(5):
+            job.report(step, 2.0 - step / 10 if step < 4 else float("nan"), 0.5)
+    run = service.store.get_run(job.run.id)
+    assert run.state == "diverged" and run.diverged_step == 4
+    page = client.list_reports(run.id, limit=3)
+    assert page.total == 5 and [p.step for p in page.items] == [0, 1, 2]
+    assert page.items[1].loss == pytest.approx(1.9) and page.items[1].grad_norm == 0.5 and page.items[1].finite
+    last = client.list_reports(run.id, offset=4).items
+    assert len(last) == 1 and last[0].loss is None and not last[0].finite
+    csv_text = client.list_reports_csv(run.id)
+    assert csv_text.splitlines()[0] == "step,loss,grad_norm" and csv_text.splitlines()[-1] == "4,nan,0.5"
+
+    async def read_async():
+        async with AsyncClient(service.url) as ac:
+            return await ac.list_reports(run.id), await ac.list_reports_csv(run.id, limit=2)
+
+    apage, acsv = asyncio.run(read_async())
+    assert apage == client.list_reports(run.id) and acsv.count("\n") == 3
+
+
 def test_nan_then_exception_is_diverged_not_failed(service, client):
     model = make_model()
     job = client.autoconfigure(model, study="nan2", reference=REFERENCE, target_batch_size=BATCH,

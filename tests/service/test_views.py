@@ -51,6 +51,27 @@ def test_reports_are_paged_by_step_and_private_to_the_namespace(api):
     assert_error(c.get(f"/v1/runs/{run['id']}/reports", params={"limit": 0}), "validation_error")
 
 
+def test_reports_as_csv_keep_nan_and_inf_and_page_like_json(api):
+    c = api.client()
+    study = unique()
+    assert c.post("/v1/studies", json={"name": study, "model_params": 340_000_000}).status_code == 201
+    run = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request()}).json()
+    body = b'{"reports": [{"step": 2, "loss": 8.5, "grad_norm": 2.0}, {"step": 0, "loss": 9.25, "grad_norm": 1.5}, ' \
+           b'{"step": 1, "loss": 9.0}, {"step": 3, "loss": NaN, "grad_norm": Infinity}]}'
+    assert c.post(f"/v1/runs/{run['id']}/reports", content=body,
+                  headers={"content-type": "application/json"}).status_code == 200
+
+    r = api.client("read").get(f"/v1/runs/{run['id']}/reports", params={"format": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert r.headers["x-total-count"] == "4"
+    assert r.text == "step,loss,grad_norm\n0,9.25,1.5\n1,9.0,\n2,8.5,2.0\n3,nan,inf\n"
+    page = c.get(f"/v1/runs/{run['id']}/reports", params={"format": "csv", "limit": 2, "offset": 1})
+    assert page.text == "step,loss,grad_norm\n1,9.0,\n2,8.5,2.0\n" and page.headers["x-total-count"] == "4"
+
+    assert_error(api.client("other").get(f"/v1/runs/{run['id']}/reports", params={"format": "csv"}), "not_found")
+    assert_error(c.get(f"/v1/runs/{run['id']}/reports", params={"format": "xml"}), "validation_error")
+
+
 def test_evidence_shows_the_fit_and_the_divergence_boundary_the_recipe_uses(api):
     c = api.client()
     study = unique()
