@@ -284,7 +284,8 @@ class Job:
         else:
             t0, s0 = self._progress_t0
             left = (now - t0) / max(step - s0, 1) * max(self.recipe.total_steps - step - 1, 0)
-            eta = f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
+            eta = (f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60
+                   else f"{left:.0f} s")
         try:
             value = f"{float(loss.item() if hasattr(loss, 'item') else loss):.4g}"
         except (TypeError, ValueError):
