@@ -239,11 +239,14 @@ class Job:
 
     # ------------------------------------------------------------------ reporting
 
-    def report(self, step: int, loss: Any, grad_norm: Any = None) -> None:
+    def report(self, step: int, loss: Any, grad_norm: Any = None, *, noise_scale: Any = None) -> None:
         """Record the loss (and gradient norm) at ``step``; returns at once.
 
         ``loss`` may be a float or a 0-d tensor: a tensor is converted to a number by the
         background thread, so the training loop does not wait for the device either.
+        ``noise_scale``: the smoothed gradient noise scale B_noise (examples) measured at this step,
+        if the job measures it; the run keeps the latest and the study's recipes use the median
+        over its runs. Under several ranks, rank 0's value is sent (the estimate is global).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -266,7 +269,7 @@ class Job:
         if self.world_size > 1:
             self._agreed_stop = self._agreed_stop or stop or self._stop_seen
         if self._reporter is not None:
-            self._reporter.put(step, detached(loss), detached(grad_norm))
+            self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale))
         if self.progress_every and (step + 1) % self.progress_every == 0 and not self.follower:
             self._log_progress(step, loss)
 
