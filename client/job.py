@@ -95,6 +95,9 @@ class Job:
         close_timeout: How long closing (and interpreter exit) waits for undelivered reports.
         complete_timeout: How long :meth:`complete` keeps trying to reach the service.
         progress_every: Log a progress line every this many reported steps (0: never).
+        noise: A :class:`~largebatch.client.optim.GradientNoiseScale` the caller attached
+            (``attach_accumulation`` or ``attach_ddp``): the job folds each step's norms in right
+            before every optimizer step and reports its value with each loss (``noise_scale``).
         build: For a rank > 0 that waits for rank 0's recipe: builds (optimizer, scheduler) from it.
     """
 
@@ -116,6 +119,7 @@ class Job:
         complete_timeout: float = 300.0,
         progress_every: int = 100,
         build: Callable[[Recipe], tuple[Any, Any]] | None = None,
+        noise: Any = None,
     ) -> None:
         follower = build is not None
         if run is None and open_run is None and not follower:
@@ -145,6 +149,9 @@ class Job:
         self._build = build
         self.follower = follower  # a rank > 0: rank 0 owns the run
         self.world_size = 1  # ranks the job agreed with (set by sync())
+        self.noise = noise
+        self._noise_hook: Any = None
+        self._hook_noise()
         self.diverged_step: int | None = None
         self.last_step: int | None = None
         self.refused: errors.APIStatusError | None = None  # the service refused reports for good
@@ -216,6 +223,19 @@ class Job:
         self.study = study
         if self.optimizer is None and self._build is not None:
             self.optimizer, self.scheduler = self._build(recipe)
+            self._hook_noise()
+
+    def _hook_noise(self) -> None:
+        # Right before the optimizer step the accumulated (and all-reduced) gradient is there and
+        # no zero_grad() has run yet, in a plain loop as in every framework.
+        if self.noise is None or self._noise_hook is not None or self.optimizer is None:
+            return
+        noise = self.noise
+
+        def fold(*_: Any) -> None:  # a pre-hook that returns something would replace the step's arguments
+            noise.step()
+
+        self._noise_hook = self.optimizer.register_step_pre_hook(fold)
 
     def handover(self) -> dict[str, Any]:
         """What a rank > 0 started from this process needs (see :func:`largebatch.client._dist`)."""
@@ -253,6 +273,8 @@ class Job:
         if self._closed:
             raise errors.JobError("the job is closed: it takes no more reports")
         self.last_step = step if self.last_step is None else max(self.last_step, step)
+        if noise_scale is None and self.noise is not None:
+            noise_scale = self.noise.value
         skipped = self._skipped_now()
         if self.world_size > 1:
             # Every rank is here at this step: one all-reduce gives each the same numbers and verdict.

@@ -185,6 +185,35 @@ def test_a_runs_reports_read_back_sync_and_async(service, client):
     assert apage == client.list_reports(run.id) and acsv.count("\n") == 3
 
 
+def test_a_job_given_a_noise_scale_estimator_reports_it_and_the_run_keeps_it(service, client):
+    from largebatch.client.optim import GradientNoiseScale
+
+    model = make_model()
+    noise = GradientNoiseScale()
+    job = client.autoconfigure(model, study="noise", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options={**FAST, "noise": noise})
+    plan = job.batch_plan(per_device_batch_size=BATCH // 4)
+    assert (plan.per_device, plan.accumulation) == (BATCH // 4, 4)
+    noise.attach_accumulation(model.parameters(), micro_batch_size=plan.per_device, grad_scale=plan.accumulation)
+    data, loss_fn = Data(), torch.nn.MSELoss()
+    values = []
+    with job:
+        for step in range(40):
+            x, y = data.batch()
+            for i in range(plan.accumulation):
+                part = slice(i * plan.per_device, (i + 1) * plan.per_device)
+                (loss_fn(model(x[part]), y[part]) / plan.accumulation).backward()
+            job.optimizer.step()  # the job folds this step's norms in first
+            job.scheduler.step()
+            job.optimizer.zero_grad()
+            job.report(step, float(loss_fn(model(x), y)))
+            values.append(noise.value)
+        job.complete(evaluate(model))
+    assert noise.n_updates == 40 and values[-1] is not None and values[-1] > 0
+    run = service.store.get_run(job.run.id)
+    assert run.state == "completed" and run.noise_scale == pytest.approx(values[-1])
+
+
 def test_nan_then_exception_is_diverged_not_failed(service, client):
     model = make_model()
     job = client.autoconfigure(model, study="nan2", reference=REFERENCE, target_batch_size=BATCH,
