@@ -206,7 +206,8 @@ def test_a_job_given_a_noise_scale_estimator_reports_it_and_the_run_keeps_it(ser
             job.optimizer.step()  # the job folds this step's norms in first
             job.scheduler.step()
             job.optimizer.zero_grad()
-            job.report(step, float(loss_fn(model(x), y)))
+            with torch.no_grad():
+                job.report(step, float(loss_fn(model(x), y)))
             values.append(noise.value)
         job.complete(evaluate(model))
     assert noise.n_updates == 40 and values[-1] is not None and values[-1] > 0
