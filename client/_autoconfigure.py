@@ -8,11 +8,18 @@ answer (or thrown its error). :func:`autoconfigure` runs the plan with a sync cl
 :func:`autoconfigure_async` with an async one; nothing else differs.
 
 torch is imported (through ``largebatch.client.optim``) only when a job is built.
+
+Under several ranks only rank 0 runs the plan; a rank > 0 makes a job that waits for rank 0's recipe
+(:meth:`Job.sync`). Rank 0 also leaves the recipe in its environment (``LARGEBATCH_JOB``), so that
+ranks a launcher starts from it later (Lightning's DDP launcher re-runs the script) have the recipe
+before the process group exists: they can size their ``Trainer`` from it at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import platform
 import socket
 import sys
@@ -23,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 from largebatch.scaling_rules.models import Recipe, Reference
 from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut, Run, Study
 
-from . import errors
+from . import _dist, errors
 from ._base import BaseClient, Call, RunChannel, _new_idempotency_key, is_transient
 from ._version import __version__
 from .job import Job
@@ -200,8 +207,33 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
             raise errors.JobError("the service answered without opening a run")
     recipe = Recipe.model_validate(out.model_dump(exclude={"run", "variants", "variant_runs"}))
     optimizer, scheduler = _build(model, recipe)
-    return Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
-               open_run=open_run, **dict(job_options or {}))
+    job = Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
+              open_run=open_run, **dict(job_options or {}))
+    os.environ[HANDOVER_ENV] = json.dumps({"parent": os.getpid(), **job.handover()}, separators=(",", ":"))
+    if _dist.ensure_group():
+        job.sync()
+    return job
+
+
+HANDOVER_ENV = "LARGEBATCH_JOB"
+
+
+def _follower_job(client: BaseClient, model: Any, study: str, job_options: Mapping[str, Any] | None) -> Job:
+    """The job of a rank > 0: no call to the service; the recipe comes from rank 0."""
+    job = Job(client, None, None, study=study, build=lambda recipe: _build(model, recipe),
+              **dict(job_options or {}))
+    handed = os.environ.get(HANDOVER_ENV)
+    if handed:
+        try:
+            data = json.loads(handed)
+        except ValueError:
+            data = None
+        # Only what our own parent left (an inherited value from another job's launch is stale).
+        if isinstance(data, dict) and data.get("parent") == os.getppid() and data.get("study") == study:
+            job._adopt(Recipe.model_validate(data["recipe"]), data.get("run"), study)
+    if _dist.ensure_group():
+        job.sync()
+    return job
 
 
 def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
@@ -211,6 +243,8 @@ def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Refe
                   direction: str = "minimize", job_options: Mapping[str, Any] | None = None,
                   offline_fallback: bool = False, **request_fields: Any) -> Job:
     """See :meth:`Client.autoconfigure`."""
+    if _dist.identity().follower:
+        return _follower_job(client, model, study, job_options)
     req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
                         target_steps=target_steps, model_params=model_params, model_family=model_family,
                         environment=environment, **request_fields)
@@ -231,6 +265,8 @@ async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
                               **request_fields: Any) -> Job:
     """See :meth:`AsyncClient.autoconfigure`. The job's thread reports with the sync client of
     :meth:`AsyncClient.run_channel`."""
+    if _dist.identity().follower:
+        return _follower_job(client, model, study, job_options)
     req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
                         target_steps=target_steps, model_params=model_params, model_family=model_family,
                         environment=environment, **request_fields)

@@ -46,6 +46,7 @@ from largebatch.scaling_rules.wire import (
     ReportBatchIn,
     ReportIn,
     ReportOut,
+    ReportPage,
     Run,
     RunCreate,
     Study,
@@ -177,6 +178,7 @@ _parse_study_page = _parse_model(Page[Study])
 _parse_run = _parse_model(Run)
 _parse_run_page = _parse_model(Page[Run])
 _parse_report_out = _parse_model(ReportOut)
+_parse_report_page = _parse_model(ReportPage)
 _parse_heartbeat = _parse_model(HeartbeatOut)
 _parse_recommendation = _parse_model(RecommendationOut)
 _parse_health = _parse_model(HealthOut)
@@ -371,6 +373,14 @@ class BaseClient:
 
     def _get_run(self, run_id: int) -> Call[Run]:
         return Call("GET", f"/v1/runs/{_run_id(run_id)}", _parse_run)
+
+    def _list_reports(self, run_id: int, *, limit: int, offset: int) -> Call[ReportPage]:
+        return Call("GET", f"/v1/runs/{_run_id(run_id)}/reports", _parse_report_page,
+                    params={"limit": limit, "offset": offset})
+
+    def _list_reports_csv(self, run_id: int, *, limit: int | None, offset: int) -> Call[str]:
+        return Call("GET", f"/v1/runs/{_run_id(run_id)}/reports", _parse_text, accept="text/csv",
+                    params={"format": "csv", "limit": limit, "offset": offset})
 
     def _heartbeat(self, run_id: int) -> Call[HeartbeatOut]:
         return Call("POST", f"/v1/runs/{_run_id(run_id)}/heartbeat", _parse_heartbeat)

@@ -19,6 +19,7 @@ from largebatch.scaling_rules.wire import (
     RecommendationOut,
     ReportIn,
     ReportOut,
+    ReportPage,
     Run,
     Study,
 )
@@ -199,6 +200,14 @@ class Client(BaseClient):
         """A study's runs as CSV text (``?format=csv``)."""
         return self._request(self._list_runs_csv(study, state=state, batch_size=batch_size, limit=limit,
                                                  offset=offset))
+
+    def list_reports(self, run_id: int, *, limit: int = 1000, offset: int = 0) -> ReportPage:
+        """One page of a run's reported losses, by step (NaN/inf losses are ``None`` with ``finite=False``)."""
+        return self._request(self._list_reports(run_id, limit=limit, offset=offset))
+
+    def list_reports_csv(self, run_id: int, *, limit: int | None = None, offset: int = 0) -> str:
+        """A run's reports as CSV text ``step,loss,grad_norm`` (all of them unless ``limit``; ``nan``/``inf`` kept)."""
+        return self._request(self._list_reports_csv(run_id, limit=limit, offset=offset))
 
     def get_run(self, run_id: int) -> Run:
         return self._request(self._get_run(run_id))

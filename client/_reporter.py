@@ -50,6 +50,16 @@ def detached(value: Any) -> Any:
     return detach() if callable(detach) else value
 
 
+def _noise(value: Any) -> float | None:
+    # An estimate that is not yet meaningful (its early EMAs can make it negative or inf) is left
+    # out of the report, not the report dropped.
+    try:
+        v = _to_float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
 def _to_float(value: Any) -> float | None:
     if value is None:
         return None
@@ -68,9 +78,9 @@ class Reporter:
         self._max_batch = max_batch
         self._heartbeat_interval = heartbeat_interval
         self._cond = threading.Condition()
-        # step -> (loss, grad_norm) as given (tensors converted in the thread); a step reported again
+        # step -> (loss, grad_norm, noise_scale) as given (tensors converted in the thread); a step reported again
         # replaces the pending one, as the service would overwrite it.
-        self._pending: dict[int, tuple[Any, Any]] = {}
+        self._pending: dict[int, tuple[Any, Any, Any]] = {}
         self._oldest: float | None = None  # when the oldest pending report arrived
         self._retry_at = 0.0  # no send before this (backoff)
         self._urgent = False  # flush() asked
@@ -87,13 +97,13 @@ class Reporter:
 
     # ------------------------------------------------------------------ training-thread side
 
-    def put(self, step: int, loss: Any, grad_norm: Any) -> None:
+    def put(self, step: int, loss: Any, grad_norm: Any, noise_scale: Any = None) -> None:
         with self._cond:
             first = not self._pending
             if first:
                 self._oldest = time.monotonic()
             self._pending.pop(step, None)
-            self._pending[step] = (loss, grad_norm)
+            self._pending[step] = (loss, grad_norm, noise_scale)
             # The thread sleeps until the next heartbeat when nothing is pending: the first report
             # must wake it so that it leaves within flush_interval (issue 15).
             if first or len(self._pending) >= self._max_batch:
@@ -109,9 +119,10 @@ class Reporter:
         with self._cond:
             items = list(self._pending.items())
         out = []
-        for step, (loss, grad_norm) in items:
+        for step, (loss, grad_norm, noise_scale) in items:
             try:
-                out.append(ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm)))
+                out.append(ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm),
+                                    noise_scale=_noise(noise_scale)))
             except (ValueError, TypeError):
                 continue
         return out
@@ -171,7 +182,7 @@ class Reporter:
                 self._stopped = True
                 self._cond.notify_all()
 
-    def _next_batch(self, next_heartbeat: float) -> list[tuple[int, tuple[Any, Any]]] | None:
+    def _next_batch(self, next_heartbeat: float) -> list[tuple[int, tuple[Any, Any, Any]]] | None:
         """Wait for something to do: a batch to send ([] means: time for a heartbeat), None: stop."""
         with self._cond:
             while not self._abandon.is_set():
@@ -192,11 +203,12 @@ class Reporter:
                 self._cond.wait(timeout=min(send_at, heartbeat_at) - now)
             return None
 
-    def _convert(self, batch: list[tuple[int, tuple[Any, Any]]]) -> tuple[list[ReportIn], list[int]]:
+    def _convert(self, batch: list[tuple[int, tuple[Any, Any, Any]]]) -> tuple[list[ReportIn], list[int]]:
         reports, bad = [], []
-        for step, (loss, grad_norm) in batch:
+        for step, (loss, grad_norm, noise_scale) in batch:
             try:
-                r = ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm))
+                r = ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm),
+                             noise_scale=_noise(noise_scale))
             except (ValueError, TypeError) as e:
                 log.warning("largebatch: report of step %d dropped: %s", step, e)
                 bad.append(step)
@@ -206,7 +218,7 @@ class Reporter:
             reports.append(r)
         return reports, bad
 
-    def _settle(self, batch: list[tuple[int, tuple[Any, Any]]]) -> None:
+    def _settle(self, batch: list[tuple[int, tuple[Any, Any, Any]]]) -> None:
         """Remove what was sent from the buffer, unless a step was re-reported meanwhile."""
         with self._cond:
             for step, item in batch:
@@ -218,7 +230,7 @@ class Reporter:
             else:
                 self._oldest = time.monotonic()
 
-    def _send(self, batch: list[tuple[int, tuple[Any, Any]]]) -> None:
+    def _send(self, batch: list[tuple[int, tuple[Any, Any, Any]]]) -> None:
         job = self._job
         reports, bad = self._convert(batch)
         if bad:  # not numbers: they can never be sent, so they leave the buffer now

@@ -24,6 +24,21 @@ lives (:mod:`largebatch.client._reporter`).
 A job talks to the service through a :class:`~largebatch.client._base.RunChannel` (the few calls
 it makes) and retries by the client's one retry policy.
 
+Under torch.distributed (DDP, FSDP2, torchrun, Lightning's DDP strategy, HF Accelerate) a job is one
+run: rank 0 asks for the recipe and owns the run, the recipe reaches the other ranks
+(:meth:`Job.sync`), every rank calls :meth:`Job.report` at the same steps and the job reports the
+mean over ranks from rank 0; ``should_stop`` is the same on every rank, so they all leave the
+training loop at the same step (:mod:`largebatch.client._dist`). On ranks > 0, :meth:`Job.complete`,
+:meth:`Job.fail` and leaving the ``with`` block record nothing.
+
+A non-finite loss, or a step the optimizer skipped because its gradient was not finite
+(``nonfinite='skip'``, the default of LAMB, LANS and LARS; the count is the optimizer's
+``skipped_steps``), is divergence at that step: the job reports it (a skipped step as a non-finite
+gradient norm), stops (``should_stop``) and ends the run ``diverged``.
+
+Every ``progress_every`` optimizer steps (default 100; 0: never) the job logs one line at INFO level
+on the ``largebatch.client`` logger: step, loss, LR and the estimated time left.
+
 torch is never imported here; :meth:`Client.autoconfigure` (:mod:`largebatch.client._autoconfigure`)
 builds the optimizer and scheduler.
 """
@@ -42,7 +57,7 @@ from typing import Any, TypeVar
 from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.wire import FinalOutcome, ReportIn, Run, Study
 
-from . import errors
+from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
 from ._reporter import Reporter, detached
 
@@ -79,13 +94,18 @@ class Job:
         heartbeat_interval: Seconds between heartbeats (the service's lease is 10 minutes).
         close_timeout: How long closing (and interpreter exit) waits for undelivered reports.
         complete_timeout: How long :meth:`complete` keeps trying to reach the service.
+        progress_every: Log a progress line every this many reported steps (0: never).
+        noise: A :class:`~largebatch.client.optim.GradientNoiseScale` the caller attached
+            (``attach_accumulation`` or ``attach_ddp``): the job folds each step's norms in right
+            before every optimizer step and reports its value with each loss (``noise_scale``).
+        build: For a rank > 0 that waits for rank 0's recipe: builds (optimizer, scheduler) from it.
     """
 
     def __init__(
         self,
         client: BaseClient | RunChannel,
         run: Run | None,
-        recipe: Recipe,
+        recipe: Recipe | None,
         optimizer: Any = None,
         scheduler: Any = None,
         *,
@@ -97,14 +117,22 @@ class Job:
         heartbeat_interval: float = 60.0,
         close_timeout: float = 60.0,
         complete_timeout: float = 300.0,
+        progress_every: int = 100,
+        build: Callable[[Recipe], tuple[Any, Any]] | None = None,
+        noise: Any = None,
     ) -> None:
-        if run is None and open_run is None:
+        follower = build is not None
+        if run is None and open_run is None and not follower:
             raise ValueError("a job needs its run, or open_run to open it")
+        if recipe is None and not follower:
+            raise ValueError("a job needs its recipe")
+        if isinstance(progress_every, bool) or not isinstance(progress_every, int) or progress_every < 0:
+            raise ValueError(f"progress_every must be an int >= 0, got {progress_every!r}")
         if not 1 <= max_batch <= 10_000:
             raise ValueError(f"max_batch must be in 1..10000, got {max_batch}")
         self._client: RunChannel = client.run_channel() if isinstance(client, BaseClient) else client
         self.run = run
-        self.recipe = recipe
+        self._recipe = recipe
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.study = study if study is not None else (run.study if run is not None else None)
@@ -112,56 +140,200 @@ class Job:
         self._open_run = open_run
         self.close_timeout = close_timeout
         self.complete_timeout = complete_timeout
-        self.should_stop = False
+        self._stop_seen = False  # what this process knows (the service said stop, or it diverged)
+        self._agreed_stop = False  # what every rank agreed on at the last report (several ranks)
         self.stop_reason: str | None = None
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite gradient, as of the last report
+        self.progress_every = progress_every
+        self._progress_t0: tuple[float, int] | None = None
+        self._build = build
+        self.follower = follower  # a rank > 0: rank 0 owns the run
+        self.world_size = 1  # ranks the job agreed with (set by sync())
+        self.noise = noise
+        self._noise_hook: Any = None
+        self._hook_noise()
         self.diverged_step: int | None = None
         self.last_step: int | None = None
         self.refused: errors.APIStatusError | None = None  # the service refused reports for good
         self._final: Run | None = None
         self._lock = threading.Lock()
         self._closed = False
-        self._reporter = Reporter(self, flush_interval=flush_interval, max_batch=max_batch,
-                                   heartbeat_interval=heartbeat_interval)
+        self._reporter = None if follower else Reporter(
+            self, flush_interval=flush_interval, max_batch=max_batch, heartbeat_interval=heartbeat_interval)
         self._atexit = _make_exit_hook(self)
-        atexit.register(self._atexit)
+        if not follower:
+            atexit.register(self._atexit)
 
     def __repr__(self) -> str:
         run = f"run {self.run.id}" if self.run is not None else "run not opened yet"
-        return f"<Job {run} in study {self.study!r}, {self.recipe.total_steps} steps, {self.pending} pending>"
+        steps = self._recipe.total_steps if self._recipe is not None else "?"
+        return f"<Job {run} in study {self.study!r}, {steps} steps, {self.pending} pending>"
+
+    @property
+    def recipe(self) -> Recipe:
+        if self._recipe is None:
+            raise errors.JobError(
+                "this rank waits for rank 0's recipe: call job.sync() once torch.distributed has a process "
+                "group (the HF and Lightning integrations do; torchrun's environment creates it at once)")
+        return self._recipe
+
+    @recipe.setter
+    def recipe(self, value: Recipe) -> None:
+        self._recipe = value
+
+    @property
+    def should_stop(self) -> bool:
+        """Stop training: the service said so, or the job diverged. Under several ranks, the value
+        every rank agreed on at the last :meth:`report` (so that all leave at the same step)."""
+        return self._agreed_stop if self.world_size > 1 else self._stop_seen
+
+    # ------------------------------------------------------------------ several ranks
+
+    def sync(self) -> Job:
+        """Hand rank 0's recipe and run to every rank (a collective: every rank calls it once). Does
+        nothing without a process group of several ranks, or when already done; on a rank > 0 without
+        one it raises :class:`JobError`. Returns the job."""
+        if self.world_size > 1:
+            return self
+        if not _dist.ensure_group():
+            if self.follower and self._recipe is None:
+                raise errors.JobError("this rank waits for rank 0's recipe, but torch.distributed has no process "
+                                      "group: call torch.distributed.init_process_group() first")
+            return self
+        rank, world = _dist.world()
+        if (rank != 0) != self.follower:
+            raise errors.JobError(f"the job was made for {'a rank > 0' if self.follower else 'rank 0'} but this "
+                                  f"process is rank {rank}: build the job after the ranks are known")
+        mine = None
+        if not self.follower:
+            mine = {"recipe": self.recipe.model_dump(mode="json"), "study": self.study,
+                    "run": self.run.model_dump(mode="json") if self.run is not None else None}
+        theirs = _dist.broadcast(mine)
+        if self.follower:
+            recipe = Recipe.model_validate(theirs["recipe"])
+            if self._recipe is not None and self._recipe != recipe:
+                raise errors.JobError("rank 0 trains another recipe than the one this rank was handed")
+            self._adopt(recipe, theirs["run"], theirs["study"])
+        self.world_size = world
+        return self
+
+    def _adopt(self, recipe: Recipe, run: Any, study: str | None) -> None:
+        self._recipe = recipe
+        self.run = Run.model_validate(run) if run is not None else None
+        self.study = study
+        if self.optimizer is None and self._build is not None:
+            self.optimizer, self.scheduler = self._build(recipe)
+            self._hook_noise()
+
+    def _hook_noise(self) -> None:
+        # Right before the optimizer step the accumulated (and all-reduced) gradient is there and
+        # no zero_grad() has run yet, in a plain loop as in every framework.
+        if self.noise is None or self._noise_hook is not None or self.optimizer is None:
+            return
+        noise = self.noise
+
+        def fold(*_: Any) -> None:  # a pre-hook that returns something would replace the step's arguments
+            noise.step()
+
+        self._noise_hook = self.optimizer.register_step_pre_hook(fold)
+
+    def handover(self) -> dict[str, Any]:
+        """What a rank > 0 started from this process needs (see :func:`largebatch.client._dist`)."""
+        return {"recipe": self.recipe.model_dump(mode="json"), "study": self.study,
+                "run": self.run.model_dump(mode="json") if self.run is not None else None}
+
+    def batch_plan(self, per_device_batch_size: int | None = None, world_size: int | None = None) -> _dist.BatchPlan:
+        """How to train the recipe's (global) batch: per-device batch x accumulation x ranks.
+
+        ``per_device_batch_size`` is the most one device holds (default: the whole share of a rank,
+        no accumulation); ``world_size`` defaults to the ranks of the process group or launcher.
+        Refuses a recipe with stages at several batch sizes, and a batch that does not split over
+        the ranks (:class:`ValueError`)."""
+        sizes = sorted({s.batch_size for s in self.recipe.stages})
+        if len(sizes) > 1:
+            raise ValueError(f"the recipe has stages at batch sizes {sizes}: plan each stage on its own")
+        if world_size is None:
+            world_size = self.world_size if self.world_size > 1 else max(_dist.world()[1],
+                                                                        _dist.identity().world_size)
+        return _dist.plan_batch(sizes[0], world_size, per_device_batch_size)
 
     # ------------------------------------------------------------------ reporting
 
-    def report(self, step: int, loss: Any, grad_norm: Any = None) -> None:
+    def report(self, step: int, loss: Any, grad_norm: Any = None, *, noise_scale: Any = None) -> None:
         """Record the loss (and gradient norm) at ``step``; returns at once.
 
         ``loss`` may be a float or a 0-d tensor: a tensor is converted to a number by the
         background thread, so the training loop does not wait for the device either.
+        ``noise_scale``: the smoothed gradient noise scale B_noise (examples) measured at this step,
+        if the job measures it; the run keeps the latest and the study's recipes use the median
+        over its runs. Under several ranks, rank 0's value is sent (the estimate is global).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         if self._closed:
             raise errors.JobError("the job is closed: it takes no more reports")
-        if isinstance(loss, (int, float)) and not math.isfinite(loss):
-            self._note_nonfinite(step)
         self.last_step = step if self.last_step is None else max(self.last_step, step)
-        self._reporter.put(step, detached(loss), detached(grad_norm))
+        if noise_scale is None and self.noise is not None:
+            noise_scale = self.noise.value
+        skipped = self._skipped_now()
+        if self.world_size > 1:
+            # Every rank is here at this step: one all-reduce gives each the same numbers and verdict.
+            loss, grad_norm, stop, skipped = _dist.agree(loss, grad_norm, self._stop_seen, skipped)
+            if stop and not self._stop_seen and self.stop_reason is None:
+                self.stop_reason = "rank 0 says stop"
+        if skipped > self.skipped_steps:
+            self.skipped_steps = skipped
+            # The service judges a non-finite gradient norm as divergence at this step.
+            grad_norm = math.inf
+            self._note_nonfinite(step, f"step {step} skipped: its gradient was not finite")
+        if isinstance(loss, (int, float)) and not math.isfinite(loss):
+            self._note_nonfinite(step, f"loss was {loss} at step {step}")
+        if self.world_size > 1:
+            self._agreed_stop = self._agreed_stop or stop or self._stop_seen
+        if self._reporter is not None:
+            self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale))
+        if self.progress_every and (step + 1) % self.progress_every == 0 and not self.follower:
+            self._log_progress(step, loss)
+
+    def _skipped_now(self) -> int:
+        # Reading the counter waits for the device; only optimizers that skip have one.
+        groups = getattr(self.optimizer, "param_groups", None)
+        counter = groups[0].get("skipped_steps") if groups else None
+        return int(counter) if counter is not None else 0
+
+    def _log_progress(self, step: int, loss: Any) -> None:
+        now = time.monotonic()
+        if self._progress_t0 is None:
+            self._progress_t0 = (now, step)
+            eta = "?"
+        else:
+            t0, s0 = self._progress_t0
+            left = (now - t0) / max(step - s0, 1) * max(self.recipe.total_steps - step - 1, 0)
+            eta = (f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60
+                   else f"{left:.0f} s")
+        try:
+            value = f"{float(loss.item() if hasattr(loss, 'item') else loss):.4g}"
+        except (TypeError, ValueError):
+            value = "?"
+        log.info("largebatch: step %d/%d loss %s lr %.3g eta %s", step + 1, self.recipe.total_steps, value,
+                 self.lr_at(step), eta)
 
     @property
     def pending(self) -> int:
         """Reports not yet acknowledged by the service."""
-        return self._reporter.pending
+        return self._reporter.pending if self._reporter is not None else 0
 
     @property
     def delivered(self) -> int:
         """Reports the service has acknowledged."""
-        return self._reporter.delivered
+        return self._reporter.delivered if self._reporter is not None else 0
 
     def pending_reports(self) -> list[ReportIn]:
-        return self._reporter.pending_reports()
+        return self._reporter.pending_reports() if self._reporter is not None else []
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every report so far is delivered; False if ``timeout`` ran out first."""
-        return self._reporter.flush(timeout)
+        return self._reporter.flush(timeout) if self._reporter is not None else True
 
     @property
     def study_info(self) -> Study | None:
@@ -209,6 +381,8 @@ class Job:
                 if self._final.state == outcome:
                     return self._final
                 raise errors.JobError(f"run {self._final.id} already finished as {self._final.state}")
+            if self._reporter is None:  # a rank > 0: rank 0 records the outcome
+                return self.run  # type: ignore[return-value]
             deadline = time.monotonic() + (self.complete_timeout if timeout is None else timeout)
             if not self._reporter.flush(max(0.0, deadline - time.monotonic())):
                 raise errors.JobError(
@@ -235,8 +409,10 @@ class Job:
         """Deliver the buffered reports (waiting at most ``timeout``, default ``close_timeout``) and
         stop the background thread, without recording an outcome. True if nothing was left over."""
         if self._closed:
-            return self._reporter.pending == 0
+            return self.pending == 0
         self._closed = True
+        if self._reporter is None:
+            return True
         ok = self._reporter.close(self.close_timeout if timeout is None else timeout)
         if not ok:
             log.error("largebatch: %d report(s) of run %s could not be delivered (%s)", self.pending,
@@ -246,7 +422,8 @@ class Job:
 
     def _shutdown(self) -> None:
         self._closed = True
-        self._reporter.close(5.0)
+        if self._reporter is not None:
+            self._reporter.close(5.0)
         self._release()
 
     def _release(self) -> None:
@@ -269,7 +446,7 @@ class Job:
 
     def _end(self, exc_type: type[BaseException] | None, exc: BaseException | None, *,
              raise_errors: bool = True) -> None:
-        if self._final is not None:
+        if self._final is not None or self._reporter is None:
             self.close()
             return
         deadline = time.monotonic() + self.close_timeout
@@ -311,7 +488,7 @@ class Job:
         elif self.diverged_step is not None:
             finish("diverged", self.diverged_step, f"loss was not finite at step {self.diverged_step}")
         elif exc_type is None:
-            if self.should_stop:
+            if self._stop_seen:
                 finish("pruned", self.last_step, self.stop_reason or "stopped early")
             else:
                 finish("failed", self.last_step, "the job ended without calling complete()")
@@ -322,15 +499,18 @@ class Job:
 
     # ------------------------------------------------------------------ internals (also used by the thread)
 
-    def _note_nonfinite(self, step: int) -> None:
+    def _note_nonfinite(self, step: int, reason: str | None = None) -> None:
         if self.diverged_step is None or step < self.diverged_step:
             self.diverged_step = step
+        if not self._stop_seen:
+            self.stop_reason = reason or f"loss was not finite at step {step}"
+            self._stop_seen = True
 
     def _note_run(self, run: Run, should_stop: bool, reason: str | None) -> None:
         self.run = run
-        if should_stop and not self.should_stop:
+        if should_stop and not self._stop_seen:
             self.stop_reason = reason
-            self.should_stop = True
+            self._stop_seen = True
             log.warning("largebatch: the service asks run %d to stop: %s", run.id, reason)
 
     def _note_refused(self, e: errors.APIError) -> None:

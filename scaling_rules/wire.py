@@ -116,6 +116,7 @@ class RunFields(BaseModel):
     lease_expires_at: datetime | None = None
     last_step: int | None = None
     last_loss: float | None = None
+    noise_scale: float | None = None  # the latest (smoothed) gradient noise scale B_noise the job reported
 
 
 class Run(RunFields, _Out):
@@ -134,6 +135,15 @@ class ReportIn(_In):
     step: int = Field(ge=0)
     loss: float
     grad_norm: float | None = None
+    noise_scale: float | None = Field(default=None, description="The job's smoothed gradient noise scale "
+                                                                "B_noise (examples) at this step, if it measures it")
+
+    @field_validator("noise_scale")
+    @classmethod
+    def _noise_scale(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError("noise_scale must be a finite number > 0")
+        return v
 
     @field_validator("grad_norm")
     @classmethod
@@ -154,6 +164,25 @@ class ReportOut(_Out):
     run: Run
     should_stop: bool = False
     reason: str | None = None
+
+
+class ReportPoint(_Out):
+    """One stored report, as ``GET /v1/runs/{id}/reports`` gives it."""
+
+    step: int
+    loss: float | None = Field(description="null when the reported loss was NaN or infinite (JSON has neither)")
+    grad_norm: float | None = None
+    finite: bool = Field(description="false when the reported loss was NaN or infinite")
+
+
+class ReportPage(_Out):
+    """A page of a run's reports, by step."""
+
+    run_id: int
+    items: list[ReportPoint]
+    total: int
+    limit: int
+    offset: int
 
 
 class CompleteIn(_In):

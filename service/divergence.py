@@ -127,7 +127,7 @@ def record_reports(store: StudyStore, rule: DivergenceRule, run: RunRecord, repo
     for r in sorted(reports, key=lambda r: r.step):
         try:
             before = run.state
-            run = store.report(run.id, r.step, r.loss, r.grad_norm)
+            run = store.report(run.id, r.step, r.loss, r.grad_norm, getattr(r, "noise_scale", None))
             if before == "preempted":  # the store call succeeded, so the run is running again
                 on_revived()
         except Conflict:

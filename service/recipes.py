@@ -28,6 +28,7 @@ class Evidence:
         self.runs: list[RunEvidence] = []
         self.warnings: list[str] = []
         self.direction = "minimize"
+        self.noise_scale: float | None = None  # the median B_noise the study's runs measured
 
 
 def gather_history(store: StudyStore, namespace: str, study: str | None, request: RecommendationRequest,
@@ -43,6 +44,7 @@ def gather_history(store: StudyStore, namespace: str, study: str | None, request
         ev.direction = record.direction
         history += store.history(namespace, study)
         ev.runs = store.evidence(namespace, study, limit=EVIDENCE_LIMIT, family_band=band if use_family else None)
+        ev.noise_scale = store.noise_scale(namespace, study)
         if record.model_family != request.model.family or record.model_params != request.model.params:
             warnings.append(
                 f"study {study!r} is for a {record.model_family} of {record.model_params:,} parameters; this request "
@@ -57,7 +59,8 @@ def compute_recipe(request: RecommendationRequest, evidence: Evidence | None = N
     if evidence is None:
         recipe = recommend(request)
     else:
-        recipe = recommend(request, history=evidence.history, evidence=evidence.runs, direction=evidence.direction)
+        recipe = recommend(request, history=evidence.history, evidence=evidence.runs, direction=evidence.direction,
+                           noise_scale=evidence.noise_scale)
         if evidence.history:
             n = sum(h.n_runs for h in evidence.history)
             recipe.rationale.append(f"history: {n} past run(s) over "

@@ -6,8 +6,10 @@ Nothing here writes; each view answers from what the store already holds, within
 
 from __future__ import annotations
 
+import csv
+import io
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -17,7 +19,7 @@ from largebatch.scaling_rules.evidence import Direction, Outcome
 from largebatch.scaling_rules.learning import EvidenceModel
 from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.schedule import lr_curve, stage_boundaries
-from largebatch.scaling_rules.wire import NAME_PATTERN
+from largebatch.scaling_rules.wire import NAME_PATTERN, ReportPage, ReportPoint
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, check_recipe
 from largebatch.service.deps import Reader
 from largebatch.service.errors import ERROR_RESPONSES
@@ -31,21 +33,6 @@ router = APIRouter(prefix="/v1", tags=["views"])
 StudyName = Annotated[str, Path(pattern=NAME_PATTERN, description="Study name")]
 RunId = Annotated[int, Path(ge=0, le=2**63 - 1, description="Run id (unique across studies)")]
 _JSON = "application/json"
-
-
-class ReportPoint(BaseModel):
-    step: int
-    loss: float | None = Field(description="null when the reported loss was NaN or infinite (JSON has neither)")
-    grad_norm: float | None = None
-    finite: bool = Field(description="false when the reported loss was NaN or infinite")
-
-
-class ReportPage(BaseModel):
-    run_id: int
-    items: list[ReportPoint]
-    total: int
-    limit: int
-    offset: int
 
 
 class EvidenceRun(BaseModel):
@@ -103,20 +90,42 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-@router.get("/runs/{id}/reports", response_model=ReportPage, responses=ERROR_RESPONSES,
-            summary="A run's reported losses, by step (paged)")
+def _reports_csv(reports: list) -> str:
+    # CSV, unlike JSON, can say nan and inf: the values are written as Python writes floats.
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(("step", "loss", "grad_norm"))
+    for r in reports:
+        w.writerow((r.step, repr(float(r.loss)), "" if r.grad_norm is None else repr(float(r.grad_norm))))
+    return buf.getvalue()
+
+
+@router.get("/runs/{id}/reports", response_model=ReportPage,
+            responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
+                             "description": "A page of reports by step (JSON), or with `format=csv` a CSV table "
+                                            "`step,loss,grad_norm` (every report unless `limit` is given; NaN and "
+                                            "infinite values as `nan`, `inf`)"},
+                       **ERROR_RESPONSES},
+            summary="A run's reported losses, by step (paged; CSV)")
 def list_reports(
     id: RunId,
     principal: Reader,
     request: Request,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    limit: Annotated[int | None, Query(ge=1, le=10_000, description="Page size (JSON default 1000)")] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
 ) -> Response:
     store = _store(request)
     run = store.get_run(id)
     if run.namespace != principal.namespace:  # another namespace's run does not exist for this caller
         raise NotFound(f"run {id} not found")
     reports = store.reports(id)
+    if format == "csv":
+        rows = reports[offset:] if limit is None else reports[offset:offset + limit]
+        return Response(_reports_csv(rows), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="run-{id}-reports.csv"',
+                                 "X-Total-Count": str(len(reports))})
+    limit = limit or 1000
     items = [ReportPoint(step=r.step, loss=_finite(r.loss), grad_norm=_finite(r.grad_norm), finite=math.isfinite(r.loss))
              for r in reports[offset:offset + limit]]
     page = ReportPage(run_id=id, items=items, total=len(reports), limit=limit, offset=offset)

@@ -385,16 +385,28 @@ class StudyStore(ApiKeyStore):
         """
 
     @abc.abstractmethod
-    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None) -> RunRecord:
+    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None,
+               noise_scale: float | None = None) -> RunRecord:
         """Record an intermediate report (Optuna intermediate value at ``step``).
 
         Idempotent per step: reporting the same step again overwrites it. Renews the lease by the
         run's lease length. ``loss`` and ``grad_norm`` may be NaN/inf (a diverging job says so).
+        ``noise_scale`` (the job's smoothed B_noise) becomes the run's ``noise_scale`` when the
+        step is the run's newest.
 
         Raises:
             NotFound: No such run.
             Conflict: The run finished (one the sweeper preempted is revived instead).
-            InvalidArgument: ``step`` < 0 or not an int, ``loss``/``grad_norm`` not numbers.
+            InvalidArgument: ``step`` < 0 or not an int, ``loss``/``grad_norm`` not numbers,
+                ``noise_scale`` not a finite number > 0.
+        """
+
+    @abc.abstractmethod
+    def noise_scale(self, namespace: str, study: str) -> float | None:
+        """The median of the ``noise_scale`` of the study's runs that reported one; None if none did.
+
+        Raises:
+            NotFound: No such study.
         """
 
     @abc.abstractmethod

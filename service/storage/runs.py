@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -77,7 +78,7 @@ class _Existing(Exception):
     run_id: int
 
 
-def run_record(m: Any, recipe_json: str, environment_json: str) -> RunRecord:
+def run_record(m: Any, recipe_json: str, environment_json: str, noise_scale: float | None = None) -> RunRecord:
     return RunRecord(
         id=m["run_id"],
         study=m["study_name"],
@@ -102,7 +103,11 @@ def run_record(m: Any, recipe_json: str, environment_json: str) -> RunRecord:
         lease_expires_at=_aware(m["lease_expires_at"]),
         last_step=m["last_step"],
         last_loss=_from_nonfinite(m["last_loss"], m["last_loss_nonfinite"]),
+        noise_scale=noise_scale,
     )
+
+
+_NOISE_KEY = "noise_scale"  # the run's latest B_noise, an Optuna trial user attr (it changes: not cached)
 
 
 def _recipe(recipe: object) -> Recipe:
@@ -172,10 +177,13 @@ class RunOps:
                 if m["run_id"] in fetched:
                     f = fetched[m["run_id"]]
                     self._cache_put(m["run_id"], m["created_at"], f.get("recipe", "{}"), f.get("environment", "{}"))
+        noise = {tid: json.loads(v) for tid, v in conn.execute(
+            select(T_TRIAL_USER.c.trial_id, T_TRIAL_USER.c.value_json).where(
+                T_TRIAL_USER.c.trial_id.in_([m["run_id"] for m in maps]), T_TRIAL_USER.c.key == _NOISE_KEY))}
         out = []
         for m in maps:
             recipe, environment = self._cache_get(m["run_id"], m["created_at"]) or ("{}", "{}")
-            out.append(run_record(m, recipe, environment))
+            out.append(run_record(m, recipe, environment, noise.get(m["run_id"])))
         return out
 
     def _cache_get(self, run_id: int, created_at: datetime) -> tuple[str, str] | None:
@@ -375,13 +383,16 @@ class RunOps:
 
         return self._write(tx)
 
-    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None) -> RunRecord:
+    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None,
+               noise_scale: float | None = None) -> RunRecord:
         """Record an intermediate report; also renews the lease by the run's lease length."""
         _int("run_id", run_id, minimum=0)
         _int("step", step, minimum=0, maximum=2**62)
         loss = _float("loss", loss, finite=False)
         if grad_norm is not None:
             grad_norm = _float("grad_norm", grad_norm, finite=False)
+        if noise_scale is not None:
+            noise_scale = _float("noise_scale", noise_scale, positive=True)
         r = sch.lb_runs
         stored_loss, loss_tag = _nonfinite_repr(loss)
 
@@ -396,6 +407,11 @@ class RunOps:
             }
             if row["last_step"] is None or row["last_step"] <= step:
                 changes.update(last_step=step, last_loss=stored_loss, last_loss_nonfinite=loss_tag)
+                if noise_scale is not None:
+                    value_json = json.dumps(noise_scale)
+                    conn.execute(self._insert(T_TRIAL_USER).values(trial_id=run_id, key=_NOISE_KEY, value_json=value_json)
+                                 .on_conflict_do_update(index_elements=["trial_id", "key"],
+                                                        set_={"value_json": value_json}))
             conn.execute(update(r).where(r.c.run_id == run_id).values(**changes))
             row.update(changes)
             value, vtype = om.TrialIntermediateValueModel.intermediate_value_to_stored_repr(loss)
@@ -427,6 +443,21 @@ class RunOps:
             return self._run_records(conn, [row])[0]
 
         return self._write(tx)
+
+    def noise_scale(self, namespace: str, study: str) -> float | None:
+        validate_name("namespace", namespace)
+        validate_name("study", study)
+        r = sch.lb_runs
+
+        def tx(conn: Connection) -> float | None:
+            sid = find_study(conn, namespace, study).study_id
+            values = [json.loads(v) for (v,) in conn.execute(
+                select(T_TRIAL_USER.c.value_json)
+                .join(r, r.c.run_id == T_TRIAL_USER.c.trial_id)
+                .where(r.c.study_id == sid, T_TRIAL_USER.c.key == _NOISE_KEY))]
+            return statistics.median(values) if values else None
+
+        return self._read(tx)
 
     def reports(self, run_id: int) -> list[Report]:
         _int("run_id", run_id, minimum=0)

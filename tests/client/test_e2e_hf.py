@@ -54,8 +54,7 @@ def test_trainer_with_the_recipe_reports_and_completes(service, tmp_path):
     total = job.recipe.total_steps
     assert total == 80 and type(job.optimizer).__name__ == "LAMB"
     args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=32, per_device_eval_batch_size=64,
-        logging_steps=1, eval_strategy="steps", eval_steps=total, save_strategy="no", report_to="none",
+        output_dir=str(tmp_path), per_device_eval_batch_size=64, eval_strategy="steps", eval_steps=total, save_strategy="no", report_to="none",
         use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0, **training_args(job))
     record = RecordLR()
     callback = LargebatchCallback(job)
@@ -77,3 +76,23 @@ def test_trainer_with_the_recipe_reports_and_completes(service, tmp_path):
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert [r.loss for r in reports] == logged
     assert reports[-1].loss < reports[0].loss / 2  # it learned to count
+
+
+def test_trainer_arguments_that_disagree_with_the_recipe_are_refused(service, tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=1, n_head=2))
+    job = Client(service.url).autoconfigure(model, study="hf-mismatch", target_batch_size=32,
+                                            reference={"batch_size": 8, "lr": 3e-2, "steps": 320},
+                                            job_options={"flush_interval": 0.1})
+    plan = training_args(job, per_device_batch_size=8)
+    assert (plan["per_device_train_batch_size"], plan["gradient_accumulation_steps"]) == (8, 4)
+    assert plan["max_grad_norm"] == 0.0 and plan["logging_steps"] == 1  # no hidden clipping; every step reported
+    common = dict(output_dir=str(tmp_path), save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    for wrong, match in (({**plan, "max_steps": 100}, "max_steps is 100 but the recipe has 80"),
+                         ({**plan, "per_device_train_batch_size": 16}, "batches of 64 .* recipe is for 32")):
+        trainer = Trainer(model=model, args=TrainingArguments(**common, **wrong), train_dataset=Counting(320, 1),
+                          optimizers=optimizers(job), callbacks=[LargebatchCallback(job)])
+        with pytest.raises(ValueError, match=match):
+            trainer.train()
+    assert service.store.reports(job.run.id) == []  # refused before the first step
+    job.fail("refused")

@@ -9,7 +9,11 @@ torch = pytest.importorskip("torch")
 L = pytest.importorskip("lightning.pytorch")
 
 from largebatch.client import Client  # noqa: E402
-from largebatch.client.integrations.lightning import LargebatchCallback, configure_optimizers  # noqa: E402
+from largebatch.client.integrations.lightning import (  # noqa: E402
+    LargebatchCallback,
+    configure_optimizers,
+    trainer_args,
+)
 from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
 
 from ._training import BATCH, REFERENCE, Data, make_model  # noqa: E402
@@ -85,7 +89,7 @@ def test_lightning_exception_marks_the_run_failed(service):
             if trainer.global_step == 12:
                 raise ValueError("bad batch")
 
-    trainer = L.Trainer(max_steps=50, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=job.recipe.total_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[LargebatchCallback(job), Boom()])
     with pytest.raises(ValueError, match="bad batch"):
@@ -93,3 +97,19 @@ def test_lightning_exception_marks_the_run_failed(service):
     run = service.store.get_run(job.run.id)
     assert run.state == "failed" and run.reason == "ValueError: bad batch"
     assert [r.step for r in service.store.reports(run.id)] == list(range(12))
+
+
+@pytest.mark.parametrize("max_steps", [100, 400])
+def test_lightning_max_steps_that_disagree_with_the_recipe_are_refused(service, max_steps):
+    module = Regression()
+    job = Client(service.url).autoconfigure(module, study="lightning-mismatch", reference=REFERENCE,
+                                            target_batch_size=BATCH, job_options={"flush_interval": 0.1})
+    module.job = job
+    assert trainer_args(job)["max_steps"] == job.recipe.total_steps == 300
+    trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[LargebatchCallback(job)])
+    with pytest.raises(ValueError, match=f"max_steps={max_steps}.* recipe has 300 steps"):
+        trainer.fit(module, loader(4, 1))
+    run = service.store.get_run(job.run.id)
+    assert run.state == "failed" and "recipe has 300 steps" in run.reason
+    assert service.store.reports(run.id) == []

@@ -39,7 +39,7 @@ def test_killing_the_service_mid_training_loses_and_duplicates_nothing(own_servi
             timeline["error"] = job._reporter.last_error
             # what piles up holds numbers, not autograd graphs (and through them, activations)
             timeline["graphs"] = sum(getattr(loss, "grad_fn", None) is not None
-                                     for loss, _ in job._reporter._pending.values())
+                                     for loss, *_ in job._reporter._pending.values())
             service.start()
             timeline["back"] = step
 

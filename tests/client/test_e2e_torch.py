@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 from largebatch.client import AsyncClient, Client, JobError, recommend_local  # noqa: E402
 from largebatch.scaling_rules.schedule import lr_at  # noqa: E402
 
-from ._training import BATCH, REFERENCE, evaluate, make_model, train  # noqa: E402
+from ._training import BATCH, REFERENCE, Data, evaluate, make_model, train  # noqa: E402
 
 pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
 
@@ -127,6 +127,92 @@ def test_a_nan_loss_stops_the_job_and_the_run_is_diverged(service, client):
     assert run.state == "diverged" and run.diverged_step == 30
     reports = service.store.reports(run.id)
     assert len(reports) == 31 and math.isnan(reports[-1].loss)
+
+
+def test_a_step_the_optimizer_skipped_is_divergence_at_that_step(service, client):
+    """LAMB skips a step whose gradient is not finite (nonfinite='skip', its default) and counts it:
+    the job reports that step as divergence although its loss was finite, and stops."""
+    model = make_model()
+    job = client.autoconfigure(model, study="skipped", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    data, loss_fn = Data(), torch.nn.MSELoss()
+    with job:
+        for step in range(50):
+            x, y = data.batch()
+            loss = loss_fn(model(x), y)
+            job.optimizer.zero_grad()
+            loss.backward()
+            if step == 12:  # one overflowing gradient, as a bad batch under fp16 would give
+                next(model.parameters()).grad[0, 0] = math.inf
+            before = [p.detach().clone() for p in model.parameters()]
+            job.optimizer.step()
+            job.scheduler.step()
+            job.report(step, loss)
+            if step == 12:
+                assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+            if job.should_stop:
+                break
+    assert step == 12 and job.skipped_steps == 1 and job.diverged_step == 12
+    assert "step 12 skipped" in job.stop_reason
+    run = service.store.get_run(job.run.id)
+    assert run.state == "diverged" and run.diverged_step == 12
+    reports = service.store.reports(run.id)
+    assert math.isfinite(reports[-1].loss) and math.isinf(reports[-1].grad_norm)
+
+
+def test_a_runs_reports_read_back_sync_and_async(service, client):
+    model = make_model()
+    job = client.autoconfigure(model, study="readback", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    with job:
+        for step in range(5):
+            job.report(step, 2.0 - step / 10 if step < 4 else float("nan"), 0.5)
+    run = service.store.get_run(job.run.id)
+    assert run.state == "diverged" and run.diverged_step == 4
+    page = client.list_reports(run.id, limit=3)
+    assert page.total == 5 and [p.step for p in page.items] == [0, 1, 2]
+    assert page.items[1].loss == pytest.approx(1.9) and page.items[1].grad_norm == 0.5 and page.items[1].finite
+    last = client.list_reports(run.id, offset=4).items
+    assert len(last) == 1 and last[0].loss is None and not last[0].finite
+    csv_text = client.list_reports_csv(run.id)
+    assert csv_text.splitlines()[0] == "step,loss,grad_norm" and csv_text.splitlines()[-1] == "4,nan,0.5"
+
+    async def read_async():
+        async with AsyncClient(service.url) as ac:
+            return await ac.list_reports(run.id), await ac.list_reports_csv(run.id, limit=2)
+
+    apage, acsv = asyncio.run(read_async())
+    assert apage == client.list_reports(run.id) and acsv.count("\n") == 3
+
+
+def test_a_job_given_a_noise_scale_estimator_reports_it_and_the_run_keeps_it(service, client):
+    from largebatch.client.optim import GradientNoiseScale
+
+    model = make_model()
+    noise = GradientNoiseScale()
+    job = client.autoconfigure(model, study="noise", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options={**FAST, "noise": noise})
+    plan = job.batch_plan(per_device_batch_size=BATCH // 4)
+    assert (plan.per_device, plan.accumulation) == (BATCH // 4, 4)
+    noise.attach_accumulation(model.parameters(), micro_batch_size=plan.per_device, grad_scale=plan.accumulation)
+    data, loss_fn = Data(), torch.nn.MSELoss()
+    values = []
+    with job:
+        for step in range(40):
+            x, y = data.batch()
+            for i in range(plan.accumulation):
+                part = slice(i * plan.per_device, (i + 1) * plan.per_device)
+                (loss_fn(model(x[part]), y[part]) / plan.accumulation).backward()
+            job.optimizer.step()  # the job folds this step's norms in first
+            job.scheduler.step()
+            job.optimizer.zero_grad()
+            with torch.no_grad():
+                job.report(step, float(loss_fn(model(x), y)))
+            values.append(noise.value)
+        job.complete(evaluate(model))
+    assert noise.n_updates == 40 and values[-1] is not None and values[-1] > 0
+    run = service.store.get_run(job.run.id)
+    assert run.state == "completed" and run.noise_scale == pytest.approx(values[-1])
 
 
 def test_nan_then_exception_is_diverged_not_failed(service, client):

@@ -143,3 +143,33 @@ def test_a_report_the_service_refuses_for_good_is_dropped_not_retried(client, se
     assert job.refused is not None and job.refused.status_code == 409
     assert len(service.posts("/reports")) == 1
     job.close()
+
+
+def test_progress_line_every_n_steps_on_the_client_logger(client, service, caplog):
+    assert DEFAULTS["progress_every"] == 100
+    caplog.set_level("INFO", logger="largebatch.client")
+    with open_job(client, "progress", progress_every=2) as job:
+        total = job.recipe.total_steps
+        for step in range(5):
+            job.report(step, 3.0 - step / 10)
+        job.complete(2.0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "largebatch.client" and "step" in r.getMessage()
+             and r.levelname == "INFO"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"largebatch: step 2/{total} loss 2.9 lr ") and lines[0].endswith("eta ?")
+    assert lines[1].startswith(f"largebatch: step 4/{total} loss 2.7 lr {job.lr_at(3):.3g} eta ")
+    assert lines[1].split("eta ")[1].endswith((" s", " min", " h"))
+
+
+def test_noise_scale_reports_reach_the_run(client, service):
+    with open_job(client, "noise") as job:
+        job.report(0, 3.0, noise_scale=-5.0)  # an estimate not meaningful yet: left out, the report kept
+        job.report(1, 2.9, noise_scale=float("inf"))
+        assert job.flush(timeout=10 * FLUSH)
+        assert client.get_run(job.run.id).noise_scale is None and client.get_run(job.run.id).last_step == 1
+        job.report(2, 2.8, noise_scale=1234.5)
+        job.report(3, 2.7)
+        assert job.flush(timeout=10 * FLUSH)
+        job.complete(2.5)
+    run = client.get_run(job.run.id)
+    assert run.noise_scale == 1234.5 and run.last_step == 3

@@ -51,6 +51,47 @@ def test_reports_are_paged_by_step_and_private_to_the_namespace(api):
     assert_error(c.get(f"/v1/runs/{run['id']}/reports", params={"limit": 0}), "validation_error")
 
 
+def test_reports_as_csv_keep_nan_and_inf_and_page_like_json(api):
+    c = api.client()
+    study = unique()
+    assert c.post("/v1/studies", json={"name": study, "model_params": 340_000_000}).status_code == 201
+    run = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request()}).json()
+    body = b'{"reports": [{"step": 2, "loss": 8.5, "grad_norm": 2.0}, {"step": 0, "loss": 9.25, "grad_norm": 1.5}, ' \
+           b'{"step": 1, "loss": 9.0}, {"step": 3, "loss": NaN, "grad_norm": Infinity}]}'
+    assert c.post(f"/v1/runs/{run['id']}/reports", content=body,
+                  headers={"content-type": "application/json"}).status_code == 200
+
+    r = api.client("read").get(f"/v1/runs/{run['id']}/reports", params={"format": "csv"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert r.headers["x-total-count"] == "4"
+    assert r.text == "step,loss,grad_norm\n0,9.25,1.5\n1,9.0,\n2,8.5,2.0\n3,nan,inf\n"
+    page = c.get(f"/v1/runs/{run['id']}/reports", params={"format": "csv", "limit": 2, "offset": 1})
+    assert page.text == "step,loss,grad_norm\n1,9.0,\n2,8.5,2.0\n" and page.headers["x-total-count"] == "4"
+
+    assert_error(api.client("other").get(f"/v1/runs/{run['id']}/reports", params={"format": "csv"}), "not_found")
+    assert_error(c.get(f"/v1/runs/{run['id']}/reports", params={"format": "xml"}), "validation_error")
+
+
+def test_the_noise_scale_runs_report_reaches_the_run_and_the_studys_recipes(api):
+    c = api.client()
+    study = unique()
+    assert c.post("/v1/studies", json={"name": study, "model_params": 340_000_000}).status_code == 201
+    auto = bert_request(study=study)
+    auto["target"] = {"batch_size": "auto"}
+    # Before any run measured it, "auto" has nothing to go by.
+    assert_error(c.post("/v1/recommendations", json=auto), "validation_error")
+    for noise in (3000.0, 5000.0, 9000.0):
+        run = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request()}).json()
+        reports = [{"step": 0, "loss": 9.0}, {"step": 1, "loss": 8.0, "noise_scale": noise}]
+        assert c.post(f"/v1/runs/{run['id']}/reports", json={"reports": reports}).status_code == 200
+        assert c.get(f"/v1/runs/{run['id']}").json()["noise_scale"] == noise
+    out = c.post("/v1/recommendations", json=auto).json()
+    assert out["stages"][0]["batch_size"] == 4096  # the power of two nearest the median, 5000
+    assert any("B_noise = 5000" in line for line in out["rationale"]), out["rationale"]
+    bad = c.post(f"/v1/runs/{run['id']}/reports", json={"step": 2, "loss": 7.0, "noise_scale": -1})
+    assert_error(bad, "validation_error")
+
+
 def test_evidence_shows_the_fit_and_the_divergence_boundary_the_recipe_uses(api):
     c = api.client()
     study = unique()

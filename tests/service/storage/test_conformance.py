@@ -382,6 +382,31 @@ def test_report_validation(store, args, argument):
         store.report(run.id, *args)
 
 
+def test_noise_scale_is_kept_per_run_and_its_median_per_study(store):
+    """Issue 11: a run keeps the latest B_noise its job reported; the study gives the median over its runs."""
+    _study(store)
+    _study(store, "other")
+    a, b, c = _run(store), _run(store), _run(store)
+    assert store.noise_scale("team", "bert") is None and a.noise_scale is None
+    assert store.report(a.id, 10, 3.0, noise_scale=100.0).noise_scale == 100.0
+    assert store.report(a.id, 5, 3.1, noise_scale=1.0).noise_scale == 100.0  # an older step: not the latest
+    assert store.report(a.id, 20, 2.9).noise_scale == 100.0  # a report without one keeps it
+    assert store.report(a.id, 30, 2.8, noise_scale=400.0).noise_scale == 400.0
+    store.report(b.id, 1, 3.0, noise_scale=1000.0)
+    store.report(_run(store, "other").id, 1, 3.0, noise_scale=7.0)  # another study's run
+    assert store.get_run(a.id).noise_scale == 400.0 and store.get_run(c.id).noise_scale is None
+    assert store.noise_scale("team", "bert") == 700.0  # median of 400 and 1000; c reported none
+    store.complete_run(b.id, "completed", metric=1.0)
+    assert [r.noise_scale for r in store.list_runs("team", "bert").items] == [400.0, 1000.0, None]
+    store.report(c.id, 1, 3.0, noise_scale=50.0)
+    assert store.noise_scale("team", "bert") == 400.0
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "x"):
+        with pytest.raises(InvalidArgument, match="noise_scale"):
+            store.report(c.id, 2, 3.0, noise_scale=bad)
+    with pytest.raises(NotFound):
+        store.noise_scale("team", "nope")
+
+
 def test_report_on_finished_run_is_conflict(store):
     _study(store)
     run = _run(store)

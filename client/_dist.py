@@ -1,0 +1,164 @@
+"""What a :class:`~largebatch.client.Job` needs of torch.distributed: who this process is, the
+recipe handed from rank 0 to the others, and the per-report agreement (mean loss, stop, divergence).
+
+A job under DDP, FSDP2, torchrun, Lightning's DDP strategy or HF Accelerate is one run: rank 0
+asks the service and owns the run; the other ranks never talk to the service. The launcher decides
+how early a process knows it is one of several:
+
+* torchrun (and anything that sets ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``):
+  :func:`ensure_group` creates the default process group at once (the frameworks reuse it);
+* Lightning's own launcher re-runs the script for ranks > 0 with ``LOCAL_RANK`` set, and creates
+  the group only inside ``fit``: rank 0 cannot know yet that it has peers, so the hand-over
+  waits for :meth:`Job.sync`, which the integrations call once the group exists.
+
+torch is imported lazily: a process that never trains never imports it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BatchPlan", "Identity", "agree", "broadcast", "ensure_group", "identity", "plan_batch", "world"]
+
+_ENV_COMPLETE = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this process is before (or without) a process group."""
+
+    follower: bool  # certainly not rank 0: it must get the recipe from rank 0
+    world_size: int  # as far as the environment says (1 when it says nothing)
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def identity() -> Identity:
+    """From the process group when there is one, else from the launcher's environment."""
+    dist = _dist()
+    if dist is not None and dist.is_initialized():
+        return Identity(follower=dist.get_rank() != 0, world_size=dist.get_world_size())
+    ranks = [_env_int(n) for n in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")]
+    return Identity(follower=any(r not in (None, 0) for r in ranks), world_size=_env_int("WORLD_SIZE") or 1)
+
+
+def _dist() -> Any:
+    """torch.distributed if torch is already loaded (a job with a model has loaded it), else None."""
+    if "torch" not in sys.modules:
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() else None
+
+
+def ensure_group() -> bool:
+    """True when a process group of several ranks exists, creating the default one from a complete
+    torchrun-style environment (the frameworks then find it and reuse it)."""
+    dist = _dist()
+    if dist is None:
+        return False
+    if not dist.is_initialized():
+        if any(n not in os.environ for n in _ENV_COMPLETE) or (_env_int("WORLD_SIZE") or 1) < 2:
+            return False
+        # cpu:gloo always (the recipe hand-over and the report agreement are CPU tensors), cuda:nccl
+        # where there are GPUs, as torch's own default would pick.
+        import torch
+
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_world_size() > 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group; (0, 1) without one."""
+    dist = _dist()
+    if dist is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device() -> Any:
+    import torch
+    import torch.distributed as dist
+
+    # NCCL-only groups take CUDA tensors; anything with gloo takes CPU ones.
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast(obj: Any) -> Any:
+    """``obj`` of rank 0, on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=_device())
+    return box[0]
+
+
+def agree(loss: Any, grad_norm: Any, stop: bool, skipped: int) -> tuple[float, float | None, bool, int]:
+    """One all-reduce per report: the mean loss and gradient norm over ranks, whether any rank says
+    stop (rank 0 knows what the service said), and the most steps skipped on any rank."""
+    import torch
+    import torch.distributed as dist
+
+    def num(x: Any) -> float:
+        return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
+
+    world_size = dist.get_world_size()
+    g = num(grad_norm) if grad_norm is not None else math.nan
+    # Slots: loss, norm, stop votes, skipped steps (the same count on every rank under DDP: the
+    # optimizer decides from the all-reduced gradient), ranks that gave a norm.
+    t = torch.tensor([num(loss), 0.0 if math.isnan(g) else g, 1.0 if stop else 0.0, float(skipped),
+                      1.0 if grad_norm is not None else 0.0], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    s = t.tolist()
+    mean_norm = s[1] / world_size if s[4] == world_size else None
+    return s[0] / world_size, mean_norm, s[2] > 0, round(s[3] / world_size)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the recipe's global batch is trained: ``per_device x accumulation x world_size``."""
+
+    global_batch: int
+    world_size: int
+    per_device: int
+    accumulation: int
+
+    def __post_init__(self) -> None:
+        if self.per_device * self.accumulation * self.world_size != self.global_batch:
+            raise ValueError(f"{self.per_device} per device x {self.accumulation} accumulation x "
+                             f"{self.world_size} ranks != the recipe's batch {self.global_batch}")
+
+
+def plan_batch(global_batch: int, world_size: int, per_device_max: int | None = None) -> BatchPlan:
+    """The largest per-device batch <= ``per_device_max`` that splits ``global_batch`` evenly over
+    ``world_size`` ranks and a whole number of accumulation steps.
+
+    Raises:
+        ValueError: the global batch does not split over the ranks, or a bad argument.
+    """
+    for name, value in (("global_batch", global_batch), ("world_size", world_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if per_device_max is not None and (isinstance(per_device_max, bool) or not isinstance(per_device_max, int)
+                                       or per_device_max < 1):
+        raise ValueError(f"per_device_batch_size must be an int >= 1, got {per_device_max!r}")
+    if global_batch % world_size:
+        raise ValueError(f"the recipe's batch {global_batch} does not split over {world_size} ranks: ask for a "
+                         f"target_batch_size that is a multiple of {world_size}")
+    per_rank = global_batch // world_size
+    limit = per_rank if per_device_max is None else min(per_device_max, per_rank)
+    per_device = next(d for d in range(limit, 0, -1) if per_rank % d == 0)
+    return BatchPlan(global_batch, world_size, per_device, per_rank // per_device)

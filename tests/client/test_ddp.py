@@ -1,0 +1,91 @@
+"""One run per job under DDP (issue 16): HF ``Trainer`` under ``torchrun --nproc_per_node=2`` and
+Lightning ``devices=2, strategy="ddp"``, two gloo processes on CPU, gradient accumulation 4.
+
+Each worker (``ddp_hf_worker.py``, ``ddp_lightning_worker.py``) records, from its model's own
+forward pass, the summed loss and the example (token) count of every training micro-batch of its
+rank; the true per-example loss of optimizer step s is the sum over both ranks and the 4
+micro-batches of s divided by the count. The stored losses must match it within 5%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+pytestmark = pytest.mark.slow  # two training processes and a `largebatch serve` subprocess
+
+HERE = Path(__file__).parent
+HF_WORKER, LIGHTNING_WORKER = HERE / "ddp_hf_worker.py", HERE / "ddp_lightning_worker.py"
+
+
+def launch(framework: str, service, study: str, out: Path, mode: str) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    args = [service.url, study, str(out), mode]
+    if framework == "hf":
+        pytest.importorskip("transformers")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+               str(HF_WORKER), *args]
+    else:
+        pytest.importorskip("lightning")
+        cmd = [sys.executable, str(LIGHTNING_WORKER), *args]  # Lightning starts rank 1 itself
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LARGEBATCH_JOB")}
+    proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    # No exception may escape, divergence included: both ranks exit 0.
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def true_losses(ranks: list[dict]) -> dict[int, float]:
+    accumulation = ranks[0]["accumulation"]
+    sums: dict[int, list[float]] = {}
+    for rank in ranks:
+        for i, (loss_sum, count) in enumerate(rank["micro"]):
+            acc = sums.setdefault(i // accumulation, [0.0, 0])
+            acc[0] += loss_sum
+            acc[1] += count
+    return {step: s / n for step, (s, n) in sums.items()}
+
+
+@pytest.mark.parametrize("framework", ["hf", "lightning"])
+def test_ddp_one_run_completed_with_true_losses(framework, service, tmp_path):
+    study = f"ddp-{framework}"
+    ranks = launch(framework, service, study, tmp_path, "ok")
+    assert [r["world"] for r in ranks] == [2, 2] and [r["accumulation"] for r in ranks] == [4, 4]
+    runs = service.store.list_runs("default", study).items
+    assert len(runs) == 1, [(r.id, r.state) for r in runs]
+    run = runs[0]
+    assert run.state == "completed" and run.metric is not None
+    assert ranks[0]["run"] == ranks[1]["run"] == run.id
+    total = ranks[0]["total_steps"]
+    assert run.batch_size == 32 and run.steps == total and ranks[0]["global_step"] == total
+    # 4 micro-batches of 4 per rank and step: 32 examples per optimizer step, as the recipe says
+    assert all(len(r["micro"]) == 4 * total for r in ranks)
+    reports = service.store.reports(run.id)
+    assert [r.step for r in reports] == list(range(total))  # logging_steps=1: every step
+    truth = true_losses(ranks)
+    for r in reports:
+        assert r.loss == pytest.approx(truth[r.step], rel=0.05), (r.step, r.loss, truth[r.step])
+
+
+@pytest.mark.parametrize("framework", ["hf", "lightning"])
+def test_ddp_lr_blowup_is_recorded_as_divergence(framework, service, tmp_path):
+    study = f"ddp-{framework}-blowup"
+    ranks = launch(framework, service, study, tmp_path, "blowup")
+    runs = service.store.list_runs("default", study).items
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.state == "diverged" and run.diverged_step is not None, (run.state, run.reason)
+    total = ranks[0]["total_steps"]
+    # Both ranks stopped at the same step, well before the end.
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] < total
+    # Within 2 flush intervals of the report the service flagged (made when step diverged_step ended).
+    ends = dict(ranks[0]["step_ends"])
+    flagged_at, stopped_at = ends[run.diverged_step + 1], ends[ranks[0]["global_step"]]
+    assert stopped_at - flagged_at <= 2 * ranks[0]["flush"], (run.diverged_step, ranks[0]["step_ends"])
