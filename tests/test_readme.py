@@ -133,7 +133,7 @@ def test_quickstart_reports_arrive_during_training(service, tmp_path):
     """The client quick start, unchanged, with the default intervals: the run's last reported step
     is seen moving while the job still trains (issue #15: reports used to wait for the heartbeat)."""
     port, base = service
-    (body,) = [b for _, lang, _, b in blocks() if lang == "python" and "autoconfigure" in b]
+    (body,) = [b for _, lang, _, b in blocks() if lang == "python" and 'study="quickstart"' in b]
     code = _point(body, port).replace('study="quickstart"', 'study="quickstart-live"')
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", code], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
