@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.models import MAX_LR, MAX_STAGES, Recipe
 from largebatch.scaling_rules.wire import Run, Study
 from largebatch.service.errors import ApiError
 from largebatch.service.storage.base import RunRecord, StudyRecord
@@ -46,8 +46,10 @@ def check_recipe(recipe: Recipe, loc: list[str | int], *, computed: bool = False
 
     if not recipe.stages:
         raise bad(["stages"], "a recipe needs at least one stage")
-    if not (math.isfinite(recipe.optimizer.lr) and recipe.optimizer.lr > 0):
-        raise bad(["optimizer", "lr"], "must be a finite number > 0")
+    if len(recipe.stages) > MAX_STAGES:
+        raise bad(["stages"], f"a recipe has at most {MAX_STAGES} stages")
+    if not (math.isfinite(recipe.optimizer.lr) and 0 < recipe.optimizer.lr <= MAX_LR):
+        raise bad(["optimizer", "lr"], f"must be a number in (0, {MAX_LR:g}]")
     if not 0 < recipe.total_steps <= MAX_INT:
         raise bad(["total_steps"], f"must be in 1..{MAX_INT}")
     for i, s in enumerate(recipe.stages):
@@ -55,10 +57,18 @@ def check_recipe(recipe: Recipe, loc: list[str | int], *, computed: bool = False
             raise bad(["stages", i, "batch_size"], f"must be in 1..{MAX_INT}")
         if not 0 < s.steps <= MAX_INT or min(s.warmup_steps, s.const_steps, s.decay_steps) < 0:
             raise bad(["stages", i, "steps"], f"steps must be in 1..{MAX_INT}, phases >= 0")
-        if not (math.isfinite(s.peak_lr) and s.peak_lr > 0):
-            raise bad(["stages", i, "peak_lr"], "must be a finite number > 0")
+        if not (math.isfinite(s.peak_lr) and 0 < s.peak_lr <= MAX_LR):
+            raise bad(["stages", i, "peak_lr"], f"must be a number in (0, {MAX_LR:g}]")
+        m = s.decay_milestones
+        if m is not None and (len(m) > 16 or any(not (math.isfinite(x) and 0 < x < 1) for x in m) or m != sorted(m)):
+            raise bad(["stages", i, "decay_milestones"], "at most 16 increasing fractions in (0, 1)")
+        if s.decay_power is not None and not (math.isfinite(s.decay_power) and 0 < s.decay_power <= 100):
+            raise bad(["stages", i, "decay_power"], "must be a number in (0, 100]")
+        if s.decay_factor is not None and not (math.isfinite(s.decay_factor) and 0 < s.decay_factor < 1):
+            raise bad(["stages", i, "decay_factor"], "must be a number in (0, 1)")
         for name in ("warmup_ratio", "const_ratio", "end_lr", "ideal_lr", "lr_cap"):
             v = getattr(s, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise bad(["stages", i, name], "must be a finite number >= 0")
+            hi = 1.0 if name.endswith("_ratio") else MAX_LR
+            if v is not None and not (math.isfinite(v) and 0 <= v <= hi):
+                raise bad(["stages", i, name], f"must be a number in [0, {hi:g}]")
     return recipe
