@@ -23,7 +23,12 @@ from largebatch.service.deps import StoreHolder
 from largebatch.service.divergence import DivergenceRule
 from largebatch.service.errors import install_error_handlers
 from largebatch.service.metrics import Metrics, MetricsMiddleware
-from largebatch.service.middleware import BodyLimitMiddleware, RateLimitMiddleware, StrictJsonMiddleware
+from largebatch.service.middleware import (
+    BodyLimitMiddleware,
+    InternalErrorMiddleware,
+    RateLimitMiddleware,
+    StrictJsonMiddleware,
+)
 from largebatch.service.settings import Settings
 from largebatch.service.storage.base import StoreError, StudyStore
 
@@ -86,7 +91,7 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     settings = settings or Settings()
     holder = StoreHolder(settings, store)
     metrics = Metrics(lambda: holder.store)
-    middleware = [Middleware(MetricsMiddleware, metrics=metrics),
+    middleware = [Middleware(MetricsMiddleware, metrics=metrics), Middleware(InternalErrorMiddleware),
                   Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
     if settings.rate_limit_per_s:
         middleware.append(Middleware(RateLimitMiddleware, rate=settings.rate_limit_per_s,

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
 
 from largebatch.service.storage._checks import unstorable_text
 
-__all__ = ["BodyLimitMiddleware", "RateLimitMiddleware", "StrictJsonMiddleware", "TokenBucket"]
+log = logging.getLogger("largebatch.service")
+
+__all__ = ["BodyLimitMiddleware", "InternalErrorMiddleware", "RateLimitMiddleware", "StrictJsonMiddleware", "TokenBucket"]
 
 
 
@@ -24,6 +27,35 @@ async def send_error(send, status: int, type_: str, detail: str, headers: dict[s
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+class InternalErrorMiddleware:
+    """A bug answers 500 ``internal_error`` and the connection stays open. (Starlette's own handler
+    for ``Exception`` answers and then re-raises, and the server closes a keep-alive connection
+    whose request raised.) Logged with its traceback; the answer carries none."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if started:  # half an answer is out: only closing the connection can tell the client
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await send_error(send, 500, "internal_error", "internal error")
 
 
 class _TooLarge(Exception):

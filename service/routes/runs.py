@@ -91,13 +91,23 @@ def create_run(name: StudyName, body: RunCreate, principal: Writer, store: Store
     return resp
 
 
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting with = + - @ (or a tab or CR) would be
+    run as a formula (``=HYPERLINK(...)``), so it gets a leading apostrophe. Numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
 def _csv(rows: list[Run]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(_CSV_COLUMNS)
     for r in rows:
         d = r.model_dump(mode="json")
-        w.writerow(["" if d[c] is None else d[c] for c in _CSV_COLUMNS])
+        w.writerow([csv_cell(d[c]) for c in _CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -259,4 +269,4 @@ def complete(id: RunId, body: CompleteIn, principal: Writer, store: StoreDep, re
     return _json(to_run(run))
 
 
-__all__ = ["open_run", "router"]
+__all__ = ["csv_cell", "open_run", "router"]
