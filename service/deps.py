@@ -27,7 +27,8 @@ def store_options(settings: Settings) -> dict:
     """How the service bounds its waits on the database (``store_timeout_s``): the pool checkout, every
     PostgreSQL statement, SQLite's busy handler and the retries of busy transactions."""
     t = settings.store_timeout_s
-    return {"engine_kwargs": {"pool_timeout": t} if _is_postgres(settings.store_url) else None,
+    pg = {"pool_timeout": t, "connect_args": {"connect_timeout": max(1, round(t))}}
+    return {"engine_kwargs": pg if _is_postgres(settings.store_url) else None,
             "busy_timeout_s": min(t, 5.0), "busy_deadline_s": t, "statement_timeout_s": t}
 
 
