@@ -77,6 +77,9 @@ def test_a_posted_recipe_is_bounded_too(world):
     absurd["stages"][0]["peak_lr"] = recipe["stages"][0]["peak_lr"]
     absurd["stages"][0]["decay_power"] = -1.0
     assert_4xx(c.post("/v1/schedule", json=absurd), 422)
+    absurd = json.loads(json.dumps(recipe))
+    absurd["optimizer"]["weight_decay"] = 1e308
+    assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"recipe": absurd}), 422)
 
 
 # ------------------------------------------------------------------ 2. one stored number
