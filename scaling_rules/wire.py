@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .evidence import Direction, Outcome
-from .models import MAX_PARAMS, Family, Recipe, RecommendationRequest
+from .models import MAX_COUNT, MAX_PARAMS, Family, Recipe, RecommendationRequest
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 FinalOutcome = Literal["completed", "diverged", "failed", "pruned"]
@@ -29,7 +29,6 @@ class _In(BaseModel):
 
 
 # Limits of what the service stores, enforced at parse time (422) and the same on every backend.
-MAX_INT = 2**31 - 1  # steps, batch sizes: 32-bit columns
 MAX_METRIC = 1e15  # a final metric's magnitude: any loss, accuracy or perplexity fits; its square stays finite
 MAX_LOSS = 3.4028234663852886e38  # a finite loss or gradient norm: anything float32 training can produce
 MAX_REPORT_BATCH = 1000  # reports per request (the client's default batch)
@@ -148,7 +147,7 @@ class RunCreate(_In):
 
 
 class ReportIn(_In):
-    step: int = Field(ge=0, le=MAX_INT)
+    step: int = Field(ge=0, le=MAX_COUNT)
     loss: float
     grad_norm: float | None = None
 
@@ -182,7 +181,7 @@ class CompleteIn(_In):
     outcome: FinalOutcome
     metric: float | None = None
     reason: str | None = Field(default=None, max_length=2000)
-    step: int | None = Field(default=None, ge=0, le=MAX_INT)
+    step: int | None = Field(default=None, ge=0, le=MAX_COUNT)
 
     @field_validator("metric")
     @classmethod

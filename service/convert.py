@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from largebatch.scaling_rules.models import MAX_LR, MAX_STAGES, Recipe
+from largebatch.scaling_rules.models import MAX_COUNT, MAX_LR, MAX_STAGES, Recipe
 from largebatch.scaling_rules.wire import Run, Study
 from largebatch.service.errors import ApiError
 from largebatch.service.storage.base import RunRecord, StudyRecord
@@ -13,7 +13,7 @@ from largebatch.service.storage.base import RunRecord, StudyRecord
 __all__ = ["MAX_BIGINT", "MAX_INT", "check_recipe", "to_run", "to_study"]
 
 # Batch sizes and step counts are stored in 32-bit integer columns; nobody trains beyond these.
-MAX_INT = 2**31 - 1
+MAX_INT = MAX_COUNT
 MAX_BIGINT = 2**63 - 1  # parameter counts, ids
 
 

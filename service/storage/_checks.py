@@ -6,11 +6,12 @@ import json
 import math
 from datetime import datetime, timezone
 
+from largebatch.scaling_rules.models import MAX_COUNT
 from largebatch.service.storage.base import InvalidArgument
 
 MAX_JSON_BYTES = 256 * 1024
 MAX_REASON = 2000
-MAX_INT = 2**31 - 1  # steps and batch sizes: one range on every backend (32-bit columns on PostgreSQL)
+MAX_INT = MAX_COUNT  # steps: one range on every backend (32-bit columns on PostgreSQL)
 
 
 def _now() -> datetime:
