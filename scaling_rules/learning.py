@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict
 
 from . import priors
 from .evidence import Direction, Outcome
+from .models import MAX_LR, MIN_LR
 
 __all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "WarmupFit", "explore_lrs"]
 
@@ -49,6 +50,7 @@ PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling.
 PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd: what LR sweeps in the literature show.
 EXPONENT_GRID = np.linspace(-0.25, 1.25, 601)
 MIN_CURVATURE_RUNS = 3  # a U needs three LRs
+_LN_MAX_LR = math.log(MAX_LR)
 WARMUP_PRIOR_EXPONENT = 1.0  # linear-epoch warmup (LAMB Table 4; You et al. 2019 "LEGW")
 # 2 sd reaches 0.3 (close to a fixed warmup ratio) and 1.7: tuned warmups in the literature sit in there.
 WARMUP_PRIOR_SD = 0.35
@@ -72,6 +74,16 @@ class RunEvidence(BaseModel):
     study: str | None = None
 
 
+def _standardised(y: np.ndarray) -> np.ndarray:
+    """Metrics centred and scaled to at most 1: the fitted optima are the same, and metrics of any
+    magnitude (1e155 included) stay finite when squared."""
+    centre = np.median(y)
+    scale = float(np.max(np.abs(y - centre)))
+    if not math.isfinite(scale):
+        raise ValueError("metrics too large to compare")
+    return (y - centre) / (scale if scale > 0 else 1.0)
+
+
 @dataclass(frozen=True)
 class ScalingFit:
     """The fitted curve ln lr*(B) = log_c + exponent * ln B."""
@@ -85,7 +97,9 @@ class ScalingFit:
     data_weight: float  # 0 = prior only, 1 = data only (how far the posterior moved off the prior)
 
     def optimum(self, batch_size: int) -> float:
-        return math.exp(self.log_c + self.exponent * math.log(batch_size))
+        # Clamped to the LRs a request may name: a fit extrapolated far past its evidence stays a number.
+        ln = self.log_c + self.exponent * math.log(batch_size)
+        return min(max(math.exp(min(ln, _LN_MAX_LR)), MIN_LR), MAX_LR)
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ class WarmupFit:
         u = self.log_c
         lo, hi = self.u_range
         u = min(max(u, lo - WARMUP_EXTRAPOLATION), hi + WARMUP_EXTRAPOLATION)
-        return math.exp(u + self.exponent * math.log(batch_size))
+        return math.exp(min(u + self.exponent * math.log(batch_size), 0.0))  # a ratio of the steps: <= 1
 
 
 @dataclass
@@ -136,6 +150,26 @@ class EvidenceModel:
                 and math.isfinite(r.metric) and r.lr > 0 and r.batch_size > 0]
 
     def _fit(self) -> ScalingFit | None:
+        """The fitted curve, or None (the rule stays in charge) when the evidence shows no U shape, or
+        holds numbers no fit can use: whatever a store holds (a metric of 1e155 written by any Optuna
+        client), this degrades to the rule and never raises."""
+        try:
+            with np.errstate(all="ignore"):
+                fit = self._fit_unchecked()
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+            return None
+        if fit is None:
+            return None
+        numbers = (fit.exponent, fit.exponent_sd, fit.log_c, fit.curvature, fit.data_weight)
+        if not all(math.isfinite(x) for x in numbers):
+            return None
+        # An optimum outside the LRs anyone trains with, at a batch size that was measured, is no fit.
+        if not all(MIN_LR <= math.exp(min(fit.log_c + fit.exponent * math.log(b), 700.0)) <= MAX_LR
+                   for b in fit.batch_sizes):
+            return None
+        return fit
+
+    def _fit_unchecked(self) -> ScalingFit | None:
         runs = self._usable()
         by_batch: dict[int, list[RunEvidence]] = {}
         for r in runs:
@@ -148,7 +182,7 @@ class EvidenceModel:
         rows = [r for rs in informative.values() for r in rs]
         batches = sorted(informative)
         sign = 1.0 if self.direction == "minimize" else -1.0
-        y = np.array([sign * r.metric for r in rows])  # type: ignore[operator]
+        y = _standardised(np.array([sign * r.metric for r in rows]))  # type: ignore[operator]
         ln_lr = np.log([r.lr for r in rows])
         ln_b = np.log([r.batch_size for r in rows])
         onehot = np.array([[1.0 if r.batch_size == b else 0.0 for b in batches] for r in rows])
@@ -198,6 +232,18 @@ class EvidenceModel:
         return None if self.warmup_fit is None else self.warmup_fit.ratio(batch_size)
 
     def _fit_warmup(self) -> WarmupFit | None:
+        """Like :meth:`_fit`: None rather than an exception or a non-finite fit."""
+        try:
+            with np.errstate(all="ignore"):
+                fit = self._fit_warmup_unchecked()
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError):
+            return None
+        if fit is None:
+            return None
+        numbers = (fit.exponent, fit.exponent_sd, fit.log_c, fit.curvature, fit.data_weight, *fit.u_range)
+        return fit if all(math.isfinite(x) for x in numbers) else None
+
+    def _fit_warmup_unchecked(self) -> WarmupFit | None:
         runs = [r for r in self._usable() if r.warmup_ratio is not None and r.warmup_ratio > 0]
         by_batch: dict[int, list[RunEvidence]] = {}
         for r in runs:
@@ -207,7 +253,7 @@ class EvidenceModel:
             return None
         batches = sorted(by_batch)
         sign = 1.0 if self.direction == "minimize" else -1.0
-        y = np.array([sign * r.metric for r in runs])  # type: ignore[operator]
+        y = _standardised(np.array([sign * r.metric for r in runs]))  # type: ignore[operator]
         ln_b = np.log([r.batch_size for r in runs])
         ln_r = np.log([r.warmup_ratio for r in runs])  # type: ignore[misc]
         columns = [np.array([1.0 if r.batch_size == b else 0.0 for r in runs]) for b in batches]

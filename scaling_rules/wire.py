@@ -14,7 +14,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .evidence import Direction, Outcome
-from .models import Family, Recipe, RecommendationRequest
+from .models import MAX_COUNT, MAX_PARAMS, Family, Recipe, RecommendationRequest
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 FinalOutcome = Literal["completed", "diverged", "failed", "pruned"]
@@ -24,7 +24,23 @@ T = TypeVar("T")
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` or `"512"` is not a number; JSON integers are accepted for floats.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+# Limits of what the service stores, enforced at parse time (422) and the same on every backend.
+MAX_METRIC = 1e15  # a final metric's magnitude: any loss, accuracy or perplexity fits; its square stays finite
+MAX_LOSS = 3.4028234663852886e38  # a finite loss or gradient norm: anything float32 training can produce
+MAX_REPORT_BATCH = 1000  # reports per request (the client's default batch)
+
+
+def _bounded(name: str, v: float | None, bound: float, *, nonfinite: bool) -> float | None:
+    if v is None or (nonfinite and not math.isfinite(v)):
+        return v  # a NaN/inf loss is the divergence signal itself
+    if not math.isfinite(v) or abs(v) > bound:
+        raise ValueError(f"{name} must be a finite number in [-{bound:g}, {bound:g}]"
+                         + (" (or NaN/Infinity for a diverged step)" if nonfinite else ""))
+    return v
 
 
 class _Out(BaseModel):
@@ -64,7 +80,7 @@ class ErrorBody(_Out):
 class StudyCreate(_In):
     name: str = Field(pattern=NAME_PATTERN)
     model_family: Family = "transformer"
-    model_params: int = Field(gt=0)
+    model_params: int = Field(gt=0, le=MAX_PARAMS)
     metric: str = Field(default="eval_loss", min_length=1, max_length=128)
     direction: Direction = "minimize"
 
@@ -132,7 +148,7 @@ class RunCreate(_In):
 
 
 class ReportIn(_In):
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_COUNT)
     loss: float
     grad_norm: float | None = None
     noise_scale: float | None = Field(default=None, description="The job's smoothed gradient noise scale "
@@ -145,19 +161,24 @@ class ReportIn(_In):
             raise ValueError("noise_scale must be a finite number > 0")
         return v
 
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: float) -> float:
+        return _bounded("loss", v, MAX_LOSS, nonfinite=True)  # type: ignore[return-value]
+
     @field_validator("grad_norm")
     @classmethod
     def _grad_norm(cls, v: float | None) -> float | None:
         # A NaN loss is information (divergence); a negative norm is a bug in the caller.
         if v is not None and not math.isnan(v) and v < 0:
             raise ValueError("grad_norm must be >= 0")
-        return v
+        return _bounded("grad_norm", v, MAX_LOSS, nonfinite=True)
 
 
 class ReportBatchIn(_In):
     """Several reports in one request (the client batches them in the background)."""
 
-    reports: list[ReportIn] = Field(min_length=1, max_length=10_000)
+    reports: list[ReportIn] = Field(min_length=1, max_length=MAX_REPORT_BATCH)
 
 
 class ReportOut(_Out):
@@ -189,7 +210,12 @@ class CompleteIn(_In):
     outcome: FinalOutcome
     metric: float | None = None
     reason: str | None = Field(default=None, max_length=2000)
-    step: int | None = Field(default=None, ge=0)
+    step: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: float | None) -> float | None:
+        return _bounded("metric", v, MAX_METRIC, nonfinite=False)
 
 
 class HeartbeatOut(_Out):

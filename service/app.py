@@ -23,7 +23,12 @@ from largebatch.service.deps import StoreHolder
 from largebatch.service.divergence import DivergenceRule
 from largebatch.service.errors import install_error_handlers
 from largebatch.service.metrics import Metrics, MetricsMiddleware
-from largebatch.service.middleware import BodyLimitMiddleware, RateLimitMiddleware
+from largebatch.service.middleware import (
+    BodyLimitMiddleware,
+    InternalErrorMiddleware,
+    RateLimitMiddleware,
+    StrictJsonMiddleware,
+)
 from largebatch.service.settings import Settings
 from largebatch.service.storage.base import StoreError, StudyStore
 
@@ -86,11 +91,12 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     settings = settings or Settings()
     holder = StoreHolder(settings, store)
     metrics = Metrics(lambda: holder.store)
-    middleware = [Middleware(MetricsMiddleware, metrics=metrics),
+    middleware = [Middleware(MetricsMiddleware, metrics=metrics), Middleware(InternalErrorMiddleware),
                   Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
     if settings.rate_limit_per_s:
         middleware.append(Middleware(RateLimitMiddleware, rate=settings.rate_limit_per_s,
                                      burst=settings.rate_limit_burst))
+    middleware.append(Middleware(StrictJsonMiddleware))  # innermost: a limited client's body is never read
     app = FastAPI(
         title="largebatch",
         version="1",

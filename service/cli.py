@@ -151,9 +151,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     else:
         log.info("API keys required (create one: largebatch keys create --namespace NAME --scope write)")
     log.info("serving on http://%s:%d (docs at /docs), %d worker(s)", args.host, args.port, args.workers)
+    from largebatch.service.protocol import DeadlineHttpProtocol
+
     uvicorn.run(
         "largebatch.service.app:create_app_from_env",
         factory=True,
+        # Slow or silent clients are cut off: each request must be read within read_timeout_s, an idle
+        # connection is closed after keep_alive_s (uvicorn alone never times out reading a request).
+        http=DeadlineHttpProtocol,
+        timeout_keep_alive=settings.keep_alive_s,
         host=args.host,
         port=args.port,
         workers=args.workers,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.models import MAX_COUNT, MAX_LR, MAX_STAGES, Recipe
 from largebatch.scaling_rules.wire import Run, Study
 from largebatch.service.errors import ApiError
 from largebatch.service.storage.base import RunRecord, StudyRecord
@@ -13,7 +13,7 @@ from largebatch.service.storage.base import RunRecord, StudyRecord
 __all__ = ["MAX_BIGINT", "MAX_INT", "check_recipe", "to_run", "to_study"]
 
 # Batch sizes and step counts are stored in 32-bit integer columns; nobody trains beyond these.
-MAX_INT = 2**31 - 1
+MAX_INT = MAX_COUNT
 MAX_BIGINT = 2**63 - 1  # parameter counts, ids
 
 
@@ -46,8 +46,19 @@ def check_recipe(recipe: Recipe, loc: list[str | int], *, computed: bool = False
 
     if not recipe.stages:
         raise bad(["stages"], "a recipe needs at least one stage")
-    if not (math.isfinite(recipe.optimizer.lr) and recipe.optimizer.lr > 0):
-        raise bad(["optimizer", "lr"], "must be a finite number > 0")
+    if len(recipe.stages) > MAX_STAGES:
+        raise bad(["stages"], f"a recipe has at most {MAX_STAGES} stages")
+    if not (math.isfinite(recipe.optimizer.lr) and 0 < recipe.optimizer.lr <= MAX_LR):
+        raise bad(["optimizer", "lr"], f"must be a number in (0, {MAX_LR:g}]")
+    opt = recipe.optimizer
+    # The request's own bounds (models.Reference), so a posted recipe is no more absurd than a computed one.
+    for name, v, lo, hi in (("weight_decay", opt.weight_decay, 0.0, 10.0), ("eps", opt.eps, 0.0, 1.0),
+                            ("momentum", opt.momentum, 0.0, 1.0), ("trust_coefficient", opt.trust_coefficient, 0.0, 1e4),
+                            ("max_grad_norm", opt.max_grad_norm, 0.0, 1e15)):
+        if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+            raise bad(["optimizer", name], f"must be a number in [{lo:g}, {hi:g}]")
+    if opt.betas is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in opt.betas):
+        raise bad(["optimizer", "betas"], "each must be in [0, 1)")
     if not 0 < recipe.total_steps <= MAX_INT:
         raise bad(["total_steps"], f"must be in 1..{MAX_INT}")
     for i, s in enumerate(recipe.stages):
@@ -55,10 +66,18 @@ def check_recipe(recipe: Recipe, loc: list[str | int], *, computed: bool = False
             raise bad(["stages", i, "batch_size"], f"must be in 1..{MAX_INT}")
         if not 0 < s.steps <= MAX_INT or min(s.warmup_steps, s.const_steps, s.decay_steps) < 0:
             raise bad(["stages", i, "steps"], f"steps must be in 1..{MAX_INT}, phases >= 0")
-        if not (math.isfinite(s.peak_lr) and s.peak_lr > 0):
-            raise bad(["stages", i, "peak_lr"], "must be a finite number > 0")
+        if not (math.isfinite(s.peak_lr) and 0 < s.peak_lr <= MAX_LR):
+            raise bad(["stages", i, "peak_lr"], f"must be a number in (0, {MAX_LR:g}]")
+        m = s.decay_milestones
+        if m is not None and (len(m) > 16 or any(not (math.isfinite(x) and 0 < x < 1) for x in m) or m != sorted(m)):
+            raise bad(["stages", i, "decay_milestones"], "at most 16 increasing fractions in (0, 1)")
+        if s.decay_power is not None and not (math.isfinite(s.decay_power) and 0 < s.decay_power <= 100):
+            raise bad(["stages", i, "decay_power"], "must be a number in (0, 100]")
+        if s.decay_factor is not None and not (math.isfinite(s.decay_factor) and 0 < s.decay_factor < 1):
+            raise bad(["stages", i, "decay_factor"], "must be a number in (0, 1)")
         for name in ("warmup_ratio", "const_ratio", "end_lr", "ideal_lr", "lr_cap"):
             v = getattr(s, name)
-            if v is not None and not (math.isfinite(v) and v >= 0):
-                raise bad(["stages", i, name], "must be a finite number >= 0")
+            hi = 1.0 if name.endswith("_ratio") else MAX_LR
+            if v is not None and not (math.isfinite(v) and 0 <= v <= hi):
+                raise bad(["stages", i, name], f"must be a number in [0, {hi:g}]")
     return recipe

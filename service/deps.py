@@ -23,6 +23,19 @@ log = logging.getLogger("largebatch.service")
 M = TypeVar("M", bound=BaseModel)
 
 
+def store_options(settings: Settings) -> dict:
+    """How the service bounds its waits on the database (``store_timeout_s``): the pool checkout, every
+    PostgreSQL statement, SQLite's busy handler and the retries of busy transactions."""
+    t = settings.store_timeout_s
+    pg = {"pool_timeout": t, "connect_args": {"connect_timeout": max(1, round(t))}}
+    return {"engine_kwargs": pg if _is_postgres(settings.store_url) else None,
+            "busy_timeout_s": min(t, 5.0), "busy_deadline_s": t, "statement_timeout_s": t}
+
+
+def _is_postgres(url: str | None) -> bool:
+    return url is not None and url.strip().startswith(("postgresql", "postgres:"))
+
+
 class StoreHolder:
     """Owns the store of one worker process.
 
@@ -57,7 +70,8 @@ class StoreHolder:
             if self.store is None:
                 # Creates/upgrades the schema (under a cross-process lock) unless told a deploy step did.
                 try:
-                    self.store = open_store(self.settings.store_url, initialize=self.settings.init_schema)
+                    self.store = open_store(self.settings.store_url, initialize=self.settings.init_schema,
+                                            **store_options(self.settings))
                 except StoreUnavailable:
                     self._next_try = now + self.settings.retry_after_s
                     raise

@@ -1,17 +1,24 @@
-"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): body size limit and rate limit.
+"""Pure ASGI middleware (cheaper than BaseHTTPMiddleware): body size limit, strict JSON bodies and
+rate limit.
 
-Both answer in the service's one error shape ``{"type", "detail"}``.
+All answer in the service's one error shape ``{"type", "detail"}``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
 
-__all__ = ["BodyLimitMiddleware", "RateLimitMiddleware", "TokenBucket"]
+from largebatch.service.storage._checks import unstorable_text
+
+log = logging.getLogger("largebatch.service")
+
+__all__ = ["BodyLimitMiddleware", "InternalErrorMiddleware", "RateLimitMiddleware", "StrictJsonMiddleware", "TokenBucket"]
+
 
 
 async def send_error(send, status: int, type_: str, detail: str, headers: dict[str, str] | None = None) -> None:
@@ -20,6 +27,35 @@ async def send_error(send, status: int, type_: str, detail: str, headers: dict[s
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+
+
+class InternalErrorMiddleware:
+    """A bug answers 500 ``internal_error`` and the connection stays open. (Starlette's own handler
+    for ``Exception`` answers and then re-raises, and the server closes a keep-alive connection
+    whose request raised.) Logged with its traceback; the answer carries none."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if started:  # half an answer is out: only closing the connection can tell the client
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await send_error(send, 500, "internal_error", "internal error")
 
 
 class _TooLarge(Exception):
@@ -82,6 +118,76 @@ class BodyLimitMiddleware:
         except _TooLarge:
             if not started:
                 await send_error(send, 413, "payload_too_large", detail, {"Connection": "close"})
+
+
+def _is_json(content_type: bytes) -> bool:
+    media, _, params = content_type.decode("latin-1").partition(";")
+    media = media.strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        return False
+    charset = params.strip().lower().removeprefix("charset=").strip('" ') if "charset" in params.lower() else "utf-8"
+    return charset in ("utf-8", "utf8")
+
+
+class StrictJsonMiddleware:
+    """Request bodies of the API (``/v1/...``) are JSON: 415 for any other declared content type or for a
+    body without one (a browser form or ``text/plain`` post cannot reach a route without a CORS preflight),
+    422 for strings no store can keep. Only bodies that contain a ``\\u`` escape are parsed here: a lone
+    surrogate or NUL can reach a JSON string no other way."""
+
+    METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+    def __init__(self, app, prefix: str = "/v1/"):
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in self.METHODS or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        content_type = None
+        for name, value in scope.get("headers", ()):
+            if name == b"content-type":
+                content_type = value
+                break
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nothing to answer
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        if (content_type is not None and not _is_json(content_type)) or (content_type is None and body.strip()):
+            await send_error(send, 415, "unsupported_media_type",
+                             "request bodies must be JSON: send Content-Type: application/json (UTF-8)")
+            return
+        if b"\\u" in body:
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None  # the route answers json_invalid
+            loc = unstorable_text(doc)
+            if loc is not None:
+                detail = [{"loc": ["body", *loc], "msg": "strings must be valid Unicode text: no lone surrogates "
+                                                        "(\\ud800-\\udfff) and no NUL (\\u0000)",
+                           "type": "string_unicode"}]
+                body_bytes = json.dumps({"type": "validation_error", "detail": detail}).encode()
+                await send({"type": "http.response.start", "status": 422, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body_bytes)).encode())]})
+                await send({"type": "http.response.body", "body": body_bytes})
+                return
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if sent:
+                return await receive()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class TokenBucket:

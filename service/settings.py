@@ -46,6 +46,23 @@ class Settings(BaseSettings):
     )
     sweep_interval_s: float = Field(default=30.0, gt=0, description="How often the lease sweeper runs.")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 store_unavailable.")
+    store_timeout_s: float = Field(
+        default=5.0, gt=0, le=600,
+        description="The longest one store operation waits on the database: for a pooled connection, for each "
+                    "statement (PostgreSQL statement_timeout), for SQLite's write lock. Past it the request answers "
+                    "503 store_unavailable with Retry-After: a request waits at most about twice this long.",
+    )
+    read_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="`largebatch serve`: a client must send a whole request (headers and body) within this many "
+                    "seconds of its first byte (or of connecting), else the connection is closed.",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, le=600, description="`largebatch serve`: an idle keep-alive connection is closed after this."
+    )
+    ready_timeout_s: float = Field(
+        default=1.5, gt=0, le=60, description="/readyz answers 503 when the store has not answered within this time."
+    )
     divergence_factor: float = Field(
         default=3.0, gt=1, description="should_stop when a loss exceeds this multiple of the run's early loss."
     )
@@ -54,7 +71,8 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    @field_validator("divergence_factor", "lease_seconds", "sweep_interval_s")
+    @field_validator("divergence_factor", "lease_seconds", "sweep_interval_s", "store_timeout_s", "ready_timeout_s",
+                     "read_timeout_s", "keep_alive_s")
     @classmethod
     def _finite(cls, v: float, info) -> float:
         if not math.isfinite(v):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 from fastapi import APIRouter, Request, Response
@@ -10,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from largebatch.scaling_rules.wire import HealthOut, ReadyOut
 from largebatch.service.errors import ERROR_RESPONSES, ApiError
 from largebatch.service.metrics import CONTENT_TYPE_LATEST
-from largebatch.service.storage.base import StoreUnavailable
+from largebatch.service.storage.base import StoreError, StoreUnavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -40,11 +41,15 @@ async def readyz(request: Request) -> ReadyOut:
         store.ping()
         return store.schema_versions()
 
+    settings = request.app.state.settings
     try:
-        versions = await run_in_threadpool(probe)
-    except StoreUnavailable as e:
-        raise ApiError("store_unavailable", f"the study store is unreachable: {e}",
-                       headers={"Retry-After": str(request.app.state.settings.retry_after_s)}) from None
+        # Bounded whatever the database does (a held lock, a full pool, a dead host): the probe's thread
+        # finishes in the background within the store's own timeouts.
+        versions = await asyncio.wait_for(run_in_threadpool(probe), settings.ready_timeout_s)
+    except (StoreError, TimeoutError) as e:
+        why = str(e) if isinstance(e, StoreUnavailable) else f"no answer within {settings.ready_timeout_s:g}s"
+        raise ApiError("store_unavailable", f"the study store is unreachable: {why}",
+                       headers={"Retry-After": str(settings.retry_after_s)}) from None
     return ReadyOut(status="ready", version=_version(), schema_versions=versions)
 
 

@@ -52,8 +52,8 @@ def open_run(request: Request, store: StudyStore, namespace: str, study: str, re
         record, created = store.create_run(namespace, study, recipe, client_key=key, environment=environment,
                                            lease_seconds=settings.lease_seconds)
     except Conflict as e:
-        raise ApiError("conflict", f"Idempotency-Key {key!r} was already used for a run with a different "
-                                   f"recipe ({e})") from None
+        raise ApiError("conflict", f"Idempotency-Key {key!r} was already used for another request: a key names "
+                                   f"one request, reusing it with a different body is 409 ({e})") from None
     return to_run(record), created
 
 
@@ -91,13 +91,23 @@ def create_run(name: StudyName, body: RunCreate, principal: Writer, store: Store
     return resp
 
 
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting with = + - @ (or a tab or CR) would be
+    run as a formula (``=HYPERLINK(...)``), so it gets a leading apostrophe. Numbers stay numbers."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return "'" + value
+    return value
+
+
 def _csv(rows: list[Run]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(_CSV_COLUMNS)
     for r in rows:
         d = r.model_dump(mode="json")
-        w.writerow(["" if d[c] is None else d[c] for c in _CSV_COLUMNS])
+        w.writerow([csv_cell(d[c]) for c in _CSV_COLUMNS])
     return buf.getvalue()
 
 
@@ -242,8 +252,9 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer, st
     responses=ERROR_RESPONSES,
     summary="Record a run's final outcome",
     description="`completed` needs a finite `metric`; `diverged`, `failed`, `pruned` take an optional `reason` "
-                "and `step`. Completing again with the same outcome is a no-op (200); a different outcome is "
-                "409. A run the lease sweeper marked `preempted` can still be completed by its job.",
+                "and `step`. Completing again with the same outcome (and the same `metric`, `reason`, `step` where "
+                "given) is a no-op (200); anything else is 409. A run the lease sweeper marked `preempted` can "
+                "still be completed by its job.",
 )
 def complete(id: RunId, body: CompleteIn, principal: Writer, store: StoreDep, request: Request) -> Response:
     run_id = id
@@ -258,4 +269,4 @@ def complete(id: RunId, body: CompleteIn, principal: Writer, store: StoreDep, re
     return _json(to_run(run))
 
 
-__all__ = ["open_run", "router"]
+__all__ = ["csv_cell", "open_run", "router"]

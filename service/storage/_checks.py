@@ -6,10 +6,12 @@ import json
 import math
 from datetime import datetime, timezone
 
+from largebatch.scaling_rules.models import MAX_COUNT
 from largebatch.service.storage.base import InvalidArgument
 
 MAX_JSON_BYTES = 256 * 1024
 MAX_REASON = 2000
+MAX_INT = MAX_COUNT  # steps: one range on every backend (32-bit columns on PostgreSQL)
 
 
 def _now() -> datetime:
@@ -52,6 +54,9 @@ def _float(argument: str, value: object, *, finite: bool = True, positive: bool 
 
 
 def _json(argument: str, value: object) -> str:
+    bad = unstorable_text(value)
+    if bad is not None:
+        raise InvalidArgument(f"{argument}: the string at {bad} is not storable text (lone surrogate or NUL)")
     try:
         blob = json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -59,6 +64,34 @@ def _json(argument: str, value: object) -> str:
     if len(blob) > MAX_JSON_BYTES:
         raise InvalidArgument(f"{argument} is too large ({len(blob)} bytes > {MAX_JSON_BYTES})")
     return blob
+
+
+def unstorable_text(value: object) -> list[str | int] | None:
+    """Where in a parsed JSON document a string (or key) holds what no store can keep and give back
+    (a lone surrogate, which is not UTF-8; NUL, which PostgreSQL refuses), or None."""
+    stack: list[tuple[list[str | int], object]] = [([], value)]
+    while stack:
+        loc, v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return loc
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return loc
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                stack.append(([*loc, k], k))
+                stack.append(([*loc, k], item))
+        elif isinstance(v, list):
+            stack.extend(([*loc, i], item) for i, item in enumerate(v))
+    return None
+
+
+def _text(argument: str, value: str) -> str:
+    if unstorable_text(value) is not None:
+        raise InvalidArgument(f"{argument} must be valid Unicode text without lone surrogates or NUL")
+    return value
 
 
 def _page_args(limit: object, offset: object) -> tuple[int, int]:

@@ -34,6 +34,7 @@ from sqlalchemy.exc import (
     OperationalError,
     SQLAlchemyError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.pool import StaticPool
 
 from largebatch.service.storage.base import InvalidArgument, StoreError, StoreUnavailable
@@ -199,8 +200,12 @@ class Database:
                     return fn(conn)
             except IntegrityError:
                 raise
+            except PoolTimeout as e:  # every pooled connection busy for pool_timeout: the database is too slow
+                raise StoreUnavailable(f"no database connection free: {short_error(e)}") from e
             except (OperationalError, InterfaceError) as e:
                 kind = self._classify(e)
+                if kind == "timeout":  # statement_timeout: the database did not answer within the bound
+                    raise StoreUnavailable(f"database did not answer in time: {short_error(e)}") from e
                 if kind == "busy":
                     if time.monotonic() - start >= self.busy_deadline_s:
                         raise StoreUnavailable(
@@ -232,9 +237,27 @@ class Database:
                 return "busy"
             return "down"
         sqlstate = getattr(getattr(e, "orig", None), "sqlstate", None)
+        if sqlstate == "57014":
+            return "timeout"
         if sqlstate in ("40001", "40P01", "55P03"):
             return "busy"
         return "down"
+
+    def set_statement_timeout(self, seconds: float) -> None:
+        """Every statement of the connections opened from now on is cancelled after ``seconds``
+        (PostgreSQL ``statement_timeout``); the pool is emptied so no older connection escapes it.
+        Called after schema set-up, whose init lock may rightly wait longer."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        ms = max(1, int(seconds * 1000))
+
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET statement_timeout = {ms}")
+            dbapi_conn.commit()
+
+        self.engine.dispose()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -439,8 +439,9 @@ class StudyStore(ApiKeyStore):
             step: Step at which the run diverged / was pruned / stopped.
 
         Returns:
-            The run in its final state. Completing again with the same outcome (and metric)
-            is a no-op that returns the stored run.
+            The run in its final state. Completing again with the same outcome, and the same
+            metric, reason and step where given, is a no-op that returns the stored run; anything
+            else is :class:`Conflict`.
 
         Raises:
             NotFound: No such run.

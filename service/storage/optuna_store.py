@@ -90,7 +90,8 @@ def open_store(url: str | None = None, *, initialize: bool = True, **options: An
             False, a missing or outdated schema raises :class:`StoreUnavailable`; use that in
             workers when a deploy step ran :func:`initialize_schema`.
         **options: ``engine_kwargs`` (dict for ``sqlalchemy.create_engine``), ``busy_timeout_s``,
-            ``busy_deadline_s``.
+            ``busy_deadline_s``, ``statement_timeout_s`` (PostgreSQL: cancel any statement after it;
+            :class:`StoreUnavailable`).
     """
     return OptunaStudyStore(url, initialize=initialize, **options)
 
@@ -111,6 +112,7 @@ class OptunaStudyStore(StudyOps, RunOps, OutcomeOps, SummaryOps, StudyStore):
         engine_kwargs: dict[str, Any] | None = None,
         busy_timeout_s: float = 5.0,
         busy_deadline_s: float = 60.0,
+        statement_timeout_s: float | None = None,
     ) -> None:
         self._db = Database(
             url, engine_kwargs=engine_kwargs, busy_timeout_s=busy_timeout_s, busy_deadline_s=busy_deadline_s
@@ -127,6 +129,8 @@ class OptunaStudyStore(StudyOps, RunOps, OutcomeOps, SummaryOps, StudyStore):
         except BaseException:
             self._db.dispose()
             raise
+        if statement_timeout_s is not None:
+            self._db.set_statement_timeout(statement_timeout_s)
         self._pg = self._db.engine.dialect.name == "postgresql"
         self._insert = pg_insert if self._pg else sqlite_insert
         self._init_cache()

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._checks import (
+    MAX_INT,
     MAX_REASON,
     _float,
     _from_nonfinite,
@@ -25,6 +26,7 @@ from largebatch.service.storage._checks import (
     _naive_utc,
     _now,
     _same_metric,
+    _text,
 )
 from largebatch.service.storage._queries import (
     T_TRIALS,
@@ -60,9 +62,25 @@ def _check_outcome(outcome: object, metric: object, reason: object, step: object
         metric = _float("metric", metric)
     if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
         raise InvalidArgument(f"reason must be a string of at most {MAX_REASON} characters")
+    if reason is not None:
+        _text("reason", reason)
     if step is not None:
-        _int("step", step, minimum=0, maximum=2**62)
+        _int("step", step, minimum=0, maximum=MAX_INT)
     return metric  # type: ignore[return-value]
+
+
+def _same_complete(row: dict[str, Any], metric: float | None, reason: str | None, step: int | None) -> bool:
+    """A repeated complete says nothing new: each field it gives equals what is recorded (a field it
+    leaves out is not compared; a retry may say less, never something else)."""
+    if metric is not None and not _same_metric(row["metric"], metric):
+        return False
+    if reason is not None and reason != row["reason"]:
+        return False
+    if step is None:
+        return True
+    if row["state"] == "diverged":
+        return step == row["diverged_step"]
+    return row["last_step"] is not None and step <= row["last_step"]  # the first complete's step was folded in
 
 
 class OutcomeOps:
@@ -101,8 +119,8 @@ class OutcomeOps:
             state = row["state"]
             reopenable = state == "preempted" and row["swept"] and outcome != "preempted"
             if state != "running" and not reopenable:
-                if state == outcome and (metric is None or _same_metric(row["metric"], metric)):
-                    return self._run_records(conn, [row])[0]  # retry of the same outcome: no-op
+                if state == outcome and _same_complete(row, metric, reason, step):
+                    return self._run_records(conn, [row])[0]  # retry of the same complete: no-op
                 raise Conflict(
                     f"run {run_id} already finished as {state}"
                     + (f" (metric {row['metric']})" if row["metric"] is not None else "")

@@ -29,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from largebatch.scaling_rules.models import Recipe
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._checks import (
+    MAX_INT,
     _aware,
     _client_key,
     _float,
@@ -245,7 +246,7 @@ class RunOps:
         except (_Existing, IntegrityError) as e:
             if client_key is None:
                 raise StoreError(f"could not create run: {e}") from e
-            return self._existing_run(e, namespace, study, client_key, recipe_hash), False
+            return self._existing_run(e, namespace, study, client_key, recipe_hash, environment), False
         self._cache_put(run_row["run_id"], run_row["created_at"], recipe_blob, environment_blob)
         run_row.update(
             namespace=namespace, study_name=study, metric=None, reason=None, diverged_step=None,
@@ -299,17 +300,18 @@ class RunOps:
         return run_row
 
     def _existing_run(self, e: Exception, namespace: str, study: str, client_key: str,
-                      recipe_hash: str) -> RunRecord:
+                      recipe_hash: str, environment: dict[str, Any]) -> RunRecord:
         """The run the in-transaction check, or the constraint in a race, found the key taken by."""
         found = e.run_id if isinstance(e, _Existing) else self._read(
             lambda conn: run_id_by_client_key(conn, namespace, study, client_key))
         if found is None:
             raise StoreError(f"could not create run: {e}") from e
         run = self.get_run(found)
-        if run.recipe_hash != recipe_hash:
+        if run.recipe_hash != recipe_hash or run.environment != environment:
+            what = "recipe" if run.recipe_hash != recipe_hash else "environment"
             raise Conflict(
                 f"client_key {client_key!r} was already used in study {namespace}/{study} for run "
-                f"{found} with a different recipe"
+                f"{found} with a different {what}"
             ) from None
         return run
 
@@ -387,7 +389,7 @@ class RunOps:
                noise_scale: float | None = None) -> RunRecord:
         """Record an intermediate report; also renews the lease by the run's lease length."""
         _int("run_id", run_id, minimum=0)
-        _int("step", step, minimum=0, maximum=2**62)
+        _int("step", step, minimum=0, maximum=MAX_INT)
         loss = _float("loss", loss, finite=False)
         if grad_norm is not None:
             grad_norm = _float("grad_norm", grad_norm, finite=False)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from largebatch.service.storage import _schema as sch
-from largebatch.service.storage._checks import _aware, _int, _json, _now, _page_args
+from largebatch.service.storage._checks import _aware, _int, _json, _now, _page_args, _text
 from largebatch.service.storage._queries import (
     T_DIRECTIONS,
     T_STUDIES,
@@ -128,6 +128,7 @@ class StudyOps:
         _int("model_params", model_params, minimum=1, maximum=2**62)
         if not isinstance(metric, str) or not 1 <= len(metric) <= 128:
             raise InvalidArgument(f"metric must be a string of 1..128 characters, got {metric!r}")
+        _text("metric", metric)
         if direction not in get_args(Direction):
             raise InvalidArgument(f"direction must be 'minimize' or 'maximize', got {direction!r}")
         extra = _user_attrs(user_attrs)

@@ -1,0 +1,364 @@
+"""A hostile client against every endpoint (issue 13), on SQLite and PostgreSQL (the ``api`` fixture).
+
+Each category of the issue has its test; ``test_generated_cases_never_answer_5xx`` then mutates every
+leaf of a valid request of every endpoint into each hostile value (overflows, wrong types, lone
+surrogates, NUL, NaN, huge strings) and every path and query parameter likewise: never a 5xx, every
+4xx in the ``{type, detail}`` shape, and nothing stored that cannot be read back.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from largebatch.scaling_rules.wire import ERROR_TYPES, MAX_REPORT_BATCH, ErrorBody
+
+from .conftest import bert_request, unique
+
+
+def assert_4xx(r, status: int | None = None) -> ErrorBody:
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
+    if status is not None:
+        assert r.status_code == status, (r.status_code, r.text[:500])
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    body = ErrorBody.model_validate(r.json())
+    assert ERROR_TYPES[body.type] == r.status_code, r.text
+    assert set(r.json()) == {"type", "detail"}
+    return body
+
+
+def post_raw(c, url: str, text: str, **headers):
+    return c.post(url, content=text.encode("utf-8", "surrogatepass"),
+                  headers={"Content-Type": "application/json", **headers})
+
+
+@pytest.fixture
+def world(api):
+    """A study with one open run in the write key's namespace."""
+    c = api.client()
+    study = unique("hostile")
+    assert c.post("/v1/studies", json={"name": study, "model_params": 340_000_000}).status_code == 201
+    r = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request()})
+    assert r.status_code == 201, r.text
+    return c, study, r.json()["id"]
+
+
+# ------------------------------------------------------------------ 1. cost bounds at parse time
+
+
+def test_limits_are_422_at_parse_time(world):
+    c, _study, run_id = world
+    too_many = {"reports": [{"step": i, "loss": 1.0} for i in range(MAX_REPORT_BATCH + 1)]}
+    body = assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json=too_many), 422)
+    assert body.detail[0]["loc"] == ["body", "reports"]
+    stages = [{"batch_size": 1024 * (i + 1), "share": 1 / 17} for i in range(17)]
+    for fmt in ("png", "svg"):
+        assert_4xx(c.post(f"/v1/recommendations/schedule.{fmt}", json=bert_request(stages=stages)), 422)
+    assert_4xx(c.post("/v1/recommendations", json=bert_request(stages=stages * 4)), 422)  # 68 > 64 stages
+    # The issue's expensive request is accepted and cheap (closed-form arithmetic).
+    big = bert_request(lr_cap=1e-4)
+    big["target"]["steps"] = 10_000_000
+    assert c.post("/v1/recommendations", json=big).status_code == 200
+
+
+def test_a_posted_recipe_is_bounded_too(world):
+    c, study, _ = world
+    recipe = c.post("/v1/recommendations", json=bert_request()).json()
+    for k in ("run", "variants", "variant_runs"):
+        recipe.pop(k)
+    many = dict(recipe, stages=recipe["stages"] * 65)
+    assert_4xx(c.post("/v1/schedule", json=many), 422)
+    assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"recipe": many}), 422)
+    absurd = json.loads(json.dumps(recipe))
+    absurd["stages"][0]["peak_lr"] = 1e300
+    assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"recipe": absurd}), 422)
+    absurd["stages"][0]["peak_lr"] = recipe["stages"][0]["peak_lr"]
+    absurd["stages"][0]["decay_power"] = -1.0
+    assert_4xx(c.post("/v1/schedule", json=absurd), 422)
+    absurd = json.loads(json.dumps(recipe))
+    absurd["optimizer"]["weight_decay"] = 1e308
+    assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"recipe": absurd}), 422)
+
+
+# ------------------------------------------------------------------ 2. one stored number
+
+
+def test_a_metric_out_of_bounds_is_refused(world):
+    c, _, run_id = world
+    for metric in (1e155, -1e16, 1e308):
+        assert_4xx(c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "completed", "metric": metric}), 422)
+    assert c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "completed", "metric": 1e15}).status_code == 200
+
+
+def test_a_huge_metric_written_by_any_optuna_client_breaks_no_study(api):
+    """The store is an Optuna database: a stock Optuna script can write any value. The fit degrades."""
+    from largebatch.service.storage import open_store
+
+    c = api.client()
+    study = unique("huge")
+    assert c.post("/v1/studies", json={"name": study, "model_params": 340_000_000}).status_code == 201
+    ids = []
+    for target, lr in ((1024, 1e-3), (1024, 2e-3), (1024, 4e-3), (2048, 2e-3), (2048, 4e-3)):
+        req = bert_request(target, stages=[{"batch_size": target, "lr": lr}])
+        ids.append(c.post(f"/v1/studies/{study}/runs", json={"request": req}).json()["id"])
+    with open_store(api.store_url, initialize=False) as store:
+        for i, run_id in enumerate(ids):  # what the service's edge now refuses, written behind its back
+            store.complete_run(run_id, "completed", metric=(1e155, -1e308, 3.0, 1e300, 2.0)[i])
+    r = c.post("/v1/recommendations", json=bert_request(study=study))
+    assert r.status_code == 200, r.text
+    fam = c.post("/v1/recommendations", json=bert_request(study=study, use_family_evidence=True))
+    assert fam.status_code == 200, fam.text
+    assert c.get(f"/v1/studies/{study}/evidence", params={"family": True}).status_code == 200
+    assert c.post("/v1/recommendations", json=bert_request(study=study, start_run=True, explore=3)).status_code == 200
+
+
+# ------------------------------------------------------------------ 3. nothing unreadable is stored
+
+
+@pytest.mark.parametrize("bad", ["\\ud800", "a\\udfff", "\\udc00\\ud800", "nul\\u0000"])
+def test_unstorable_text_is_refused_before_anything_is_stored(world, bad):
+    c, study, run_id = world
+    before = c.get(f"/v1/studies/{study}/runs").json()["total"]
+    req = json.dumps(bert_request(study=study, start_run=True))
+    env = f'{{"request": {json.dumps(bert_request())}, "environment": {{"host": "{bad}"}}}}'
+    key_env = f'{{"request": {json.dumps(bert_request())}, "environment": {{"{bad}": 1}}}}'
+    cases = [
+        ("/v1/recommendations", req[:-1] + f', "environment": {{"x": ["{bad}"]}}}}'),
+        (f"/v1/studies/{study}/runs", env),
+        (f"/v1/studies/{study}/runs", key_env),
+        ("/v1/studies", f'{{"name": "{unique()}", "model_params": 1000, "metric": "{bad}"}}'),
+        (f"/v1/runs/{run_id}/complete", f'{{"outcome": "failed", "reason": "{bad}"}}'),
+    ]
+    for url, text in cases:
+        body = assert_4xx(post_raw(c, url, text), 422)
+        assert body.detail[0]["type"] == "string_unicode", body
+    assert c.get(f"/v1/studies/{study}/runs").json()["total"] == before
+    r = c.get(f"/v1/runs/{run_id}")
+    assert r.status_code == 200 and r.json()["state"] == "running"
+
+
+def test_report_steps_have_one_range_on_every_backend(world):
+    c, _, run_id = world
+    for step in (2**31, 2**62, 2**70, -1):
+        assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"step": step, "loss": 1.0}), 422)
+        assert_4xx(c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "failed", "step": step}), 422)
+    assert c.post(f"/v1/runs/{run_id}/reports", json={"step": 2**31 - 1, "loss": 1.0}).status_code == 200
+
+
+def test_losses_are_finite_and_bounded_or_the_divergence_signal(world):
+    c, _, run_id = world
+    assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"step": 1, "loss": 1e39}), 422)
+    assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"step": 1, "loss": 1.0, "grad_norm": 1e300}), 422)
+    assert c.post(f"/v1/runs/{run_id}/reports", json={"step": 1, "loss": 3e38}).status_code == 200
+    r = post_raw(c, f"/v1/runs/{run_id}/reports", '{"step": 2, "loss": NaN}')
+    assert r.status_code == 200 and r.json()["should_stop"] is True
+
+
+# ------------------------------------------------------------------ 4. overflows
+
+
+@pytest.mark.parametrize("patch", [
+    {"reference": {"lr": 1e306}}, {"reference": {"lr": 1.7e308}}, {"lr_cap": 5e-324},
+    {"target": {"steps": 2**70}}, {"reference": {"warmup_steps": 2**70, "warmup_ratio": None}},
+    {"reference": {"lr": 1e300}}, {"reference": {"weight_decay": 1e308}}, {"model": {"params": 2**70}},
+    {"target": {"batch_size": True}}, {"target": {"batch_size": "512"}}, {"reference": {"lr": "0.001"}},
+])
+def test_overflows_and_wrong_types_are_422(world, patch):
+    c, _, _ = world
+    body = bert_request()
+    for k, v in patch.items():
+        body[k] = {**body.get(k, {}), **v} if isinstance(v, dict) else v
+    body["reference"] = {k: v for k, v in body["reference"].items() if v is not None}
+    for url in ("/v1/recommendations", "/v1/recommendations/schedule.svg"):
+        assert_4xx(c.post(url, json=body), 422)
+
+
+def test_strict_numbers_on_every_json_route(world):
+    c, _study, run_id = world
+    assert_4xx(c.post("/v1/studies", json={"name": unique(), "model_params": "1000"}), 422)
+    assert_4xx(c.post("/v1/studies", json={"name": unique(), "model_params": True}), 422)
+    assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"step": "3", "loss": 1.0}), 422)
+    assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"step": 3, "loss": True}), 422)
+    assert_4xx(c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "completed", "metric": "1.5"}), 422)
+
+
+# ------------------------------------------------------------------ smaller: media types, repeats, CSV
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          "application/json; charset=latin-1", None])
+def test_only_json_bodies_are_accepted(world, content_type):
+    c, study, run_id = world
+    text = json.dumps(bert_request())
+    headers = {"Content-Type": content_type} if content_type else {}
+    for url in ("/v1/recommendations", "/v1/recommendations/schedule.png", "/v1/studies",
+                f"/v1/studies/{study}/runs", f"/v1/runs/{run_id}/reports", f"/v1/runs/{run_id}/complete",
+                "/v1/schedule"):
+        req = c.build_request("POST", url, content=text.encode(), headers=headers)
+        if content_type is None:
+            req.headers.pop("Content-Type", None)
+        assert_4xx(c.send(req), 415)
+    assert c.post("/v1/recommendations", content=text, headers={"Content-Type": "application/json; charset=utf-8"}
+                  ).status_code == 200
+
+
+def test_an_idempotency_key_names_one_request(world):
+    c, study, _ = world
+    h = {"Idempotency-Key": unique("key")}
+    first = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"a": 1}}, headers=h)
+    assert first.status_code == 201
+    again = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"a": 1}}, headers=h)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"a": 2}},
+                      headers=h), 409)
+    assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(16384), "environment": {"a": 1}},
+                      headers=h), 409)
+    rec = bert_request(study=study, start_run=True, environment={"b": 1})
+    h2 = {"Idempotency-Key": unique("key")}
+    assert c.post("/v1/recommendations", json=rec, headers=h2).status_code == 200
+    assert_4xx(c.post("/v1/recommendations", json={**rec, "environment": {"b": 2}}, headers=h2), 409)
+
+
+def test_repeats_follow_one_rule(world):
+    """A report is the newest word for its step (a job resumed from a checkpoint reports again); a
+    complete is final: the same complete again is a no-op, anything else is 409."""
+    c, _study, run_id = world
+    assert c.post(f"/v1/runs/{run_id}/reports", json={"step": 5, "loss": 2.0}).status_code == 200
+    assert c.post(f"/v1/runs/{run_id}/reports", json={"step": 5, "loss": 1.5}).status_code == 200
+    assert c.get(f"/v1/runs/{run_id}/reports").json()["items"] == [
+        {"step": 5, "loss": 1.5, "grad_norm": None, "finite": True}]
+    done = {"outcome": "failed", "reason": "out of memory", "step": 5}
+    assert c.post(f"/v1/runs/{run_id}/complete", json=done).status_code == 200
+    assert c.post(f"/v1/runs/{run_id}/complete", json=done).status_code == 200
+    assert c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "failed"}).status_code == 200  # says less
+    assert_4xx(c.post(f"/v1/runs/{run_id}/complete", json={**done, "reason": "disk full"}), 409)
+    assert_4xx(c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "completed", "metric": 1.0}), 409)
+    assert c.get(f"/v1/runs/{run_id}").json()["reason"] == "out of memory"
+
+
+def test_csv_cells_are_never_formulas(world):
+    c, study, run_id = world
+    evil = '=HYPERLINK("http://evil.example","x")'
+    assert c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "failed", "reason": evil}).status_code == 200
+    for reason in ("+1+1", "-2+3", "@SUM(A1)"):
+        r = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request()})
+        c.post(f"/v1/runs/{r.json()['id']}/complete", json={"outcome": "failed", "reason": reason})
+    text = c.get(f"/v1/studies/{study}/runs", params={"format": "csv"}).text
+    cells = [cell for line in text.splitlines()[1:] for cell in next(iter(__import__("csv").reader([line])))]
+    assert not [x for x in cells if x[:1] in ("=", "+", "@") or (x[:1] == "-" and not _number(x))], cells
+    assert "'" + evil in cells
+
+
+def _number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+# ------------------------------------------------------------------ generated cases, every endpoint
+
+
+HOSTILE = [None, True, False, "512", "", "x" * 5000, 2**31, 2**63, 2**70, -(2**70), -1, 0, 1e308, -1e308,
+           5e-324, 1e155, float("nan"), float("inf"), "\ud800", "\u0000", [], {}, [[[[[[]]]]]], {"a": {"b": {}}}]
+PATH_VALUES = ["0", "-1", "9223372036854775808", "1e3", "%F0%9F%92%A9", "a" * 300, "..", "%00", "%ED%A0%80"]
+
+
+def _leaves(doc, path=()):
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(doc, list) and doc:
+        for i, v in enumerate(doc):
+            yield from _leaves(v, (*path, i))
+    yield path
+
+
+def _replace(doc, path, value):
+    if not path:
+        return value
+    doc = json.loads(json.dumps(doc))
+    node = doc
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+    return doc
+
+
+def _dumps(doc) -> bytes:
+    return json.dumps(doc, allow_nan=True).encode("utf-8", "surrogatepass")
+
+
+def test_generated_cases_never_answer_5xx(api, world):
+    c, study, run_id = world
+    recipe = c.post("/v1/recommendations", json=bert_request()).json()
+    for k in ("run", "variants", "variant_runs"):
+        recipe.pop(k)
+    bodies = {
+        "/v1/recommendations": bert_request(study=study, start_run=True, environment={"gpu": "a100"}),
+        "/v1/recommendations/schedule.png": bert_request(stages=[{"batch_size": 8192}, {"batch_size": 32768}]),
+        "/v1/studies": {"name": "gen", "model_params": 1000, "metric": "loss", "direction": "minimize"},
+        f"/v1/studies/{study}/runs": {"request": bert_request(), "environment": {"k": "v"}},
+        f"/v1/runs/{run_id}/reports": {"reports": [{"step": 1, "loss": 2.0, "grad_norm": 1.0}]},
+        f"/v1/runs/{run_id}/complete": {"outcome": "failed", "reason": "r", "step": 3},
+        "/v1/schedule": recipe,
+    }
+    rng = random.Random(13)
+    sent = 0
+    for url, valid in bodies.items():
+        paths = list(_leaves(valid))
+        cases = [(p, v) for p in paths for v in HOSTILE]
+        for path, value in rng.sample(cases, min(len(cases), 120)):
+            doc = _replace(valid, path, value)
+            if url == "/v1/studies" and isinstance(doc, dict):
+                doc = {**doc, "name": unique("gen")} if path != ("name",) else doc
+            r = c.post(url, content=_dumps(doc), headers={"Content-Type": "application/json",
+                                                          "Idempotency-Key": unique("gen")})
+            assert r.status_code < 500, (url, path, value, r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert_4xx(r)
+            sent += 1
+        for text in (b"", b"{", b"[]", b"null", b"1e999", b'"\xff\xfe"', b"{" * 5000 + b"}" * 5000,
+                     b'{"a":' * 300 + b"1" + b"}" * 300):
+            r = c.post(url, content=text, headers={"Content-Type": "application/json"})
+            assert 400 <= r.status_code < 500 or (url.endswith("/heartbeat") and r.status_code == 200), (url, text[:40])
+            assert_4xx(r)
+            sent += 1
+    gets = ["/v1/studies/{}", "/v1/studies/{}/runs", "/v1/studies/{}/evidence", "/v1/runs/{}", "/v1/runs/{}/reports"]
+    for template in gets:
+        for value in PATH_VALUES:
+            r = c.get(template.format(value))
+            assert r.status_code < 500, (template, value, r.status_code, r.text[:300])
+            if r.status_code >= 400:
+                assert_4xx(r)
+            sent += 1
+    for value in PATH_VALUES:
+        for url in (f"/v1/runs/{value}/heartbeat", f"/v1/runs/{value}/complete"):
+            r = c.post(url, json={"outcome": "failed"})
+            assert 400 <= r.status_code < 500, (url, r.status_code)
+            assert_4xx(r)
+            sent += 1
+        assert_4xx(c.delete(f"/v1/studies/{value}x"))
+    queries = [{"limit": v} for v in ("0", "-1", "1e9", "x", "99999999999999999999")] + \
+              [{"offset": v} for v in ("-1", "2147483648", "9" * 30)] + \
+              [{"batch_size": "0"}, {"state": "nope"}, {"format": "xml"}, {"family": "maybe"}, {"points": "1"}]
+    for q in queries:
+        for url in (f"/v1/studies/{study}/runs", "/v1/studies", f"/v1/runs/{run_id}/reports",
+                    f"/v1/studies/{study}/evidence"):
+            r = c.get(url, params=q)
+            assert r.status_code < 500, (url, q, r.status_code)
+            if r.status_code >= 400:
+                assert_4xx(r)
+            sent += 1
+    assert sent > 900
+    # Whatever went in, everything stored reads back.
+    page = c.get(f"/v1/studies/{study}/runs", params={"limit": 1000})
+    assert page.status_code == 200
+    for run in page.json()["items"]:
+        assert c.get(f"/v1/runs/{run['id']}").status_code == 200
+        assert c.get(f"/v1/runs/{run['id']}/reports").status_code == 200
+    assert c.get("/v1/studies", params={"limit": 1000}).status_code == 200
+    assert c.post("/v1/recommendations", json=bert_request(study=study)).status_code == 200
