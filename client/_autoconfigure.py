@@ -57,6 +57,23 @@ def count_parameters(model: Any) -> int:
     return int(sum(p.numel() for p in model.parameters() if getattr(p, "requires_grad", True)))
 
 
+_CNN = ("Conv1d", "Conv2d", "Conv3d")
+_TRANSFORMER_HINTS = ("Attention", "Transformer", "Embedding")
+
+
+def infer_family(model: Any) -> str:
+    """The model family the priors are keyed by, from the module types (duck-typed, no torch import):
+    convolutions make a ``cnn``, attention or token embeddings a ``transformer``, anything else
+    ``other`` (an MLP is not a BERT: it gets no transformer cap prior)."""
+    modules = getattr(model, "modules", None)
+    names = [type(m).__name__ for m in modules()] if callable(modules) else []
+    if any(n in _CNN for n in names):
+        return "cnn"
+    if any(h in n for n in names for h in _TRANSFORMER_HINTS):
+        return "transformer"
+    return "other"
+
+
 def default_environment(model: Any = None) -> dict[str, Any]:
     """What the run records about where it ran."""
     env: dict[str, Any] = {"client": f"largebatch-client {__version__}", "python": platform.python_version(),
@@ -74,12 +91,13 @@ def default_environment(model: Any = None) -> dict[str, Any]:
 
 def build_request(model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
                   target_batch_size: int | None, target_steps: int | None = None, model_params: int | None = None,
-                  model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
+                  model_family: str | None = None, environment: Mapping[str, Any] | None = None,
                   **request_fields: Any) -> RecommendationIn:
     """The ``start_run`` request :func:`autoconfigure` sends (validated locally)."""
     fields: dict[str, Any] = dict(request_fields)
     if "model" not in fields:
-        fields["model"] = {"params": model_params or count_parameters(model), "family": model_family}
+        fields["model"] = {"params": model_params or count_parameters(model),
+                           "family": model_family or infer_family(model)}
     if reference is not None:
         fields["reference"] = reference
     if target_batch_size is not None:
@@ -238,7 +256,7 @@ def _follower_job(client: BaseClient, model: Any, study: str, job_options: Mappi
 
 def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None,
                   target_batch_size: int | None, target_steps: int | None = None, model_params: int | None = None,
-                  model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
+                  model_family: str | None = None, environment: Mapping[str, Any] | None = None,
                   idempotency_key: str | None = None, create_study: bool = True, metric: str = "eval_loss",
                   direction: str = "minimize", job_options: Mapping[str, Any] | None = None,
                   offline_fallback: bool = False, **request_fields: Any) -> Job:
@@ -258,7 +276,7 @@ def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Refe
 async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
                               reference: Reference | Mapping[str, Any] | None, target_batch_size: int | None,
                               target_steps: int | None = None, model_params: int | None = None,
-                              model_family: str = "transformer", environment: Mapping[str, Any] | None = None,
+                              model_family: str | None = None, environment: Mapping[str, Any] | None = None,
                               idempotency_key: str | None = None, create_study: bool = True,
                               metric: str = "eval_loss", direction: str = "minimize",
                               job_options: Mapping[str, Any] | None = None, offline_fallback: bool = False,

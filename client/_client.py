@@ -247,7 +247,7 @@ class Client(BaseClient):
 
     def autoconfigure(self, model: Any, *, study: str, reference: Reference | Mapping[str, Any] | None = None,
                       target_batch_size: int | None = None, target_steps: int | None = None,
-                      model_params: int | None = None, model_family: str = "transformer",
+                      model_params: int | None = None, model_family: str | None = None,
                       environment: Mapping[str, Any] | None = None, idempotency_key: str | None = None,
                       create_study: bool = True, metric: str = "eval_loss", direction: str = "minimize",
                       job_options: Mapping[str, Any] | None = None, **request_fields: Any) -> Job:
@@ -260,6 +260,8 @@ class Client(BaseClient):
                 and ``create_study`` is true.
             reference: The small-batch setup that works (``Reference`` or its dict).
             target_batch_size: The batch size to train at; ``target_steps`` an explicit step budget.
+            model_family: ``transformer``, ``cnn`` or ``other``; by default inferred from the module
+                types (convolutions: cnn; attention or token embeddings: transformer; else other).
             model_params: Parameter count (default: the model's trainable parameters).
             idempotency_key: Reuse it when restarting the same job to get the same run back.
             job_options: Keyword arguments for :class:`Job` (flush interval, heartbeat interval, ...).

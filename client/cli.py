@@ -11,11 +11,12 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from largebatch.scaling_rules.cli import CLIError, format_recipe_table
+from largebatch.scaling_rules.cli import CLIError, format_recipe_table, parse_count
 from largebatch.scaling_rules.wire import Run, Study
 
 from . import errors
@@ -89,9 +90,9 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
 
 def register_studies(sub: argparse._SubParsersAction) -> None:
     common = _common()
-    p = sub.add_parser("studies", help="list and show studies on a largebatch service",
+    p = sub.add_parser("studies", help="list, show, create and delete studies on a largebatch service",
                        description="Studies on a largebatch service.")
-    ss = p.add_subparsers(dest="studies_command", required=True, metavar="{list,show}")
+    ss = p.add_subparsers(dest="studies_command", required=True, metavar="{list,show,create,delete}")
     ls = ss.add_parser("list", parents=[common], help="the studies, as a table",
                        description="List the studies of your namespace (oldest first).")
     ls.add_argument("--limit", type=_positive, default=100, help="page size (default 100, at most 1000)")
@@ -102,6 +103,23 @@ def register_studies(sub: argparse._SubParsersAction) -> None:
     show.add_argument("name", help="study name")
     show.add_argument("--json", action="store_true", help="print the study as JSON")
     show.set_defaults(func=_cmd_studies_show)
+    create = ss.add_parser("create", parents=[common], help="create a study",
+                           description="Create a study (a model whose runs teach the recipes).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    create.add_argument("name", help="study name")
+    create.add_argument("--model-params", type=_params, required=True, help="parameters of the model, e.g. 340M")
+    create.add_argument("--family", choices=["transformer", "cnn", "other"], default="transformer",
+                        help="model family (picks the priors)")
+    create.add_argument("--metric", default="eval_loss", help="the final metric runs report")
+    create.add_argument("--direction", choices=["minimize", "maximize"], default="minimize",
+                        help="whether a smaller or a larger metric is better")
+    create.add_argument("--json", action="store_true", help="print the study as JSON")
+    create.set_defaults(func=_cmd_studies_create)
+    delete = ss.add_parser("delete", parents=[common], help="delete a study and all its runs",
+                           description="Delete a study and all its runs (asks first unless --yes).")
+    delete.add_argument("name", help="study name")
+    delete.add_argument("--yes", action="store_true", help="do not ask")
+    delete.set_defaults(func=_cmd_studies_delete)
 
 
 # ------------------------------------------------------------------------------------ handlers
@@ -174,6 +192,31 @@ def _cmd_studies_show(args: argparse.Namespace) -> int:
         print(_fields([("name", study.name), ("namespace", study.namespace), ("model", f"{study.model_family}, "
                        f"{study.model_params:,} parameters"), ("metric", f"{study.metric} ({study.direction})"),
                        ("runs", study.n_runs), ("created", _time(study.created_at))]))
+    return 0
+
+
+def _params(text: str) -> int:
+    return parse_count(text, binary_k=False)
+
+
+def _cmd_studies_create(args: argparse.Namespace) -> int:
+    study = _call(args, lambda c: c.create_study(args.name, model_params=args.model_params,
+                                                 model_family=args.family, metric=args.metric,
+                                                 direction=args.direction))
+    print(study.model_dump_json(indent=2) if args.json else f"created study {study.name} "
+          f"({study.model_family}, {study.model_params:,} parameters; {study.metric}, {study.direction})")
+    return 0
+
+
+def _cmd_studies_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise CLIError(f"refusing to delete study {args.name!r} and its runs without --yes")
+        if input(f"delete study {args.name!r} and all its runs? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    _call(args, lambda c: c.delete_study(args.name))
+    print(f"deleted study {args.name}")
     return 0
 
 

@@ -5,7 +5,8 @@ A block that needs a running service gets one: `largebatch serve` on a free loop
 above it (``<!-- readme-test: skip: why -->``), which this test reads and reports; the reasons are
 asserted to be there, so a block cannot be skipped silently. Other markers:
 ``<!-- readme-test: serve -->`` (the block starts the service itself: it is run until the service
-answers, then stopped).
+answers, then stopped); ``<!-- readme-test: torchrun -->`` (a python block run as
+``torchrun --nproc_per_node=2`` on CPU).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def test_every_block_is_run_or_says_why_not():
             assert len(marker.split(":", 1)[-1].strip()) > 10, f"README line {line}: a skip needs its reason"
 
 
-@pytest.mark.parametrize("line, body", [(b[0], b[3]) for b in blocks() if b[1] == "python"])
+@pytest.mark.parametrize("line, body", [(b[0], b[3]) for b in blocks() if b[1] == "python" and not b[2].startswith("skip")])
 def test_python_blocks_pass_the_linter(line, body):
     """Saved into the repository, a README snippet must not fail `scripts/test.sh` at ruff."""
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "ruff"), "check", "--stdin-filename",
@@ -123,6 +124,12 @@ def test_block_runs(line, lang, marker, body, service, tmp_path):
     code = _point(body, port)
     if lang == "bash":
         cmd = ["bash", "-euo", "pipefail", "-c", code]
+    elif marker == "torchrun":
+        script = work / "train.py"
+        script.write_text(code)
+        cmd = [str(ROOT / ".venv" / "bin" / "torchrun"), "--nproc_per_node=2", "--master_port", str(_free_port()),
+               str(script)]
+        env["OMP_NUM_THREADS"] = "1"
     else:
         cmd = [str(ROOT / ".venv" / "bin" / "python"), "-c", code]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)

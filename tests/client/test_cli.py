@@ -93,3 +93,21 @@ def test_errors_are_one_line_and_exit_2(service, capsys):
     with pytest.raises(SystemExit):
         main(["runs", "list", "s", "--limit", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_studies_create_and_delete(service, capsys, monkeypatch):
+    code, out, _ = run_cli(capsys, "studies", "create", "cli-made", "--model-params", "25.6M", "--family", "cnn",
+                           "--metric", "top1", "--direction", "maximize", "--url", service.url)
+    assert code == 0 and "created study cli-made (cnn, 25,600,000 parameters; top1, maximize)" in out
+    with Client(service.url) as c:
+        assert c.get_study("cli-made").model_family == "cnn"
+    code, _, err = run_cli(capsys, "studies", "create", "cli-made", "--model-params", "1M", "--url", service.url)
+    assert code == 2 and "already" in err.lower()
+    # Without --yes and without a terminal to ask on, nothing is deleted.
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    code, _, err = run_cli(capsys, "studies", "delete", "cli-made", "--url", service.url)
+    assert code == 2 and "without --yes" in err
+    code, out, _ = run_cli(capsys, "studies", "delete", "cli-made", "--yes", "--url", service.url)
+    assert code == 0 and "deleted study cli-made" in out
+    code, _, err = run_cli(capsys, "studies", "show", "cli-made", "--url", service.url)
+    assert code == 2 and "not_found" in err

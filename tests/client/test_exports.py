@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import largebatch.client as client
 
 
@@ -32,3 +34,17 @@ def test_importing_the_client_and_its_cli_loads_no_torch_and_no_framework():
     tops = {m.split(".")[0] for m in mods}
     assert not tops & {"torch", "transformers", "lightning", "fastapi", "optuna", "sqlalchemy", "uvicorn"}
     assert not any(m.startswith("largebatch.service") for m in mods)
+
+
+def test_family_is_inferred_from_the_modules():
+    torch = pytest.importorskip("torch")
+    from largebatch.client._autoconfigure import build_request, infer_family
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    lm = torch.nn.Sequential(torch.nn.Embedding(100, 16), torch.nn.TransformerEncoderLayer(16, 2, batch_first=True))
+    assert (infer_family(mlp), infer_family(cnn), infer_family(lm)) == ("other", "cnn", "transformer")
+    ref = {"batch_size": 64, "lr": 1e-3, "steps": 100}
+    assert build_request(mlp, study="s", reference=ref, target_batch_size=128).model.family == "other"
+    assert build_request(mlp, study="s", reference=ref, target_batch_size=128,
+                         model_family="transformer").model.family == "transformer"
