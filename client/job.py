@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from largebatch.scaling_rules.models import Recipe
-from largebatch.scaling_rules.wire import FinalOutcome, ReportIn, Run, Study
+from largebatch.scaling_rules.wire import MAX_REPORT_BATCH, FinalOutcome, ReportIn, Run, Study
 
 from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
@@ -128,8 +128,8 @@ class Job:
             raise ValueError("a job needs its recipe")
         if isinstance(progress_every, bool) or not isinstance(progress_every, int) or progress_every < 0:
             raise ValueError(f"progress_every must be an int >= 0, got {progress_every!r}")
-        if not 1 <= max_batch <= 10_000:
-            raise ValueError(f"max_batch must be in 1..10000, got {max_batch}")
+        if not 1 <= max_batch <= MAX_REPORT_BATCH:
+            raise ValueError(f"max_batch must be in 1..{MAX_REPORT_BATCH} (the service's limit), got {max_batch}")
         self._client: RunChannel = client.run_channel() if isinstance(client, BaseClient) else client
         self.run = run
         self._recipe = recipe
@@ -480,7 +480,15 @@ class Job:
                 self._note_nonfinite(r.step)
 
         def finish(outcome: FinalOutcome, step: int | None, reason: str | None) -> None:
-            self.complete(outcome=outcome, step=step, reason=reason, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                self.complete(outcome=outcome, step=step, reason=reason,
+                              timeout=max(0.0, deadline - time.monotonic()))
+            except errors.JobError:
+                # The service ended the run first (its divergence verdict, in its own words): that run
+                # is recorded, which is all leaving the block has to ensure.
+                if self._final is None or self._final.state == "running":
+                    raise
+                log.info("run %s was already %s at the service; leaving it so", self._final.id, self._final.state)
 
         if self.run is not None and self.run.state in ("diverged", "pruned"):
             # The service stopped the run itself (should_stop): confirm its verdict.
