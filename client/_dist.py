@@ -16,6 +16,7 @@ torch is imported lazily: a process that never trains never imports it.
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import sys
@@ -76,7 +77,16 @@ def ensure_group() -> bool:
 
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        # The group is ours, so is its teardown: a gloo group still alive at interpreter exit can abort
+        # the process ("terminate called without an active exception") after a clean run.
+        atexit.register(_destroy_own_group)
     return dist.get_world_size() > 1
+
+
+def _destroy_own_group() -> None:
+    dist = _dist()
+    if dist is not None and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from largebatch.scaling_rules.wire import ReportIn, Run
+from largebatch.scaling_rules.wire import MAX_REPORT_BATCH, ReportIn, Run
 
 from . import errors
 from ._base import RunChannel, is_transient, retry_delay
@@ -196,7 +196,7 @@ class Reporter:
                     send_at = max(due_at, self._retry_at)
                     if now >= send_at:
                         self._sending = True
-                        return list(self._pending.items())[: self._max_batch]
+                        return list(self._pending.items())[: min(self._max_batch, MAX_REPORT_BATCH)]  # the service's limit
                 heartbeat_at = math.inf if self._closing else next_heartbeat
                 if now >= heartbeat_at:
                     return []

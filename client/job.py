@@ -55,7 +55,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from largebatch.scaling_rules.models import Recipe
-from largebatch.scaling_rules.wire import MAX_REPORT_BATCH, FinalOutcome, ReportIn, Run, Study
+from largebatch.scaling_rules.wire import FinalOutcome, ReportIn, Run, Study
 
 from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
@@ -90,7 +90,7 @@ class Job:
         recipe: The recipe being trained.
         optimizer, scheduler: What :func:`largebatch.client.optim.build` made for the recipe.
         flush_interval: Seconds a report may wait in the buffer before it is sent.
-        max_batch: Most reports per request (also sent at once when this many are waiting).
+        max_batch: Reports that make the job send at once (at most 1000, the service's limit, go in one request).
         heartbeat_interval: Seconds between heartbeats (the service's lease is 10 minutes).
         close_timeout: How long closing (and interpreter exit) waits for undelivered reports.
         complete_timeout: How long :meth:`complete` keeps trying to reach the service.
@@ -128,8 +128,8 @@ class Job:
             raise ValueError("a job needs its recipe")
         if isinstance(progress_every, bool) or not isinstance(progress_every, int) or progress_every < 0:
             raise ValueError(f"progress_every must be an int >= 0, got {progress_every!r}")
-        if not 1 <= max_batch <= MAX_REPORT_BATCH:
-            raise ValueError(f"max_batch must be in 1..{MAX_REPORT_BATCH} (the service's limit), got {max_batch}")
+        if not 1 <= max_batch <= 10_000:
+            raise ValueError(f"max_batch must be in 1..10000, got {max_batch}")
         self._client: RunChannel = client.run_channel() if isinstance(client, BaseClient) else client
         self.run = run
         self._recipe = recipe
