@@ -99,14 +99,15 @@ async def create_recommendation(request: Request) -> Response:
         out = RecommendationOut(**recipe.model_dump())
         if body.start_run:
             out.run, _ = open_run(request, store, principal.namespace, body.study, recipe,
-                                  idempotency_key, body.environment)
+                                  idempotency_key, body.environment, body)
         if body.explore:
             out.variants = explore_variants(recipe, evidence.runs, body.explore, study=body.study,
                                             direction=evidence.direction,
                                             max_factor=user_cap_factor(body, recipe))
             for i, variant in enumerate(out.variants):
                 key = None if idempotency_key is None else f"{idempotency_key}:explore-{i}"
-                run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment)
+                run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment,
+                                  body)
                 out.variant_runs.append(run)
         return out.model_dump_json().encode()
 

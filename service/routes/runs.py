@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
-from pydantic import Discriminator, Tag
+from pydantic import BaseModel, Discriminator, Tag
 
 from largebatch.scaling_rules.evidence import Outcome
 from largebatch.scaling_rules.models import Recipe
@@ -44,13 +46,21 @@ def _json(model) -> Response:
     return Response(model.model_dump_json(), media_type=_JSON)
 
 
+def body_digest(body: BaseModel) -> str:
+    """The Idempotency-Key rule, stated once: a key names one request body (canonical JSON, every
+    field); the same key with any other body is 409."""
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def open_run(request: Request, store: StudyStore, namespace: str, study: str, recipe: Recipe,
-             key: str | None, environment: dict[str, Any]) -> tuple[Run, bool]:
-    """Open a run (idempotent on ``key``). Returns (run, created)."""
+             key: str | None, environment: dict[str, Any], body: BaseModel | None = None) -> tuple[Run, bool]:
+    """Open a run (idempotent on ``key``, see :func:`body_digest`). Returns (run, created)."""
     settings = request.app.state.settings
     try:
         record, created = store.create_run(namespace, study, recipe, client_key=key, environment=environment,
-                                           lease_seconds=settings.lease_seconds)
+                                           lease_seconds=settings.lease_seconds,
+                                           request_hash=None if key is None or body is None else body_digest(body))
     except Conflict as e:
         raise ApiError("conflict", f"Idempotency-Key {key!r} was already used for another request: a key names "
                                    f"one request, reusing it with a different body is 409 ({e})") from None
@@ -84,7 +94,8 @@ def create_run(name: StudyName, body: RunCreate, principal: Writer, store: Store
     else:
         assert body.request is not None
         recipe = compute_recipe(body.request, gather_history(store, principal.namespace, name, body.request))
-    run, created = open_run(request, store, principal.namespace, name, recipe, idempotency_key, body.environment)
+    run, created = open_run(request, store, principal.namespace, name, recipe, idempotency_key, body.environment,
+                            body)
     resp = _json(run)
     resp.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     resp.headers["Location"] = f"/v1/runs/{run.id}"

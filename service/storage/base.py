@@ -316,6 +316,7 @@ class StudyStore(ApiKeyStore):
         environment: dict[str, Any] | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         stage: int = 0,
+        request_hash: str | None = None,
     ) -> tuple[RunRecord, bool]:
         """Record that ``recipe`` was handed out and a job is starting it (state ``running``).
 
@@ -333,13 +334,17 @@ class StudyStore(ApiKeyStore):
             lease_seconds: The run is ``running`` until this lease expires unless renewed
                 by :meth:`heartbeat`; then :meth:`expire_leases` marks it ``preempted``.
             stage: Which recipe stage the run's parameters describe.
+            request_hash: A digest of the whole request that opened the run. With it, a second call
+                with the same ``client_key`` is a replay exactly when the digest is the same (the
+                recipe may differ: the study learned in between); without it, when the recipe and
+                the environment are.
 
         Returns:
             ``(run, created)``; ``created`` is False when ``client_key`` matched an existing run.
 
         Raises:
             NotFound: No such study.
-            Conflict: ``client_key`` was already used for a run with a different recipe.
+            Conflict: ``client_key`` was already used for a different request (see ``request_hash``).
             InvalidArgument: An argument is malformed.
         """
 

@@ -108,6 +108,7 @@ def run_record(m: Any, recipe_json: str, environment_json: str, noise_scale: flo
     )
 
 
+_REQUEST_KEY = "request_hash"  # digest of the body that opened the run (the Idempotency-Key rule)
 _NOISE_KEY = "noise_scale"  # the run's latest B_noise, an Optuna trial user attr (it changes: not cached)
 
 
@@ -216,6 +217,7 @@ class RunOps:
         environment: dict[str, Any] | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         stage: int = 0,
+        request_hash: str | None = None,
     ) -> tuple[RunRecord, bool]:
         validate_name("namespace", namespace)
         validate_name("study", study)
@@ -230,8 +232,12 @@ class RunOps:
         recipe_json = recipe.model_dump(mode="json")
         recipe_blob = _json("recipe", recipe_json)
         recipe_hash = recipe.fingerprint()
+        if request_hash is not None and (not isinstance(request_hash, str) or not 0 < len(request_hash) <= 128):
+            raise InvalidArgument("request_hash must be a string of 1..128 characters")
         trial_attrs = {"recipe": recipe_json, "recipe_hash": recipe_hash, "environment": environment,
                        "client_key": client_key, "stage": stage}
+        if request_hash is not None:
+            trial_attrs[_REQUEST_KEY] = request_hash
 
         def tx(conn: Connection) -> dict[str, Any]:
             if client_key is not None:  # fast path for a retry; the unique constraint decides races
@@ -246,7 +252,8 @@ class RunOps:
         except (_Existing, IntegrityError) as e:
             if client_key is None:
                 raise StoreError(f"could not create run: {e}") from e
-            return self._existing_run(e, namespace, study, client_key, recipe_hash, environment), False
+            return self._existing_run(e, namespace, study, client_key, recipe_hash, environment,
+                                      request_hash), False
         self._cache_put(run_row["run_id"], run_row["created_at"], recipe_blob, environment_blob)
         run_row.update(
             namespace=namespace, study_name=study, metric=None, reason=None, diverged_step=None,
@@ -300,13 +307,23 @@ class RunOps:
         return run_row
 
     def _existing_run(self, e: Exception, namespace: str, study: str, client_key: str,
-                      recipe_hash: str, environment: dict[str, Any]) -> RunRecord:
+                      recipe_hash: str, environment: dict[str, Any], request_hash: str | None) -> RunRecord:
         """The run the in-transaction check, or the constraint in a race, found the key taken by."""
         found = e.run_id if isinstance(e, _Existing) else self._read(
             lambda conn: run_id_by_client_key(conn, namespace, study, client_key))
         if found is None:
             raise StoreError(f"could not create run: {e}") from e
         run = self.get_run(found)
+        stored = self._read(lambda conn: conn.execute(
+            select(T_TRIAL_USER.c.value_json).where(T_TRIAL_USER.c.trial_id == found,
+                                                    T_TRIAL_USER.c.key == _REQUEST_KEY)).scalar())
+        if request_hash is not None and stored is not None:
+            # One rule: a key names one request body. Same body: the first run (even if the study
+            # learned meanwhile and would now answer another recipe); any other body: a conflict.
+            if json.loads(stored) != request_hash:
+                raise Conflict(f"client_key {client_key!r} was already used in study {namespace}/{study} for "
+                               f"run {found} with a different request body") from None
+            return run
         if run.recipe_hash != recipe_hash or run.environment != environment:
             what = "recipe" if run.recipe_hash != recipe_hash else "environment"
             raise Conflict(

@@ -219,6 +219,10 @@ def test_an_idempotency_key_names_one_request(world):
     h2 = {"Idempotency-Key": unique("key")}
     assert c.post("/v1/recommendations", json=rec, headers=h2).status_code == 200
     assert_4xx(c.post("/v1/recommendations", json={**rec, "environment": {"b": 2}}, headers=h2), 409)
+    # Any other field of the body too, even one that leaves the recipe as it was.
+    assert_4xx(c.post("/v1/recommendations", json={**rec, "use_family_evidence": True}, headers=h2), 409)
+    assert_4xx(c.post("/v1/recommendations", json={**rec, "explore": 1}, headers=h2), 409)
+    assert c.post("/v1/recommendations", json=rec, headers=h2).status_code == 200  # the same body: a replay
 
 
 def test_repeats_follow_one_rule(world):

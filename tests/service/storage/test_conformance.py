@@ -251,6 +251,18 @@ def test_client_key_reused_with_another_recipe_is_conflict(store):
     assert not store.create_run("team", "bert", make_recipe(lr=1e-3, note="why"), client_key="k")[1]
 
 
+def test_client_key_with_a_request_hash_names_one_body(store):
+    _study(store)
+    first, _ = store.create_run("team", "bert", make_recipe(lr=1e-3), client_key="k", request_hash="body-a")
+    # The same body again is a replay even if the recipe moved on (the study learned in between).
+    again, created = store.create_run("team", "bert", make_recipe(lr=2e-3), client_key="k", request_hash="body-a")
+    assert not created and again.id == first.id
+    with pytest.raises(Conflict, match="different request body"):
+        store.create_run("team", "bert", make_recipe(lr=1e-3), client_key="k", request_hash="body-b")
+    with pytest.raises(InvalidArgument, match="request_hash"):
+        store.create_run("team", "bert", make_recipe(), client_key="k2", request_hash="")
+
+
 def test_create_run_errors(store):
     _study(store)
     with pytest.raises(NotFound, match="team/nope"):
