@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(
         default=600.0, gt=0, description="A run without a heartbeat for this long is marked preempted."
     )
+    explore_claim_s: float = Field(
+        default=120.0, gt=0,
+        description="An `explore` variant run nobody has started (no heartbeat or report) is marked preempted after "
+                    "this long; the job that later starts it brings it back to running (its first heartbeat or "
+                    "report revives it), so handing out variants nobody trains leaves no run `running` for long.",
+    )
     sweep_interval_s: float = Field(default=30.0, gt=0, description="How often the lease sweeper runs.")
     retry_after_s: int = Field(default=5, ge=1, description="Retry-After sent with 503 store_unavailable.")
     store_timeout_s: float = Field(
@@ -71,7 +77,7 @@ class Settings(BaseSettings):
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    @field_validator("divergence_factor", "lease_seconds", "sweep_interval_s", "store_timeout_s", "ready_timeout_s",
+    @field_validator("divergence_factor", "lease_seconds", "explore_claim_s", "sweep_interval_s", "store_timeout_s", "ready_timeout_s",
                      "read_timeout_s", "keep_alive_s")
     @classmethod
     def _finite(cls, v: float, info) -> float:

@@ -107,7 +107,7 @@ async def create_recommendation(request: Request) -> Response:
             for i, variant in enumerate(out.variants):
                 key = None if idempotency_key is None else f"{idempotency_key}:explore-{i}"
                 run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment,
-                                  body)
+                                  body, variant=True)
                 out.variant_runs.append(run)
         return out.model_dump_json().encode()
 

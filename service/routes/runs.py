@@ -54,12 +54,15 @@ def body_digest(body: BaseModel) -> str:
 
 
 def open_run(request: Request, store: StudyStore, namespace: str, study: str, recipe: Recipe,
-             key: str | None, environment: dict[str, Any], body: BaseModel | None = None) -> tuple[Run, bool]:
-    """Open a run (idempotent on ``key``, see :func:`body_digest`). Returns (run, created)."""
+             key: str | None, environment: dict[str, Any], body: BaseModel | None = None, *,
+             variant: bool = False) -> tuple[Run, bool]:
+    """Open a run (idempotent on ``key``, see :func:`body_digest`). Returns (run, created). A ``variant``
+    (an explore run handed out for some later job) gets the short claim lease."""
     settings = request.app.state.settings
+    lease = min(settings.explore_claim_s, settings.lease_seconds) if variant else settings.lease_seconds
     try:
         record, created = store.create_run(namespace, study, recipe, client_key=key, environment=environment,
-                                           lease_seconds=settings.lease_seconds,
+                                           lease_seconds=lease,
                                            request_hash=None if key is None or body is None else body_digest(body))
     except Conflict as e:
         raise ApiError("conflict", f"Idempotency-Key {key!r} was already used for another request: a key names "

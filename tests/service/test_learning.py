@@ -3,6 +3,8 @@ Optuna's sampler. Real app, real store (SQLite file and PostgreSQL)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from largebatch.scaling_rules.wire import RecommendationOut
@@ -87,3 +89,33 @@ def test_service_learns_the_scaling_curve_from_its_own_runs(tmp_path):
         assert any("evidence (runs" in line for line in learned.rationale)
         again = c.post("/v1/recommendations", json=_request(8192, study)).json()
         assert again == learned.model_dump(mode="json")  # deterministic
+
+
+def test_explore_variants_nobody_starts_do_not_stay_running(tmp_path):
+    """Variants get the claim lease (default 120 s, not the 600 s run lease): one nobody trains is
+    preempted soon; the job that starts it later revives it with its first heartbeat."""
+    from largebatch.service.settings import Settings
+
+    assert Settings().explore_claim_s == 120 and Settings().lease_seconds == 600
+    for api in in_process_api(f"sqlite:///{tmp_path / 'claim.db'}", "claim"):
+        c = api.client()
+        study = new_study(c)
+        out = RecommendationOut.model_validate(c.post("/v1/recommendations", json=bert_request(
+            16384, study=study, explore=2, start_run=True)).json())
+        main_left = (out.run.lease_expires_at - out.run.created_at).total_seconds()
+        variant_left = [(r.lease_expires_at - r.created_at).total_seconds() for r in out.variant_runs]
+        assert 590 <= main_left <= 601 and all(110 <= s <= 121 for s in variant_left), (main_left, variant_left)
+    for api in in_process_api(f"sqlite:///{tmp_path / 'claim-fast.db'}", "claim-fast", explore_claim_s=0.3,
+                              sweep_interval_s=0.1):
+        c = api.client()
+        study = new_study(c)
+        out = RecommendationOut.model_validate(c.post("/v1/recommendations", json=bert_request(
+            16384, study=study, explore=1, start_run=True)).json())
+        variant = out.variant_runs[0]
+        deadline = time.monotonic() + 10
+        while c.get(f"/v1/runs/{variant.id}").json()["state"] != "preempted" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get(f"/v1/runs/{variant.id}").json()["state"] == "preempted"
+        assert c.get(f"/v1/runs/{out.run.id}").json()["state"] == "running"  # the main run keeps its lease
+        assert c.post(f"/v1/runs/{variant.id}/heartbeat").status_code == 200  # a job starts it at last
+        assert c.get(f"/v1/runs/{variant.id}").json()["state"] == "running"
