@@ -51,6 +51,7 @@ def fuzz_world():
     shutil.rmtree(_DIR, ignore_errors=True)
 
 
+@pytest.mark.slow  # schemathesis over every operation: seconds
 @schema.parametrize()
 # LB_FUZZ_EXAMPLES=500 for a deeper (slower) hunt; the suite's default stays within its time budget.
 @settings(max_examples=int(os.environ.get("LB_FUZZ_EXAMPLES", "12")), deadline=None, derandomize="LB_FUZZ_EXAMPLES" not in os.environ, database=None,

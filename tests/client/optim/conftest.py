@@ -21,7 +21,17 @@ def fused_runs_on_cpu() -> bool:
     return fused_available(torch.device("cpu"))
 
 
+def _is_fused(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("path") == "fused" or "fused" in item.name
+
+
 def pytest_collection_modifyitems(config, items):
+    # Under Triton's interpreter each fused step costs ~0.1-1.5 s: those tests belong to the full run
+    # (CI), not to `scripts/test.sh --fast`, which keeps the single and foreach paths.
+    for item in items:
+        if _is_fused(item):
+            item.add_marker(pytest.mark.slow)
     if fused_runs_on_cpu():
         return
     skip = pytest.mark.skip(reason="the fused path needs Triton's interpreter on CPU (pip install triton)")

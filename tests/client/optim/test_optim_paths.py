@@ -56,6 +56,7 @@ def test_fused_bf16_parameters_round_like_torch(cls):
         assert (a.float() - b.float()).abs().max() <= 2**-7 * b.float().abs().max()
 
 
+@pytest.mark.slow  # a real Triton compile: seconds
 def test_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
     """The interpreter never compiles the kernels: compile every kernel, fp32/bf16/fp64, to PTX and a
     cubin for sm_90 (Triton's compiler and ptxas run without a GPU), fp32 with correctly rounded
