@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 __all__ = ["BatchPlan", "Identity", "agree", "broadcast", "ensure_group", "identity", "plan_batch", "world"]
@@ -62,6 +63,9 @@ def _dist() -> Any:
     return dist if dist.is_available() else None
 
 
+_EXIT_BARRIER_S = 30
+
+
 def ensure_group() -> bool:
     """True when a process group of several ranks exists, creating the default one from a complete
     torchrun-style environment (the frameworks then find it and reuse it)."""
@@ -85,8 +89,15 @@ def ensure_group() -> bool:
 
 def _destroy_own_group() -> None:
     dist = _dist()
-    if dist is not None and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is None or not dist.is_initialized():
+        return
+    # The ranks leave together (gloo torn down while a peer still talks can abort the process); a
+    # rank that died must not hang the others' exit, hence the bounded barrier.
+    try:
+        dist.monitored_barrier(timeout=timedelta(seconds=_EXIT_BARRIER_S))
+    except Exception:  # exiting anyway: a missing peer is reported by the launcher
+        pass
+    dist.destroy_process_group()
 
 
 def world() -> tuple[int, int]:

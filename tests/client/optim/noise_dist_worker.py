@@ -77,4 +77,7 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
             torch.save({"values": values, "state": noise.state_dict(),
                         "params": [p.detach().clone() for p in model.module.parameters()]}, out_file)
     finally:
+        # Both ranks leave together: tearing gloo down while the peer still talks aborts the process
+        # ("terminate called without an active exception", exit -6) after a correct run.
+        dist.barrier()
         dist.destroy_process_group()

@@ -126,4 +126,7 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     finally:
         if rank == 0:
             torch.save(results, out_file)
+        # Both ranks leave together: tearing gloo down while the peer still talks aborts the process
+        # ("terminate called without an active exception", exit -6) after a correct run.
+        dist.barrier()
         dist.destroy_process_group()
