@@ -98,13 +98,38 @@ BatchOrAuto = Annotated[
 ]
 
 
+class _DecaySpec(_Strict):
+    """The decay parameters a reference (its own schedule) or a request (the recipe's) may give."""
+
+    decay_power: StrictNum | None = Field(default=None, description="Power of the polynomial decay (default 2).")
+    decay_milestones: list[float] | None = Field(
+        default=None, description="Step decay: fractions of the run where the LR drops (default 30/90, 60/90, 80/90)."
+    )
+    decay_factor: StrictNum | None = Field(default=None, description="Step decay: the factor at each milestone (0.1).")
+
+    @field_validator("decay_power")
+    @classmethod
+    def _power(cls, v: float | None) -> float | None:
+        return _finite_positive("decay_power", v, 100)
+
+    @field_validator("decay_milestones")
+    @classmethod
+    def _milestones(cls, v: list[float] | None) -> list[float] | None:
+        return _check_milestones(v)
+
+    @field_validator("decay_factor")
+    @classmethod
+    def _factor(cls, v: float | None) -> float | None:
+        return _check_factor(v)
+
+
 class ModelSpec(_Strict):
     params: Annotated[int, Field(strict=True, gt=0, le=MAX_PARAMS)] = Field(
         description="Number of trainable parameters.")
     family: Family = "transformer"
 
 
-class Reference(_Strict):
+class Reference(_DecaySpec):
     """A training setup that is known to work at a small batch."""
 
     batch_size: StrictPosInt | None = Field(default=None, description="Batch in sequences (or give batch_tokens).")
@@ -127,11 +152,6 @@ class Reference(_Strict):
         default=None, description="Parameters of the model the reference was measured on (default: model.params)."
     )
     decay: DecayShape | None = Field(default=None, description="The reference's decay shape (kept by the recipe).")
-    decay_power: StrictNum | None = None
-    decay_milestones: list[float] | None = Field(
-        default=None, description="Step decay: where the LR drops, as fractions of the run (Goyal: 30/90, 60/90, 80/90)."
-    )
-    decay_factor: StrictNum | None = None
     noise_scale: StrictNum | None = Field(
         default=None, description="Measured gradient noise scale B_noise, in the units of batch_size (McCandlish 2018)."
     )
@@ -145,11 +165,6 @@ class Reference(_Strict):
     @classmethod
     def _noise(cls, v: float | None) -> float | None:
         return _finite_positive("noise_scale", v)
-
-    @field_validator("decay_power")
-    @classmethod
-    def _power(cls, v: float | None) -> float | None:
-        return _finite_positive("decay_power", v, 100)
 
     @field_validator("warmup_ratio")
     @classmethod
@@ -185,16 +200,6 @@ class Reference(_Strict):
         if v is not None and (not math.isfinite(v) or not 0 <= v < 1):
             raise ValueError(f"momentum must be in [0, 1), got {v!r}")
         return v
-
-    @field_validator("decay_milestones")
-    @classmethod
-    def _milestones(cls, v: list[float] | None) -> list[float] | None:
-        return _check_milestones(v)
-
-    @field_validator("decay_factor")
-    @classmethod
-    def _factor(cls, v: float | None) -> float | None:
-        return _check_factor(v)
 
     @model_validator(mode="after")
     def _one_warmup(self) -> Reference:
@@ -302,7 +307,7 @@ class StageRequest(_Strict):
         return self
 
 
-class RecommendationRequest(_Strict):
+class RecommendationRequest(_DecaySpec):
     model: ModelSpec
     reference: Reference | None = None
     target: Target | None = None
@@ -315,11 +320,6 @@ class RecommendationRequest(_Strict):
     decay: DecayShape | None = Field(
         default=None, description="Decay shape; default: the reference's, else the new optimizer's prior's, else linear."
     )
-    decay_power: StrictNum | None = Field(default=None, description="Power of the polynomial decay (default 2).")
-    decay_milestones: list[float] | None = Field(
-        default=None, description="Step decay: fractions of the stage where the LR drops (default 30/90, 60/90, 80/90)."
-    )
-    decay_factor: StrictNum | None = Field(default=None, description="Step decay: the factor at each milestone (0.1).")
     end_lr: StrictNum = 0.0
     adam_hparams: AdamHparams = Field(
         default="keep", description='"keep" the reference betas/eps, or "sde": Malladi et al. 2022 scaling.'
@@ -329,21 +329,6 @@ class RecommendationRequest(_Strict):
     @classmethod
     def _cap(cls, v: float | None) -> float | None:
         return _lr_value("lr_cap", v)
-
-    @field_validator("decay_power")
-    @classmethod
-    def _power(cls, v: float | None) -> float | None:
-        return _finite_positive("decay_power", v, 100)
-
-    @field_validator("decay_milestones")
-    @classmethod
-    def _milestones(cls, v: list[float] | None) -> list[float] | None:
-        return _check_milestones(v)
-
-    @field_validator("decay_factor")
-    @classmethod
-    def _factor(cls, v: float | None) -> float | None:
-        return _check_factor(v)
 
     @field_validator("plateau_ratio")
     @classmethod
