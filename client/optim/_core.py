@@ -14,9 +14,10 @@ the parameters' device: they are tiny, exact enough for the float64 tests, and n
 (no ``.item()``). The default ``nonfinite="skip"`` decides on the device whether a step is applied;
 the opt-in ``nonfinite="raise"`` reads that decision on the host, which synchronises.
 
-Code paths (``foreach``/``fused``, as in ``torch.optim``): ``fused`` is the Triton multi-tensor kernel
-(:mod:`._fused`; the default on CUDA when Triton is importable), ``foreach`` the ``torch._foreach_*``
-path (the default elsewhere), ``single`` the per-tensor reference loop (``foreach=False``).
+Code paths (``foreach``/``fused``, as in ``torch.optim``): ``fused`` is the multi-tensor kernel pair
+(:mod:`._fused`: Triton, the default on CUDA when Triton is importable; on CPU, opt-in, the C kernels
+of :mod:`._cpu_fused`), ``foreach`` the ``torch._foreach_*`` path (the default elsewhere), ``single``
+the per-tensor reference loop (``foreach=False``).
 """
 
 from __future__ import annotations
@@ -503,7 +504,8 @@ def triton_importable() -> bool:
 def pick_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tensor]) -> str:
     """``"fused"``, ``"foreach"`` or ``"single"``, as ``torch.optim`` chooses: ``fused=None`` means the
     fused kernel when every tensor is on CUDA and Triton is importable (never while ``torch.compile``
-    traces the step: the foreach path compiles); ``fused=True`` raises where it cannot run;
+    traces the step: the foreach path compiles); ``fused=True`` (CUDA, or CPU: the C kernels) raises
+    where it cannot run;
     ``foreach=False`` is the single-tensor reference."""
     if fused:
         if foreach is False:
@@ -538,6 +540,14 @@ def fused_sq_norms(tensors: list[Tensor], cache: Any) -> Tensor:
         if not is_dense(t):
             values[i] = sq_norm(t)
     return torch.stack(values)
+
+
+def fused_takes(device: torch.device, *operands: Tensor) -> bool:
+    """Whether one parameter's operands (local tensors) can go to the fused kernels: one dense layout,
+    and dtypes the kernels of ``device`` have."""
+    from ._fused import kernel_takes
+
+    return fused_layout_ok(*operands) and kernel_takes(device, *operands)
 
 
 def check_capturable(group: dict[str, Any]) -> None:

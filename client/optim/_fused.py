@@ -28,12 +28,15 @@ before this module is first imported), which is how it is tested without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
+
+from ._tensors import sq_norm
 
 try:
     import triton
@@ -42,8 +45,16 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-__all__ = ["FusedCache", "fused_available", "fused_unavailable_reason", "lamb_fused", "lans_fused",
-           "sumsq_fused"]
+__all__ = [
+    "FusedCache",
+    "cpu_backend",
+    "fused_available",
+    "fused_unavailable_reason",
+    "kernel_takes",
+    "lamb_fused",
+    "lans_fused",
+    "sumsq_fused",
+]
 
 # Elements per program. On the GPU a program is one block of 8 warps; under the interpreter every
 # program costs ~1 ms of Python, so it takes big blocks (numpy does the work).
@@ -57,18 +68,59 @@ def interpreter_on() -> bool:
     return triton is not None and _INTERPRETED
 
 
+# Which kernels the fused path runs on CPU tensors: "c" (:mod:`._cpu_fused`) or "triton" (under the
+# interpreter). None: Triton where TRITON_INTERPRET is set (tests), C otherwise.
+_CPU_BACKEND: str | None = None
+
+
+@contextlib.contextmanager
+def cpu_backend(name: str | None) -> Iterator[None]:
+    """Run the fused path's CPU steps on ``"c"`` or ``"triton"`` kernels inside the block (tests run
+    both on CPU; None keeps the default)."""
+    if name not in (None, "c", "triton"):
+        raise ValueError(f"Invalid cpu_backend: {name!r} (expected 'c', 'triton' or None)")
+    global _CPU_BACKEND
+    before, _CPU_BACKEND = _CPU_BACKEND, name or _CPU_BACKEND
+    try:
+        yield
+    finally:
+        _CPU_BACKEND = before
+
+
+def _cpu_is_c() -> bool:
+    return (_CPU_BACKEND or ("triton" if _INTERPRETED else "c")) == "c"
+
+
 def fused_unavailable_reason(device: torch.device) -> str | None:
-    """Why the fused path cannot run on ``device``, or None when it can."""
+    """Why the fused path cannot run on ``device``, or None when it can. On CPU it is the C kernels of
+    :mod:`._cpu_fused` (the Triton kernels under Triton's interpreter, which is how tests run them)."""
+    if device.type == "cpu" and _cpu_is_c():
+        from . import _cpu_fused
+
+        return _cpu_fused.unavailable_reason()
     if triton is None:
         return "Triton is not installed (pip install triton; it ships with the CUDA builds of torch)"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and _INTERPRETED:
+    if device.type == "cuda" or (device.type == "cpu" and _INTERPRETED):
         return None
     if device.type == "cpu":
-        return ("its Triton kernels run on CUDA, or on CPU tensors only under Triton's interpreter "
-                "(TRITON_INTERPRET=1, set before largebatch is imported; slow, meant for tests)")
+        return ("its Triton kernels run on CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, "
+                "set before largebatch is imported)")
     return f"its Triton kernels do not run on {device.type} tensors"
+
+
+def _cpu_kernels(device: torch.device):
+    """The C kernels' module where they serve ``device`` (CPU, not interpreted), else None."""
+    if device.type == "cpu" and _cpu_is_c():
+        from . import _cpu_fused
+
+        return _cpu_fused
+    return None
+
+
+def kernel_takes(device: torch.device, *operands: Tensor) -> bool:
+    """Whether the fused kernels take these operands' dtypes (the Triton ones take every float dtype)."""
+    cpu = _cpu_kernels(device)
+    return cpu is None or cpu.takes(*operands)
 
 
 def fused_available(device: torch.device) -> bool:
@@ -385,6 +437,7 @@ def _launch_kwargs(device: torch.device) -> dict:
 def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
     """Per-tensor squared norms as a 1-D float64 tensor (one launch per dtype)."""
     device = tensors[0].device
+    cpu = _cpu_kernels(device)
     out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -392,6 +445,10 @@ def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
     parts = []
     for dtype, idx in by_dtype.items():
         members = [tensors[i] for i in idx]
+        if cpu is not None:
+            parts.append((idx, cpu.sumsq(members) if cpu.takes(members[0]) else torch.stack(
+                [sq_norm(t) for t in members])))
+            continue
         layout = cache.layout([members], device)
         part = out if len(idx) == len(tensors) else torch.zeros(len(idx), dtype=torch.float64, device=device)
         if layout.n_chunks:
@@ -400,7 +457,7 @@ def sumsq_fused(tensors: Sequence[Tensor], cache: FusedCache) -> Tensor:
                 BLOCK=layout.block, G_DT=_tl_dtype(dtype), C_DT=_compute(dtype), **_launch_kwargs(device))
         parts.append((idx, part))
     if len(parts) == 1:
-        return out
+        return parts[0][1]
     values: list[Tensor] = [out[0]] * len(tensors)
     for idx, part in parts:
         for k, i in enumerate(idx):
@@ -430,6 +487,11 @@ def lamb_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     """One LAMB update. ``reduce(x_sq, u_sq)``, when given, turns pass 1's local squared norms into
     full-tensor ones in place (sharded tensors); pass 2 computes the trust ratios itself."""
     device = params[0].device
+    if (cpu := _cpu_kernels(device)) is not None:
+        cpu.lamb(params, grads, exp_avgs, exp_avg_sqs, bc1=bc1, bc2=bc2, ok=ok, clip=clip, lr=lr, beta1=beta1,
+                 beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt,
+                 phi_bounds=phi_bounds, reduce=reduce)
+        return
     layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache, beta1, beta2, eps,
                          weight_decay, phi_bounds)
     n = len(params)
@@ -460,6 +522,11 @@ def lans_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
     """One LANS update. ``g_norm``: per-tensor ``||g||`` (1 where 0); ``reduce`` as in :func:`lamb_fused`
     (on the three rows ``||x||^2, ||r||^2, ||c||^2``)."""
     device = params[0].device
+    if (cpu := _cpu_kernels(device)) is not None:
+        cpu.lans(params, grads, exp_avgs, exp_avg_sqs, g_norm=g_norm, bc1=bc1, bc2=bc2, ok=ok, lr=lr, beta1=beta1,
+                 beta2=beta2, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction, adapt=adapt,
+                 phi_bounds=phi_bounds, reduce=reduce)
+        return
     layout, hp = _common(params, grads, (exp_avgs, exp_avg_sqs), device, cache, beta1, beta2, eps,
                          weight_decay, phi_bounds)
     n = len(params)

@@ -53,6 +53,7 @@ from ._core import (
     fused_kernel_ok,
     fused_layout_ok,
     fused_subgroups,
+    fused_takes,
     group_by_device_dtype,
     increment_steps,
     is_dtensor,
@@ -90,9 +91,11 @@ class LAMB(LayerwiseOptimizer):
             int); ``"raise"``: raise :class:`NonFiniteGradientError` before anything changes, a
             debugging mode that synchronises with the device on every step.
         foreach: ``False``: the single-tensor reference loop; ``None``/``True``: a multi-tensor path.
-        fused: the Triton multi-tensor kernel (two passes over all tensors, see ``_fused``). ``None``:
-            on CUDA when Triton is importable, else the ``torch._foreach_*`` path; ``True``: required
-            (an error on CPU, except under Triton's interpreter); ``False``: never.
+        fused: the fused multi-tensor kernels (two passes over all tensors): Triton on CUDA (see
+            ``_fused``), C on CPU (see ``_cpu_fused``; compiled on first use, fp32/fp64). ``None``: on
+            CUDA when Triton is importable, else the ``torch._foreach_*`` path (on CPU ``fused=True`` is
+            opt-in, as for torch's AdamW); ``True``: required (an error where no kernel can run);
+            ``False``: never.
         capturable: keep ``lr`` as a float64 tensor on the parameters' device (step counters always
             are), so that ``step()`` can be captured in a CUDA graph and LR schedulers still work.
 
@@ -401,9 +404,9 @@ def _fused_lamb(
     if not params:
         return
     for (device, _), idx in fused_subgroups(params, grads).items():
-        slow = [i for i in idx if not fused_layout_ok(
-            local(params[i]), local(grads[i]), local(exp_avgs[i]), local(exp_avg_sqs[i]))]
-        if slow:  # the kernel walks memory linearly: other layouts take the reference path
+        slow = [i for i in idx if not fused_takes(device, local(params[i]), local(grads[i]), local(exp_avgs[i]),
+                                                   local(exp_avg_sqs[i]))]
+        if slow:  # the kernels walk memory linearly: other layouts (and dtypes they lack) take the reference
             _single_tensor_lamb(
                 [params[i] for i in slow], [grads[i] for i in slow], [exp_avgs[i] for i in slow],
                 [exp_avg_sqs[i] for i in slow], [state_steps[i] for i in slow], clip=clip, ok=ok, lr=lr,

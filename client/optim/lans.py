@@ -43,6 +43,7 @@ from ._core import (
     fused_kernel_ok,
     fused_layout_ok,
     fused_subgroups,
+    fused_takes,
     group_by_device_dtype,
     increment_steps,
     is_dtensor,
@@ -364,9 +365,9 @@ def _fused_lans(
     if not params:
         return
     for (device, _), idx in fused_subgroups(params, grads).items():
-        slow = [i for i in idx if not fused_layout_ok(
-            local(params[i]), local(grads[i]), local(exp_avgs[i]), local(exp_avg_sqs[i]))]
-        if slow:  # the kernel walks memory linearly: other layouts take the reference path
+        slow = [i for i in idx if not fused_takes(device, local(params[i]), local(grads[i]), local(exp_avgs[i]),
+                                                   local(exp_avg_sqs[i]))]
+        if slow:  # the kernels walk memory linearly: other layouts (and dtypes they lack) take the reference
             _single_tensor_lans(
                 [params[i] for i in slow], [grads[i] for i in slow], [exp_avgs[i] for i in slow],
                 [exp_avg_sqs[i] for i in slow], [state_steps[i] for i in slow],

@@ -41,6 +41,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_backend(request):
+    """``path="cpu_kernel"``: the fused path on the C kernels (the interpreter stays for "fused")."""
+    params = getattr(getattr(request.node, "callspec", None), "params", {})
+    if params.get("path") != "cpu_kernel":
+        yield
+        return
+    from largebatch.client.optim import _cpu_fused, _fused
+
+    reason = _cpu_fused.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CPU kernels cannot be built here: {reason}")
+    with _fused.cpu_backend("c"):
+        yield
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     before = torch.get_num_threads()

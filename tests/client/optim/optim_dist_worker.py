@@ -6,7 +6,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from largebatch.client.optim import LAMB, LANS, LARS, NonFiniteGradientError, param_groups_for
+from largebatch.client.optim import (
+    LAMB,
+    LANS,
+    LARS,
+    NonFiniteGradientError,
+    _cpu_fused,
+    _fused,
+    param_groups_for,
+)
 from largebatch.client.optim._fused import fused_available
 
 STEPS = 10
@@ -27,6 +35,16 @@ if fused_available(torch.device("cpu")):  # the Triton kernels, under the interp
     CONFIGS["lamb-apex-fused"] = lambda groups: LAMB.from_apex_defaults(groups, lr=0.05, max_grad_norm=0.1,
                                                                          fused=True)
     CONFIGS["lans-fused"] = lambda groups: LANS(groups, lr=0.05, fused=True)
+if _cpu_fused.unavailable_reason() is None:  # the fused path's C kernels ("-ckernel": see backend())
+    CONFIGS["lamb-ckernel"] = lambda groups: LAMB(groups, lr=0.05, fused=True)
+    CONFIGS["lamb-apex-ckernel"] = lambda groups: LAMB.from_apex_defaults(groups, lr=0.05, max_grad_norm=0.1,
+                                                                           fused=True)
+    CONFIGS["lans-ckernel"] = lambda groups: LANS(groups, lr=0.05, fused=True)
+
+
+def backend(name: str):
+    """The CPU kernels a config's fused steps run on: C for "-ckernel", else the default."""
+    return _fused.cpu_backend("c" if name.endswith("-ckernel") else None)
 
 
 class Scale(nn.Module):
@@ -57,7 +75,8 @@ def train_unsharded(name: str) -> list[torch.Tensor]:
         nn.functional.mse_loss(model(x), y).backward()
         if name == "lamb-skip" and step == NAN_STEP:
             model[0].weight.grad[3, 0] = float("nan")  # the element rank 1 holds in the sharded run
-        opt.step()
+        with backend(name):
+            opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
 
@@ -89,7 +108,8 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
                 nn.functional.mse_loss(model(x[lo : lo + per_rank]), y[lo : lo + per_rank]).backward()
                 if name == "lamb-skip" and step == NAN_STEP and rank == 1:
                     model[0].weight.grad.to_local()[0, 0] = float("nan")
-                opt.step()
+                with backend(name):
+                    opt.step()
                 opt.zero_grad()
             results[name] = [p.full_tensor().detach().clone() for p in model.parameters()]
             state = next(iter(opt.state.values()))

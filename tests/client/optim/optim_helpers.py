@@ -81,9 +81,11 @@ def max_rel_err(actual: list[torch.Tensor], expected: list[np.ndarray]) -> float
     return worst
 
 
-# The code paths; "fused" (the Triton kernels) runs under Triton's interpreter on CPU (conftest.py).
+# The code paths; "fused" (the Triton kernels) runs under Triton's interpreter on CPU, "cpu_kernel" is
+# the same fused=True on the C kernels of _cpu_fused (conftest.py picks the backend per test).
 PATHS = {
     "single": dict(foreach=False),
     "foreach": dict(foreach=True, fused=False),
     "fused": dict(fused=True),
+    "cpu_kernel": dict(fused=True),
 }

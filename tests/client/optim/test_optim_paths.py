@@ -89,16 +89,94 @@ def test_path_selection_follows_torch():
         pick_path(False, True, cpu)
 
 
-def test_fused_true_without_a_gpu_or_the_interpreter_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(fused_module, "_INTERPRETED", False)
+def test_fused_true_on_cpu_without_a_compiler_is_a_clear_error(monkeypatch, tmp_path):
+    """On CPU (no interpreter) ``fused=True`` runs the C kernels; where they cannot be built the step
+    says why and changes nothing."""
+    from largebatch.client.optim import _cpu_fused
+
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.ones(3)
-    opt = LAMB([p], lr=0.1, fused=True)
-    why = ("Triton is not installed" if fused_module.triton is None
-           else "its Triton kernels run on CUDA, or on CPU tensors only under Triton's interpreter")
-    with pytest.raises(RuntimeError, match=r"fused=True cannot run on cpu tensors: " + why):
-        opt.step()
+    monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(tmp_path))
+    with fused_module.cpu_backend("c"):
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        with pytest.raises(RuntimeError, match=r"fused=True cannot run on cpu tensors: no C compiler found"):
+            LAMB([p], lr=0.1, fused=True).step()
+        monkeypatch.setenv("CC", "false")  # a compiler that fails
+        with pytest.raises(RuntimeError, match=r"compiling the CPU kernels with .*false failed"):
+            LANS([p], lr=0.1, fused=True).step()
     assert torch.equal(p.detach(), torch.ones(3))
+    assert not list(tmp_path.iterdir())  # nothing half-built left behind
+    _cpu_fused._build.cache_clear()
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(fused_module, "_INTERPRETED", False)
+    with fused_module.cpu_backend("triton"):
+        why = fused_module.fused_unavailable_reason(torch.device("cpu"))
+    assert why is not None and ("Triton is not installed" in why or "only under Triton's interpreter" in why)
+    with pytest.raises(ValueError, match="Invalid cpu_backend: 'cuda'"):
+        with fused_module.cpu_backend("cuda"):
+            pass
+
+
+def _c_kernels():
+    from largebatch.client.optim import _cpu_fused
+
+    reason = _cpu_fused.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"the CPU kernels cannot be built here: {reason}")
+    return fused_module.cpu_backend("c")
+
+
+@pytest.mark.parametrize(("cls", "config"), FUSED_CASES, ids=lambda v: getattr(v, "__name__", v))
+def test_cpu_kernels_equal_foreach_in_float32(cls, config):
+    """The C kernels (fp32 math, per-block float64 sums) give the foreach path's result within 1e-6."""
+    kwargs, no_decay, _ = (LAMB_CONFIGS if cls is LAMB else LANS_CONFIGS)[config]
+    pb = make_problem(torch.float32, steps=6, zero_grad_steps=2 if cls is LANS else 0)
+    out = {}
+    with _c_kernels():
+        for name, path in (("foreach", dict(fused=False)), ("c", dict(fused=True))):
+            params = pb.params(torch.float32)
+            run(cls(pb.groups(params, **no_decay), lr=0.0, **kwargs, **path), params, pb)
+            out[name] = params
+    assert max_rel_err(out["c"], [p.detach().double().numpy() for p in out["foreach"]]) < 1e-6
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS])
+def test_cpu_kernels_do_not_depend_on_the_thread_count(cls):
+    """Each block's sums are kept apart and added in block order: 1 or 3 threads, the same bits."""
+    torch.manual_seed(0)
+    shapes = [(300, 200), (70_000,), (7,)]  # several blocks, a ragged last block, a tiny tensor
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    out = {}
+    before = torch.get_num_threads()
+    try:
+        with _c_kernels():
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                params = [torch.nn.Parameter(torch.ones(s) * 0.5) for s in shapes]
+                opt = cls(params, lr=0.01, weight_decay=0.01, fused=True)
+                for gs in grads:
+                    for p, g in zip(params, gs, strict=True):
+                        p.grad = g.clone()
+                    opt.step()
+                out[threads] = [p.detach().clone() for p in params]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(out[1], out[3], strict=True))
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS])
+def test_cpu_kernels_leave_bf16_to_the_reference_path(cls):
+    """The C kernels take fp32 and fp64; bf16 parameters go through the reference loop, same result."""
+    pb = make_problem(torch.bfloat16, steps=3)
+    out = {}
+    with _c_kernels():
+        for name, path in (("single", dict(foreach=False)), ("c", dict(fused=True))):
+            params = pb.params(torch.bfloat16)
+            run(cls(pb.groups(params), lr=0.0, **path), params, pb)
+            out[name] = params
+    assert all(torch.equal(a, b) for a, b in zip(out["c"], out["single"], strict=True))
 
 
 @pytest.mark.parametrize(("cls", "reference", "config"),

@@ -1,0 +1,376 @@
+"""The fused path on CPU: LAMB and LANS as two multi-threaded C loops over every tensor of a group.
+
+On CPU, torch has no fused LAMB and Triton has no backend (its interpreter is a test tool), and the
+``torch._foreach_*`` path makes ~15 memory passes per step where the algorithm needs 10. So the same
+two passes as the Triton kernels of :mod:`._fused` are written in C here, compiled once per machine
+with the system's C compiler (``cc``, or ``$CC``: the compiler ``torch.compile`` needs on CPU too) into
+a cache folder, and called through :mod:`ctypes` with tables of tensor addresses:
+
+* pass 1 reads ``p, g, m, v``, writes ``m, v`` and sums ``||p||^2`` and ``||u||^2`` (LANS: ``||r||^2``,
+  ``||c||^2``) per tensor;
+* pass 2 recomputes the update from ``p, m, v`` (LANS also ``g``) and writes ``p``, scaled by the trust
+  ratio, computed between the passes in float64 by :func:`._tensors.trust_ratios` (the foreach
+  path's own function).
+
+The tensors are cut into blocks of ``_BLOCK`` elements that the threads share; each block's sums are
+kept apart and added per tensor in block order, in float64, so the result does not depend on the
+thread count or schedule. fp32 and fp64 tensors are supported (parameter, gradient and state of one
+dtype); the optimizers send other dtypes and layouts to the reference path. The compiler gets no
+``-ffast-math``: IEEE division and square root, as the other paths.
+
+On CPU nothing synchronises: the non-finite decision of the prologue is read as a Python bool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._tensors import trust_ratios
+
+_BLOCK = 1 << 14  # elements per work item: 64 KB of fp32 per operand, a few operands fit in L2
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK %(block)d
+
+/* Work items: tensor t owns items first[t] .. first[t+1]-1; item k covers elements
+   [(k - first[t]) * BLOCK, min(numel[t], ...)). Sums go to part[kind * items + k]. */
+static int64_t build_first(int64_t n, const int64_t *numel, int64_t *first) {
+    first[0] = 0;
+    for (int64_t t = 0; t < n; t++) first[t + 1] = first[t] + (numel[t] + BLOCK - 1) / BLOCK;
+    return first[n];
+}
+
+static int64_t owner(int64_t k, int64_t n, const int64_t *first) {
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {  /* the last t with first[t] <= k */
+        int64_t mid = (lo + hi + 1) / 2;
+        if (first[mid] <= k) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+static void fold(int64_t n, const int64_t *first, int kinds, int64_t items, const double *part, double *out) {
+    for (int c = 0; c < kinds; c++)
+        for (int64_t t = 0; t < n; t++) {
+            double s = 0.0;
+            for (int64_t k = first[t]; k < first[t + 1]; k++) s += part[c * items + k];
+            out[c * n + t] = s;
+        }
+}
+
+#define KERNELS(T, SUFFIX, SQRT)                                                                          \
+void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int threads) {           \
+    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
+    int64_t items = build_first(n, numel, first);                                                    \
+    double *part = malloc((items ? items : 1) * sizeof(double));                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    for (int64_t k = 0; k < items; k++) {                                                            \
+        int64_t t = owner(k, n, first);                                                              \
+        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        const T *gp = g[t];                                                                          \
+        double s = 0.0;                                                                              \
+        _Pragma("omp simd reduction(+:s)")                                                           \
+        for (int64_t j = lo; j < hi; j++) s += (double)gp[j] * (double)gp[j];                        \
+        part[k] = s;                                                                                 \
+    }                                                                                                \
+    fold(n, first, 1, items, part, out);                                                             \
+    free(part); free(first);                                                                         \
+}                                                                                                    \
+                                                                                                     \
+/* hp: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, clip factor (1: none) */                      \
+void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
+                            const double *bc1, const double *bc2, const double *hp, int adapt,       \
+                            double *out, int threads) {                                              \
+    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
+    int64_t items = build_first(n, numel, first);                                                    \
+    double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
+    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
+    const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                                      \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    for (int64_t k = 0; k < items; k++) {                                                            \
+        int64_t t = owner(k, n, first);                                                              \
+        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
+        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t]));                               \
+        double sx = 0.0, su = 0.0;                                                                   \
+        _Pragma("omp simd reduction(+:sx,su)")                                                       \
+        for (int64_t j = lo; j < hi; j++) {                                                          \
+            T gj = gp[j] * inv_clip;                                                                 \
+            T mj = mp[j] * b1 + gj * omb1;                                                           \
+            T vj = vp[j] * b2 + gj * gj * omb2;                                                      \
+            mp[j] = mj; vp[j] = vj;                                                                  \
+            T u = mj * r1 / (SQRT(vj) * rs2 + eps) + wd * pp[j];                                     \
+            sx += (double)pp[j] * (double)pp[j];                                                     \
+            su += (double)u * (double)u;                                                             \
+        }                                                                                            \
+        part[k] = sx; part[items + k] = su;                                                          \
+    }                                                                                                \
+    if (adapt) fold(n, first, 2, items, part, out);                                                  \
+    free(part); free(first);                                                                         \
+}                                                                                                    \
+                                                                                                     \
+void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel,                    \
+                            const double *bc1, const double *bc2, const double *hp,                  \
+                            const double *scale, int threads) {                                      \
+    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
+    int64_t items = build_first(n, numel, first);                                                    \
+    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    for (int64_t k = 0; k < items; k++) {                                                            \
+        int64_t t = owner(k, n, first);                                                              \
+        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        T *pp = p[t], *mp = m[t], *vp = v[t];                                                        \
+        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), s = (T)scale[t];              \
+        _Pragma("omp simd")                                                                          \
+        for (int64_t j = lo; j < hi; j++) {                                                          \
+            T u = mp[j] * r1 / (SQRT(vp[j]) * rs2 + eps) + wd * pp[j];                               \
+            pp[j] = pp[j] + u * s;                                                                   \
+        }                                                                                            \
+    }                                                                                                \
+    free(first);                                                                                     \
+}                                                                                                    \
+                                                                                                     \
+/* LANS: g_hat = g / gnorm[t]; r = m_hat/denom + wd p, c = g_hat/denom + wd p */                    \
+void lb_lans_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
+                            const double *bc1, const double *bc2, const double *gnorm,               \
+                            const double *hp, int adapt, double *out, int threads) {                 \
+    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
+    int64_t items = build_first(n, numel, first);                                                    \
+    double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
+    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
+    const T wd = (T)hp[5];                                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    for (int64_t k = 0; k < items; k++) {                                                            \
+        int64_t t = owner(k, n, first);                                                              \
+        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
+        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
+        double sx = 0.0, sr = 0.0, sc = 0.0;                                                         \
+        _Pragma("omp simd reduction(+:sx,sr,sc)")                                                    \
+        for (int64_t j = lo; j < hi; j++) {                                                          \
+            T gh = gp[j] * rgn;                                                                      \
+            T mj = mp[j] * b1 + gh * omb1;                                                           \
+            T vj = vp[j] * b2 + gh * gh * omb2;                                                      \
+            mp[j] = mj; vp[j] = vj;                                                                  \
+            T inv = (T)1 / (SQRT(vj) * rs2 + eps);                                                   \
+            T r = mj * r1 * inv + wd * pp[j];                                                        \
+            T c = gh * inv + wd * pp[j];                                                             \
+            sx += (double)pp[j] * (double)pp[j];                                                     \
+            sr += (double)r * (double)r;                                                             \
+            sc += (double)c * (double)c;                                                             \
+        }                                                                                            \
+        part[k] = sx; part[items + k] = sr; part[2 * items + k] = sc;                                \
+    }                                                                                                \
+    if (adapt) fold(n, first, 3, items, part, out);                                                  \
+    free(part); free(first);                                                                         \
+}                                                                                                    \
+                                                                                                     \
+void lb_lans_pass2_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
+                            const double *bc1, const double *bc2, const double *gnorm,               \
+                            const double *hp, const double *scale_r, const double *scale_c,          \
+                            int threads) {                                                           \
+    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
+    int64_t items = build_first(n, numel, first);                                                    \
+    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    for (int64_t k = 0; k < items; k++) {                                                            \
+        int64_t t = owner(k, n, first);                                                              \
+        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
+        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
+        const T s_r = (T)scale_r[t], s_c = (T)scale_c[t];                                            \
+        _Pragma("omp simd")                                                                          \
+        for (int64_t j = lo; j < hi; j++) {                                                          \
+            T gh = gp[j] * rgn;                                                                      \
+            T inv = (T)1 / (SQRT(vp[j]) * rs2 + eps);                                                \
+            T r = mp[j] * r1 * inv + wd * pp[j];                                                     \
+            T c = gh * inv + wd * pp[j];                                                             \
+            pp[j] = pp[j] + r * s_r + c * s_c;                                                       \
+        }                                                                                            \
+    }                                                                                                \
+    free(first);                                                                                     \
+}
+
+KERNELS(double, f64, sqrt)
+KERNELS(float, f32, sqrtf)
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
+DTYPES = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def _cache_dir() -> pathlib.Path:
+    if os.environ.get("LARGEBATCH_CACHE_DIR"):
+        return pathlib.Path(os.environ["LARGEBATCH_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    return pathlib.Path(base) / "largebatch" / "kernels"
+
+
+def _cpu_key() -> str:
+    """-march=native code runs only where it was built: the key names the CPU it was built for."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    return _build(_compiler())
+
+
+@functools.cache
+def _build(cc: str | None) -> tuple[ctypes.CDLL | None, str | None]:
+    """The compiled kernels, built on first use (under a second) and cached; or why they cannot be."""
+    if cc is None:
+        return None, ("no C compiler found (set CC, or install gcc: the CPU kernels are compiled on first use, "
+                      "as torch.compile's are)")
+    source = _SOURCE % {"block": _BLOCK}
+    digest = hashlib.sha256("\0".join([source, cc, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"largebatch_cpu_{digest}.so"
+    if not target.exists():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder) as tmp:
+                src = pathlib.Path(tmp) / "kernels.c"
+                src.write_text(source)
+                out = pathlib.Path(tmp) / "kernels.so"
+                done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True,
+                                      text=True, timeout=300)
+                if done.returncode != 0:
+                    return None, f"compiling the CPU kernels with {cc} failed: {done.stderr.strip()[-500:]}"
+                os.replace(out, target)  # atomic: concurrent builders each install a whole file
+        except (OSError, subprocess.SubprocessError) as exc:
+            return None, f"compiling the CPU kernels failed: {exc}"
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as exc:
+        return None, f"loading the CPU kernels from {target} failed: {exc}"
+    return lib, None
+
+
+def unavailable_reason() -> str | None:
+    """Why the CPU kernels cannot run here, or None (builds them on the first call)."""
+    return _library()[1]
+
+
+def takes(*tensors: Tensor) -> bool:
+    """Whether the kernels take these operands (one of their dtypes, all alike, dense, same layout)."""
+    return tensors[0].dtype in DTYPES and all(t.dtype == tensors[0].dtype for t in tensors)
+
+
+def _ptrs(tensors: Sequence[Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _f64(t: Tensor) -> Tensor:
+    return t.detach().to(dtype=torch.float64).reshape(-1).contiguous()
+
+
+def _addr(t: Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _call(name: str, dtype: torch.dtype, *args) -> None:
+    lib, reason = _library()
+    if lib is None:
+        raise RuntimeError(reason)
+    getattr(lib, f"{name}_{DTYPES[dtype]}")(*args, ctypes.c_int(torch.get_num_threads()))
+
+
+def _numels(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+
+
+def sumsq(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor squared norms (one dtype), float64."""
+    out = torch.zeros(len(tensors), dtype=torch.float64)
+    numel = _numels(tensors)
+    _call("lb_sumsq", tensors[0].dtype, ctypes.c_int64(len(tensors)), _ptrs(tensors), _addr(numel), _addr(out))
+    return out
+
+
+def _hp(beta1: float, beta2: float, eps: float, weight_decay: float, clip: float = 1.0) -> Tensor:
+    return torch.tensor([beta1, 1 - beta1, beta2, 1 - beta2, eps, weight_decay, clip], dtype=torch.float64)
+
+
+def _lr(lr: float | Tensor) -> Tensor:
+    return _f64(lr) if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=torch.float64)
+
+
+def _ratio(sq: Tensor, row: int, adapt: bool, phi_bounds: tuple[float, float] | None) -> Tensor:
+    if not adapt:
+        return torch.ones(sq.shape[1], dtype=torch.float64)
+    return trust_ratios(sq[0], sq[row], phi_bounds)
+
+
+def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+         bc1: Tensor, bc2: Tensor, ok: Tensor | None, clip: Tensor | None, lr: float | Tensor, beta1: float,
+         beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
+         phi_bounds: tuple[float, float] | None, reduce: Callable | None) -> None:
+    """One LAMB update of dense CPU tensors of one dtype (the interface of ``_fused.lamb_fused``)."""
+    if ok is not None and not bool(ok):  # on CPU a bool costs nothing; a skipped step touches nothing
+        return
+    n = len(params)
+    dtype = params[0].dtype
+    numel = _numels(params)
+    ones = torch.ones(n, dtype=torch.float64)
+    c1, c2 = (_f64(bc1), _f64(bc2)) if bias_correction else (ones, ones)
+    hp = _hp(beta1, beta2, eps, weight_decay, 1.0 if clip is None else float(clip))
+    sq = torch.zeros(2, n, dtype=torch.float64)
+    args = (ctypes.c_int64(n), _ptrs(params))
+    _call("lb_lamb_pass1", dtype, *args, _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
+          _addr(c1), _addr(c2), _addr(hp), ctypes.c_int(int(adapt)), _addr(sq))
+    if adapt and reduce is not None:
+        reduce(sq)
+    scale = (-_lr(lr) * _ratio(sq, 1, adapt, phi_bounds)).contiguous()
+    _call("lb_lamb_pass2", dtype, *args, _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel), _addr(c1),
+          _addr(c2), _addr(hp), _addr(scale))
+
+
+def lans(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+         g_norm: Tensor, bc1: Tensor, bc2: Tensor, ok: Tensor | None, lr: float | Tensor, beta1: float,
+         beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
+         phi_bounds: tuple[float, float] | None, reduce: Callable | None) -> None:
+    """One LANS update (the interface of ``_fused.lans_fused``)."""
+    if ok is not None and not bool(ok):
+        return
+    n = len(params)
+    dtype = params[0].dtype
+    numel = _numels(params)
+    ones = torch.ones(n, dtype=torch.float64)
+    c1, c2 = (_f64(bc1), _f64(bc2)) if bias_correction else (ones, ones)
+    gn = _f64(g_norm)
+    hp = _hp(beta1, beta2, eps, weight_decay)
+    sq = torch.zeros(3, n, dtype=torch.float64)
+    tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
+              _addr(c1), _addr(c2), _addr(gn), _addr(hp))
+    _call("lb_lans_pass1", dtype, *tables, ctypes.c_int(int(adapt)), _addr(sq))
+    if adapt and reduce is not None:
+        reduce(sq)
+    lr64 = _lr(lr)
+    scale_r = (-beta1 * lr64 * _ratio(sq, 1, adapt, phi_bounds)).contiguous()
+    scale_c = (-(1 - beta1) * lr64 * _ratio(sq, 2, adapt, phi_bounds)).contiguous()
+    _call("lb_lans_pass2", dtype, *tables, _addr(scale_r), _addr(scale_c))
