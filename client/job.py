@@ -96,8 +96,9 @@ class Job:
         complete_timeout: How long :meth:`complete` keeps trying to reach the service.
         progress_every: Log a progress line every this many reported steps (0: never).
         noise: A :class:`~largebatch.client.optim.GradientNoiseScale` the caller attached
-            (``attach_accumulation`` or ``attach_ddp``): the job folds each step's norms in right
-            before every optimizer step and reports its value with each loss (``noise_scale``).
+            (``attach_accumulation`` or ``attach_ddp``; :meth:`measure_noise` does both): the job
+            folds each step's norms in right before every optimizer step and reports its value with
+            each loss (``noise_scale``).
         build: For a rank > 0 that waits for rank 0's recipe: builds (optimizer, scheduler) from it.
     """
 
@@ -256,6 +257,26 @@ class Job:
             world_size = self.world_size if self.world_size > 1 else max(_dist.world()[1],
                                                                         _dist.identity().world_size)
         return _dist.plan_batch(sizes[0], world_size, per_device_batch_size)
+
+    def measure_noise(self, model: Any, plan: _dist.BatchPlan | None = None, *, ema: float = 0.95,
+                      grad_scale: float | None = None) -> Any:
+        """Measure the gradient noise scale B_noise while training and report it with every loss.
+
+        ``plan`` (default :meth:`batch_plan`) says how a step is trained. Under DDP (``model`` wrapped
+        in ``DistributedDataParallel``, >= 2 ranks) a communication hook compares the local and the
+        all-reduced gradient norms; in one process, hooks read each micro-batch's gradient (the plan
+        needs accumulation >= 2), ``grad_scale`` being what each micro-batch's loss was divided by
+        (default: the accumulation steps). Cost: one reduction over the gradients per micro-batch.
+        Returns the :class:`~largebatch.client.optim.GradientNoiseScale` (also ``job.noise``).
+        """
+        from ._measure import attach_noise
+
+        if self.noise is not None:
+            raise ValueError("this job already measures the noise scale (job.noise)")
+        self.noise = attach_noise(model, plan if plan is not None else self.batch_plan(), ema=ema,
+                                  grad_scale=grad_scale)
+        self._hook_noise()
+        return self.noise
 
     # ------------------------------------------------------------------ reporting
 

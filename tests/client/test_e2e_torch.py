@@ -215,6 +215,43 @@ def test_a_job_given_a_noise_scale_estimator_reports_it_and_the_run_keeps_it(ser
     assert run.state == "completed" and run.noise_scale == pytest.approx(values[-1])
 
 
+def test_job_measure_noise_in_one_process_reports_it(service, client):
+    """``job.measure_noise``: the estimator on the accumulation micro-batches, folded in at each step,
+    its value with each report, the run keeps the last one."""
+    model = make_model()
+    job = client.autoconfigure(model, study="noise-auto", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    plan = job.batch_plan(per_device_batch_size=BATCH // 4)
+    noise = job.measure_noise(model, plan)
+    assert job.noise is noise
+    with pytest.raises(ValueError, match="already measures the noise scale"):
+        job.measure_noise(model, plan)
+    data, loss_fn = Data(), torch.nn.MSELoss()
+    with job:
+        for step in range(30):
+            x, y = data.batch()
+            for i in range(plan.accumulation):
+                part = slice(i * plan.per_device, (i + 1) * plan.per_device)
+                (loss_fn(model(x[part]), y[part]) / plan.accumulation).backward()
+            job.optimizer.step()
+            job.scheduler.step()
+            job.optimizer.zero_grad()
+            job.report(step, float(loss_fn(model(x), y).detach()))
+        job.complete(evaluate(model))
+    assert noise.n_updates == 30 and noise.value is not None and noise.value > 0
+    assert service.store.get_run(job.run.id).noise_scale == pytest.approx(noise.value)
+
+
+def test_measure_noise_without_accumulation_in_one_process_is_a_clear_error(service, client):
+    model = make_model()
+    job = client.autoconfigure(model, study="noise-none", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    with pytest.raises(ValueError, match="needs gradient accumulation"):
+        job.measure_noise(model)  # the default plan: the whole batch in one micro-batch
+    assert job.noise is None
+    job.fail("test over")
+
+
 def test_nan_then_exception_is_diverged_not_failed(service, client):
     model = make_model()
     job = client.autoconfigure(model, study="nan2", reference=REFERENCE, target_batch_size=BATCH,
