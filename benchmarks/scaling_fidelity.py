@@ -132,7 +132,9 @@ def mlp_task(quick: bool) -> Task:
     x = torch.randn(n, dim, generator=gen)
     with torch.no_grad():
         logits = teacher(x) * 2.0
-    y = torch.distributions.Categorical(logits=logits).sample()  # noisy labels: val loss has a floor
+    # noisy labels (the val loss has a floor), drawn from the task's own generator: the same data in
+    # every process, whatever ran before
+    y = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
     hidden = 64 if quick else 128
     b0 = 4 if quick else 8
     steps_64x = 40 if quick else 200
