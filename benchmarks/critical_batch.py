@@ -15,7 +15,9 @@ Real CPU training (issue #11) on the two tasks of ``scaling_fidelity.py`` (a tin
    ``S = S_min + E_min / B`` (linear in 1/B; least squares in relative error), and
    ``B_crit = E_min / S_min``;
 4. the examples ratio E(B)/E(B0) at 16x and 64x, measured and as B_noise (and B_pre) predicts it:
-   ``(1 + B/B_noise) / (1 + B0/B_noise)``, and the range of B_noise whose prediction is within 25%.
+   ``(1 + B/B_noise) / (1 + B0/B_noise)``, and the range of B_noise whose prediction is within 25%;
+5. the same fit at shallower targets (80, 90, 95% of the pilot's gain), read from the same runs,
+   against both estimators where the pilot first reached each target.
 
 The goal is judged on the simple B_noise, the client's default: for Adam, the optimal-step noise
 scale is tr(PHP Sigma)/(G^T PHP G), which is B_pre only where PH ~ I and the simple one where
@@ -53,6 +55,9 @@ PILOT_SCALE = 8
 PILOT_EMA = 0.99
 ADAM_LR = {"lm": 3e-3, "mlp": 2e-3}  # at B0; the grid spans 4x around sqrt scaling from here
 TARGET_FRACTION = 0.97  # target = initial loss - 97% of what the pilot gained
+# Shallower targets read from the same runs (they stop at the deepest, so every shallower one has been
+# crossed by then): does B_noise track B_crit as the target moves? LRs are tuned for the 97% target.
+SHALLOW_FRACTIONS = (0.8, 0.9, 0.95)
 
 
 @dataclass
@@ -77,6 +82,20 @@ class TaskResult:
     s_min: float = float("nan")
     e_min: float = float("nan")
     b_crit: float = float("nan")
+    by_depth: list[Depth] = field(default_factory=list)  # the shallower targets, and the main one, from the same runs
+
+
+@dataclass
+class Depth:
+    fraction: float
+    target: float
+    steps: list[int | None]  # per batch, the best over the LRs run there
+    s_min: float
+    e_min: float
+    b_crit: float
+    crossing_step: int | None  # the pilot's first evaluation at or below the target
+    b_noise: float  # both estimators' values there (their 100-step EMAs lag a rising B_noise)
+    b_pre: float
 
 
 def eval_steps(cap: int) -> list[int]:
@@ -159,6 +178,20 @@ def b_noise_range(scale: int, b0: int, measured: float, tol: float) -> tuple[flo
     return b_for(measured * (1 + tol)), b_for(measured * (1 - tol))
 
 
+def depth(res: TaskResult, curves: list[tuple[int, list[tuple[int, float]]]], frac: float, target: float) -> Depth:
+    """Steps to ``target`` at each batch from the runs' traces, the eq. 2.11 fit, and the pilot's
+    B_noise and B_pre where its validation loss first reached the target."""
+    steps = []
+    for p in res.points:
+        found = [next((s for s, v in c if v <= target), None) for b, c in curves if b == p.batch]
+        steps.append(min((s for s in found if s is not None), default=None))
+    s_min, e_min = fit_eq_2_11([Point(p.batch, p.lr, s, p.cap, 0.0) for p, s in zip(res.points, steps, strict=True)])
+    cross = next((t for t in res.b_noise_trace if t[1] <= target), None)
+    return Depth(frac, target, steps, s_min, e_min, e_min / s_min if s_min > 0 else float("inf"),
+                 None if cross is None else cross[0], float("nan") if cross is None else cross[2],
+                 float("nan") if cross is None else cross[3])
+
+
 def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float, ...], pilot_steps: int) -> TaskResult:
     base = ADAM_LR[task.name]
     b0 = task.b0
@@ -183,6 +216,7 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
           f"at the end B_noise {b_noise:.1f}, B_pre {b_pre:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     res = TaskResult(task.name, b0, target, pilot_steps, b_noise, trace, b_pre=b_pre)
     s_p, e_p = pilot_steps, pilot_steps * b_pilot
+    curves: list[tuple[int, list[tuple[int, float]]]] = []  # every run's (step, val loss) trace, by batch
     for scale in scales:
         batch = scale * b0
         # A tuned run needs at most the pilot's steps above its batch and its examples below: 2x slack.
@@ -193,9 +227,10 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
             f, i = factors[i], i + 1
             lr = base * math.sqrt(scale) * f
             t1 = time.perf_counter()
-            steps, _ = train(task, batch, lr, cap if best is None or best.steps is None else min(cap, best.steps),
+            steps, run_trace = train(task, batch, lr, cap if best is None or best.steps is None else min(cap, best.steps),
                              target=target)
             p = Point(batch, lr, steps, cap, time.perf_counter() - t1)
+            curves.append((batch, [(t[0], t[1]) for t in run_trace]))
             print(f"  batch {batch:>5} LR {lr:.5f}: {steps if steps is not None else '-':>6} steps "
                   f"({p.seconds:.1f}s)", flush=True)
             if steps is not None and (best is None or best.steps is None or steps < best.steps):
@@ -208,6 +243,8 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
                     factors.append(best_f / 2)
         res.points.append(best if best is not None else Point(batch, float("nan"), None, cap, 0.0))
     res.s_min, res.e_min = fit_eq_2_11(res.points)
+    for frac in (*SHALLOW_FRACTIONS, TARGET_FRACTION):
+        res.by_depth.append(depth(res, curves, frac, initial - frac * (initial - final)))
     # S_min <= 0: steps still fall as 1/B at the largest batch, so B_crit lies beyond it (inf).
     res.b_crit = res.e_min / res.s_min if res.s_min > 0 else float("inf")
     return res
@@ -250,6 +287,13 @@ def report(results: list[TaskResult]) -> str:
                          f"{'yes' if abs(err) <= 0.25 else '**no**'} | {pre:.2f} | {pre / measured - 1:+.0%} | "
                          f"{predicted_ratio(scale * r.b0, r.b0, r.b_crit):.2f} | "
                          f"{lo:.0f} to {'inf' if math.isinf(hi) else f'{hi:.0f}'} |")
+    lines += ["", "| task | target: share of the pilot's gain | target val loss | B_crit (fit) | pilot step at target | "
+              "B_noise there | B_noise / B_crit | B_pre there | B_pre / B_crit |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for d in r.by_depth:
+            crit = f"{d.b_crit:.1f}" if math.isfinite(d.b_crit) else "inf"
+            lines.append(f"| {r.task} | {d.fraction:.0%} | {d.target:.4f} | {crit} | {d.crossing_step} | {d.b_noise:.1f} | "
+                         f"{d.b_noise / d.b_crit:.2f} | {d.b_pre:.1f} | {d.b_pre / d.b_crit:.2f} |")
     return "\n".join(lines)
 
 
