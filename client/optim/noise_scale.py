@@ -21,6 +21,14 @@ Where the two norms come from, at the cost of one norm per step and no gradient 
   the all-reduced one, read by a communication hook (:meth:`GradientNoiseScale.attach_ddp`);
 * FSDP2 or any setup where the caller already has the two squared norms: :meth:`GradientNoiseScale.update`.
 
+With ``preconditioner=`` (an Adam-style optimizer, or per-parameter weights) every squared norm is
+P-weighted, ``|g|_P^2 = sum_i P_i g_i^2``, whose expectation is ``G^T P G + tr(P Sigma) / B``: the
+same two-batch estimator then gives the preconditioned noise scale B_pre = tr(P Sigma) / (G^T P G).
+For an update ``-lr P g`` the optimal-step analysis (McCandlish sec. 2.2) gives
+tr(PHP Sigma) / (G^T PHP G); it is B_pre where PH ~ I, and B_simple where PHP ~ I (Adam's
+P ~ diag(H)^(-1/2) when its second moment tracks a Fisher ~ H). Which one predicts the critical batch
+is an empirical question: ``benchmarks/critical_batch.py`` reports both (README, "Critical batch").
+
 Per step, a training loop (or ``Job``) calls :meth:`GradientNoiseScale.step` (after measuring) or
 :meth:`GradientNoiseScale.update` (with numbers) and reads :attr:`GradientNoiseScale.value`.
 """
@@ -28,17 +36,20 @@ Per step, a training loop (or ``Job``) calls :meth:`GradientNoiseScale.step` (af
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
-__all__ = ["GradientNoiseScale", "grad_sq_norm"]
+__all__ = ["GradientNoiseScale", "adam_preconditioner", "grad_sq_norm"]
 
 
-def grad_sq_norm(params: Iterable[torch.Tensor], *, scale: float = 1.0) -> torch.Tensor:
+def grad_sq_norm(params: Iterable[torch.Tensor], *, scale: float = 1.0,
+                 weights: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor | None:
     """``scale^2 * sum |p.grad|^2`` over ``params`` as a 0-dim float64 tensor, without a gradient copy.
 
+    With ``weights`` (parameter -> tensor of its shape, or None when not available), the P-weighted
+    ``scale^2 * sum_i P_i grad_i^2``; None if a parameter with a gradient has no weights.
     DTensor (FSDP2) gradients count their local shards, summed over the mesh, so the result is the
     norm of the full gradient on every rank.
     """
@@ -53,7 +64,13 @@ def grad_sq_norm(params: Iterable[torch.Tensor], *, scale: float = 1.0) -> torch
             g = g.to_local()
         if g.numel() == 0:
             continue
-        sq = _sq_norm(g)
+        if weights is None:
+            sq = _sq_norm(g)
+        else:
+            w = weights(p)
+            if w is None:
+                return None
+            sq = _weighted_sq_norm(g, _local(w))
         total = sq if total is None else total + sq.to(total.device)
     if total is None:
         total = torch.zeros((), dtype=torch.float64)
@@ -71,6 +88,53 @@ def _sq_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dtype=dtype).double() ** 2
 
 
+def _weighted_sq_norm(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum w * g^2`` (float32 accumulation for half precision, as :func:`_sq_norm`)."""
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    return (g.to(dtype).square() * w.to(dtype)).sum().double()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
+
+
+def adam_preconditioner(optimizer: Any) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """Per-parameter weights ``P = 1 / (sqrt(v_hat) + eps)`` from an Adam-style optimizer's state.
+
+    ``v_hat`` is the bias-corrected ``exp_avg_sq`` (``state["step"]``, the group's ``betas`` and
+    ``eps``), read before the optimizer steps: P then does not depend on the gradients it weighs.
+    Coordinates whose ``exp_avg_sq`` is still 0 (never had a gradient, e.g. the embedding row of a
+    token not yet seen) get weight 0, not ``1/eps``: Adam has no scale for them yet, and one
+    first gradient weighted by 1e8 would swamp the estimate. Returns None for a parameter with no
+    state yet (before the first step): that step is not measured.
+    """
+    groups = getattr(optimizer, "param_groups", None)
+    if not isinstance(groups, list) or not hasattr(optimizer, "state"):
+        raise ValueError(f"preconditioner must be an optimizer with param_groups and state, got {optimizer!r}")
+    for i, group in enumerate(groups):
+        if "betas" not in group or "eps" not in group:
+            raise ValueError(f"preconditioner: param group {i} of {type(optimizer).__name__} has no 'betas'/'eps' "
+                             "(an Adam-style optimizer is needed; pass a callable for other preconditioners)")
+
+    group_of: dict[int, dict] = {}
+
+    def weights(p: torch.Tensor) -> torch.Tensor | None:
+        if id(p) not in group_of:  # (re)built when a parameter is new to it: param groups can be added
+            group_of.clear()
+            group_of.update({id(q): g for g in optimizer.param_groups for q in g["params"]})
+        group = group_of.get(id(p))
+        state = optimizer.state.get(p)
+        if group is None or not state or "exp_avg_sq" not in state or "step" not in state:
+            return None
+        v, step = _local(state["exp_avg_sq"]), state["step"]
+        # a tensor step (capturable/fused Adam) stays on the device: no host sync per parameter
+        step = step.to(v.device, torch.float32) if isinstance(step, torch.Tensor) else float(step)
+        v_hat = v.float() / (1.0 - group["betas"][1] ** step)
+        return torch.where(v > 0, 1.0 / (v_hat.sqrt() + group["eps"]), torch.zeros_like(v_hat))
+
+    return weights
+
+
 def _num(x: float | torch.Tensor, name: str) -> torch.Tensor:
     t = x.detach().to(torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(float(x), dtype=torch.float64)
     if t.dim() != 0:
@@ -84,11 +148,29 @@ class GradientNoiseScale:
     Args:
         ema: smoothing factor of the EMAs of tr(Sigma) and |G|^2 (0.95: about 20 steps of memory;
             B_noise grows as the loss falls, so a longer memory lags the truth).
+        preconditioner: measure the preconditioned B_pre = tr(P Sigma) / (G^T P G) instead (module
+            docstring): an Adam-style optimizer (``exp_avg_sq`` state; P from
+            :func:`adam_preconditioner`), or a callable ``parameter -> weights`` (a tensor of the
+            parameter's shape, P's diagonal, or None while unknown: the step is then not measured).
+            Weights are read once per parameter per :meth:`step`, before the optimizer steps. Costs
+            one elementwise product per gradient read. Not with :meth:`attach_ddp` (flat buckets);
+            there, weigh the norms yourself and call :meth:`update`.
     """
 
-    def __init__(self, ema: float = 0.95):
+    def __init__(self, ema: float = 0.95, preconditioner: Any = None):
         if not (0.0 <= ema < 1.0):
             raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+        if preconditioner is None or isinstance(preconditioner, torch.optim.Optimizer) or hasattr(
+                preconditioner, "param_groups"):
+            self._weights_of = None if preconditioner is None else adam_preconditioner(preconditioner)
+            self._check_weights = False
+        elif callable(preconditioner):
+            self._weights_of = preconditioner
+            self._check_weights = True  # a caller's weights: checked once per parameter per step (a sync)
+        else:
+            raise TypeError("preconditioner must be None, an Adam-style optimizer or a callable parameter -> "
+                            f"weights, got {type(preconditioner).__name__}")
+        self._weights: dict[int, torch.Tensor | None] = {}  # this step's P per parameter (cleared by step)
         self.ema = float(ema)
         self._trace = torch.zeros((), dtype=torch.float64)  # EMA sums, bias-corrected on read
         self._grad_sq = torch.zeros((), dtype=torch.float64)
@@ -157,6 +239,24 @@ class GradientNoiseScale:
         self._weight = float(state["weight"])
         self.n_updates = int(state["n_updates"])
 
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the norms are P-weighted (B_pre) rather than plain (B_simple)."""
+        return self._weights_of is not None
+
+    def _p_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        if id(p) not in self._weights:
+            w = self._weights_of(p)  # type: ignore[misc]
+            if w is not None:
+                w = _local(w.detach() if isinstance(w, torch.Tensor) else torch.as_tensor(w))
+                if self._check_weights and not bool((w >= 0).all()):
+                    raise ValueError("preconditioner returned negative weights: P must be positive semi-definite")
+            self._weights[id(p)] = w
+        return self._weights[id(p)]
+
+    def _norm(self, params: Iterable[torch.Tensor], scale: float = 1.0) -> torch.Tensor | None:
+        return grad_sq_norm(params, scale=scale, weights=self._p_of if self._weights_of is not None else None)
+
     def __repr__(self) -> str:
         v = self.value
         return f"GradientNoiseScale(value={'None' if v is None else f'{v:.4g}'}, n_updates={self.n_updates})"
@@ -169,11 +269,13 @@ class GradientNoiseScale:
         ``grad_scale`` undoes the loss scaling of accumulation: pass the number of micro-batches if
         each micro-batch's loss was divided by it (the usual ``(loss / n).backward()``).
         """
-        self._small = (grad_sq_norm(params, scale=grad_scale), int(batch_size))
+        small = self._norm(params, grad_scale)
+        self._small = None if small is None else (small, int(batch_size))
 
     def measure_big(self, params: Iterable[torch.Tensor], batch_size: int) -> None:
         """Record |G_big|^2 from the accumulated gradient (mean over ``batch_size`` examples)."""
-        self._big = (grad_sq_norm(params), int(batch_size))
+        big = self._norm(params)
+        self._big = None if big is None else (big, int(batch_size))
 
     def attach_accumulation(self, params: Iterable[torch.Tensor], micro_batch_size: int, *,
                             grad_scale: float = 1.0) -> None:
@@ -190,18 +292,25 @@ class GradientNoiseScale:
             raise ValueError("attach_accumulation needs parameters that require grad")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size!r}")
-        state: dict[str, Any] = {"sum": None, "count": 0, "batch": int(micro_batch_size),
+        state: dict[str, Any] = {"sum": None, "count": 0, "batch": int(micro_batch_size), "missing": False,
                                  "scale2": float(grad_scale) ** 2, "params": params, "handles": []}
 
-        def on_grad(grad: torch.Tensor) -> None:
-            sq = _sq_norm(grad.to_local() if hasattr(grad, "to_local") else grad)
+        def on_grad(p: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
+            if first:
+                state["count"] += 1
+            g = _local(grad)
+            if self._weights_of is None:
+                sq = _sq_norm(g)
+            else:
+                w = self._p_of(p)
+                if w is None:
+                    state["missing"] = True
+                    return
+                sq = _weighted_sq_norm(g, w)
             state["sum"] = sq if state["sum"] is None else state["sum"] + sq.to(state["sum"].device)
 
-        def count(grad: torch.Tensor) -> None:
-            state["count"] += 1
-            on_grad(grad)
-
-        state["handles"] = [p.register_hook(count if i == 0 else on_grad) for i, p in enumerate(params)]
+        state["handles"] = [p.register_hook(lambda g, p=p, first=(i == 0): on_grad(p, g, first))
+                            for i, p in enumerate(params)]
         self._accumulation = state
 
     def detach(self) -> None:
@@ -219,14 +328,16 @@ class GradientNoiseScale:
             self._fold_ddp()
         acc = self._accumulation
         if acc is not None and acc["count"]:
-            n, total = acc["count"], acc["sum"]
-            acc["sum"], acc["count"] = None, 0
-            if n >= 2:
-                self.update(total * acc["scale2"] / n, grad_sq_norm(acc["params"]), acc["batch"], acc["batch"] * n)
+            n, total, missing = acc["count"], acc["sum"], acc["missing"]
+            acc["sum"], acc["count"], acc["missing"] = None, 0, False
+            big = self._norm(acc["params"]) if n >= 2 and not missing and total is not None else None
+            if big is not None:
+                self.update(total * acc["scale2"] / n, big, acc["batch"], acc["batch"] * n)
         if self._small is not None and self._big is not None:
             (small, b_small), (big, b_big) = self._small, self._big
             self.update(small, big, b_small, b_big)
         self._small = self._big = None
+        self._weights.clear()  # the optimizer steps next: P is read afresh for the next gradients
         return self.value if self._trace.device.type == "cpu" else None
 
     # ----------------------------------------------------------------- DDP
@@ -241,6 +352,9 @@ class GradientNoiseScale:
         import torch.distributed as dist
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+        if self._weights_of is not None:
+            raise ValueError("preconditioner is not supported by attach_ddp (its buckets are flat): compute the "
+                             "P-weighted squared norms and call update()")
         group = process_group if process_group is not None else dist.group.WORLD
         world = dist.get_world_size(group)
         if world < 2:
