@@ -295,7 +295,7 @@ class Job:
             raise errors.JobError("the job is closed: it takes no more reports")
         self.last_step = step if self.last_step is None else max(self.last_step, step)
         if noise_scale is None and self.noise is not None:
-            noise_scale = self.noise.value
+            noise_scale = self.noise.estimate  # a device tensor: read by the background thread
         skipped = self._skipped_now()
         if self.world_size > 1:
             # Every rank is here at this step: one all-reduce gives each the same numbers and verdict.

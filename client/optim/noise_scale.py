@@ -225,6 +225,15 @@ class GradientNoiseScale:
             return None
         return max(tr, 0.0) / g2
 
+    @property
+    def estimate(self) -> torch.Tensor | None:
+        """:attr:`value` as a 0-d float64 tensor where the norms are (no host sync: what a job
+        reports each step); not yet meaningful (negative, inf, NaN) until |G|^2 is resolved, which
+        :attr:`value` reports as None. ``None`` before the first update."""
+        if not self.n_updates:
+            return None
+        return self._trace.clamp(min=0.0) / self._grad_sq
+
     def state_dict(self) -> dict[str, float | int]:
         return {"ema": self.ema, "trace_sum": float(self._trace), "grad_sq_sum": float(self._grad_sq),
                 "weight": self._weight, "n_updates": self.n_updates}

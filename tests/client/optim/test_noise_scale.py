@@ -45,6 +45,21 @@ def test_recovers_known_noise_scale(trace, g_sq, small, big):
     assert est.grad_sq == pytest.approx(g_sq, rel=0.05)
 
 
+def test_estimate_is_the_value_as_a_tensor_and_left_out_while_unresolved():
+    """What a job reports each step without a host sync: the same number as ``value``; while |G|^2
+    is not resolved (negative) the report leaves it out, as ``value`` says None."""
+    from largebatch.client._reporter import _noise
+
+    est = GradientNoiseScale()
+    assert est.estimate is None
+    est.update(2.0, 1.0, 4, 32)  # |G|^2 = (32 - 8)/28 > 0
+    assert isinstance(est.estimate, torch.Tensor) and float(est.estimate) == pytest.approx(est.value)
+    assert _noise(est.estimate) == pytest.approx(est.value)
+    unresolved = GradientNoiseScale()
+    unresolved.update(2.0, 0.01, 4, 32)  # 32 * 0.01 < 4 * 2: a negative |G|^2 estimate
+    assert unresolved.value is None and _noise(unresolved.estimate) is None
+
+
 def test_ratio_of_emas_not_ema_of_ratios():
     """Far below B_noise the per-step |G|^2 estimates are often negative; the separate EMAs still
     converge (per-step ratios, with their sign flips, would not)."""
