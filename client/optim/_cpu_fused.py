@@ -74,15 +74,18 @@ static void fold(int64_t n, const int64_t *first, int kinds, int64_t items, cons
         }
 }
 
+/* The work items of a call (first[], freed by the caller, and their number), and item k's range. */
+#define ITEMS int64_t *first = malloc((n + 1) * sizeof(int64_t)); int64_t items = build_first(n, numel, first);
+#define ITEM_RANGE(k) int64_t t = owner(k, n, first);                                                   \
+    int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];
+
 #define KERNELS(T, SUFFIX, SQRT)                                                                          \
 void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int threads) {           \
-    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
-    int64_t items = build_first(n, numel, first);                                                    \
+    ITEMS                                                                                            \
     double *part = malloc((items ? items : 1) * sizeof(double));                                     \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
-        int64_t t = owner(k, n, first);                                                              \
-        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        ITEM_RANGE(k)                                                                                \
         const T *gp = g[t];                                                                          \
         double s = 0.0;                                                                              \
         _Pragma("omp simd reduction(+:s)")                                                           \
@@ -97,15 +100,13 @@ void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int 
 void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
                             const double *bc1, const double *bc2, const double *hp, int adapt,       \
                             double *out, int threads) {                                              \
-    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
-    int64_t items = build_first(n, numel, first);                                                    \
+    ITEMS                                                                                            \
     double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
-        int64_t t = owner(k, n, first);                                                              \
-        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        ITEM_RANGE(k)                                                                                \
         T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
         const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t]));                               \
         double sx = 0.0, su = 0.0;                                                                   \
@@ -128,13 +129,11 @@ void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
 void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel,                    \
                             const double *bc1, const double *bc2, const double *hp,                  \
                             const double *scale, int threads) {                                      \
-    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
-    int64_t items = build_first(n, numel, first);                                                    \
+    ITEMS                                                                                            \
     const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
-        int64_t t = owner(k, n, first);                                                              \
-        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        ITEM_RANGE(k)                                                                                \
         T *pp = p[t], *mp = m[t], *vp = v[t];                                                        \
         const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), s = (T)scale[t];              \
         _Pragma("omp simd")                                                                          \
@@ -150,15 +149,13 @@ void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel
 void lb_lans_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
                             const double *bc1, const double *bc2, const double *gnorm,               \
                             const double *hp, int adapt, double *out, int threads) {                 \
-    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
-    int64_t items = build_first(n, numel, first);                                                    \
+    ITEMS                                                                                            \
     double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5];                                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
-        int64_t t = owner(k, n, first);                                                              \
-        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        ITEM_RANGE(k)                                                                                \
         T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
         const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
         double sx = 0.0, sr = 0.0, sc = 0.0;                                                         \
@@ -185,13 +182,11 @@ void lb_lans_pass2_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
                             const double *bc1, const double *bc2, const double *gnorm,               \
                             const double *hp, const double *scale_r, const double *scale_c,          \
                             int threads) {                                                           \
-    int64_t *first = malloc((n + 1) * sizeof(int64_t));                                             \
-    int64_t items = build_first(n, numel, first);                                                    \
+    ITEMS                                                                                            \
     const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
-        int64_t t = owner(k, n, first);                                                              \
-        int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];     \
+        ITEM_RANGE(k)                                                                                \
         T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
         const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
         const T s_r = (T)scale_r[t], s_c = (T)scale_c[t];                                            \
@@ -216,7 +211,12 @@ DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 
 def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC") or "cc")
+    return _which(os.environ.get("CC") or "cc")
+
+
+@functools.cache  # (asked on every step: a PATH search each time would be wasted)
+def _which(name: str) -> str | None:
+    return shutil.which(name)
 
 
 def _cache_dir() -> pathlib.Path:
