@@ -185,6 +185,22 @@ def test_a_runs_reports_read_back_sync_and_async(service, client):
     assert apage == client.list_reports(run.id) and acsv.count("\n") == 3
 
 
+def train_accumulating(job, model, plan, steps, after_step=lambda: None):
+    """``steps`` optimizer steps of ``plan.accumulation`` micro-batches each, a report after each."""
+    data, loss_fn = Data(), torch.nn.MSELoss()
+    for step in range(steps):
+        x, y = data.batch()
+        for i in range(plan.accumulation):
+            part = slice(i * plan.per_device, (i + 1) * plan.per_device)
+            (loss_fn(model(x[part]), y[part]) / plan.accumulation).backward()
+        job.optimizer.step()  # the job folds this step's norms in first
+        job.scheduler.step()
+        job.optimizer.zero_grad()
+        with torch.no_grad():
+            job.report(step, float(loss_fn(model(x), y)))
+        after_step()
+
+
 def test_a_job_given_a_noise_scale_estimator_reports_it_and_the_run_keeps_it(service, client):
     from largebatch.client.optim import GradientNoiseScale
 
@@ -195,20 +211,9 @@ def test_a_job_given_a_noise_scale_estimator_reports_it_and_the_run_keeps_it(ser
     plan = job.batch_plan(per_device_batch_size=BATCH // 4)
     assert (plan.per_device, plan.accumulation) == (BATCH // 4, 4)
     noise.attach_accumulation(model.parameters(), micro_batch_size=plan.per_device, grad_scale=plan.accumulation)
-    data, loss_fn = Data(), torch.nn.MSELoss()
     values = []
     with job:
-        for step in range(40):
-            x, y = data.batch()
-            for i in range(plan.accumulation):
-                part = slice(i * plan.per_device, (i + 1) * plan.per_device)
-                (loss_fn(model(x[part]), y[part]) / plan.accumulation).backward()
-            job.optimizer.step()  # the job folds this step's norms in first
-            job.scheduler.step()
-            job.optimizer.zero_grad()
-            with torch.no_grad():
-                job.report(step, float(loss_fn(model(x), y)))
-            values.append(noise.value)
+        train_accumulating(job, model, plan, 40, after_step=lambda: values.append(noise.value))
         job.complete(evaluate(model))
     assert noise.n_updates == 40 and values[-1] is not None and values[-1] > 0
     run = service.store.get_run(job.run.id)
@@ -226,17 +231,8 @@ def test_job_measure_noise_in_one_process_reports_it(service, client):
     assert job.noise is noise
     with pytest.raises(ValueError, match="already measures the noise scale"):
         job.measure_noise(model, plan)
-    data, loss_fn = Data(), torch.nn.MSELoss()
     with job:
-        for step in range(30):
-            x, y = data.batch()
-            for i in range(plan.accumulation):
-                part = slice(i * plan.per_device, (i + 1) * plan.per_device)
-                (loss_fn(model(x[part]), y[part]) / plan.accumulation).backward()
-            job.optimizer.step()
-            job.scheduler.step()
-            job.optimizer.zero_grad()
-            job.report(step, float(loss_fn(model(x), y).detach()))
+        train_accumulating(job, model, plan, 30)
         job.complete(evaluate(model))
     assert noise.n_updates == 30 and noise.value is not None and noise.value > 0
     assert service.store.get_run(job.run.id).noise_scale == pytest.approx(noise.value)
