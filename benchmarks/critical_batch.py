@@ -17,14 +17,23 @@ Real CPU training (issue #11) on the two tasks of ``scaling_fidelity.py`` (a tin
 4. the examples ratio E(B)/E(B0) at 16x and 64x, measured and as B_noise (and B_pre) predicts it:
    ``(1 + B/B_noise) / (1 + B0/B_noise)``, and the range of B_noise whose prediction is within 25%;
 5. the same fit at shallower targets (80, 90, 95% of the pilot's gain), read from the same runs,
-   against both estimators where the pilot first reached each target.
+   against both estimators where the pilot first reached each target;
+6. over the pilot's last steps, B_simple at each step's own (frozen) parameters from thousands of
+   fresh examples (``local_noise_scale``): how B_noise varies along the trajectory, against the
+   in-training EMA estimate, which is a ratio of means (|G|^2 averaged over the steps) and so reads
+   near the *harmonic* mean of the local values when |G| swings from step to step.
+
+With ``--seeds N`` (the full run: 3) each batch's tuned LR is run again at N - 1 more seeds (other
+initialisations and data orders); steps-to-target is their mean, and the fit and the examples ratios
+use that mean: one seed's steps at B0 were 11% off the fit on the MLP, enough to move its measured
+examples ratio by as much.
 
 The goal is judged on the simple B_noise, the client's default: for Adam, the optimal-step noise
 scale is tr(PHP Sigma)/(G^T PHP G), which is B_pre only where PH ~ I and the simple one where
 PHP ~ I (P ~ diag(H)^(-1/2), Adam's second moment tracking a Fisher ~ H); B_pre is reported beside
 it to show which the data favour.
 
-Usage: ``python benchmarks/critical_batch.py [--quick] [--out DIR] [--tasks lm,mlp] [--readme]``.
+Usage: ``python benchmarks/critical_batch.py [--quick] [--seeds N] [--out DIR] [--tasks lm,mlp]``.
 Writes ``critical_batch.md`` (the README tables) and ``critical_batch.json``.
 """
 
@@ -58,15 +67,21 @@ TARGET_FRACTION = 0.97  # target = initial loss - 97% of what the pilot gained
 # Shallower targets read from the same runs (they stop at the deepest, so every shallower one has been
 # crossed by then): does B_noise track B_crit as the target moves? LRs are tuned for the 97% target.
 SHALLOW_FRACTIONS = (0.8, 0.9, 0.95)
+# The pilot's last PROBE_STEPS steps are each measured at their frozen parameters from PROBE_EXAMPLES
+# fresh examples (micro-batches of PROBE_MICRO): many times B_noise, so |G|^2 is resolved at one step.
+PROBE_STEPS = 25
+PROBE_EXAMPLES = {"lm": 2048, "mlp": 4096}
+PROBE_MICRO = 32
 
 
 @dataclass
 class Point:
     batch: int
     lr: float
-    steps: int | None  # steps to the target, None if not reached within the cap
+    steps: float | None  # steps to the target (the mean over seeds), None if a seed did not reach it
     cap: int
     seconds: float
+    seed_steps: list[int | None] = field(default_factory=list)  # per seed, seed 0 first (the LR was tuned on it)
 
 
 @dataclass
@@ -83,6 +98,8 @@ class TaskResult:
     e_min: float = float("nan")
     b_crit: float = float("nan")
     by_depth: list[Depth] = field(default_factory=list)  # the shallower targets, and the main one, from the same runs
+    local_b: list[tuple[int, float]] = field(default_factory=list)  # (step, B_simple at that step's parameters)
+    b_noise_probe_start: float = float("nan")  # the EMA estimate when the probed steps begin
 
 
 @dataclass
@@ -109,10 +126,11 @@ def eval_steps(cap: int) -> list[int]:
 
 def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | None = None,
           noises: Callable[[torch.optim.Optimizer], list[GradientNoiseScale]] | None = None, micro: int = 0,
-          seed: int = 0):
+          seed: int = 0, probe: Callable[[int, torch.nn.Module], None] | None = None, probe_from: int = 0):
     """Adam at a constant LR; stops when the validation loss reaches ``target``. ``noises`` makes the
-    estimators (given the optimizer, for a preconditioned one). Returns the step count at the
-    target (or None), and the (step, val loss, each estimator's value) trace."""
+    estimators (given the optimizer, for a preconditioned one); ``probe(step, model)`` is called at
+    every step from ``probe_from`` on, at the parameters that step's gradient was taken at. Returns
+    the step count at the target (or None), and the (step, val loss, each estimator's value) trace."""
     torch.manual_seed(seed)
     model = task.make_model()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -136,6 +154,8 @@ def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | Non
             if not math.isfinite(value) or value > sf.DIVERGENCE_FACTOR * first:
                 return None, trace
             values = [noise.step() for noise in estimators]  # before opt.step: P is Adam's v_{t-1}
+            if probe is not None and step >= probe_from:
+                probe(step, model)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
@@ -148,6 +168,30 @@ def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | Non
         for noise in estimators:
             noise.detach()
     return None, trace
+
+
+def local_noise_scale(task: sf.Task, model: torch.nn.Module, examples: int, micro: int,
+                      gen: torch.Generator) -> float:
+    """B_simple = tr(Sigma)/|G|^2 at the model's current parameters from ``examples`` fresh examples.
+
+    The unbiased U-statistic over k micro-batch gradients g_i: |G|^2 ~ sum_{i != j} g_i.g_j / (k(k-1)),
+    tr(Sigma) ~ micro (mean |g_i|^2 - |G|^2). Runs on a copy of the model, so the estimator's tensor
+    hooks on the training model's parameters do not see these gradients.
+    """
+    copy = task.make_model()
+    copy.load_state_dict(model.state_dict())
+    params = [p for p in copy.parameters() if p.requires_grad]
+    k = examples // micro
+    total, diag = None, 0.0
+    for _ in range(k):
+        x, y = task.batch(gen, micro)
+        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(task.loss(copy, x, y), params)]).double()
+        total = flat if total is None else total + flat
+        diag += float(flat @ flat)
+    assert total is not None
+    grad_sq = (float(total @ total) - diag) / (k * (k - 1))
+    trace = micro * (diag / k - grad_sq)
+    return trace / grad_sq if grad_sq > 0 else float("inf")
 
 
 def fit_eq_2_11(points: list[Point]) -> tuple[float, float]:
@@ -192,7 +236,8 @@ def depth(res: TaskResult, curves: list[tuple[int, list[tuple[int, float]]]], fr
                  float("nan") if cross is None else cross[3])
 
 
-def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float, ...], pilot_steps: int) -> TaskResult:
+def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float, ...], pilot_steps: int,
+                   seeds: int = 1, probe_examples: int = 0) -> TaskResult:
     base = ADAM_LR[task.name]
     b0 = task.b0
     print(f"task {task.name}: B0 {b0}, batches {[s * b0 for s in scales]}, LR grid x{lr_grid} around "
@@ -206,7 +251,18 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
         return [noise, made[-1]]
 
     b_pilot = PILOT_SCALE * b0
-    _, trace = train(task, b_pilot, base * math.sqrt(PILOT_SCALE), pilot_steps, noises=estimators, micro=b0)
+    local: list[tuple[int, float]] = []
+    probe_gen = torch.Generator().manual_seed(12345)
+    at_start: list[float] = []
+
+    def probe(step: int, model: torch.nn.Module) -> None:
+        if not at_start:
+            at_start.append(noise.value or float("nan"))
+        if probe_examples:
+            local.append((step, local_noise_scale(task, model, probe_examples, PROBE_MICRO, probe_gen)))
+
+    _, trace = train(task, b_pilot, base * math.sqrt(PILOT_SCALE), pilot_steps, noises=estimators, micro=b0,
+                     probe=probe, probe_from=pilot_steps - PROBE_STEPS + 1)
     torch.manual_seed(0)
     initial = task.val_loss(task.make_model())
     final = min(t[1] for t in trace[-3:])
@@ -214,7 +270,11 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
     b_noise, b_pre = noise.value or float("nan"), made[0].value or float("nan")
     print(f"  pilot: batch {b_pilot}, {pilot_steps} steps, val {initial:.4f} -> {final:.4f}; target {target:.4f}; "
           f"at the end B_noise {b_noise:.1f}, B_pre {b_pre:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    res = TaskResult(task.name, b0, target, pilot_steps, b_noise, trace, b_pre=b_pre)
+    res = TaskResult(task.name, b0, target, pilot_steps, b_noise, trace, b_pre=b_pre, local_b=local,
+                     b_noise_probe_start=at_start[0] if at_start else float("nan"))
+    if local:
+        print(f"  local B_simple over the pilot's last {len(local)} steps: "
+              f"{', '.join(f'{b:.0f}' for _, b in local)}", flush=True)
     s_p, e_p = pilot_steps, pilot_steps * b_pilot
     curves: list[tuple[int, list[tuple[int, float]]]] = []  # every run's (step, val loss) trace, by batch
     for scale in scales:
@@ -241,7 +301,17 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
                     factors.append(best_f * 2)
                 elif best_f == min(factors):
                     factors.append(best_f / 2)
-        res.points.append(best if best is not None else Point(batch, float("nan"), None, cap, 0.0))
+        if best is None:
+            res.points.append(Point(batch, float("nan"), None, cap, 0.0))
+            continue
+        best.seed_steps = [best.steps]
+        for seed in range(1, seeds):  # the tuned LR again, other initialisations and data orders
+            steps, _ = train(task, batch, best.lr, cap, target=target, seed=seed)
+            best.seed_steps.append(steps)
+        if seeds > 1:
+            print(f"  batch {batch:>5} LR {best.lr:.5f} over {seeds} seeds: {best.seed_steps} steps", flush=True)
+            best.steps = None if None in best.seed_steps else sum(best.seed_steps) / seeds  # type: ignore[operator]
+        res.points.append(best)
     res.s_min, res.e_min = fit_eq_2_11(res.points)
     for frac in (*SHALLOW_FRACTIONS, TARGET_FRACTION):
         res.by_depth.append(depth(res, curves, frac, initial - frac * (initial - final)))
@@ -251,13 +321,14 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
 
 
 def report(results: list[TaskResult]) -> str:
-    lines = ["| task | batch | tuned LR (Adam) | steps to target | examples | fit S_min(1 + B_crit/B) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| task | batch | tuned LR (Adam) | steps to target | per seed | examples | fit S_min(1 + B_crit/B) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         for p in r.points:
             fit = r.s_min + r.e_min / p.batch
-            lines.append(f"| {r.task} | {p.batch} | {p.lr:.4g} | {p.steps if p.steps is not None else f'> {p.cap}'} | "
-                         f"{p.steps * p.batch if p.steps is not None else '-'} | {fit:.0f} |")
+            per_seed = ", ".join("-" if s is None else str(s) for s in p.seed_steps) if len(p.seed_steps) > 1 else "-"
+            lines.append(f"| {r.task} | {p.batch} | {p.lr:.4g} | {f'{p.steps:.0f}' if p.steps is not None else f'> {p.cap}'}"
+                         f" | {per_seed} | {f'{p.steps * p.batch:.0f}' if p.steps is not None else '-'} | {fit:.0f} |")
     lines += ["", "| task | target val loss | S_min | E_min | B_crit = E_min/S_min | B_noise (client) | "
               "B_noise / B_crit | within 2x | B_pre (Adam-preconditioned) | B_pre / B_crit |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -294,6 +365,18 @@ def report(results: list[TaskResult]) -> str:
             crit = f"{d.b_crit:.1f}" if math.isfinite(d.b_crit) else "inf"
             lines.append(f"| {r.task} | {d.fraction:.0%} | {d.target:.4f} | {crit} | {d.crossing_step} | {d.b_noise:.1f} | "
                          f"{d.b_noise / d.b_crit:.2f} | {d.b_pre:.1f} | {d.b_pre / d.b_crit:.2f} |")
+    if any(r.local_b for r in results):
+        lines += ["", "| task | pilot steps probed | B_simple at each step's parameters: min | median | mean | "
+                  "harmonic mean | EMA estimate (probes start / end) | B_crit (fit) | mean / B_crit | "
+                  "harmonic mean / B_crit |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            bs = sorted(b for _, b in r.local_b)
+            if not bs:
+                continue
+            mean, harm = sum(bs) / len(bs), len(bs) / sum(1 / b for b in bs)
+            lines.append(f"| {r.task} | {r.local_b[0][0]}-{r.local_b[-1][0]} | {bs[0]:.0f} | {bs[len(bs) // 2]:.0f} | "
+                         f"{mean:.0f} | {harm:.0f} | {r.b_noise_probe_start:.0f} / {r.b_noise:.0f} | {r.b_crit:.0f} | "
+                         f"{mean / r.b_crit:.2f} | {harm / r.b_crit:.2f} |")
     return "\n".join(lines)
 
 
@@ -301,19 +384,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 5 batch sizes, 2 LRs each (CI)")
     parser.add_argument("--tasks", default="lm,mlp")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per batch at its tuned LR, steps-to-target averaged (default: 3; --quick: 1)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: see scaling_fidelity.py
     args.out.mkdir(parents=True, exist_ok=True)
     if args.quick:
-        scales, grid, pilot = (1, 2, 4, 16, 64), (0.7, 1.4), {"lm": 120, "mlp": 300}
+        scales, grid, pilot, probe = (1, 2, 4, 16, 64), (0.7, 1.4), {"lm": 120, "mlp": 300}, {"lm": 256, "mlp": 512}
     else:
         # Up to 256x: the MLP still scales perfectly at 64x, so its B_crit lies beyond the issue's range.
-        scales, grid, pilot = (1, 2, 4, 8, 16, 32, 64, 128, 256), (0.5, 1.0, 2.0), {"lm": 400, "mlp": 1600}
+        scales, grid, pilot, probe = (1, 2, 4, 8, 16, 32, 64, 128, 256), (0.5, 1.0, 2.0), {"lm": 400, "mlp": 1600}, \
+            PROBE_EXAMPLES
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick else 3
     makers = {"lm": sf.lm_task, "mlp": sf.mlp_task}
     t0 = time.perf_counter()
     # The MLP trains fast: a longer pilot gives it a target loss deep enough for more than a few steps.
-    results = [benchmark_task(makers[name](args.quick), scales, grid, pilot[name]) for name in args.tasks.split(",")]
+    results = [benchmark_task(makers[name](args.quick), scales, grid, pilot[name], seeds, probe[name])
+               for name in args.tasks.split(",")]
     table = report(results)
     (args.out / "critical_batch.md").write_text(table + "\n")
     (args.out / "critical_batch.json").write_text(json.dumps([asdict(r) for r in results], indent=1))

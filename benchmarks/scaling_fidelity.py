@@ -26,7 +26,10 @@ batch: what no LR fixes); per scale, the examples ratio that the gradient noise 
 ``(1 + B/B_noise) / (1 + B0/B_noise)`` (McCandlish et al. 2018), with B_noise measured by the client's
 estimator during the first large-batch run (4x, micro-batches of B0). The LAMB runs at smaller scales (grid included) are the study's
 evidence for ``largebatch+evidence`` at the larger ones. Also writes a PNG of loss curves and LR schedules.
-Usage: ``python benchmarks/scaling_fidelity.py [--quick] [--out DIR] [--tasks lm,mlp]``.
+``--seeds N`` runs every rule, and the recipe of seed 0's oracle, again at seeds 1..N-1 (other
+initialisations and data orders) and adds a table of largebatch's loss over each, paired by seed:
+which of the regrets are larger than what a seed moves.
+Usage: ``python benchmarks/scaling_fidelity.py [--quick] [--seeds N] [--out DIR] [--tasks lm,mlp]``.
 """
 
 from __future__ import annotations
@@ -166,6 +169,7 @@ class Result:
     lrs: list[float] = field(default_factory=list)
     warmup_ratio: float | None = None
     b_noise: float | None = None  # measured during this run (the first largebatch run only)
+    seed: int = 0  # the model's initialisation and the data order; the main tables are seed 0's
 
 
 def manual_recipe(name: str, lr: float, batch: int, steps: int, warmup_ratio: float) -> Recipe:
@@ -217,18 +221,19 @@ def train(task: Task, recipe: Recipe, seed: int = 0, log_points: int = 60,
     return val, not math.isfinite(val), curve, lrs
 
 
-def run(task: Task, scale: int, name: str, recipe: Recipe, *, noise_micro: int = 0) -> Result:
+def run(task: Task, scale: int, name: str, recipe: Recipe, *, noise_micro: int = 0, seed: int = 0) -> Result:
     t0 = time.perf_counter()
     # A 100-step memory: at 4x B0 the batch is far below B_noise late in training, where one step's
     # |G|^2 estimate is mostly noise (the default 20-step EMA can even end negative there).
     noise = GradientNoiseScale(ema=0.99) if noise_micro else None
-    val, diverged, curve, lrs = train(task, recipe, noise=noise, micro=noise_micro)
+    val, diverged, curve, lrs = train(task, recipe, seed=seed, noise=noise, micro=noise_micro)
     assert all(abs(a - lr_at(recipe, i)) <= 1e-12 * max(1.0, abs(a)) for i, a in enumerate(lrs[:50]))
     stage = recipe.stages[0]
     res = Result(task.name, scale, name, stage.batch_size, stage.peak_lr, recipe.total_steps, val, diverged,
                  time.perf_counter() - t0, curve, lrs[:: max(1, len(lrs) // 200)],
-                 warmup_ratio=stage.warmup_ratio, b_noise=noise.value if noise is not None else None)
-    print(f"  {task.name:>3} {scale:>3}x {name:<20} batch {res.batch:>5} steps {res.steps:>6} LR {res.lr:.5f} "
+                 warmup_ratio=stage.warmup_ratio, b_noise=noise.value if noise is not None else None, seed=seed)
+    print(f"  {task.name:>3} {scale:>3}x {name:<20}{f' seed {seed}' if seed else ''} batch {res.batch:>5} "
+          f"steps {res.steps:>6} LR {res.lr:.5f} "
           f"warmup {stage.warmup_ratio:.4f} val {res.val_loss:.4f}{' DIVERGED' if diverged else ''}"
           f"{f' B_noise {res.b_noise:.1f}' if res.b_noise else ''} ({res.seconds:.1f}s)", flush=True)
     return res
@@ -254,8 +259,9 @@ def oracle_grid(ref_lr: float, ref_warmup: float, scale: int, quick: bool) -> li
     return [(centre * f, w) for f in lr_factors for w in warmups]
 
 
-def benchmark_task(task: Task, explore: int, quick: bool = False) -> list[Result]:
+def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int = 1) -> list[Result]:
     results: list[Result] = []
+    recipes: dict[int, Recipe] = {}  # id(result) -> its recipe, for the runs repeated at other seeds
     ref_steps = task.examples // task.b0
     task.params = sum(p.numel() for p in task.make_model().parameters())
     # BERT's reference warms up for 1/320 of training; 1/200 here, so linear-epoch warmup reaches
@@ -277,6 +283,10 @@ def benchmark_task(task: Task, explore: int, quick: bool = False) -> list[Result
     # included: it is the only source that varies the warmup at one batch size).
     evidence_names = {"reference", "ref-sweep-lamb", "largebatch", "largebatch+evidence", "largebatch-sweep",
                       "lamb-sqrt", "oracle-grid"}
+    def add(result: Result, recipe: Recipe) -> None:
+        results.append(result)
+        recipes[id(result)] = recipe
+
     for scale in SCALES:
         batch = task.b0 * scale
         request = {"model": {"params": task.params, "family": "transformer" if task.name == "lm" else "other"},
@@ -285,18 +295,18 @@ def benchmark_task(task: Task, explore: int, quick: bool = False) -> list[Result
         # The client measures B_noise on the first large-batch run (micro-batches of B0, so the
         # estimator's two batch sizes are B0 and 4 B0); its value near the end (the lowest loss) is
         # the one that predicts what reaching that loss costs at larger batches.
-        results.append(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == SCALES[0] else 0))
+        add(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == SCALES[0] else 0), empty)
         learned = recommend(request, evidence=evidence_of(results, evidence_names))
-        results.append(run(task, scale, "largebatch+evidence", learned))
+        add(run(task, scale, "largebatch+evidence", learned), learned)
         steps = empty.total_steps
-        results.append(run(task, scale, "adamw-linear", manual_recipe("adamw", ref_adamw.lr * scale, batch, steps,
-                                                                        warmup_ratio)))
-        results.append(run(task, scale, "adamw-sqrt", manual_recipe("adamw", ref_adamw.lr * math.sqrt(scale), batch,
-                                                                      steps, warmup_ratio)))
-        results.append(run(task, scale, "lamb-sqrt", manual_recipe("lamb", ref.lr * math.sqrt(scale), batch, steps,
-                                                                     warmup_ratio)))
+        peers = {"adamw-linear": manual_recipe("adamw", ref_adamw.lr * scale, batch, steps, warmup_ratio),
+                 "adamw-sqrt": manual_recipe("adamw", ref_adamw.lr * math.sqrt(scale), batch, steps, warmup_ratio),
+                 "lamb-sqrt": manual_recipe("lamb", ref.lr * math.sqrt(scale), batch, steps, warmup_ratio)}
+        for name, recipe in peers.items():
+            add(run(task, scale, name, recipe), recipe)
         for lr, w in oracle_grid(ref.lr, warmup_ratio, scale, quick):
-            results.append(run(task, scale, "oracle-grid", manual_recipe("lamb", lr, batch, steps, w)))
+            grid = manual_recipe("lamb", lr, batch, steps, w)
+            add(run(task, scale, "oracle-grid", grid), grid)
         # What a team does with `"explore": k`: a small sweep around the recipe, logged as evidence
         # for the larger batches still to come (not at the largest scale: nothing comes after it).
         if scale != SCALES[-1] and explore:
@@ -307,6 +317,14 @@ def benchmark_task(task: Task, explore: int, quick: bool = False) -> list[Result
                     swept.stages[0].peak_lr = lr
                     swept.optimizer.lr = lr
                     results.append(run(task, scale, "largebatch-sweep", swept))
+    # Seed 0 picked the oracle and the evidence; the same recipes at other seeds say which of the
+    # regrets are larger than what a different initialisation and data order move (paired by seed).
+    for seed in range(1, seeds):
+        for scale in SCALES:
+            oracle = oracle_of(results, scale)
+            for r in [r for r in results if r.scale == scale and r.seed == 0 and (r.name in RULES or r is oracle)]:
+                again = run(task, scale, r.name, recipes[id(r)], seed=seed)
+                results.append(again)
     return results
 
 
@@ -315,7 +333,7 @@ RULES = ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lam
 
 def oracle_of(rs: list[Result], scale: int) -> Result | None:
     """The best run at this scale: the grid sweep's, or a recipe's if one beat the grid."""
-    ok = [r for r in rs if r.scale == scale and not r.diverged and r.name in (*RULES, "oracle-grid")]
+    ok = [r for r in rs if r.scale == scale and r.seed == 0 and not r.diverged and r.name in (*RULES, "oracle-grid")]
     return min(ok, key=lambda r: r.val_loss) if ok else None
 
 
@@ -326,6 +344,49 @@ def predicted_examples_ratio(batch: int, b0: int, b_noise: float | None) -> floa
     return (1 + batch / b_noise) / (1 + b0 / b_noise)
 
 
+def _seed_losses(rs: list[Result], scale: int, name: str, oracle: Result | None, n_seeds: int) -> list[float | None]:
+    """Per seed, the val loss of rule ``name`` (or of the oracle's grid point) at ``scale``; None if diverged."""
+    by_seed = {r.seed: r for r in rs if r.scale == scale and r.name == name and (
+        name != "oracle-grid" or (oracle is not None and r.lr == oracle.lr and r.warmup_ratio == oracle.warmup_ratio))}
+    return [None if s not in by_seed or by_seed[s].diverged else by_seed[s].val_loss for s in range(n_seeds)]
+
+
+def seeds_report(all_results: list[Result]) -> str:
+    """Each rule (and the seed-0 oracle's recipe) at every seed; largebatch's loss over it, paired by seed."""
+    lines = ["| task | scale | recipe | val loss per seed | mean | largebatch vs it, per seed | "
+             "largebatch+evidence vs it, per seed | verdict (largebatch, +evidence) |", "|---|---|---|---|---|---|---|---|"]
+
+    def verdict(diffs: list[float | None]) -> str:
+        if any(d is None for d in diffs):
+            return "diverged"
+        if all(d <= 0 for d in diffs):  # type: ignore[operator]
+            return "no worse"
+        if all(d > 0 for d in diffs):  # type: ignore[operator]
+            return "**worse**"
+        return "within seed noise"
+
+    for task in sorted({r.task for r in all_results}):
+        rs = [r for r in all_results if r.task == task]
+        n_seeds = max(r.seed for r in rs) + 1
+        for scale in sorted({r.scale for r in rs if r.scale > 1}):
+            oracle = oracle_of(rs, scale)
+            names = [*RULES, *([] if oracle is None or oracle.name in RULES else [oracle.name])]
+
+            ours = {n: _seed_losses(rs, scale, n, oracle, n_seeds) for n in RULES[:2]}
+            for name in names:
+                theirs = _seed_losses(rs, scale, name, oracle, n_seeds)
+                cells = []
+                for mine in ours.values():
+                    diffs = [None if a is None or b is None else a / b - 1 for a, b in zip(mine, theirs, strict=True)]
+                    cells.append((", ".join("-" if d is None else f"{d:+.2%}" for d in diffs), verdict(diffs)))
+                ok = [v for v in theirs if v is not None]
+                label = f"oracle-grid ({oracle.lr:.3g}, {oracle.warmup_ratio:.3g})" if name == "oracle-grid" else name
+                lines.append(f"| {task} | {scale}x | {label} | {', '.join('nan' if v is None else f'{v:.4f}' for v in theirs)}"
+                             f" | {sum(ok) / len(ok) if ok else float('nan'):.4f} | {cells[0][0]} | {cells[1][0]} | "
+                             f"{'-' if name in RULES[:2] else f'{cells[0][1]}, {cells[1][1]}'} |")
+    return "\n".join(lines)
+
+
 def report(all_results: list[Result], out: pathlib.Path) -> str:
     lines = ["| task | scale | recipe | batch | steps | peak LR | warmup | val loss | regret vs oracle | vs reference |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -333,7 +394,7 @@ def report(all_results: list[Result], out: pathlib.Path) -> str:
                + " | ".join(f"{n} regret" for n in RULES) + " |",
                "|---|---|---|---|---|" + "---|" * len(RULES)]
     for task in sorted({r.task for r in all_results}):
-        rs = [r for r in all_results if r.task == task]
+        rs = [r for r in all_results if r.task == task and r.seed == 0]
         ref = next(r for r in rs if r.name == "reference")
         lines.append(f"| {task} | 1x | reference (LAMB, tuned) | {ref.batch} | {ref.steps} | {ref.lr:.4g} | "
                      f"{ref.warmup_ratio if ref.warmup_ratio is not None else float('nan'):.4g} | "
@@ -367,6 +428,8 @@ def report(all_results: list[Result], out: pathlib.Path) -> str:
                            f" | {oracle.lr:.3g}, {oracle.warmup_ratio:.3g} | "
                            f"{oracle.val_loss / ref.val_loss - 1:+.2%} | " + " | ".join(regrets) + " |")
     table = "\n".join(lines) + "\n\n" + "\n".join(summary)
+    if any(r.seed for r in all_results):
+        table += "\n\n" + seeds_report(all_results)
     (out / "scaling_fidelity.md").write_text(table + "\n")
     (out / "scaling_fidelity.json").write_text(json.dumps([r.__dict__ for r in all_results], indent=1))
     return table
@@ -382,7 +445,7 @@ def plot(all_results: list[Result], out: pathlib.Path) -> None:
     fig, axes = plt.subplots(len(tasks), 4, figsize=(18, 4 * len(tasks)), squeeze=False)
     names = list(RULES)
     for row, task in enumerate(tasks):
-        rs = [r for r in all_results if r.task == task]
+        rs = [r for r in all_results if r.task == task and r.seed == 0]
         ref = next(r for r in rs if r.name == "reference")
         for col, scale in enumerate(SCALES):
             ax = axes[row][col]
@@ -415,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: the whole run in under 3 minutes")
     parser.add_argument("--tasks", default="lm,mlp")
     parser.add_argument("--explore", type=int, default=2, help="extra LRs swept at 4x and 16x as evidence")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run every rule and the oracle's recipe again at seeds 1..N-1 (a paired table)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     parser.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="DIR",
                         help="train nothing: one table and plot from the scaling_fidelity.json of earlier runs "
@@ -433,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: list[Result] = []
     for name in args.tasks.split(","):
-        results += benchmark_task(makers[name](args.quick), args.explore, args.quick)
+        results += benchmark_task(makers[name](args.quick), args.explore, args.quick, args.seeds)
     table = report(results, args.out)
     plot(results, args.out)
     print(table)

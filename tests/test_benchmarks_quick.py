@@ -61,3 +61,30 @@ def test_critical_batch_quick(tmp_path):
         assert r["b_noise"] > 0 and r["b_crit"] > 0  # both measured (the README says how close)
         for scale in (16, 64):
             assert f"| {r['task']} | {scale}x |" in table
+        # the pilot's last 25 steps, each measured at its own parameters (the local B_noise table)
+        assert len(r["local_b"]) == 25 and all(b > 0 for _, b in r["local_b"]), r["local_b"]
+        assert f"| {r['task']} | {r['pilot_steps'] - 24}-{r['pilot_steps']} |" in table
+        assert all(len(p["seed_steps"]) == 1 for p in r["points"] if p["steps"] is not None)  # --quick: 1 seed
+
+
+@pytest.mark.slow
+def test_scaling_fidelity_seeds_table(tmp_path):
+    """--seeds 2: every rule and the oracle's recipe again at seed 1, paired with largebatch per seed."""
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling_fidelity.py"), "--quick", "--tasks", "mlp",
+                           "--seeds", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "scaling_fidelity.md").read_text()
+    results = json.loads((tmp_path / "scaling_fidelity.json").read_text())
+    assert {r["seed"] for r in results} == {0, 1}
+    for scale in (4, 16, 64):
+        again = {r["name"] for r in results if r["scale"] == scale and r["seed"] == 1}
+        assert {"largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"} <= again
+        rows = [line.split(" | ") for line in table.splitlines() if line.startswith(f"| mlp | {scale}x | ")
+                and "largebatch vs it" not in line]
+        seed_rows = [row for row in rows if len(row) == 8]  # the paired table's rows
+        assert len(seed_rows) >= 5, table
+        for row in seed_rows:
+            assert len(row[3].split(", ")) == 2  # a loss per seed
+            if row[2] == "largebatch":
+                assert row[5] == "+0.00%, +0.00%"  # paired with itself
