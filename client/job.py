@@ -302,15 +302,21 @@ class Job:
             loss, grad_norm, stop, skipped = _dist.agree(loss, grad_norm, self._stop_seen, skipped)
             if stop and not self._stop_seen and self.stop_reason is None:
                 self.stop_reason = "rank 0 says stop"
+        nonfinite = False  # decided from the agreed numbers: the same on every rank
         if skipped > self.skipped_steps:
             self.skipped_steps = skipped
             # The service judges a non-finite gradient norm as divergence at this step.
             grad_norm = math.inf
             self._note_nonfinite(step, f"step {step} skipped: its gradient was not finite")
+            nonfinite = True
         if isinstance(loss, (int, float)) and not math.isfinite(loss):
             self._note_nonfinite(step, f"loss was {loss} at step {step}")
+            nonfinite = True
         if self.world_size > 1:
-            self._agreed_stop = self._agreed_stop or stop or self._stop_seen
+            # Only what every rank knows. Not self._stop_seen: rank 0's reporter thread may have set it
+            # (the service said stop) since the vote, and a rank that leaves the training loop alone
+            # leaves the others waiting in a collective for good. It is voted at the next report.
+            self._agreed_stop = self._agreed_stop or stop or nonfinite
         if self._reporter is not None:
             self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale))
         if self.progress_every and (step + 1) % self.progress_every == 0 and not self.follower:

@@ -8,8 +8,10 @@ and of the callback. MODE ``ok`` trains the recipe; ``blowup`` trains with an LR
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 
@@ -22,6 +24,9 @@ from largebatch.client.integrations.hf import LargebatchCallback, optimizers, tr
 
 VOCAB, SEQ, ACCUMULATION = 32, 16, 4
 FLUSH = 0.3  # the job's flush interval (seconds)
+# Under the test's 300 s: a rank still alive then is hung; it writes its threads' stacks to OUT/rankR.stacks and
+# exits, and a rank torchrun ends (SIGTERM) writes them too, so that the test fails saying where each rank was.
+WATCHDOG_S = 240
 
 
 class Counting(torch.utils.data.Dataset):
@@ -49,7 +54,15 @@ class Times(TrainerCallback):
         self.ends.append((state.global_step, time.time()))
 
 
+def watchdog(out: str) -> None:
+    global _stacks
+    _stacks = open(os.path.join(out, f"rank{os.environ.get('RANK', '?')}.stacks"), "w")  # open until exit
+    faulthandler.dump_traceback_later(WATCHDOG_S, exit=True, file=_stacks)
+    faulthandler.register(signal.SIGTERM, file=_stacks, chain=True)
+
+
 def main(url: str, study: str, out: str, mode: str) -> None:
+    watchdog(out)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2))

@@ -37,8 +37,10 @@ def launch(framework: str, service, study: str, out: Path, mode: str) -> list[di
         cmd = [sys.executable, str(LIGHTNING_WORKER), *args]  # Lightning starts rank 1 itself
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LARGEBATCH_JOB")}
     proc = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
-    # No exception may escape, divergence included: both ranks exit 0.
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    # No exception may escape, divergence included: both ranks exit 0. A hung rank (the HF worker's
+    # watchdog) left where each rank was.
+    stacks = "".join(f"\n--- {p.name}:\n{p.read_text()}" for p in sorted(out.glob("rank*.stacks")) if p.stat().st_size)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:] + stacks
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

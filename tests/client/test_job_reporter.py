@@ -173,3 +173,25 @@ def test_noise_scale_reports_reach_the_run(client, service):
         job.complete(2.5)
     run = client.get_run(job.run.id)
     assert run.noise_scale == 1234.5 and run.last_step == 3
+
+
+def test_a_stop_that_arrives_during_the_vote_waits_for_the_next_report(client, service, monkeypatch):
+    """Under several ranks ``should_stop`` is what all ranks voted: a stop the reporter thread learns
+    while the all-reduce runs must not make rank 0 alone leave the loop (its peers would wait in their
+    next collective for good); it is voted at the next report."""
+    from largebatch.client import _dist
+
+    votes: list[bool] = []
+    with open_job(client, "vote") as job:
+        job.world_size = 2
+
+        def agree(loss, grad_norm, stop, skipped):  # rank 1 saw nothing: the verdict is this rank's vote
+            votes.append(stop)
+            job._note_run(job.run, True, "the service says stop")  # the reporter thread, meanwhile
+            return float(loss), grad_norm, stop, skipped
+
+        monkeypatch.setattr(_dist, "agree", agree)
+        job.report(0, 2.5)
+        assert votes == [False] and not job.should_stop  # what rank 1 knows too
+        job.report(1, 2.4)
+        assert votes == [False, True] and job.should_stop
