@@ -19,7 +19,7 @@ Real CPU training (issue #11) on the two tasks of ``scaling_fidelity.py`` (a tin
 5. the same fit at shallower targets (80, 90, 95% of the pilot's gain), read from the same runs,
    against both estimators where the pilot first reached each target;
 6. over the pilot's last steps, B_simple at each step's own (frozen) parameters from thousands of
-   fresh examples (``local_noise_scale``): how B_noise varies along the trajectory, against the
+   fresh examples (the client's ``probe_noise_scale``): how B_noise varies along the trajectory, against the
    in-training EMA estimate, which is a ratio of means (|G|^2 averaged over the steps) and so reads
    near the *harmonic* mean of the local values when |G| swings from step to step.
 
@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import scaling_fidelity as sf  # the tasks are shared with the fidelity benchmark
 
-from largebatch.client.optim import GradientNoiseScale
+from largebatch.client.optim import GradientNoiseScale, probe_noise_scale
 
 WARMUP_STEPS = 5  # Adam needs a few steps to settle its second moments; short next to every S here
 PILOT_SCALE = 8
@@ -172,26 +172,12 @@ def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | Non
 
 def local_noise_scale(task: sf.Task, model: torch.nn.Module, examples: int, micro: int,
                       gen: torch.Generator) -> float:
-    """B_simple = tr(Sigma)/|G|^2 at the model's current parameters from ``examples`` fresh examples.
-
-    The unbiased U-statistic over k micro-batch gradients g_i: |G|^2 ~ sum_{i != j} g_i.g_j / (k(k-1)),
-    tr(Sigma) ~ micro (mean |g_i|^2 - |G|^2). Runs on a copy of the model, so the estimator's tensor
-    hooks on the training model's parameters do not see these gradients.
-    """
-    copy = task.make_model()
-    copy.load_state_dict(model.state_dict())
-    params = [p for p in copy.parameters() if p.requires_grad]
-    k = examples // micro
-    total, diag = None, 0.0
-    for _ in range(k):
-        x, y = task.batch(gen, micro)
-        flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(task.loss(copy, x, y), params)]).double()
-        total = flat if total is None else total + flat
-        diag += float(flat @ flat)
-    assert total is not None
-    grad_sq = (float(total @ total) - diag) / (k * (k - 1))
-    trace = micro * (diag / k - grad_sq)
-    return trace / grad_sq if grad_sq > 0 else float("inf")
+    """B_simple at the model's current parameters from ``examples`` fresh examples, in micro-batches
+    of ``micro``: the client's :func:`~largebatch.client.optim.probe_noise_scale` (inf while |G|^2 is
+    not resolved)."""
+    batches = (task.batch(gen, micro) for _ in range(examples // micro))
+    probe = probe_noise_scale(model, lambda m, batch: task.loss(m, *batch), batches, micro)
+    return probe.value if probe.value is not None else float("inf")
 
 
 def fit_eq_2_11(points: list[Point]) -> tuple[float, float]:

@@ -7,7 +7,8 @@
 * :func:`param_groups_for`: no weight decay / no trust ratio for biases and normalisation weights;
 * :class:`RecipeLR`: a recipe's LR schedule as a torch scheduler;
 * :func:`build`: ``optimizer, scheduler = build(model, recipe)``;
-* :class:`GradientNoiseScale`: the gradient noise scale B_noise (McCandlish et al. 2018), nearly free.
+* :class:`GradientNoiseScale`: the gradient noise scale B_noise (McCandlish et al. 2018), nearly free;
+  :func:`probe_noise_scale`: the same at the current parameters alone, from k micro-batches.
 """
 
 from ._core import NonFiniteGradientError
@@ -16,7 +17,7 @@ from .grouping import param_groups_for
 from .lamb import LAMB, lamb
 from .lans import LANS, lans
 from .lars import LARS, lars
-from .noise_scale import GradientNoiseScale
+from .noise_scale import GradientNoiseScale, NoiseProbe, probe_noise_scale
 from .scheduler import RecipeLR
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "LANS",
     "LARS",
     "GradientNoiseScale",
+    "NoiseProbe",
     "NonFiniteGradientError",
     "RecipeLR",
     "build",
@@ -31,4 +33,5 @@ __all__ = [
     "lans",
     "lars",
     "param_groups_for",
+    "probe_noise_scale",
 ]

@@ -190,3 +190,76 @@ def test_accumulation_hooks_skip_single_micro_batch_and_detach():
     assert est.n_updates == 1
     with pytest.raises(ValueError, match="micro_batch_size"):
         GradientNoiseScale().attach_accumulation(model.parameters(), 0)
+
+
+def _least_squares(seed: int = 0, n: int = 4096, dim: int = 8):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(dim, 1, generator=gen, dtype=torch.float64) + 0.5 * torch.randn(n, 1, generator=gen,
+                                                                                         dtype=torch.float64)
+    model = nn.Linear(dim, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(0.3)
+    per_example = 2 * (model(x) - y).detach() * x  # the gradient of (w.x - y)^2
+    G = per_example.mean(0)
+    trace = float((per_example - G).square().sum(1).mean() * n / (n - 1))
+    return gen, x, y, model, trace, float(G.square().sum())
+
+
+def test_probe_matches_per_example_truth_at_fixed_parameters():
+    """probe_noise_scale at one point: the exact tr(Sigma) and |G|^2 of the data set, from i.i.d. micro-batches."""
+    from largebatch.client.optim import probe_noise_scale
+
+    gen, x, y, model, trace, g_sq = _least_squares()
+
+    def batches(k, b):
+        for _ in range(k):
+            idx = torch.randint(0, len(x), (b,), generator=gen)
+            yield x[idx], y[idx]
+
+    def loss_fn(m, batch):
+        return nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    runs = [probe_noise_scale(model, loss_fn, batches(400, 16), 16) for _ in range(5)]
+    assert sum(r.trace_sigma for r in runs) / 5 == pytest.approx(trace, rel=0.05)
+    assert sum(r.grad_sq for r in runs) / 5 == pytest.approx(g_sq, rel=0.05)
+    assert runs[0].value == pytest.approx(runs[0].trace_sigma / runs[0].grad_sq)
+    assert (runs[0].batches, runs[0].batch_size) == (400, 16)
+
+
+def test_probe_leaves_grads_and_the_streaming_hooks_alone():
+    """The probe's backward passes neither touch .grad nor reach attach_accumulation's hooks."""
+    from largebatch.client.optim import probe_noise_scale
+
+    _, x, y, model, *_ = _least_squares(1)
+    est = GradientNoiseScale()
+    est.attach_accumulation(model.parameters(), 8)
+    nn.functional.mse_loss(model(x[:8]), y[:8]).backward()
+    before = model.weight.grad.clone()
+    seen = est._accumulation["count"]
+    probe = probe_noise_scale(model, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]),
+                              [(x[i:i + 8], y[i:i + 8]) for i in range(0, 256, 8)], 8)
+    assert probe.value is not None and probe.value > 0
+    assert torch.equal(model.weight.grad, before)
+    assert est._accumulation["count"] == seen == 1
+    assert model.weight.requires_grad and model.weight.grad_fn is None
+    est.detach()
+
+
+def test_probe_bad_input():
+    from largebatch.client.optim import probe_noise_scale
+
+    model = nn.Linear(3, 1)
+    batch = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        probe_noise_scale(model, lambda m, b: m(b).mean(), [batch, batch], 0)
+    with pytest.raises(ValueError, match="at least 2 micro-batches, got 1"):
+        probe_noise_scale(model, lambda m, b: m(b).mean(), [batch], 4)
+    with pytest.raises(ValueError, match="loss_fn must return a scalar"):
+        probe_noise_scale(model, lambda m, b: m(b), [batch, batch], 4)
+    frozen = nn.Linear(3, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameters that require grad"):
+        probe_noise_scale(frozen, lambda m, b: m(b).mean(), [batch, batch], 4)
+    # identical batches: no noise, |G|^2 resolved exactly
+    probe = probe_noise_scale(model, lambda m, b: m(b).mean(), [batch, batch, batch], 4)
+    assert probe.trace_sigma == pytest.approx(0.0, abs=1e-6) and probe.value == pytest.approx(0.0, abs=1e-6)
