@@ -25,8 +25,8 @@ Real CPU training (issue #11) on the two tasks of ``scaling_fidelity.py`` (a tin
 
 With ``--seeds N`` (the full run: 3) each batch's tuned LR is run again at N - 1 more seeds (other
 initialisations and data orders); steps-to-target is their mean, and the fit and the examples ratios
-use that mean: one seed's steps at B0 were 11% off the fit on the MLP, enough to move its measured
-examples ratio by as much.
+use that mean: on the MLP one batch's steps-to-target varied by up to 73% between seeds (README),
+more than the examples ratio the goal is about moves.
 
 The goal is judged on the simple B_noise, the client's default: for Adam, the optimal-step noise
 scale is tr(PHP Sigma)/(G^T PHP G), which is B_pre only where PH ~ I and the simple one where
