@@ -352,7 +352,8 @@ def _seed_losses(rs: list[Result], scale: int, name: str, oracle: Result | None,
 
 
 def seeds_report(all_results: list[Result]) -> str:
-    """Each rule (and the seed-0 oracle's recipe) at every seed; largebatch's loss over it, paired by seed."""
+    """Each rule (and the seed-0 oracle's recipe) at every seed; largebatch's loss over it, paired by seed;
+    then each rule's mean loss over the seeds against the best mean at that scale (regret of the means)."""
     lines = ["| task | scale | recipe | val loss per seed | mean | largebatch vs it, per seed | "
              "largebatch+evidence vs it, per seed | verdict (largebatch, +evidence) |", "|---|---|---|---|---|---|---|---|"]
 
@@ -365,12 +366,24 @@ def seeds_report(all_results: list[Result]) -> str:
             return "**worse**"
         return "within seed noise"
 
+    means = ["| task | scale | best mean over seeds | " + " | ".join(f"{n}" for n in RULES) + " |",
+             "|---|---|---|" + "---|" * len(RULES)]
     for task in sorted({r.task for r in all_results}):
         rs = [r for r in all_results if r.task == task]
         n_seeds = max(r.seed for r in rs) + 1
         for scale in sorted({r.scale for r in rs if r.scale > 1}):
             oracle = oracle_of(rs, scale)
             names = [*RULES, *([] if oracle is None or oracle.name in RULES else [oracle.name])]
+            mean = {}
+            for name in names:
+                seen = _seed_losses(rs, scale, name, oracle, n_seeds)
+                mean[name] = None if None in seen else sum(seen) / n_seeds  # type: ignore[arg-type]
+            finite = {n: v for n, v in mean.items() if v is not None}
+            if finite:
+                best = min(finite, key=finite.__getitem__)
+                label = f"oracle-grid ({oracle.lr:.3g}, {oracle.warmup_ratio:.3g})" if best == "oracle-grid" else best
+                means.append(f"| {task} | {scale}x | {label} {finite[best]:.4f} | " + " | ".join(
+                    "diverged" if mean[n] is None else f"{mean[n] / finite[best] - 1:+.2%}" for n in RULES) + " |")
 
             ours = {n: _seed_losses(rs, scale, n, oracle, n_seeds) for n in RULES[:2]}
             for name in names:
@@ -384,7 +397,7 @@ def seeds_report(all_results: list[Result]) -> str:
                 lines.append(f"| {task} | {scale}x | {label} | {', '.join('nan' if v is None else f'{v:.4f}' for v in theirs)}"
                              f" | {sum(ok) / len(ok) if ok else float('nan'):.4f} | {cells[0][0]} | {cells[1][0]} | "
                              f"{'-' if name in RULES[:2] else f'{cells[0][1]}, {cells[1][1]}'} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + "\n".join(means)
 
 
 def report(all_results: list[Result], out: pathlib.Path) -> str:
