@@ -457,7 +457,7 @@ def probe_noise_scale(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
     aliases = {n: p.detach().requires_grad_() for n, p in wrapper.named_parameters() if p.requires_grad}
     params = [aliases[n] for n in names]
     total: list[torch.Tensor] | None = None
-    diag = torch.zeros((), dtype=torch.float64)
+    diag: torch.Tensor | None = None  # on the gradients' device: no host sync per micro-batch
     k = 0
     for batch in batches:
         loss = torch.func.functional_call(wrapper, aliases, (batch,), strict=False)
@@ -465,14 +465,15 @@ def probe_noise_scale(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
             raise ValueError(f"loss_fn must return a scalar tensor (the mean loss over the batch), got {loss!r}")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        diag = diag + sum(_sq_norm(g).to(diag.device) for g in grads)
+        sq = sum(_sq_norm(g).to(grads[0].device) for g in grads)
+        diag = sq if diag is None else diag + sq
         if total is None:
             total = [g.detach().to(torch.float64) for g in grads]
         else:
             for t, g in zip(total, grads, strict=True):
                 t.add_(g.to(torch.float64))
         k += 1
-    if k < 2 or total is None:
+    if k < 2 or total is None or diag is None:
         raise ValueError(f"probe_noise_scale needs at least 2 micro-batches, got {k}")
     sum_sq = sum(float(t.square().sum()) for t in total)
     grad_sq = (sum_sq - float(diag)) / (k * (k - 1))
