@@ -24,6 +24,7 @@ QUICKSTART = textwrap.dedent('''
     import torch
     from largebatch.client import Client
 
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     x = torch.randn(8192, 32)
     y = x[:, :4].sum(1, keepdim=True).tanh()
