@@ -366,7 +366,7 @@ def seeds_report(all_results: list[Result]) -> str:
             return "**worse**"
         return "within seed noise"
 
-    means = ["| task | scale | best mean over seeds | " + " | ".join(f"{n}" for n in RULES) + " |",
+    means = ["| task | scale | best mean over seeds | " + " | ".join(RULES) + " |",
              "|---|---|---|" + "---|" * len(RULES)]
     for task in sorted({r.task for r in all_results}):
         rs = [r for r in all_results if r.task == task]
@@ -374,27 +374,25 @@ def seeds_report(all_results: list[Result]) -> str:
         for scale in sorted({r.scale for r in rs if r.scale > 1}):
             oracle = oracle_of(rs, scale)
             names = [*RULES, *([] if oracle is None or oracle.name in RULES else [oracle.name])]
-            mean = {}
-            for name in names:
-                seen = _seed_losses(rs, scale, name, oracle, n_seeds)
-                mean[name] = None if None in seen else sum(seen) / n_seeds  # type: ignore[arg-type]
+            losses = {name: _seed_losses(rs, scale, name, oracle, n_seeds) for name in names}
+
+            def label(name: str, oracle: Result | None = oracle) -> str:
+                return f"oracle-grid ({oracle.lr:.3g}, {oracle.warmup_ratio:.3g})" if name == "oracle-grid" else name
+
+            mean = {n: None if None in v else sum(v) / n_seeds for n, v in losses.items()}  # type: ignore[arg-type]
             finite = {n: v for n, v in mean.items() if v is not None}
             if finite:
                 best = min(finite, key=finite.__getitem__)
-                label = f"oracle-grid ({oracle.lr:.3g}, {oracle.warmup_ratio:.3g})" if best == "oracle-grid" else best
-                means.append(f"| {task} | {scale}x | {label} {finite[best]:.4f} | " + " | ".join(
+                means.append(f"| {task} | {scale}x | {label(best)} {finite[best]:.4f} | " + " | ".join(
                     "diverged" if mean[n] is None else f"{mean[n] / finite[best] - 1:+.2%}" for n in RULES) + " |")
-
-            ours = {n: _seed_losses(rs, scale, n, oracle, n_seeds) for n in RULES[:2]}
-            for name in names:
-                theirs = _seed_losses(rs, scale, name, oracle, n_seeds)
+            for name, theirs in losses.items():
                 cells = []
-                for mine in ours.values():
+                for mine in (losses[n] for n in RULES[:2]):
                     diffs = [None if a is None or b is None else a / b - 1 for a, b in zip(mine, theirs, strict=True)]
                     cells.append((", ".join("-" if d is None else f"{d:+.2%}" for d in diffs), verdict(diffs)))
                 ok = [v for v in theirs if v is not None]
-                label = f"oracle-grid ({oracle.lr:.3g}, {oracle.warmup_ratio:.3g})" if name == "oracle-grid" else name
-                lines.append(f"| {task} | {scale}x | {label} | {', '.join('nan' if v is None else f'{v:.4f}' for v in theirs)}"
+                lines.append(f"| {task} | {scale}x | {label(name)} | "
+                             f"{', '.join('nan' if v is None else f'{v:.4f}' for v in theirs)}"
                              f" | {sum(ok) / len(ok) if ok else float('nan'):.4f} | {cells[0][0]} | {cells[1][0]} | "
                              f"{'-' if name in RULES[:2] else f'{cells[0][1]}, {cells[1][1]}'} |")
     return "\n".join(lines) + "\n\n" + "\n".join(means)

@@ -451,11 +451,10 @@ def probe_noise_scale(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     wrapper = _LossOf(model, loss_fn)
-    names = [n for n, p in wrapper.named_parameters() if p.requires_grad]
-    if not names:
-        raise ValueError("probe_noise_scale: the model has no parameters that require grad")
     aliases = {n: p.detach().requires_grad_() for n, p in wrapper.named_parameters() if p.requires_grad}
-    params = [aliases[n] for n in names]
+    if not aliases:
+        raise ValueError("probe_noise_scale: the model has no parameters that require grad")
+    params = list(aliases.values())
     total: list[torch.Tensor] | None = None
     diag: torch.Tensor | None = None  # on the gradients' device: no host sync per micro-batch
     k = 0
