@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 
 from largebatch.service.auth import KeyCache
+from largebatch.service.browser import BrowserGuardMiddleware
 from largebatch.service.deps import StoreHolder
 from largebatch.service.divergence import DivergenceRule
 from largebatch.service.errors import install_error_handlers
@@ -91,7 +92,8 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     settings = settings or Settings()
     holder = StoreHolder(settings, store)
     metrics = Metrics(lambda: holder.store)
-    middleware = [Middleware(MetricsMiddleware, metrics=metrics), Middleware(InternalErrorMiddleware),
+    middleware = [Middleware(BrowserGuardMiddleware, allowed_hosts=settings.allowed_hosts),
+                  Middleware(MetricsMiddleware, metrics=metrics), Middleware(InternalErrorMiddleware),
                   Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
     if settings.rate_limit_per_s:
         middleware.append(Middleware(RateLimitMiddleware, rate=settings.rate_limit_per_s,

@@ -98,11 +98,43 @@ def _prepare_multiprocess_metrics() -> None:
         raise CLIError(f"PROMETHEUS_MULTIPROC_DIR={folder}: {e.strerror}") from None
 
 
+_WILDCARDS = ("", "0.0.0.0", "::")
+
+
+def _allowed_hosts(host: str, open_mode: bool) -> str:
+    """The Host names served unless LARGEBATCH_ALLOWED_HOSTS says: the loopback names and the bound host.
+    Bound to every interface with keys required, any name (a load balancer's); in open mode, never."""
+    from largebatch.service.browser import LOCAL_HOSTS
+
+    if host in _WILDCARDS:
+        return ",".join(LOCAL_HOSTS) if open_mode else "*"
+    return ",".join(dict.fromkeys([*LOCAL_HOSTS, host]))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before announcing anything when the port is taken (uvicorn would log "serving" first)."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise CLIError(f"port {port} is in use: try --port {port + 1 if port < 65535 else 8001}") from None
+            if e.errno == errno.EADDRNOTAVAIL or isinstance(e, socket.gaierror):
+                raise CLIError(f"--host {host}: cannot bind to this address ({e.strerror})") from None
+            raise CLIError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise CLIError(f"--port must be in 1..65535, got {args.port}")
     if args.workers < 1:
         raise CLIError(f"--workers must be >= 1, got {args.workers}")
+    _check_port_free(args.host, args.port)
     import uvicorn
     from sqlalchemy.exc import DBAPIError
 
@@ -123,6 +155,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     os.environ["LARGEBATCH_OPEN_MODE"] = "true" if open_mode else "false"
     if args.log_level:
         os.environ["LARGEBATCH_LOG_LEVEL"] = args.log_level
+    if not os.environ.get("LARGEBATCH_ALLOWED_HOSTS"):
+        os.environ["LARGEBATCH_ALLOWED_HOSTS"] = _allowed_hosts(args.host, open_mode)
     try:
         settings = Settings()
     except Exception as e:

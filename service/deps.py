@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -116,6 +117,7 @@ async def get_writer(request: Request) -> Principal:
 
 
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]+$"
+MAX_IDEMPOTENCY_KEY = 200
 
 
 def check_idempotency_key(value: str | None) -> str | None:
@@ -123,11 +125,22 @@ def check_idempotency_key(value: str | None) -> str | None:
     if value is None:
         return None
     value = value.strip()
-    if not 0 < len(value) <= 200 or not value.isascii() or not value.isprintable():
+    if not 0 < len(value) <= MAX_IDEMPOTENCY_KEY or not value.isascii() or not value.isprintable():
         raise ApiError("validation_error", [{"loc": ["header", "Idempotency-Key"],
                                              "msg": "must be 1 to 200 printable ASCII characters",
                                              "type": "value_error"}])
     return value
+
+
+def variant_key(key: str | None, i: int) -> str | None:
+    """The key of an ``explore`` request's i-th variant run: the request's key and the variant's number,
+    with a long key replaced by its digest so that every variant key fits the store's 200 characters."""
+    if key is None:
+        return None
+    suffix = f":explore-{i}"
+    if len(key) + len(suffix) > MAX_IDEMPOTENCY_KEY:
+        key = hashlib.sha256(key.encode()).hexdigest()
+    return key + suffix
 
 
 async def _idempotency_key(

@@ -13,7 +13,9 @@ import math
 import threading
 import time
 
-from largebatch.service.storage._checks import unstorable_text
+from starlette.concurrency import run_in_threadpool
+
+from largebatch.service.bodycheck import BodyProblem, check_body
 
 log = logging.getLogger("largebatch.service")
 
@@ -21,7 +23,7 @@ __all__ = ["BodyLimitMiddleware", "InternalErrorMiddleware", "RateLimitMiddlewar
 
 
 
-async def send_error(send, status: int, type_: str, detail: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(send, status: int, type_: str, detail, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"type": type_, "detail": detail}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -132,10 +134,12 @@ def _is_json(content_type: bytes) -> bool:
 class StrictJsonMiddleware:
     """Request bodies of the API (``/v1/...``) are JSON: 415 for any other declared content type or for a
     body without one (a browser form or ``text/plain`` post cannot reach a route without a CORS preflight),
-    422 for strings no store can keep. Only bodies that contain a ``\\u`` escape are parsed here: a lone
-    surrogate or NUL can reach a JSON string no other way."""
+    415 for a body not in UTF-8, 422 for one nested too deep or with strings no store can keep
+    (:func:`~largebatch.service.bodycheck.check_body`, linear in the body's size). A large body is checked
+    off the event loop, so no request holds up the others while its bytes are scanned."""
 
     METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+    INLINE_BYTES = 64 * 1024
 
     def __init__(self, app, prefix: str = "/v1/"):
         self.app = app
@@ -163,21 +167,14 @@ class StrictJsonMiddleware:
             await send_error(send, 415, "unsupported_media_type",
                              "request bodies must be JSON: send Content-Type: application/json (UTF-8)")
             return
-        if b"\\u" in body:
-            try:
-                doc = json.loads(body)
-            except ValueError:
-                doc = None  # the route answers json_invalid
-            loc = unstorable_text(doc)
-            if loc is not None:
-                detail = [{"loc": ["body", *loc], "msg": "strings must be valid Unicode text: no lone surrogates "
-                                                        "(\\ud800-\\udfff) and no NUL (\\u0000)",
-                           "type": "string_unicode"}]
-                body_bytes = json.dumps({"type": "validation_error", "detail": detail}).encode()
-                await send({"type": "http.response.start", "status": 422, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body_bytes)).encode())]})
-                await send({"type": "http.response.body", "body": body_bytes})
-                return
+        try:
+            if len(body) <= self.INLINE_BYTES:
+                check_body(body)
+            else:
+                await run_in_threadpool(check_body, body)
+        except BodyProblem as e:
+            await send_error(send, e.status, e.type, e.detail)
+            return
         sent = False
 
         async def replay():
@@ -214,35 +211,60 @@ class TokenBucket:
             self._buckets[client] = (tokens, now)
             return (1 - tokens) / self.rate
 
+    def wait(self, client: str) -> float:
+        """Seconds until ``client`` has a token (0: it has one now); takes nothing."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+
     def _prune(self, now: float) -> None:
         full_after = self.burst / self.rate
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
 
 
+def credential(headers) -> str | None:
+    """The API key an ``Authorization`` header carries, parsed as authentication parses it (scheme in any
+    case, blanks around), so that spelling the header differently is the same client."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else value.decode("latin-1").strip()
+    return None
+
+
 class RateLimitMiddleware:
-    """429 + Retry-After once a client (API key, else IP) exceeds its token bucket. Probes are exempt."""
+    """429 + Retry-After once a client (its API key, else its IP) exceeds its token bucket, or once its IP
+    has failed authentication too often (a tenth of the rate, bursts of 10): invented keys, each a client
+    of its own, still spend their sender's failures. Probes are exempt."""
 
     EXEMPT = ("/healthz", "/readyz", "/metrics")
+    FAILURE_STATUSES = (401, 403)
 
     def __init__(self, app, rate: float | None, burst: int):
         self.app = app
         self.bucket = TokenBucket(rate, burst) if rate else None
+        self.failures = TokenBucket(rate / 10, min(burst, 10)) if rate else None
 
     async def __call__(self, scope, receive, send):
         if self.bucket is None or scope["type"] != "http" or scope.get("path") in self.EXEMPT:
             await self.app(scope, receive, send)
             return
-        client = None
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                client = "key:" + hashlib.sha256(value).hexdigest()
-                break
-        if client is None:
-            peer = scope.get("client")
-            client = "ip:" + (peer[0] if peer else "unknown")
-        wait = self.bucket.take(client)
+        peer = scope.get("client")
+        ip = "ip:" + (peer[0] if peer else "unknown")
+        key = credential(scope.get("headers", ()))
+        client = ip if key is None else "key:" + hashlib.sha256(key.encode()).hexdigest()
+        wait = max(self.failures.wait(ip), self.bucket.take(client))
         if wait > 0:
             await send_error(send, 429, "rate_limited", f"rate limit of {self.bucket.rate:g} requests/s exceeded",
                              {"Retry-After": str(max(1, math.ceil(wait)))})
             return
-        await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] in self.FAILURE_STATUSES:
+                self.failures.take(ip)
+            await send(message)
+
+        await self.app(scope, receive, counting_send)

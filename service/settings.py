@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from largebatch.scaling_rules.wire import NAME_PATTERN
 
@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     key_cache_seconds: float = Field(
         default=5.0, ge=0, description="How long a looked-up API key is trusted before the store is asked again "
                                        "(a revoked key stops working within this time)."
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default=["localhost", "127.0.0.1", "::1"],
+        description="Host names the service answers to (the Host header); any other is 400, so a page whose DNS "
+                    "name is rebound to this machine reaches nothing. Comma-separated in LARGEBATCH_ALLOWED_HOSTS; "
+                    "'*' allows any. `largebatch serve --host NAME` adds NAME.",
     )
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="Larger request bodies get 413.")
     rate_limit_per_s: float | None = Field(
@@ -76,6 +82,13 @@ class Settings(BaseSettings):
         default=5, ge=1, description="How many of a run's first reports define its early loss (their median)."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, v):
+        if isinstance(v, str):
+            return [h.strip() for h in v.split(",") if h.strip()]
+        return v
 
     @field_validator("divergence_factor", "lease_seconds", "explore_claim_s", "sweep_interval_s", "store_timeout_s", "ready_timeout_s",
                      "read_timeout_s", "keep_alive_s")

@@ -10,7 +10,13 @@ from starlette.routing import Route
 
 from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut
 from largebatch.service.auth import authenticate
-from largebatch.service.deps import IDEMPOTENCY_KEY_PATTERN, Reader, check_idempotency_key, parse_json_body
+from largebatch.service.deps import (
+    IDEMPOTENCY_KEY_PATTERN,
+    Reader,
+    check_idempotency_key,
+    parse_json_body,
+    variant_key,
+)
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
 from largebatch.service.explore import explore_variants, user_cap_factor
 from largebatch.service.recipes import compute_recipe, gather_history
@@ -105,7 +111,7 @@ async def create_recommendation(request: Request) -> Response:
                                             direction=evidence.direction,
                                             max_factor=user_cap_factor(body, recipe))
             for i, variant in enumerate(out.variants):
-                key = None if idempotency_key is None else f"{idempotency_key}:explore-{i}"
+                key = variant_key(idempotency_key, i)
                 run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment,
                                   body, variant=True)
                 out.variant_runs.append(run)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
@@ -30,6 +31,7 @@ from largebatch.service.deps import IdempotencyKey, Reader, StoreDep, Writer
 from largebatch.service.divergence import record_reports
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
 from largebatch.service.recipes import compute_recipe, gather_history
+from largebatch.service.storage._checks import NOISE_SCALE_RANGE
 from largebatch.service.storage.base import Conflict, NotFound, RunRecord, StudyStore
 
 router = APIRouter(prefix="/v1", tags=["runs"])
@@ -105,14 +107,24 @@ def create_run(name: StudyName, body: RunCreate, principal: Writer, store: Store
     return resp
 
 
+_LINE_BREAK = re.compile(r"(\r\n|\r|\n)")
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def csv_cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet shows as text: a string starting with = + - @ (or a tab or CR) would be
-    run as a formula (``=HYPERLINK(...)``), so it gets a leading apostrophe. Numbers stay numbers."""
+    """A CSV cell a spreadsheet shows as text: a string whose text starts with = + - @ (or a tab or CR), after
+    any blanks, on any of its lines, would be run as a formula (``=HYPERLINK(...)``): each such line gets a
+    leading apostrophe. Numbers stay numbers."""
     if value is None:
         return ""
-    if isinstance(value, str) and value.startswith(("=", "+", "-", "@", "\t", "\r")):
-        return "'" + value
-    return value
+    if not isinstance(value, str):
+        return value
+    parts = _LINE_BREAK.split(value)
+    for i in range(0, len(parts), 2):  # the even parts are the lines, the odd ones the breaks between them
+        line = parts[i]
+        if line.startswith(("\t", "\r")) or line.lstrip().startswith(_FORMULA_START):
+            parts[i] = "'" + line
+    return "".join(parts)
 
 
 def _csv(rows: list[Run]) -> str:
@@ -237,6 +249,15 @@ def _report(request: Request, store: StudyStore, run: RunRecord, reports: list[R
     raise _not_running(run)
 
 
+def _check_noise_scales(reports: list[ReportIn], batch: bool) -> None:
+    """The store's range, checked before any report of a batch is stored."""
+    lo, hi = NOISE_SCALE_RANGE
+    for i, r in enumerate(reports):
+        if r.noise_scale is not None and not lo <= r.noise_scale <= hi:
+            loc: list[str | int] = ["body", "reports", i, "noise_scale"] if batch else ["body", "noise_scale"]
+            raise field_error(loc, f"must be in [{lo:g}, {hi:g}] examples (a gradient noise scale)")
+
+
 @router.post(
     "/runs/{id}/reports",
     response_model=ReportOut,
@@ -253,6 +274,7 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer, st
     run_id = id
     run = _owned_run(store, principal.namespace, run_id)
     reports = body.reports if isinstance(body, ReportBatchIn) else [body]
+    _check_noise_scales(reports, isinstance(body, ReportBatchIn))
     if run.state not in _LIVE_STATES:
         if run.state in _STOP_STATES:
             return _json(ReportOut(run=to_run(run), should_stop=True, reason=run.reason or f"run is {run.state}"))

@@ -10,7 +10,13 @@ from largebatch.scaling_rules.models import MAX_COUNT
 from largebatch.service.storage.base import InvalidArgument
 
 MAX_JSON_BYTES = 256 * 1024
+# How deep any JSON document may nest: request bodies (checked on their bytes) and every JSON value the
+# store keeps, so nothing is stored that an answer cannot serialise again.
+MAX_JSON_DEPTH = 32
 MAX_REASON = 2000
+# A gradient noise scale is a batch size in examples: below a hundredth of one example or above 10^12 it
+# is a measurement error, and a study's median of such values would steer every recipe of the study.
+NOISE_SCALE_RANGE = (1e-2, 1e12)
 MAX_INT = MAX_COUNT  # steps: one range on every backend (32-bit columns on PostgreSQL)
 
 
@@ -53,10 +59,20 @@ def _float(argument: str, value: object, *, finite: bool = True, positive: bool 
     return v
 
 
+def _noise_scale(value: object) -> float:
+    v = _float("noise_scale", value, positive=True)
+    lo, hi = NOISE_SCALE_RANGE
+    if not lo <= v <= hi:
+        raise InvalidArgument(f"noise_scale must be in [{lo:g}, {hi:g}] examples, got {value!r}")
+    return v
+
+
 def _json(argument: str, value: object) -> str:
     bad = unstorable_text(value)
     if bad is not None:
         raise InvalidArgument(f"{argument}: the string at {bad} is not storable text (lone surrogate or NUL)")
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"{argument} nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         blob = json.dumps(value, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
@@ -66,25 +82,54 @@ def _json(argument: str, value: object) -> str:
     return blob
 
 
+def json_depth(value: object) -> int:
+    """How deep a parsed JSON document nests (a scalar: 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[int, object]] = [(0, value)]
+    while stack:
+        depth, v = stack.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:  # past the limit the answer is known: stop walking
+            stack.extend((depth, item) for item in v)
+    return deepest
+
+
+def _bad_text(v: str) -> bool:
+    if "\x00" in v:
+        return True
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def unstorable_text(value: object) -> list[str | int] | None:
     """Where in a parsed JSON document a string (or key) holds what no store can keep and give back
-    (a lone surrogate, which is not UTF-8; NUL, which PostgreSQL refuses), or None."""
-    stack: list[tuple[list[str | int], object]] = [([], value)]
+    (a lone surrogate, which is not UTF-8; NUL, which PostgreSQL refuses), or None. Linear: each node
+    keeps a link to its parent, and the path is built only for the one found."""
+    stack: list[tuple[tuple | None, object]] = [(None, value)]
     while stack:
-        loc, v = stack.pop()
+        link, v = stack.pop()
         if isinstance(v, str):
-            if "\x00" in v:
-                return loc
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return loc
+            if _bad_text(v):
+                loc: list[str | int] = []
+                while link is not None:
+                    link, part = link
+                    loc.append(part)
+                return loc[::-1]
         elif isinstance(v, dict):
             for k, item in v.items():
-                stack.append(([*loc, k], k))
-                stack.append(([*loc, k], item))
+                here = (link, k)
+                stack.append((here, k))
+                stack.append((here, item))
         elif isinstance(v, list):
-            stack.extend(([*loc, i], item) for i, item in enumerate(v))
+            stack.extend(((link, i), item) for i, item in enumerate(v))
     return None
 
 

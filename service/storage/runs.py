@@ -36,6 +36,7 @@ from largebatch.service.storage._checks import (
     _from_nonfinite,
     _int,
     _json,
+    _noise_scale,
     _nonfinite_repr,
     _now,
     _page_args,
@@ -411,7 +412,7 @@ class RunOps:
         if grad_norm is not None:
             grad_norm = _float("grad_norm", grad_norm, finite=False)
         if noise_scale is not None:
-            noise_scale = _float("noise_scale", noise_scale, positive=True)
+            noise_scale = _noise_scale(noise_scale)
         r = sch.lb_runs
         stored_loss, loss_tag = _nonfinite_repr(loss)
 

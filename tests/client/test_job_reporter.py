@@ -55,13 +55,13 @@ class Service:
 @pytest.fixture
 def service(tmp_path):
     app = create_app(Settings(store_url=f"sqlite:///{tmp_path / 'store.db'}", open_mode=True))
-    with TestClient(app, base_url="http://testserver") as tc:
+    with TestClient(app, base_url="http://localhost") as tc:
         yield Service(tc)
 
 
 @pytest.fixture
 def client(service):
-    with Client("http://testserver", http_client=httpx.Client(transport=httpx.MockTransport(service))) as c:
+    with Client("http://localhost", http_client=httpx.Client(transport=httpx.MockTransport(service))) as c:
         yield c
 
 

@@ -184,9 +184,9 @@ def in_process_api(url: str, name: str, **settings) -> Iterator[Api]:
     from largebatch.service.settings import Settings
 
     app = create_app(Settings(store_url=url, open_mode=False, **settings))
-    with TestClient(app, base_url="http://testserver") as tc:
+    with TestClient(app, base_url="http://localhost") as tc:
         # httpx clients over the app's ASGI interface, in the TestClient's event-loop thread.
-        api = Api(name, "http://testserver", url, make_keys(url), transport=_Buffered(tc._transport))
+        api = Api(name, "http://localhost", url, make_keys(url), transport=_Buffered(tc._transport))
         api.app = app  # type: ignore[attr-defined]
         yield api
         api.close()

@@ -117,3 +117,16 @@ def test_http_recipe_equals_cli_json(api, capsys):
     assert cli["stages"][0]["peak_lr"] == 0.005 and cli["stages"][0]["warmup_steps"] == 3125
     http = c.post("/v1/recommendations", json=bert_request(32768)).json()
     assert {k: http[k] for k in cli} == cli
+
+
+def test_serve_on_a_busy_port_says_so_before_announcing_anything(capsys, caplog):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert cli_main(["serve", "--port", str(port), "--store", "memory"]) == 2
+    err = capsys.readouterr().err
+    assert f"port {port} is in use: try --port {port + 1}" in err, err
+    assert "serving on" not in err + caplog.text

@@ -366,3 +366,173 @@ def test_generated_cases_never_answer_5xx(api, world):
         assert c.get(f"/v1/runs/{run['id']}/reports").status_code == 200
     assert c.get("/v1/studies", params={"limit": 1000}).status_code == 200
     assert c.post("/v1/recommendations", json=bert_request(study=study)).status_code == 200
+
+
+# ------------------------------------------------------------------ bounded work per request, before auth
+
+_WRITE_ROUTES = ["/v1/recommendations", "/v1/recommendations/schedule.png", "/v1/studies", "/v1/schedule",
+                 "/v1/studies/{study}/runs", "/v1/runs/{run}/reports", "/v1/runs/{run}/complete",
+                 "/v1/runs/{run}/heartbeat"]
+
+
+def _routes(study: str, run_id: int) -> list[str]:
+    return [u.format(study=study, run=run_id) for u in _WRITE_ROUTES]
+
+
+def test_deep_json_is_4xx_everywhere_with_or_without_a_key(api, world):
+    c, study, run_id = world
+    anonymous = api.client(key=None)
+    deep_escape = b'{"a":' + b"[" * 990 + b'"\\u00e9"' + b"]" * 990 + b"}"
+    for client in (c, anonymous):
+        for url in _routes(study, run_id):
+            for body in (deep_escape, b"[" * 100_000):
+                r = client.post(url, content=body, headers={"Content-Type": "application/json"})
+                assert_4xx(r)
+        assert_4xx(client.request("DELETE", f"/v1/studies/{study}", content=deep_escape,
+                                  headers={"Content-Type": "application/json"}))
+    assert c.get(f"/v1/studies/{study}").status_code == 200
+
+
+def _nested(depth: int):
+    doc: object = 1
+    for _ in range(depth - 1):
+        doc = {"x": doc}
+    return doc
+
+
+def test_one_depth_limit_for_every_field_so_everything_stored_reads_back(world):
+    c, study, _run_id = world
+    before = c.get(f"/v1/studies/{study}/runs").json()["total"]
+    for depth in (40, 256):
+        r = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"e": _nested(depth)}})
+        assert assert_4xx(r, 422).detail[0]["type"] == "too_deep"
+        assert_4xx(c.post("/v1/recommendations", json=bert_request(study=study, start_run=True,
+                                                                   environment={"e": _nested(depth)})), 422)
+    assert c.get(f"/v1/studies/{study}/runs").json()["total"] == before
+    ok = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"e": _nested(25)}})
+    assert ok.status_code == 201, ok.text
+    for url in (f"/v1/runs/{ok.json()['id']}", f"/v1/studies/{study}/runs", f"/v1/studies/{study}/runs?format=csv"):
+        assert c.get(url).status_code == 200
+
+
+def test_a_wide_and_deep_megabyte_is_refused_at_the_cost_of_its_bytes(api, world):
+    """The issue's freeze: ~1 MiB of numbers nested 900 deep with one escape. Refused (422), by a check
+    linear in the bytes; the same numbers shallow reach the route and are refused there."""
+    c, _study, run_id = world
+    anonymous = api.client(key=None)
+    deep = b'{"s":"\\u00e9","a":' + b"[" * 900 + b"1," * 520_000 + b"1" + b"]" * 900 + b"}"
+    wide = b'{"s":"\\u00e9","a":[' + b",".join([b"1"] * 500_000) + b"]}"
+    for client in (c, anonymous):
+        for body in (deep, wide):
+            assert_4xx(client.post(f"/v1/runs/{run_id}/reports", content=body,
+                                   headers={"Content-Type": "application/json"}))
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_only_utf8_bodies(world, encoding):
+    c, _study, _ = world
+    text = json.dumps({"name": unique(), "model_params": 1000})
+    r = c.post("/v1/studies", content=text.encode(encoding), headers={"Content-Type": "application/json"})
+    assert_4xx(r, 415)
+    assert_4xx(c.post("/v1/recommendations", content=b"\xef\xbb\xbf" + json.dumps(bert_request()).encode(),
+                      headers={"Content-Type": "application/json"}), 415)
+    assert_4xx(c.post("/v1/recommendations", content=b'{"x": "\xff"}', headers={"Content-Type": "application/json"}),
+               415)
+
+
+# ------------------------------------------------------------------ browsers: rebinding, forgery, framing
+
+
+def test_a_foreign_host_reaches_nothing(api, world):
+    if not api.base_url.startswith("http://localhost"):
+        pytest.skip("the uvicorn servers answer on 127.0.0.1; the in-process apps check the same middleware")
+    c, study, run_id = world
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.2"):
+        for method, url in (("GET", f"/v1/studies/{study}"), ("POST", f"/v1/runs/{run_id}/heartbeat"), ("GET", "/")):
+            assert_4xx(c.request(method, url, headers={"Host": host}), 400)
+    for host in ("localhost", "localhost:8000", "127.0.0.1:1234", "[::1]:8000", "LOCALHOST"):
+        assert c.get(f"/v1/studies/{study}", headers={"Host": host}).status_code == 200
+
+
+def test_a_cross_site_post_changes_nothing(api, world):
+    c, study, run_id = world
+    here = api.base_url.removeprefix("http://")
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": f"http://{here}", "Sec-Fetch-Site": "cross-site"}):
+        assert_4xx(c.post(f"/v1/runs/{run_id}/heartbeat", headers=headers), 403)  # body-less
+        assert_4xx(c.post(f"/v1/runs/{run_id}/complete", json={"outcome": "failed"}, headers=headers), 403)
+        assert_4xx(c.delete(f"/v1/studies/{study}", headers=headers), 403)
+    assert c.get(f"/v1/runs/{run_id}").json()["state"] == "running"
+    same = {"Origin": f"http://{here}", "Sec-Fetch-Site": "same-origin"}
+    assert c.post(f"/v1/runs/{run_id}/heartbeat", headers=same).status_code == 200
+    assert c.post(f"/v1/runs/{run_id}/heartbeat").status_code == 200  # a non-browser client sends no Origin
+
+
+def test_security_headers_on_every_answer(api, world):
+    c, study, _ = world
+    answers = [c.get("/healthz"), c.get("/"), c.get("/docs"), c.get("/nope"), c.get(f"/v1/studies/{study}"),
+               c.post("/v1/studies", content=b"{", headers={"Content-Type": "application/json"}),
+               api.client(key=None).get(f"/v1/studies/{study}"),
+               c.get(f"/v1/studies/{study}/runs", params={"format": "csv"})]
+    for r in answers:
+        assert r.headers["x-content-type-options"] == "nosniff", (r.request.url, r.headers)
+        assert "frame-ancestors 'none'" in r.headers["content-security-policy"], (r.request.url, r.headers)
+
+
+def test_csv_line_breaks_and_blanks_do_not_hide_a_formula(world):
+    c, study, _ = world
+    for reason in ("ok\r=HYPERLINK(1)", "ok\n+1", "  =1+1", "\r\n@SUM(A1)", "x\r\n -1+2"):
+        r = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request()})
+        assert c.post(f"/v1/runs/{r.json()['id']}/complete", json={"outcome": "failed", "reason": reason}
+                      ).status_code == 200
+    text = c.get(f"/v1/studies/{study}/runs", params={"format": "csv"}).text
+    rows = list(__import__("csv").reader(__import__("io").StringIO(text, newline="")))
+    for row in rows[1:]:
+        for cell in row:
+            for line in cell.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+                s = line.lstrip()
+                assert not (s[:1] in ("=", "+", "@") or (s[:1] == "-" and not _number(s))), repr(cell)
+
+
+def test_the_rate_limiter_keys_on_the_credential_and_counts_failures(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from largebatch.service.app import create_app
+    from largebatch.service.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'rl.db'}"
+    app = create_app(Settings(store_url=url, rate_limit_per_s=0.01, rate_limit_burst=4))
+    with TestClient(app, base_url="http://localhost") as tc:
+        spellings = ["Bearer k1", "bearer k1", "BEARER  k1 ", " Bearer k1", "Bearer\tk1"]
+        codes = [tc.get("/v1/studies", headers={"Authorization": h}).status_code for h in spellings]
+        assert codes[:4] == [401] * 4 and codes[4] == 429, codes
+    app = create_app(Settings(store_url=url, rate_limit_per_s=0.01, rate_limit_burst=100))
+    with TestClient(app, base_url="http://localhost") as tc:
+        codes = [tc.get("/v1/studies", headers={"Authorization": f"Bearer guess-{i}"}).status_code for i in range(15)]
+        assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}, codes
+
+
+def test_a_long_idempotency_key_opens_every_variant_or_nothing(world):
+    c, study, _ = world
+    before = c.get(f"/v1/studies/{study}/runs").json()["total"]
+    key = "k" * 200
+    rec = bert_request(study=study, start_run=True, explore=11)
+    first = c.post("/v1/recommendations", json=rec, headers={"Idempotency-Key": key})
+    assert first.status_code == 200, first.text
+    assert c.get(f"/v1/studies/{study}/runs").json()["total"] == before + 12
+    again = c.post("/v1/recommendations", json=rec, headers={"Idempotency-Key": key})
+    assert [r["id"] for r in again.json()["variant_runs"]] == [r["id"] for r in first.json()["variant_runs"]]
+    assert c.get(f"/v1/studies/{study}/runs").json()["total"] == before + 12
+
+
+def test_a_noise_scale_outside_its_physical_range_is_refused(world):
+    c, study, run_id = world
+    for bad in (5e-324, 1e-9, 1e13):
+        assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"step": 1, "loss": 2.0, "noise_scale": bad}), 422)
+        body = assert_4xx(c.post(f"/v1/runs/{run_id}/reports", json={"reports": [
+            {"step": 2, "loss": 2.0}, {"step": 3, "loss": 2.0, "noise_scale": bad}]}), 422)
+        assert body.detail[0]["loc"] == ["body", "reports", 1, "noise_scale"]
+    assert c.get(f"/v1/runs/{run_id}/reports").json()["items"] == []
+    assert c.post(f"/v1/runs/{run_id}/reports", json={"step": 1, "loss": 2.0, "noise_scale": 0.5}).status_code == 200
+    for extra in ({"start_run": True}, {"start_run": True, "explore": 2}):
+        assert c.post("/v1/recommendations", json=bert_request(study=study, **extra)).status_code == 200

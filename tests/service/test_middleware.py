@@ -20,7 +20,7 @@ def url(sqlite_url):
 
 def test_open_mode_without_key_writes_default_namespace_and_keys_still_count(url):
     keys = make_keys(url)
-    with TestClient(create_app(Settings(store_url=url, open_mode=True, open_namespace="sandbox"))) as c:
+    with TestClient(create_app(Settings(store_url=url, open_mode=True, open_namespace="sandbox")), base_url="http://localhost") as c:
         r = c.post("/v1/studies", json={"name": "open-study", "model_params": 5})
         assert r.status_code == 201 and r.json()["namespace"] == "sandbox"
         # A key, when sent, is checked and scopes the caller to its own namespace.
@@ -35,7 +35,7 @@ def test_rate_limit_429_with_retry_after(url):
     keys = make_keys(url)
     # one token per 2 s: the five requests below must not earn a token back even on a slow machine
     app = create_app(Settings(store_url=url, open_mode=True, rate_limit_per_s=0.5, rate_limit_burst=3))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         statuses = [c.post("/v1/recommendations", json=bert_request()).status_code for _ in range(5)]
         assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
         r = c.post("/v1/recommendations", json=bert_request())
@@ -50,7 +50,7 @@ def test_rate_limit_429_with_retry_after(url):
 
 
 def test_body_limit_declared_and_streamed(url):
-    with TestClient(create_app(Settings(store_url=url, open_mode=True, max_body_bytes=2000))) as c:
+    with TestClient(create_app(Settings(store_url=url, open_mode=True, max_body_bytes=2000)), base_url="http://localhost") as c:
         assert c.post("/v1/recommendations", json=bert_request()).status_code == 200
         big = bert_request(environment={"blob": "x" * 5000})
         r = c.post("/v1/recommendations", json=big)
@@ -75,7 +75,7 @@ def test_revoked_key_stops_within_cache_time(url):
     with open_store(url) as store:
         key_id, key = store.create_api_key("cache-ns", "write")
     app = create_app(Settings(store_url=url, key_cache_seconds=0.3))
-    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as c:
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}, base_url="http://localhost") as c:
         assert c.get("/v1/studies").status_code == 200
         with open_store(url) as store:
             store.revoke_api_key(key_id)
@@ -91,6 +91,6 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.store_url.endswith("env.db") and s.open_mode and s.rate_limit_per_s == 50
     from largebatch.service.app import create_app_from_env
 
-    with TestClient(create_app_from_env()) as c:
+    with TestClient(create_app_from_env(), base_url="http://localhost") as c:
         assert c.post("/v1/studies", json={"name": "e", "model_params": 1}).status_code == 201
     assert (tmp_path / "env.db").exists()

@@ -105,7 +105,7 @@ def test_a_500_is_answered_in_the_error_shape_without_reraising(tmp_path):
     def boom():
         raise RuntimeError("a bug")
 
-    with TestClient(app, raise_server_exceptions=True) as c:
+    with TestClient(app, raise_server_exceptions=True, base_url="http://localhost") as c:
         r = c.get("/boom")
         assert r.status_code == 500
         assert r.json() == {"type": "internal_error", "detail": "internal error"}

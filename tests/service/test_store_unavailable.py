@@ -26,7 +26,7 @@ def test_in_process_app_starts_and_answers_503():
     from largebatch.service.settings import Settings
 
     app = create_app(Settings(store_url=_dead_url(), open_mode=True, retry_after_s=2))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.get("/healthz").status_code == 200
         _assert_503(c.get("/readyz"))
         _assert_503(c.get("/v1/studies"))
@@ -74,7 +74,7 @@ def test_database_goes_away_and_comes_back(own_database):
     from largebatch.service.settings import Settings
 
     app = create_app(Settings(store_url=PG_URL.format(db=own_database), open_mode=True))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://localhost") as c:
         assert c.post("/v1/studies", json={"name": "s", "model_params": 10}).status_code == 201
         with _pg_admin() as admin:
             admin.execute(f'ALTER DATABASE "{own_database}" ALLOW_CONNECTIONS false')
