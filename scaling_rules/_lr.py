@@ -1,5 +1,6 @@
-"""The stage's peak LR: the reference scaled by the rule, re-anchored on the new optimizer's prior,
-moved by the size law, replaced by the study's evidence, then capped (engine rules 1, 3, 6, 9)."""
+"""The stage's peak LR: the reference moved along the regime curve (where the batch sits against the
+critical batch), re-anchored on the new optimizer's prior, moved by the size or width law, replaced by
+the study's evidence, then capped (see :mod:`.engine`)."""
 
 from __future__ import annotations
 
@@ -34,17 +35,61 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
     best = evidence.best_run(anchor) if anchor is not None else None
     if best is None:
         return
-    plan.ideal_lr = best.lr * math.sqrt(target / best.batch_size)
+    plan.ideal_lr = best.lr * regime_factor(target, best.batch_size, plan.noise, "sqrt")
     plan.rationale.append(
         f"{p}evidence: re-anchored on run {best.run_id} (batch {best.batch_size}, LR {_fmt(best.lr)}, the "
-        f"best measured near {target}) with sqrt scaling: {_fmt(plan.ideal_lr)}, the reference rule gave "
+        f"best measured near {target}) along the sqrt regime curve: {_fmt(plan.ideal_lr)}, the reference rule gave "
         f"{_fmt(rule_lr)} ({plan.ideal_lr / rule_lr - 1:+.1%})"
     )
 
 
-def _size_factor(req: RecommendationRequest, from_params: int, rule: str, what: str, plan: _Plan, p: str) -> float:
-    """LR factor for moving from a model of ``from_params`` to the request's model (transformers)."""
-    to = req.model.params
+def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str) -> float:
+    """f(B) / f(B_ref) with f(B) = (1 + B_noise/B)^-e: e = 1 is McCandlish et al.'s eq. 2.6-2.7 for
+    SGD-like optimizers (linear well below B_noise, flat beyond), e = 1/2 its Adam-family analogue (sqrt
+    well below, flat beyond; Li et al. 2024 find the optimum even falls past B_noise). Continuous in
+    every input; 1 at B = B_ref; with no B_noise the papers' pure linear or sqrt."""
+    if batch == ref_batch:
+        return 1.0
+    if noise is None:
+        return batch / ref_batch if rule == "linear" else math.sqrt(batch / ref_batch)
+    r = (1 + noise / ref_batch) / (1 + noise / batch)
+    return r if rule == "linear" else math.sqrt(r)
+
+
+def _regime_text(plan: _Plan, rule: str, source: str) -> str:
+    law = "linear (Goyal et al. 2017)" if rule == "linear" else "sqrt (LAMB section 4.3)"
+    if plan.noise is None:
+        return (f"{law}; regime assumed: well below the critical batch, because none is known (no "
+                "reference.noise_scale, no study measurement, no target.tokens), so the papers' default holds")
+    x = plan.batch_x / plan.noise
+    where = ("well below" if x < 0.1 else "around" if x <= 10 else "beyond")
+    return (f"{law} bent by the critical batch B_noise = {_fmt(plan.noise)} ({plan.noise_src.split(' (')[0]}): "
+            f"ratio f(B)/f(B_ref) with f(B) = (1 + B_noise/B)^-{'1' if rule == 'linear' else '1/2'} (McCandlish "
+            f"et al. 2018, eq. 2.6-2.7{'' if rule == 'linear' else ', Adam-family analogue'}); B/B_noise = "
+            f"{x:.3g}: {where} it ({'close to ' + rule if x < 0.1 else 'flat' if x > 10 else 'in between'})"
+            f"{'; ' + source if source else ''}")
+
+
+def _size_factor(req: RecommendationRequest, from_params: int, from_width: int | None, what: str,
+                 plan: _Plan, p: str, name: str) -> float:
+    """LR factor for moving from the model ``what`` was measured on to the request's model."""
+    to, width = req.model.params, req.model.width
+    if req.model.shared_weights and width is None:
+        plan.warnings.append(f"{p}the model shares weights across layers: its parameter count undercounts its "
+                             "width and compute, so a size law on parameters misleads; give model.width (and "
+                             "reference.model_width) for a muP-style transfer")
+    if width is not None and from_width is not None:
+        if width == from_width:
+            return 1.0
+        if name in ("sgd", "lars"):
+            plan.rationale.append(f"{p}width {from_width} -> {width}: muP keeps SGD's hidden-layer LR across "
+                                  "width (Yang et al. 2022), so the LR is not moved")
+            return 1.0
+        factor = from_width / width
+        plan.rationale.append(f"{p}width {from_width} -> {width}: LR x {factor:.4g}, muP's Adam rule (hidden "
+                              "layers' LR ~ 1/width, Yang et al. 2022); exact for a muP-parameterised model, a "
+                              "trend for a standard one")
+        return factor
     if from_params == to:
         return 1.0
     if req.model.family != "transformer":
@@ -52,42 +97,52 @@ def _size_factor(req: RecommendationRequest, from_params: int, rule: str, what: 
                              f"published size law for a {req.model.family} model, so the LR is not moved; try "
                              "\"explore\"")
         return 1.0
-    a = priors.size_law_exponent(rule)
+    a = priors.size_law_exponent()
     factor = (to / from_params) ** a
     plan.warnings.append(
         f"{p}{what} was measured on {from_params:,} parameters, this model has {to:,}: LR x {factor:.3g} by the "
-        f"GPT-3 Table 2.1 size law (LR ~ N^{priors.SIZE_EXPONENT} along GPT-3's batch path, N^{a:.3g} at a fixed "
-        "batch); a size law is a trend, not a tuned LR: try \"explore\""
+        f"size law at a fixed batch (LR ~ N^{a:.3g}, published LLM families trained at one batch); a size law "
+        "is a trend, not a tuned LR: try \"explore\""
     )
     lo, hi = priors.SIZE_LAW_RANGE
     if not (lo <= to <= hi and lo <= from_params <= hi):
-        plan.warnings.append(f"{p}the size law is extrapolated outside its data (GPT-3: {lo:,} to {hi:,} parameters)")
+        plan.warnings.append(f"{p}the size law is extrapolated outside its data ({lo:,} to {hi:,} parameters)")
     return factor
 
 
 def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> None:
-    """The ideal LR before caps: the reference scaled by the rule, or the new optimizer's prior."""
+    """The ideal LR before caps: the reference moved along the regime curve, or the new optimizer's prior."""
     p, ref, s = _prefix(plan, n), plan.ref, plan.req
     family = req.model.family
     if s.lr is not None:
         plan.ideal_lr = s.lr
         plan.rationale.append(f"{p}peak LR {_fmt(s.lr)}, given explicitly")
         return
+    if plan.law_lr is not None and name == "adamw" and family == "transformer":
+        plan.ideal_lr = plan.law_lr
+        plan.rationale.append(f"{p}peak LR {_fmt(plan.law_lr)} from DeepSeek LLM's lr_opt(C) (AdamW, the "
+                              "optimizer its law was fitted with); the reference LR is not used")
+        return
     prior = priors.prior_for(family, name)
     if not priors.same_units(name, ref.optimizer) and prior is not None:
         plan.prior = prior
-        lr = prior.lr_at(plan.batch)
+        lr = prior.lr * regime_factor(plan.batch_x, prior.batch, plan.noise, prior.rule)
         if family == "transformer":
-            lr *= _size_factor(req, prior.params, prior.rule, f"the {name} prior", plan, p)
+            lr *= _size_factor(req, prior.params, None, f"the {name} prior", plan, p, name)
         elif not prior.params / 4 <= req.model.params <= prior.params * 4:
             plan.warnings.append(f"{p}the {name} prior comes from a {prior.params:,}-parameter {family}; this model "
                                  f"has {req.model.params:,}: no size law for a {family}, try \"explore\"")
         plan.ideal_lr = lr
         plan.rationale.append(
             f"{p}LR re-anchored: the recipe uses {name}, whose LRs are not in {ref.optimizer}'s units, so the LR "
-            f"comes from {name}'s prior for a {family} at batch {plan.batch}: {_fmt(lr)} ({prior.source}); "
-            f"the reference LR {_fmt(ref.lr)} is not reused. Sweep around it with \"explore\""
+            f"comes from {name}'s prior for a {family} at batch {plan.batch}: {_fmt(lr)} ({prior.source}; "
+            f"{_regime_text(plan, prior.rule, '')}); the reference LR {_fmt(ref.lr)} is not reused. Sweep around "
+            "it with \"explore\""
         )
+        if name == "lars":
+            code_lr, code_warm = priors.lars_tpu_setting(plan.batch)
+            plan.rationale.append(f"{p}the TPU reference code itself would use LR {_fmt(code_lr)} with {_fmt(code_warm)} "
+                                  "warmup epochs at this batch (its settings are a step function of the batch)")
         lo, hi = prior.batch_range
         if not lo <= plan.batch <= hi:
             plan.warnings.append(f"{p}the {name} prior is used outside its data: batch {plan.batch} is outside "
@@ -95,24 +150,41 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
         return
     rule = req.rule or _default_rule(name)
     base = ref.lr
-    if ref.model_params is not None:
-        base *= _size_factor(req, ref.model_params, rule, "the reference", plan, p)
+    if ref.model_params is not None or (ref.model_width is not None and req.model.width is not None):
+        base *= _size_factor(req, ref.model_params or req.model.params, ref.model_width, "the reference", plan, p,
+                             name)
+    elif req.model.shared_weights and req.model.width is None:
+        _size_factor(req, req.model.params, None, "the reference", plan, p, name)
     if not priors.same_units(name, ref.optimizer):
         plan.warnings.append(
             f"{p}no published {name} prior for a {family} model: the {ref.optimizer} LR is reused in {name}'s units "
             "(they differ); sweep it with \"explore\""
         )
-    k = plan.k
-    if rule == "sqrt":
-        plan.ideal_lr = base * math.sqrt(k)
-        plan.rationale.append(
-            f"{p}LR: sqrt scaling (LAMB section 4.3): {_fmt(base)} x sqrt({_ratio_text(plan)}) = {_fmt(plan.ideal_lr)}"
-        )
-    else:
-        plan.ideal_lr = base * k
-        plan.rationale.append(
-            f"{p}LR: linear scaling (Goyal et al. 2017): {_fmt(base)} x {_ratio_text(plan)} = {_fmt(plan.ideal_lr)}"
-        )
+    factor = regime_factor(plan.batch_x, plan.ref_batch_x, plan.noise, rule)
+    plan.ideal_lr = base * factor
+    if plan.batch_x == plan.ref_batch_x:
+        plan.rationale.append(f"{p}LR {_fmt(plan.ideal_lr)}: the target batch is the reference's, so the "
+                              "reference's LR is kept")
+        return
+    plan.rationale.append(
+        f"{p}LR: {_regime_text(plan, rule, '')}: {_fmt(base)} x {factor:.6g} (batch {_ratio_text(plan)}) = "
+        f"{_fmt(plan.ideal_lr)}"
+    )
+
+
+def _prior_cap(req: RecommendationRequest, name: str, plan: _Plan) -> tuple[float, str] | None:
+    """The model-size (and, for AdamW, warmup- and batch-aware) cap prior, continuous in its inputs."""
+    prior = priors.prior_for(req.model.family, name)
+    if prior is None or prior.cap is None:
+        return None
+    cap = prior.cap_at(req.model.params)
+    assert cap is not None
+    if name in ("adamw", "adam") and req.model.family == "transformer":
+        size = cap / prior.cap
+        cap = priors.adamw_table8_cap(plan.batch_x, plan.warmup_ratio) * size
+        return cap, (f"{prior.cap_source}; at warmup ratio {_fmt(plan.warmup_ratio)} and batch {plan.batch}: "
+                     f"{_fmt(cap)}")
+    return cap, prior.cap_source
 
 
 def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequence[BatchSummary],
@@ -148,8 +220,8 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
             caps.append((cap, f"evidence: run {worst_run.run_id} diverged at LR {_fmt(worst_run.lr)}, batch "
                               f"{worst_run.batch_size} (<= {plan.batch}), so the cap is "
                               f"{priors.DIVERGENCE_MARGIN} x that = {_fmt(cap)}"))
-    prior = priors.prior_for(req.model.family, name)
-    prior_cap = prior.cap_at(req.model.params) if prior is not None and plan.batch >= prior.cap_min_batch else None
+    found = _prior_cap(req, name, plan)
+    prior_cap, cap_source = found if found is not None else (None, "")
     if s.lr is not None:
         boundary = min(plan.divergence_caps + ([prior_cap] if prior_cap is not None else []), default=None)
         if boundary is not None and s.lr > boundary:
@@ -157,11 +229,9 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
                                  f"{_fmt(boundary)} for batch {plan.batch}: it is kept as given")
     if explicit is None and s.lr is None:
         if prior_cap is None:
-            plan.rationale.append(f"{p}no published LR cap for {name} on a {req.model.family} model"
-                                  f"{' at this batch' if prior is not None and prior.cap is not None else ''}: "
+            plan.rationale.append(f"{p}no published LR cap for {name} on a {req.model.family} model: "
                                   "none applied (divergence evidence from runs still caps it)")
         else:
-            assert prior is not None
             stable = evidence.max_stable_at_or_below(plan.batch) if evidence is not None else None
             if stable is not None and stable > prior_cap:
                 plan.rationale.append(f"{p}the model-size cap prior {_fmt(prior_cap)} is raised to {_fmt(stable)}, "
@@ -174,7 +244,7 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
                 )
                 prior_cap = ref.lr
             caps.append((prior_cap, f"the model-size prior for {name} at {req.model.params:,} parameters "
-                                    f"({_fmt(prior_cap)}; {prior.cap_source}, GPT-3 size trend)"))
+                                    f"({_fmt(prior_cap)}; {cap_source}, GPT-3 size trend)"))
             lo, hi = priors.SIZE_LAW_RANGE
             if req.model.family == "transformer" and not lo <= req.model.params <= hi and plan.ideal_lr > prior_cap / 4:
                 plan.warnings.append(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from . import priors
-from ._plan import RecipeError, _fmt, _Plan, _prefix, _ratio_text
+from ._plan import RecipeError, _fmt, _Plan, _prefix
 from .learning import EvidenceModel
 from .models import RecommendationRequest, Stage
 from .schedule import DEFAULT_DECAY_POWER, schedule_area
@@ -14,55 +14,85 @@ from .schedule import DEFAULT_DECAY_POWER, schedule_area
 __all__ = ["area_gaps"]
 
 
-def _warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> float:
-    """The stage's warmup ratio by the recipe optimizer's policy, before the clamp."""
+_LAYERWISE = ("lamb", "lans")
+
+
+def _growth(opt: str, batch: float, plan: _Plan) -> float:
+    """How a family's warmup ratio grows with the batch at a fixed epoch budget: LAMB/LANS linearly in
+    the batch ratio as far as LAMB's tables go (x64: 512 -> 32K), then flat; others not at all."""
+    if opt not in _LAYERWISE:
+        return 1.0
+    return min(batch / plan.ref_batch_x, priors.LAMB_WARMUP_MAX_GROWTH)
+
+
+def _family_text(opt: str) -> str:
+    if opt in _LAYERWISE:
+        return ("linear-epoch (LAMB Tables 4, 5: the warmup ratio grows with the batch ratio up to their x64, "
+                "then stays)")
+    if opt in ("sgd", "lars"):
+        return "constant epochs (Goyal et al. 2017: 5 epochs at every batch; the LARS reference code)"
+    return "constant samples (AdamW recipes: GPT-3, BLOOM, LLaMA keep warmup tokens fixed; ViT fixed epochs)"
+
+
+def warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int,
+                 evidence: EvidenceModel | None = None) -> float:
+    """The stage's warmup ratio by the optimizer families' rules, continuous in the batch: the
+    reference family's rule up to where the recipe left it (``plan.switch_at``), the recipe
+    optimizer's rule beyond, so a switch keeps the warmup in samples; then the study's evidence
+    and the clamp."""
     p, ref, s, T = _prefix(plan, n), plan.ref, plan.req, plan.steps
-    prior = plan.prior
-    if prior is not None and s.warmup_scale is None:
-        epochs = prior.warmup_epochs_at(plan.batch)
-        ratio = epochs / prior.epochs
-        plan.rationale.append(f"{p}warmup from the {name} prior: {_fmt(epochs)} of {_fmt(prior.epochs)} "
-                              f"{'epochs' if prior.epochs != 1 else 'of the run'} at batch {plan.batch} "
-                              f"({'linear-epoch' if prior.warmup == 'linear-epoch' else prior.warmup}) = ratio "
-                              f"{_fmt(ratio)}")
-        return ratio
+    if plan.ramp:
+        plan.rationale.append(f"{p}no warmup: a batch ramp at the same seq_len continues the previous stage's "
+                              "schedule (re-warming is for stages that change the sequence length, LAMB section 4.1)")
+        return 0.0
     ref_ratio = ref.ratio
     if ref_ratio == 0 and not (ref.warmup_steps is not None and ref.warmup_steps > 0):
-        ref_ratio = priors.DEFAULT_REFERENCE_WARMUP_RATIO
+        ref_ratio = priors.DEFAULT_WARMUP_RATIO[ref.optimizer]
         plan.warnings.append(
-            f"{p}the reference has no warmup; large batches need one: assuming 1/320 (LAMB's 512 reference)"
-        )
+            f"{p}the reference has no warmup; large batches need one: assuming {ref.optimizer}'s default, "
+            f"{_fmt(ref_ratio)} of the reference run's examples ("
+            + ("5 of Goyal et al.'s 90 epochs" if ref.optimizer in ("sgd", "lars") else
+               "BERT's 10K of 1M steps" if ref.optimizer in ("adamw", "adam") else "LAMB's 512 reference")
+            + ")")
+    k = plan.k
+    ref_total = plan.ref_steps if ref.steps is not None else T * k
+    assert ref_total is not None
+    if ref.warmup_ratio is None and ref.steps is None and ref.warmup_steps:
+        ref_ratio = ref.warmup_steps / ref_total
     if s.warmup_scale is not None:
         ratio = ref_ratio * s.warmup_scale
         plan.rationale.append(f"{p}warmup ratio {_fmt(ref_ratio)} x {_fmt(s.warmup_scale)} (given scale) = {_fmt(ratio)}")
-        return ratio
-    k = plan.k
-    if ref.warmup_ratio is None and ref.steps is None and ref.warmup_steps:
-        # No reference length: warmup in steps is what carries over.
-        steps = ref.warmup_steps if name not in ("sgd",) else ref.warmup_steps / k
-        ratio = steps / T
-        plan.rationale.append(f"{p}warmup: {_fmt(steps)} steps ({'the reference warmup steps, linear-epoch' if name != 'sgd' else 'constant-epoch: the reference warmup examples'}) = ratio {_fmt(ratio)}")
-        return ratio
-    if name == "sgd":
-        # Goyal et al.: 5 epochs at every batch size, so the warmup examples stay fixed.
-        ref_warm_steps = ref_ratio * (ref.steps or T * k)
-        ratio = ref_warm_steps / k / T
-        plan.rationale.append(f"{p}constant-epoch warmup (Goyal et al. 2017: 5 epochs at every batch size): "
-                              f"{_fmt(ref_warm_steps)} reference steps x {_ratio_text(plan, inverse=True)} = "
-                              f"ratio {_fmt(ratio)}")
-        return ratio
-    if name == "lars":
-        lars = priors.prior_for("cnn", "lars")
-        assert lars is not None
-        grow = lars.warmup_epochs_at(plan.batch) / lars.warmup_epochs_at(plan.ref_batch)
-        ratio = ref_ratio * grow
-        plan.rationale.append(f"{p}LARS warmup epochs follow the TPU reference table (5 to 16K, 12 at 32K, 16 at "
-                              f"64K): ratio {_fmt(ref_ratio)} x {_fmt(grow)} = {_fmt(ratio)}")
-        return ratio
-    ratio = ref_ratio * k
-    plan.rationale.append(
-        f"{p}linear-epoch warmup (LAMB Tables 4, 5): ratio {_fmt(ref_ratio)} x {_fmt(k)} = {_fmt(ratio)}"
-    )
+        return _clamped(plan, _learned(plan, ratio, evidence, p), p)
+    old, b = ref.optimizer, plan.batch_x
+    sw = plan.switch_at if plan.switch_at is not None else b
+    edge = min(b, sw)
+    grow = _growth(old, edge, plan) * _growth(name, b, plan) / _growth(name, edge, plan)
+    # Constant-sample families keep the warmup's examples when the stage's examples change (an explicit
+    # step budget); the LAMB tables state their rule as a ratio of the run.
+    same_samples = 1.0 if (name in _LAYERWISE or T * b == ref_total * plan.ref_batch_x) \
+        else ref_total * plan.ref_batch_x / (T * b)
+    ratio = ref_ratio * grow * same_samples
+    if plan.switch_at is not None and priors.same_units(name, old) is False:
+        plan.rationale.append(
+            f"{p}warmup kept in samples across the switch {old} -> {name}: {old}'s rule ({_family_text(old)}) up "
+            f"to batch {_fmt(sw)}, then {name}'s ({_family_text(name)}): ratio {_fmt(ref_ratio)} x {_fmt(grow)}"
+            f"{f' x {same_samples:.4g} (same examples)' if same_samples != 1 else ''} = {_fmt(ratio)}")
+    elif k == 1 and same_samples == 1:
+        plan.rationale.append(f"{p}warmup ratio {_fmt(ratio)}: the reference's, at the reference's batch")
+    else:
+        plan.rationale.append(
+            f"{p}warmup: {_family_text(name)}: ratio {_fmt(ref_ratio)} x {_fmt(grow)}"
+            f"{f' x {same_samples:.4g} (the same warmup examples in a run of other length)' if same_samples != 1 else ''}"
+            f" = {_fmt(ratio)}")
+    return _clamped(plan, _learned(plan, ratio, evidence, p), p)
+
+
+def _clamped(plan: _Plan, ratio: float, p: str) -> float:
+    if ratio > priors.MAX_WARMUP_RATIO:
+        plan.warnings.append(
+            f"{p}warmup ratio {_fmt(ratio)} clamped to {priors.MAX_WARMUP_RATIO} (largest published: LANS 42.65%)"
+        )
+        return priors.MAX_WARMUP_RATIO
     return ratio
 
 
@@ -73,7 +103,7 @@ def _decay(plan: _Plan, req: RecommendationRequest, name: str) -> dict:
     out: dict = {"decay": shape}
     if shape == "polynomial":
         out["decay_power"] = req.decay_power or (ref.decay_power if own else None) or DEFAULT_DECAY_POWER
-    if shape == "step":
+    if shape in ("step", "multistep"):
         ms = req.decay_milestones or (ref.decay_milestones if own else None)
         if ms is not None:
             out["decay_milestones"] = list(ms)
@@ -94,7 +124,7 @@ def _equal_area_const(plan: _Plan, decay: dict, warmup: int) -> float:
     return (r - 1) * (warmup / 2 + f * (T - warmup)) / (1 - f)
 
 
-def _learned_warmup(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p: str) -> float:
+def _learned(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p: str) -> float:
     """The study's runs that varied the warmup replace the policy's ratio (issue #11), unless the
     request fixed the warmup scale itself (learning.py owns the fit; the rule is its prior)."""
     if evidence is None or plan.req.warmup_scale is not None:
@@ -115,20 +145,23 @@ def _learned_warmup(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p
 def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int,
                    evidence: EvidenceModel | None = None) -> Stage:
     p, s, T = _prefix(plan, n), plan.req, plan.steps
-    ratio = _learned_warmup(plan, _warmup_ratio(plan, req, name, n), evidence, p)
-    if ratio > priors.MAX_WARMUP_RATIO:
-        plan.warnings.append(
-            f"{p}warmup ratio {_fmt(ratio)} clamped to {priors.MAX_WARMUP_RATIO} (largest published: LANS 42.65%)"
-        )
-        ratio = priors.MAX_WARMUP_RATIO
+    ratio = plan.warmup_ratio
     warmup = math.floor(ratio * T + 1e-9)
-    if plan.k > 1 and warmup == 0 and T > 1:
+    if plan.k > 1 and warmup == 0 and T > 1 and not plan.ramp:
         warmup = 1
     decay = _decay(plan, req, name)
 
     plateau = s.plateau_ratio if s.plateau_ratio is not None else req.plateau_ratio
+    if plateau is None and decay["decay"] == "wsd":
+        plateau = max(ratio, 1 - priors.WSD_DECAY_FRACTION)
+        plan.rationale.append(f"{p}warmup-stable-decay: the LR holds until {_fmt(plateau)} of the stage, then "
+                              f"decays linearly over the last {_fmt(1 - plateau)} (Hägele et al. 2024)")
     const, const_ratio = 0, 0.0
-    if plateau is not None:
+    if plan.ramp_next:
+        const = T - warmup
+        const_ratio = round(1 - ratio, 12)
+        plan.rationale.append(f"{p}no decay: the next stage ramps the batch up and continues this schedule")
+    elif plateau is not None:
         if plateau < ratio:
             raise RecipeError(
                 f"stages[{plan.index}].plateau_ratio ({_fmt(plateau)}) is below the warmup ratio ({_fmt(ratio)})"
@@ -138,7 +171,7 @@ def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int,
         plan.rationale.append(
             f"{p}warmup + constant = {_fmt(plateau)} of the stage (LANS eq. 9 / Table 1): constant {const} steps"
         )
-    elif plan.capped and decay["decay"] == "step":
+    elif plan.capped and decay["decay"] in ("step", "multistep"):
         plan.rationale.append(f"{p}step decay: no constant phase is added for the cap (the LR is already flat "
                               "until the first drop)")
     elif plan.capped:

@@ -1,11 +1,12 @@
-"""A stage being planned: its batches in sequences and tokens, its steps, and what a measured
-noise scale predicts (engine rules 5, 8 and 10; see :mod:`.engine`)."""
+"""A stage being planned: its batches in sequences and tokens, its steps, where it sits against the
+critical batch, and what that predicts (see :mod:`.engine`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
+from . import priors
 from .models import RecommendationRequest, Reference, StageRequest
 from .priors import Prior
 
@@ -27,8 +28,20 @@ class _Plan:
     tokens: int | None = None
     seq_len: int | None = None
     ref_batch: int = 0
-    k: float = 1.0  # batch ratio target / reference, in tokens or sequences (k_unit)
+    # The batches in sequences before rounding (a batch typed in tokens need not be a whole number of
+    # sequences): the ratio k is theirs, so a recipe is the same whichever unit was typed.
+    batch_x: float = 0.0
+    ref_batch_x: float = 0.0
+    k: float = 1.0  # batch ratio target / reference (tokens and sequences agree where seq_len does)
     k_unit: str = "sequences"
+    noise: float | None = None  # critical batch B_noise, in sequences
+    noise_src: str = ""
+    warmup_ratio: float = 0.0  # decided before the LR (the AdamW cap depends on it)
+    ramp: bool = False  # continues the previous stage's schedule (a batch ramp at the same seq_len)
+    ramp_next: bool = False  # the next stage continues this one: no decay here
+    switch_at: float | None = None  # batch (sequences) where the recipe left the reference's optimizer
+    ref_steps: float | None = None  # the reference steps this stage scales from (a share of them)
+    law_lr: float | None = None  # a compute-optimal law's LR (batch_size "auto" with a budget)
     steps: int = 0
     ideal_lr: float = 0.0
     lr: float = 0.0
@@ -68,6 +81,40 @@ def auto_batch_size(noise_scale: float, lo: int | None = None, hi: int | None = 
     return int(b)
 
 
+def auto_from_budget(req: RecommendationRequest) -> tuple[int, float, list[str], list[str]]:
+    """(batch in sequences, LR, notes, warnings) from DeepSeek LLM's compute-optimal laws."""
+    t, ref = req.target, req.reference
+    assert t is not None and ref is not None
+    seq_len = t.seq_len or ref.seq_len
+    if seq_len is None:
+        raise RecipeError('target.batch_size "auto" with a token or compute budget needs a seq_len '
+                          "(target.seq_len or reference.seq_len): the laws give the batch in tokens")
+    if t.compute is not None:
+        c, how = t.compute, "target.compute"
+    else:
+        assert t.tokens is not None
+        c, how = 6.0 * req.model.params * t.tokens, f"6 N D = 6 x {req.model.params:,} x {t.tokens:.4g} tokens"
+    b_tokens, lr = priors.deepseek_optimum(c)
+    batch = max(1, round(b_tokens / seq_len))
+    if t.max_batch_size is not None:
+        batch = min(batch, t.max_batch_size)
+    if t.min_batch_size is not None:
+        batch = max(batch, t.min_batch_size)
+    notes = [f"batch size {batch} (auto): DeepSeek LLM 2024's compute-optimal B_opt = 0.2920 C^0.3271 = "
+             f"{b_tokens:.4g} tokens at C = {c:.4g} FLOPs ({how}), / seq_len {seq_len}; its LR law "
+             f"lr_opt = 0.3118 C^-0.1250 = {lr:.4g} (AdamW, betas (0.9, 0.95), wd 0.1)"]
+    warns = []
+    lo, hi = priors.DEEPSEEK_COMPUTE_RANGE
+    if not lo <= c <= priors.DEEPSEEK_CHECKED_UP_TO:
+        warns.append(f"compute {c:.3g} FLOPs is outside DeepSeek's fit ({lo:g}..{hi:g}, checked at their "
+                     f"7B/67B budgets up to ~{priors.DEEPSEEK_CHECKED_UP_TO:g}): the batch and LR laws are "
+                     "extrapolated")
+    elif c > hi:
+        notes.append(f"compute above DeepSeek's fit ({hi:g}) but within the budgets it was checked at "
+                     "(their 7B and 67B models, predicted within 10% of the batch and LR they used)")
+    return batch, lr, notes, warns
+
+
 def _stage_requests(req: RecommendationRequest) -> list[StageRequest]:
     if req.stages is not None:
         return list(req.stages)
@@ -77,9 +124,13 @@ def _stage_requests(req: RecommendationRequest) -> list[StageRequest]:
     if batch == "auto":
         ref = req.reference
         assert ref is not None
-        if ref.noise_scale is None:
-            raise RecipeError('target.batch_size "auto" needs reference.noise_scale (a measured gradient noise scale)')
-        batch = auto_batch_size(ref.noise_scale, t.min_batch_size, t.max_batch_size)
+        if ref.noise_scale is not None:
+            batch = auto_batch_size(ref.noise_scale, t.min_batch_size, t.max_batch_size)
+        elif t.compute is not None or t.tokens is not None:
+            batch = auto_from_budget(req)[0]
+        else:
+            raise RecipeError('target.batch_size "auto" needs reference.noise_scale (a measured gradient noise '
+                              "scale) or a budget (target.tokens or target.compute)")
     return [StageRequest(batch_size=batch, batch_tokens=t.batch_tokens, seq_len=t.seq_len, steps=t.steps)]
 
 
@@ -96,33 +147,42 @@ def _resolve_batches(plan: _Plan, n: int) -> None:
         if plan.seq_len is None:
             raise RecipeError(f"{where}.batch_tokens needs a seq_len ({where}.seq_len or reference.seq_len) "
                               "to give the recipe's batch in sequences")
-        plan.batch = max(1, round(s.batch_tokens / plan.seq_len))
+        plan.batch_x = s.batch_tokens / plan.seq_len
+        plan.batch = max(1, round(plan.batch_x))
         plan.tokens = s.batch_tokens
     else:
         assert s.batch_size is not None and not isinstance(s.batch_size, str)
         plan.batch = s.batch_size
+        plan.batch_x = float(s.batch_size)
         plan.tokens = s.batch_size * plan.seq_len if plan.seq_len else None
-    ref_tokens = ref.tokens
     if ref.batch_size is None:
-        if plan.tokens is None:
+        if plan.seq_len is None:
             raise RecipeError("reference.batch_tokens needs reference.seq_len (or a target batch in tokens) "
                               "to compare it with a batch in sequences")
-        plan.ref_batch = max(1, round(ref.batch_tokens / plan.seq_len)) if plan.seq_len else 1  # type: ignore[operator]
+        plan.ref_batch = max(1, round(ref.batch_tokens / plan.seq_len))  # type: ignore[operator]
     else:
         plan.ref_batch = ref.batch_size
-    in_tokens = s.batch_tokens is not None or ref.batch_tokens is not None
-    same_len = ref.seq_len is not None and ref.seq_len == plan.seq_len
-    if plan.tokens is not None and ref_tokens is not None and (in_tokens or same_len):
-        plan.k, plan.k_unit = plan.tokens / ref_tokens, "tokens"
+    # One unit whatever was typed: tokens where both batches' tokens are known, else sequences. The
+    # reference batch is kept in the target's sequences, so k, the regime and the warmup agree.
+    if ref.tokens is not None and plan.tokens is not None:
+        plan.ref_batch_x = ref.tokens / plan.seq_len  # type: ignore[operator]
+        plan.k_unit = "tokens"
     else:
-        plan.k, plan.k_unit = plan.batch / plan.ref_batch, "sequences"
-        if ref.seq_len is not None and plan.seq_len is not None and ref.seq_len != plan.seq_len:
-            plan.rationale.append(f"{p}seq_len {ref.seq_len} -> {plan.seq_len}: batches given in sequences are "
-                                  "compared in sequences (BERT's phase 2 keeps its own reference)")
+        plan.ref_batch_x = float(ref.batch_size) if ref.batch_size is not None else float(plan.ref_batch)
+        plan.k_unit = "sequences"
+    plan.k = plan.batch_x / plan.ref_batch_x
+    if ref.seq_len is not None and plan.seq_len is not None and ref.seq_len != plan.seq_len:
+        plan.rationale.append(f"{p}seq_len {ref.seq_len} -> {plan.seq_len}: the batch ratio is counted in tokens "
+                              "(the gradient noise is per token), whichever unit was typed")
+    elif plan.seq_len != ref.seq_len and ref.tokens is None:
+        plan.rationale.append(f"{p}seq_len {ref.seq_len} -> {plan.seq_len}: the reference's tokens are unknown, so "
+                              "the batch ratio is counted in sequences")
 
 
 def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
     p, ref, s = _prefix(plan, n), plan.ref, plan.req
+    if ref.steps is not None:
+        plan.ref_steps = s.share * ref.steps if (s.share is not None and s.reference is None) else ref.steps
     if s.steps is not None:
         plan.steps = s.steps
         plan.rationale.append(f"{p}steps: {s.steps}, given explicitly")
@@ -149,7 +209,7 @@ def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
         )
         return
     # same-epochs: the same number of examples, so steps shrink by k (LAMB Table 4: 1M -> 15625).
-    exact = ref_steps / plan.k
+    exact = ref_steps / plan.k if plan.batch_x != plan.ref_batch_x else ref_steps
     plan.steps = max(1, math.ceil(exact - 1e-9))
     unit = " tokens" if plan.k_unit == "tokens" else ""
     plan.rationale.append(
@@ -160,32 +220,52 @@ def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
 
 def _ratio_text(plan: _Plan, *, inverse: bool = False) -> str:
     if plan.k_unit == "tokens":
-        ref_tokens = plan.ref.tokens
-        a, b = plan.tokens, ref_tokens
+        a, b = plan.tokens, plan.ref.tokens
     else:
-        a, b = plan.batch, plan.ref_batch
+        a, b = _fmt(plan.batch_x), _fmt(plan.ref_batch_x)
     return f"{b}/{a}" if inverse else f"{a}/{b}"
 
 
-def _plan_noise(plan: _Plan, n: int, noise_scale: float | None) -> None:
+def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: float | None) -> None:
+    """The critical batch: the reference's measured B_noise, the study's, or a prior from the token
+    budget; and what the examples cost at the target batch (McCandlish et al. 2018, eq. 2.11)."""
     p = _prefix(plan, n)
-    bn = plan.ref.noise_scale or noise_scale
+    tokens = req.target.tokens if req.target is not None else None
+    if plan.ref.noise_scale is not None:
+        # In the reference's sequences; the plan counts in the target's.
+        plan.noise = plan.ref.noise_scale * plan.ref_batch_x / (plan.ref.batch_size or plan.ref_batch)
+        plan.noise_src = "reference.noise_scale"
+    elif noise_scale is not None:
+        plan.noise, plan.noise_src = noise_scale, "the study's measured noise scale"
+    elif tokens is not None and plan.seq_len:
+        b = priors.critical_batch_prior_tokens(tokens)
+        plan.noise = b / plan.seq_len
+        plan.noise_src = (f"a prior from the token budget ({tokens:.4g} tokens: Step Law's B_opt = 0.58 D^0.571 = "
+                          f"{b:.4g} tokens, Li et al. 2025, taken as the critical batch)")
+        lo, hi = priors.STEP_LAW_TOKENS_RANGE
+        if not lo <= tokens <= hi:
+            plan.warnings.append(f"{p}the token budget {tokens:.3g} is outside Step Law's fits ({lo:g}..{hi:g} "
+                                 "tokens): the critical-batch prior is extrapolated")
+    bn = plan.noise
     if bn is None:
         return
-    src = "reference.noise_scale" if plan.ref.noise_scale else "the study's measured noise scale"
-    ratio = examples_ratio(plan.batch, plan.ref_batch, bn)
+    ratio = examples_ratio(plan.batch_x, plan.ref_batch_x, bn)
     plan.examples_ratio = ratio
-    plan.steps_ratio = ratio * plan.ref_batch / plan.batch
+    plan.steps_ratio = ratio * plan.ref_batch_x / plan.batch_x
     plan.rationale.append(
-        f"{p}critical batch (McCandlish et al. 2018, eq. 2.11) from {src} B_noise = {_fmt(bn)}: reaching the "
-        f"reference's loss at batch {plan.batch} takes {ratio:.3g}x the examples and {plan.steps_ratio:.3g}x the "
-        f"steps of batch {plan.ref_batch} (examples ratio (1 + {plan.batch}/{_fmt(bn)})/(1 + {plan.ref_batch}/{_fmt(bn)}))"
+        f"{p}critical batch (McCandlish et al. 2018, eq. 2.11) from {plan.noise_src}: B_noise = {_fmt(bn)} "
+        f"sequences; reaching the reference's loss at batch {plan.batch} takes {ratio:.3g}x the examples and "
+        f"{plan.steps_ratio:.3g}x the steps of batch {plan.ref_batch} (examples ratio (1 + B/B_noise)/(1 + "
+        "B_ref/B_noise))"
     )
-    if plan.batch > 2 * bn:
+    if plan.batch_x > bn:
+        cost = (f"the budget \"{req.budget}\" keeps the reference's examples, so expect a worse loss than the "
+                "reference's" if req.budget == "same-epochs" else
+                "budget \"same-loss\" plans for that" if req.budget == "same-loss" else
+                "the budget \"same-steps\" gives it more examples than that only if k x steps covers it")
         plan.warnings.append(
-            f"{p}target batch {plan.batch} is {plan.batch / bn:.3g}x the critical batch (B_noise {_fmt(bn)}): beyond it a "
-            f"larger batch buys little speed; the same loss needs {ratio:.3g}x the examples (budget \"same-loss\" "
-            f"plans for that, batch_size \"auto\" picks a batch near B_noise)"
+            f"{p}target batch {plan.batch} is {plan.batch_x / bn:.3g}x the critical batch (B_noise {_fmt(bn)}, "
+            f"{plan.noise_src.split(' (')[0]}): past it the LR stops growing with the batch and the same loss "
+            f"needs {ratio:.3g}x the examples of the reference ({ratio * plan.ref_batch_x / plan.batch_x:.3g}x "
+            f"the steps): {cost}; batch_size \"auto\" picks a batch near B_noise"
         )
-
-

@@ -30,12 +30,14 @@ Rules (each cites its source; constants live in :mod:`.priors`):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 from . import priors
+from ._choice import choose_optimizer
 from ._lr import _plan_lr
-from ._phases import _plan_schedule, area_gaps
+from ._phases import _plan_schedule, area_gaps, warmup_ratio
 from ._plan import (
     RecipeError,
     _fmt,
@@ -46,8 +48,10 @@ from ._plan import (
     _resolve_batches,
     _stage_requests,
     auto_batch_size,
+    auto_from_budget,
     examples_ratio,
 )
+from ._weight_decay import weight_decay
 from .evidence import BatchSummary
 from .learning import EvidenceModel, RunEvidence
 from .models import OptimizerConfig, Recipe, RecommendationRequest
@@ -55,84 +59,9 @@ from .models import OptimizerConfig, Recipe, RecommendationRequest
 __all__ = ["RecipeError", "area_gaps", "auto_batch_size", "examples_ratio", "recommend"]
 
 
-def _choose_optimizer(req: RecommendationRequest, plans: list[_Plan]) -> tuple[str, list[str], list[str]]:
-    """Returns (name, rationale, warnings), before any cap is known (a binding cap turns LAMB into LANS)."""
-    family = req.model.family
-    max_batch = max(p.batch for p in plans)
-    max_tokens = max((p.tokens or 0) for p in plans)
-    token_regime = any(p.req.batch_tokens is not None or p.ref.batch_tokens is not None for p in plans)
-    ref_opts = {p.ref.optimizer for p in plans}
-    ref_opt = plans[0].ref.optimizer
-    mixed = len(plans) > 1
-    lamb_limit = priors.LAMB_MAX_BATCH_MIXED if mixed else priors.LAMB_MAX_BATCH
-    notes: list[str] = []
-    warns: list[str] = []
-    adamw_ok = max_batch <= priors.ADAMW_MAX_BATCH or (token_regime and 0 < max_tokens <= priors.ADAMW_MAX_TOKENS)
-    if req.optimizer is not None:
-        name = req.optimizer
-        notes.append(f"optimizer {name}: forced by the request")
-        if name == "adamw" and not adamw_ok and max_batch > priors.ADAMW_MAX_BATCH * 2 - 1:
-            warns.append(f"AdamW at batch {max_batch}: LAMB Table 8 shows AdamW stops scaling at 16K")
-        if name == "lars" and family != "cnn" and max_batch > priors.LARS_MAX_BATCH_ATTENTION:
-            warns.append(f"LARS on a {family} at batch {max_batch}: LAMB Table 2 shows LARS fails beyond 16K on BERT")
-        if name == "lamb" and max_batch > lamb_limit:
-            warns.append(f"LAMB at batch {max_batch}: the LAMB paper scaled to 32K (64K only mixed-batch)")
-    elif family == "cnn" and ref_opt in ("sgd", "lars"):
-        if max_batch > priors.SGD_MAX_BATCH or ref_opt == "lars":
-            name = "lars"
-            notes.append("optimizer lars: layer-wise adaptation keeps CNNs accurate beyond 8K "
-                         "(LAMB Algorithm 1; Goyal et al.'s linear scaling holds only to 8K)")
-        else:
-            name = "sgd"
-            notes.append("optimizer sgd: linear scaling with warmup holds up to 8K on CNNs (Goyal et al. 2017)")
-    elif family != "cnn" and ref_opt in ("adamw", "adam") and adamw_ok:
-        name = "adamw"
-        if max_batch <= priors.ADAMW_MAX_BATCH:
-            notes.append(f"optimizer adamw: batch {max_batch} <= 8K, where AdamW still matches LAMB (LAMB Table 8)")
-        else:
-            notes.append(f"optimizer adamw: {max_tokens:,} tokens per batch, within GPT-3's AdamW batches "
-                         f"(up to {priors.ADAMW_MAX_TOKENS:,} tokens, GPT-3 Table 2.1)")
-    elif max_batch > lamb_limit:
-        name = "lans"
-        notes.append(f"optimizer lans: batch {max_batch} is beyond LAMB's tested range; LANS (Nesterov + per-block "
-                     "normalised gradients) trained BERT-Large at 96K/33K (LANS Table 1)")
-    elif family == "cnn" and ref_opt in ("lamb", "lans"):
-        name = ref_opt
-        notes.append(f"optimizer {name}: LAMB trains ResNet-50 to 32K with sqrt LR and linear-epoch warmup, "
-                     "untuned (LAMB Table 5)")
-    elif family == "transformer":
-        name = "lamb"
-        notes.append("optimizer lamb: scales BERT to 32K with sqrt LR and linear-epoch warmup (LAMB Table 4) "
-                     "where AdamW stops at 16K (Table 8) and LARS fails beyond 16K (Table 2)")
-    else:
-        name = "lamb"
-        notes.append(f"optimizer lamb: the layer-wise Adam that the LAMB paper found robust across models with "
-                     f"sqrt LR and linear-epoch warmup (Tables 4, 5); no {family}-specific evidence exists")
-    if name in ("lamb", "lans") and ref_opts & {"adam", "adamw"}:
-        warns.append("the reference LR was tuned for AdamW; LAMB/LANS LRs are per-layer relative steps and "
-                     "usually several times larger (BERT: 1e-4 AdamW vs 6.25e-4 LAMB at 512): the LR is "
-                     "re-anchored on LAMB's prior where one exists; check it with \"explore\"")
-    if name in ("adamw",) and ref_opts & {"lamb", "lans", "lars"}:
-        warns.append("the reference LR was tuned for a layer-wise optimizer; AdamW usually needs a smaller LR")
-    if name == "lars" and ref_opts & {"sgd"}:
-        warns.append("the reference LR was tuned for SGD; LARS LRs are scaled by its trust coefficient (0.001) "
-                     "and are not comparable: the LR is re-anchored on the LARS prior")
-    if name == "lars" and max_batch > 65536:
-        warns.append(f"batch {max_batch} is beyond what the papers tested (65536 for LARS)")
-    return name, notes, warns
-
-
-def _check_lans_limit(name: str, plans: list[_Plan]) -> list[str]:
-    max_batch = max(p.batch for p in plans)
-    if name == "lans" and max_batch > priors.LANS_MAX_BATCH:
-        return [f"batch {max_batch} is beyond what the papers tested ({priors.LANS_MAX_BATCH} for LANS)"]
-    return []
-
-
 def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _Plan,
                       notes: list[str], warns: list[str]) -> OptimizerConfig:
     ref = plan.ref
-    wd = ref.weight_decay
     own = priors.same_units(name, ref.optimizer) or (name in ("lamb", "lans", "adamw")
                                                       and ref.optimizer in ("lamb", "lans", "adamw", "adam"))
     if name in ("lamb", "lans", "adamw"):
@@ -143,17 +72,17 @@ def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _P
         if req.adam_hparams == "sde":
             betas, eps = _sde(plan, betas, eps, notes, warns)
         return OptimizerConfig(
-            name=name, lr=lr, betas=betas, eps=eps, weight_decay=0.01 if wd is None else wd,
+            name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay(0.01, name, req, plan, notes),
             exclude_from_weight_decay=["bias", "LayerNorm", "layer_norm", "norm"],
         )
     momentum = ref.momentum if (ref.momentum is not None and ref.optimizer in ("sgd", "lars")) else 0.9
     if name == "lars":
         return OptimizerConfig(
-            name=name, lr=lr, betas=None, eps=1e-9, weight_decay=5e-5 if wd is None else wd, momentum=momentum,
+            name=name, lr=lr, betas=None, eps=1e-9, weight_decay=weight_decay(5e-5, name, req, plan, notes), momentum=momentum,
             trust_coefficient=0.001, exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
         )
     return OptimizerConfig(
-        name="sgd", lr=lr, betas=None, eps=0.0, weight_decay=1e-4 if wd is None else wd, momentum=momentum,
+        name="sgd", lr=lr, betas=None, eps=0.0, weight_decay=weight_decay(1e-4, name, req, plan, notes), momentum=momentum,
         exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
     )
 
@@ -219,15 +148,21 @@ def recommend(
     warnings: list[str] = []
     if req.target is not None and req.target.batch_size == "auto":
         t, bn = req.target, req.reference.noise_scale  # type: ignore[union-attr]
-        limits = f" within the limits {t.min_batch_size or 1}..{t.max_batch_size or 'none'}" \
-            if (t.min_batch_size or t.max_batch_size) else ""
-        rationale.append(f"batch size {plans[0].req.batch_size} (auto): the power of two nearest the noise scale "
-                         f"B_noise = {_fmt(bn)}{limits}; there steps and examples are each 2x their minimum "
-                         "(McCandlish et al. 2018, eq. 2.11): smaller wastes steps, larger wastes examples")
+        if bn is None:
+            _, law_lr, law_notes, law_warns = auto_from_budget(req)
+            plans[0].law_lr = law_lr
+            rationale += law_notes
+            warnings += law_warns
+        else:
+            limits = f" within the limits {t.min_batch_size or 1}..{t.max_batch_size or 'none'}" \
+                if (t.min_batch_size or t.max_batch_size) else ""
+            rationale.append(f"batch size {plans[0].req.batch_size} (auto): the power of two nearest the noise "
+                             f"scale B_noise = {_fmt(bn)}{limits}; there steps and examples are each 2x their minimum "
+                             "(McCandlish et al. 2018, eq. 2.11): smaller wastes steps, larger wastes examples")
 
     for plan in plans:
         _resolve_batches(plan, n)
-        _plan_noise(plan, n, noise_scale)
+        _plan_noise(plan, req, n, noise_scale)
         _plan_steps(plan, req, n)
         p = _prefix(plan, n)
         if plan.k < 1:
@@ -236,15 +171,20 @@ def recommend(
         if plan.steps < 10:
             plan.warnings.append(f"{p}the stage has only {plan.steps} step(s): too short for a warmup and a decay "
                                  "to mean anything; check the steps or the budget")
-    name, notes, warns = _choose_optimizer(req, plans)
+    for prev, plan in itertools.pairwise(plans):
+        # A batch ramp: the same sequence length, a larger batch, the same reference.
+        if plan.seq_len == prev.seq_len and plan.batch_x > prev.batch_x and plan.req.reference is None:
+            plan.ramp = prev.ramp_next = True
+    name, notes, warns = choose_optimizer(req, plans)
     for plan in plans:
+        plan.warmup_ratio = warmup_ratio(plan, req, name, n, evidence_model)
         _plan_lr(plan, req, name, history, evidence_model, n)
     if name == "lamb" and req.optimizer is None and any(p.capped for p in plans):
         name = "lans"
-        notes = [n_ for n_ in notes if not n_.startswith("optimizer lamb:")]
+        notes = [n_ for n_ in notes if not n_.startswith("optimizer lamb")]
         notes.append("optimizer lans: the LR cap binds; LANS (Nesterov + per-block normalised gradients) trained "
-                     "BERT-Large at 96K/33K with a capped LR and a constant phase (LANS Table 1)")
-    warns += _check_lans_limit(name, plans)
+                     "BERT-Large at 96K/33K with a capped LR and a constant phase (LANS Table 1); same LR units "
+                     "and warmup as LAMB, so nothing else changes")
     rationale += notes
     stages = []
     for plan in plans:
@@ -255,7 +195,8 @@ def recommend(
     if req.rule == "linear" and name in ("lamb", "lans", "adamw"):
         warnings.append("linear LR scaling with an adaptive optimizer: the LAMB paper found sqrt scaling right")
     if n > 1:
-        rationale.append("each stage re-warms from zero (LAMB section 4.1, mixed-batch training)")
+        rationale.append("stages that change the sequence length re-warm from zero (LAMB section 4.1, mixed-batch "
+                         "training); a batch ramp at the same length continues the schedule")
     if evidence_model is not None:
         warnings += [f"evidence conflict: {c}" for c in evidence_model.conflicts]
     total = sum(s.steps for s in stages)

@@ -29,7 +29,10 @@ Rule = Literal["sqrt", "linear"]
 Budget = Literal["same-epochs", "same-steps", "same-loss"]
 # linear: LAMB/BERT's eta0 (1 - t/T); cosine; polynomial: power `decay_power` (2 in the LARS TPU
 # reference); step: x `decay_factor` at each of `decay_milestones` (Goyal et al.: x0.1 at 30/60/80 of 90).
-DecayShape = Literal["linear", "cosine", "polynomial", "step"]
+# multistep: step decay with DeepSeek LLM's defaults (x0.316 at 80% and 90%: 31.6% then 10%);
+# wsd: warmup-stable-decay, the LR held after warmup and decayed linearly over the last 20%.
+DecayShape = Literal["linear", "cosine", "polynomial", "step", "multistep", "wsd"]
+WeightDecayRule = Literal["keep", "timescale"]
 AdamHparams = Literal["keep", "sde"]
 
 ADAM_FAMILY = frozenset({"lamb", "lans", "adamw", "adam"})
@@ -127,6 +130,10 @@ class ModelSpec(_Strict):
     params: Annotated[int, Field(strict=True, gt=0, le=MAX_PARAMS)] = Field(
         description="Number of trainable parameters.")
     family: Family = "transformer"
+    width: StrictPosInt | None = Field(
+        default=None, description="Hidden width (d_model); with reference.model_width the LR moves muP-style.")
+    shared_weights: bool = Field(
+        default=False, description="The model reuses weights across layers (ALBERT-style): params undercount it.")
 
 
 class Reference(_DecaySpec):
@@ -151,6 +158,8 @@ class Reference(_DecaySpec):
     model_params: Annotated[int, Field(strict=True, gt=0, le=MAX_PARAMS)] | None = Field(
         default=None, description="Parameters of the model the reference was measured on (default: model.params)."
     )
+    model_width: StrictPosInt | None = Field(
+        default=None, description="Hidden width of the model the reference was measured on (muP-style transfer).")
     decay: DecayShape | None = Field(default=None, description="The reference's decay shape (kept by the recipe).")
     noise_scale: StrictNum | None = Field(
         default=None, description="Measured gradient noise scale B_noise, in the units of batch_size (McCandlish 2018)."
@@ -250,6 +259,15 @@ class Target(_Strict):
     )
     min_batch_size: StrictPosInt | None = Field(default=None, description='Lower device limit for "auto".')
     max_batch_size: StrictPosInt | None = Field(default=None, description='Upper device limit for "auto".')
+    tokens: StrictNum | None = Field(
+        default=None, description="Training budget in tokens (a critical-batch prior; with \"auto\", Step Law/DeepSeek).")
+    compute: StrictNum | None = Field(
+        default=None, description="Training budget in FLOPs (with batch_size \"auto\": DeepSeek LLM's laws).")
+
+    @field_validator("tokens", "compute")
+    @classmethod
+    def _budget(cls, v: float | None, info) -> float | None:
+        return _finite_positive(info.field_name, v, 1e30)
 
     @model_validator(mode="after")
     def _one_batch(self) -> Target:
@@ -323,6 +341,10 @@ class RecommendationRequest(_DecaySpec):
     end_lr: StrictNum = 0.0
     adam_hparams: AdamHparams = Field(
         default="keep", description='"keep" the reference betas/eps, or "sde": Malladi et al. 2022 scaling.'
+    )
+    weight_decay_rule: WeightDecayRule = Field(
+        default="keep", description='"keep" the reference weight decay, or "timescale": keep tau = 1/(lr x wd) '
+                                    "fixed in examples (Wang & Aitchison 2024)."
     )
 
     @field_validator("lr_cap")

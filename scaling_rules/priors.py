@@ -13,22 +13,23 @@ Priors are keyed by (family, optimizer): no family borrows another's cap or LR.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 # --- LR cap prior (LANS section 3.3: "the learning rate is theoretically upper bounded by 1/L") ---
-# BERT-Large (340M): LANS Figure 1 - the ideal 0.01 "exceeded the maximum learning rate and results
-# in divergence", 0.007 is used, 0.00725 also trained. LAMB's own 64K/32K run used 6e-3 (NVIDIA's
+# BERT-Large (340M): LANS Figure 1 - the sqrt-scaled 0.01 (LAMB's 32K LR scaled to 128K, the setting
+# LANS section 3.3 discusses, not its 96K run) "exceeded the maximum learning rate and results in
+# divergence"; 0.007 is used, 0.00725 also trained. LAMB's own 64K/32K run used 6e-3 (NVIDIA's
 # run_pretraining.sh), below it. So the layer-wise (LAMB/LANS) cap at 340M is 0.007.
 BERT_LARGE_PARAMS = 340_000_000
 LAYERWISE_CAP_AT_BERT_LARGE = 0.007
 # How the largest usable LR moves with model size: GPT-3's LRs (Table 2.1) fit LR ~ N^-0.305 over
-# 125M..175B. That is the only published size trend across three orders of magnitude, so the cap is
-# anchored on BERT-Large and follows the same exponent.
-SIZE_EXPONENT = -0.305
-# AdamW: GPT-3's fit itself, 0.1325 * N^-0.305 (3.3e-4 at 340M). LAMB Table 8 agrees: AdamW at 16K
-# diverged at 3e-4 with 5% and 10% warmup.
+# 125M..175B along GPT-3's own path (its batch grew with the model). The caps follow that trend.
+CAP_SIZE_EXPONENT = -0.305
+# The tuned LR at a fixed batch against model size: published LLM families trained at one batch fit
+# about N^-0.36 (the corpus refits it; its scorer may override this name for cross-validation).
+SIZE_EXPONENT = -0.36
+# AdamW: GPT-3's fit itself, 0.1325 * N^-0.305 (3.3e-4 at 340M).
 ADAMW_CAP_COEF = 0.1325
 
 # --- Schedule shape ---
@@ -38,12 +39,22 @@ MAX_WARMUP_RATIO = 0.45
 # When the cap binds, the constant phase may not eat the decay: LANS keeps warmup + const = 70%,
 # i.e. a 30% decay tail, and with that tail the area rule below gives LANS's 963 steps exactly.
 MIN_DECAY_TAIL = 0.30
-# When the reference run had no warmup at all; LAMB's 512 reference used 1/320.
+# Warmup when the reference had none, per family, as a fraction of the reference run's examples:
+# LAMB/LANS 1/320 (LAMB's 512 reference), AdamW 1% (BERT: 10K of 1M steps), SGD/LARS 5 of Goyal's
+# 90 epochs.
 DEFAULT_REFERENCE_WARMUP_RATIO = 1 / 320
+DEFAULT_WARMUP_RATIO = {"lamb": 1 / 320, "lans": 1 / 320, "adamw": 0.01, "adam": 0.01,
+                        "sgd": 5 / 90, "lars": 5 / 90}
+# LAMB's linear-epoch warmup (ratio x batch ratio) is what Tables 4 and 5 show from 512 to 32K, a
+# batch ratio of 64; past that the warmup ratio stays where the tables end (constant epochs).
+LAMB_WARMUP_MAX_GROWTH = 64.0
+# Warmup-stable-decay: the decay takes the last 20% of the run (Hägele et al. 2024's cooldown).
+WSD_DECAY_FRACTION = 0.2
 
-# --- Optimizer choice thresholds (in sequences per batch) ---
-ADAMW_MAX_BATCH = 8192  # LAMB Table 8: AdamW "stops scaling at the batch size of 16K".
-LARS_MAX_BATCH_ATTENTION = 8192  # LAMB Table 2: "LARS stops scaling at the batch size of 16K".
+# --- Optimizer choice: where a family is known to fail (in sequences per batch, whatever the unit
+# typed: Table 8's 16K sequences of BERT fail, GPT-3's 1.5K sequences of 2048 tokens do not) ---
+ADAMW_FAILS_AT = 16384  # LAMB Table 8: AdamW "stops scaling at the batch size of 16K" (BERT-Large).
+LARS_FAILS_AT_ATTENTION = 16384  # LAMB Table 2: "LARS stops scaling at the batch size of 16K".
 SGD_MAX_BATCH = 8192  # Goyal et al. 2017: linear scaling + warmup holds up to 8K on ImageNet.
 LAMB_MAX_BATCH = 32768  # LAMB Table 4: sqrt scaling with no loss up to 32K,
 LAMB_MAX_BATCH_MIXED = 65536  # and 64K/32K mixed-batch (LAMB section 4.1).
@@ -56,11 +67,11 @@ DIVERGENCE_MARGIN = 0.8
 
 def layerwise_cap(params: int) -> float:
     """Largest stable LAMB/LANS LR for a model of ``params`` parameters (see above)."""
-    return LAYERWISE_CAP_AT_BERT_LARGE * (params / BERT_LARGE_PARAMS) ** SIZE_EXPONENT
+    return LAYERWISE_CAP_AT_BERT_LARGE * (params / BERT_LARGE_PARAMS) ** CAP_SIZE_EXPONENT
 
 
 def adamw_cap(params: int) -> float:
-    return ADAMW_CAP_COEF * params**SIZE_EXPONENT
+    return ADAMW_CAP_COEF * params**CAP_SIZE_EXPONENT
 
 
 def cap_prior(optimizer: str, params: int) -> float | None:
@@ -83,33 +94,58 @@ def lans_equal_area_const_steps(ideal_lr: float, lr: float, steps: int) -> float
     return steps * (ideal_lr / lr - 1.0)
 
 
-# --- Model size (issue #10) ---
-# GPT-3 Table 2.1 fits: LR ~ N^-0.305 and batch ~ N^0.303 tokens, along GPT-3's own path where the
-# batch grew with the model. Away from that path the batch rule applies, so at a fixed batch the
-# size law is N^(-0.305 - 0.303/2) for sqrt-rule optimizers and N^(-0.305 - 0.303) for linear ones.
-GPT3_BATCH_EXPONENT = 0.303
-# The range of model sizes the GPT-3 fit was made on: 125M .. 175B.
+# --- Model size ---
+# The range of model sizes the size fits were made on (GPT-3: 125M .. 175B).
 SIZE_LAW_RANGE = (125_000_000, 175_000_000_000)
 
 
-def size_law_exponent(rule: str) -> float:
-    """Exponent of LR vs parameters at a fixed batch (transformers; see above)."""
-    return SIZE_EXPONENT - GPT3_BATCH_EXPONENT * (0.5 if rule == "sqrt" else 1.0)
+def size_law_exponent() -> float:
+    """Exponent of the tuned LR vs parameters at a fixed batch (transformers), read at call time."""
+    return SIZE_EXPONENT
 
-
-# --- Token batches ---
-# GPT-3 trained AdamW at up to 3.2M tokens per batch (175B): where a request counts its batch in
-# tokens (a decoder LM), AdamW is kept up to there; BERT's 8K-sequence limit (Table 8) applies to
-# batches counted in sequences.
-ADAMW_MAX_TOKENS = 3_200_000
 
 # --- Adam SDE rule (Malladi et al. 2022): valid while 1 - k (1 - beta1) stays >= 0.5 ---
 SDE_MIN_BETA1 = 0.5
 
-# --- The AdamW stability evidence (LAMB Table 8): at 16K, BERT-Large, AdamW diverged at 3e-4 with
-# 5% and 10% warmup (and at every LR with 5%); 2e-4 with 10% warmup was the best (F1 88.54).
+# --- The AdamW stability evidence (LAMB Table 8, BERT-Large at 16K): with 5% warmup every LR
+# diverged; with 10% warmup 3e-4 diverged and 2e-4 was best (F1 88.54); with 20% warmup 3e-4 trained
+# (F1 85.65). So the largest stable LR depends on the warmup: 0.8 x 3e-4 up to 10% warmup, rising to
+# 3e-4 (the largest LR tried, so a lower bound on the true limit) at 20%. The evidence is from 16K:
+# the cap fades out below it as (1 + (ADAMW_CAP_FADE / B)^2), x2 at 4K, so it has no step.
 ADAMW_DIVERGED_AT_16K = 3e-4
-ADAMW_CAP_MIN_BATCH = 8192  # the evidence is from 16K; below 8K no AdamW cap prior is known
+ADAMW_WARMUP_SAFE = (0.10, 0.20)
+ADAMW_CAP_FADE = 4096
+
+
+def adamw_table8_cap(batch: float, warmup_ratio: float) -> float:
+    """The warmup-aware AdamW cap at BERT-Large size (LAMB Table 8), continuous in both inputs."""
+    lo, hi = ADAMW_WARMUP_SAFE
+    w = min(max((math.log(max(warmup_ratio, 1e-9)) - math.log(lo)) / (math.log(hi) - math.log(lo)), 0.0), 1.0)
+    at16k = DIVERGENCE_MARGIN * ADAMW_DIVERGED_AT_16K * (1 / DIVERGENCE_MARGIN) ** w
+    return at16k * (1 + (ADAMW_CAP_FADE / max(batch, 1.0)) ** 2)
+
+
+# --- Critical batch and compute-optimal laws (token budgets) ---
+# Step Law (Li et al. 2025): B_opt = 0.58 D^0.571 tokens, independent of model size; taken as the
+# critical-batch prior when only the token budget is known (fitted up to 1B parameters / 100B tokens).
+STEP_LAW_BATCH = (0.58, 0.571)
+STEP_LAW_TOKENS_RANGE = (1e9, 1e11)
+# DeepSeek LLM (Bi et al. 2024): B_opt = 0.2920 C^0.3271 tokens, lr_opt = 0.3118 C^-0.1250 (AdamW,
+# C in FLOPs), fitted on C = 1e17..3e20 and checked at their 7B/67B budgets (~1e24).
+DEEPSEEK_BATCH = (0.2920, 0.3271)
+DEEPSEEK_LR = (0.3118, -0.1250)
+DEEPSEEK_COMPUTE_RANGE = (1e17, 3e20)
+DEEPSEEK_CHECKED_UP_TO = 1e24
+
+
+def critical_batch_prior_tokens(tokens: float) -> float:
+    a, b = STEP_LAW_BATCH
+    return a * tokens**b
+
+
+def deepseek_optimum(compute: float) -> tuple[float, float]:
+    """(batch in tokens, LR) from DeepSeek LLM's compute-optimal fits."""
+    return DEEPSEEK_BATCH[0] * compute ** DEEPSEEK_BATCH[1], DEEPSEEK_LR[0] * compute ** DEEPSEEK_LR[1]
 
 
 @dataclass(frozen=True)
@@ -131,40 +167,26 @@ class Prior:
     cap: float | None = None  # largest stable LR at `params`
     cap_source: str = ""
     cap_min_batch: int = 0
-    # (batch, LR, warmup epochs) points of a published schedule table, interpolated log-log.
-    table: tuple[tuple[int, float, float], ...] = ()
 
     def cap_at(self, params: int) -> float | None:
         if self.cap is None:
             return None
-        return self.cap * (params / self.params) ** SIZE_EXPONENT if self.family == "transformer" else self.cap
-
-    def lr_at(self, batch: float) -> float:
-        """The anchor's LR scaled to ``batch`` (table points where the source has them)."""
-        if self.table:
-            return _interp(self.table, batch, 1)
-        k = batch / self.batch
-        return self.lr * (math.sqrt(k) if self.rule == "sqrt" else k)
-
-    def warmup_epochs_at(self, batch: float) -> float:
-        if self.table:
-            return _interp(self.table, batch, 2)
-        if self.warmup == "linear-epoch":
-            return self.warmup_epochs * batch / self.batch
-        return self.warmup_epochs
+        return self.cap * (params / self.params) ** CAP_SIZE_EXPONENT if self.family == "transformer" else self.cap
 
 
-def _interp(table: tuple[tuple[int, float, float], ...], batch: float, col: int) -> float:
-    """Log-log interpolation between table points; flat below the first (the TPU code uses its first
-    row for every smaller batch) and sqrt-extrapolated (LR) or flat (warmup) beyond the last."""
-    if batch <= table[0][0]:
-        return table[0][col]
-    for (b0, *v0), (b1, *v1) in itertools.pairwise(table):
-        if batch <= b1:
-            x0, x1, y0, y1 = math.log(b0), math.log(b1), math.log(v0[col - 1]), math.log(v1[col - 1])
-            return math.exp(y0 + (y1 - y0) * (math.log(batch) - x0) / (x1 - x0))
-    last = table[-1]
-    return last[col] * math.sqrt(batch / last[0]) if col == 1 else last[col]
+# The LARS schedule of the TensorFlow TPU ResNet-50 reference (lars_util.py) is a step function of the
+# batch, not a table of measured points: batch <= 16384: LR 25, 5 warmup epochs; exactly 32768: 34 / 12;
+# any other batch: 41 / 16. The engine anchors on its first row (the one setting the code uses over a
+# range of batches) and reports the code's own setting beside its answer.
+
+
+def lars_tpu_setting(batch: int) -> tuple[float, float]:
+    """(LR, warmup epochs) that the TPU reference code uses at ``batch`` (its branches verbatim)."""
+    if batch <= 16384:
+        return 25.0, 5.0
+    if batch == 32768:
+        return 34.0, 12.0
+    return 41.0, 16.0
 
 
 RESNET50_PARAMS = 25_557_032
@@ -173,26 +195,26 @@ PRIORS: dict[tuple[str, str], Prior] = {
         "transformer", "lamb", "LAMB Table 4 (BERT-Large, batch 512, LR 6.25e-4, sqrt + linear-epoch warmup); "
         "cap: LANS section 3.3 / Figure 1", BERT_LARGE_PARAMS, 512, 6.25e-4, "sqrt", "linear-epoch",
         1 / 320, 1.0, "linear", (512, 65536), LAYERWISE_CAP_AT_BERT_LARGE,
-        "LANS section 3.3: 0.01 diverged at 96K, 0.007 trained (BERT-Large)"),
+        "LANS section 3.3 / Figure 1: the 128K-scaled 0.01 diverged, 0.007 trained (BERT-Large)"),
     ("transformer", "lans"): Prior(
         "transformer", "lans", "LANS Table 1 (BERT-Large with LAMB's LRs: 6e-3 at 64K, 6.75e-3 at 96K); "
         "anchor LAMB Table 4", BERT_LARGE_PARAMS, 512, 6.25e-4, "sqrt", "linear-epoch", 1 / 320, 1.0, "linear",
         (512, 98304), LAYERWISE_CAP_AT_BERT_LARGE,
-        "LANS section 3.3: 0.01 diverged at 96K, 0.007 trained (BERT-Large)"),
+        "LANS section 3.3 / Figure 1: the 128K-scaled 0.01 diverged, 0.007 trained (BERT-Large)"),
     ("transformer", "adamw"): Prior(
         "transformer", "adamw", "BERT (Devlin et al. 2019: Adam 1e-4 at batch 256, 1% warmup); "
         "cap: LAMB Table 8", BERT_LARGE_PARAMS, 256, 1e-4, "sqrt", "linear-epoch", 0.01, 1.0, "linear",
         (256, 16384), DIVERGENCE_MARGIN * ADAMW_DIVERGED_AT_16K,
-        f"LAMB Table 8: AdamW diverged at {ADAMW_DIVERGED_AT_16K:g} at 16K (BERT-Large); "
-        f"{DIVERGENCE_MARGIN} x that", ADAMW_CAP_MIN_BATCH),
+        "LAMB Table 8 (BERT-Large at 16K): 3e-4 diverged with 5% and 10% warmup and trained with 20%; "
+        f"{DIVERGENCE_MARGIN} x that up to 10% warmup, 3e-4 from 20%, fading out below 16K"),
     ("cnn", "sgd"): Prior(
         "cnn", "sgd", "Goyal et al. 2017 (ResNet-50: 0.1 x batch/256, 5 warmup epochs at every batch, "
         "x0.1 at epochs 30/60/80 of 90)", RESNET50_PARAMS, 256, 0.1, "linear", "constant-epoch", 5, 90, "step",
         (256, 8192)),
     ("cnn", "lars"): Prior(
-        "cnn", "lars", "LARS TPU reference schedule (ResNet-50: LR 25 / 5 warmup epochs to 16K, 34 / 12 at 32K, "
-        "41 / 16 at 64K; polynomial decay, power 2)", RESNET50_PARAMS, 16384, 25.0, "sqrt", "table", 5, 90,
-        "polynomial", (16384, 65536), table=((16384, 25.0, 5.0), (32768, 34.0, 12.0), (65536, 41.0, 16.0))),
+        "cnn", "lars", "LARS TPU reference code (ResNet-50: LR 25 with 5 warmup epochs for every batch up to "
+        "16K; a step function, 34 / 12 at exactly 32K, 41 / 16 otherwise; polynomial decay, power 2)",
+        RESNET50_PARAMS, 16384, 25.0, "sqrt", "constant-epoch", 5, 90, "polynomial", (16384, 65536)),
     ("cnn", "lamb"): Prior(
         "cnn", "lamb", "LAMB Table 5 (ResNet-50: 4/(2^3 x 100) = 0.005 at 512, sqrt LR, 0.3125 warmup epochs "
         "x the batch ratio, 90 epochs)", RESNET50_PARAMS, 512, 0.005, "sqrt", "linear-epoch", 0.3125, 90, "linear",
@@ -213,3 +235,8 @@ _UNITS = {"lamb": "layerwise-adam", "lans": "layerwise-adam", "adamw": "adam", "
 
 def same_units(a: str, b: str) -> bool:
     return _UNITS[a] == _UNITS[b]
+
+
+def canonical(optimizer: str) -> str:
+    """The recipe optimizer a reference optimizer is run as (Adam is run as AdamW: same LR units)."""
+    return "adamw" if optimizer == "adam" else optimizer

@@ -10,9 +10,13 @@ steps already taken). The paper's ``t`` runs 1..T, so ``t = local_step + 1``:
 * constant, ``t <= T_w + T_c``:  eta
 * decay, otherwise:             end + (eta - end) * (T - t) / (T - T_w - T_c)   (0 at t = T)
 
+Warmup-stable-decay ("wsd") is this with a long constant phase and a linear decay; "multistep" is the
+step decay with DeepSeek LLM's defaults.
+
 With this convention the sum over a stage is exactly ``eta * (T + T_c) / 2`` for a linear decay to
 0, the closed form behind LANS's 5.28 and 1.91 (see :func:`schedule_area`).
-Each stage re-warms from zero (LAMB section 4.1, mixed-batch training).
+A stage that changes the sequence length re-warms from zero (LAMB section 4.1, mixed-batch
+training); the stages of a batch ramp have no warmup and carry the peak LR on.
 """
 
 from __future__ import annotations
@@ -31,13 +35,17 @@ __all__ = ["lr_at", "lr_curve", "schedule_area", "stage_area", "stage_boundaries
 # Goyal et al. 2017: x0.1 at epochs 30, 60 and 80 of 90.
 DEFAULT_MILESTONES = (30 / 90, 60 / 90, 80 / 90)
 DEFAULT_DECAY_FACTOR = 0.1
+# DeepSeek LLM 2024: 31.6% of the peak after 80% of the tokens, 10% after 90%.
+MULTISTEP_MILESTONES = (0.8, 0.9)
+MULTISTEP_FACTOR = 10**-0.5
+_STEPPED = ("step", "multistep")
 # The LARS TPU reference decays with power 2 (tf.train.polynomial_decay(..., power=2.0)).
 DEFAULT_DECAY_POWER = 2.0
 
 
 def _milestone_steps(stage: Stage) -> list[int]:
     """Stage-local step counts t (1-based) after which each drop of a step decay applies."""
-    ms = stage.decay_milestones or DEFAULT_MILESTONES
+    ms = stage.decay_milestones or (MULTISTEP_MILESTONES if stage.decay == "multistep" else DEFAULT_MILESTONES)
     return [math.floor(m * stage.steps + 1e-9) for m in ms]
 
 
@@ -48,6 +56,10 @@ def _decay_frac(stage: Stage, frac: float) -> float:
     if stage.decay == "polynomial":
         return frac ** (stage.decay_power or DEFAULT_DECAY_POWER)
     return frac
+
+
+def _factor(stage: Stage) -> float:
+    return stage.decay_factor or (MULTISTEP_FACTOR if stage.decay == "multistep" else DEFAULT_DECAY_FACTOR)
 
 
 def stage_lr(stage: Stage, local_step: int) -> float:
@@ -63,8 +75,8 @@ def stage_lr(stage: Stage, local_step: int) -> float:
     plateau_end = stage.warmup_steps + stage.const_steps
     if t <= plateau_end:
         return eta
-    if stage.decay == "step":
-        factor = stage.decay_factor or DEFAULT_DECAY_FACTOR
+    if stage.decay in _STEPPED:
+        factor = _factor(stage)
         drops = sum(1 for m in _milestone_steps(stage) if t > m)
         return max(stage.end_lr, eta * factor**drops)
     frac = (stage.steps - t) / (stage.steps - plateau_end)  # 1 -> 0 across the decay
@@ -99,8 +111,8 @@ def _stage_curve(stage: Stage, local: np.ndarray) -> np.ndarray:
         out[warm] = eta * t[warm] / wu
     dec = (t > plateau_end) & (t <= total)
     if total > plateau_end:
-        if stage.decay == "step":
-            factor = stage.decay_factor or DEFAULT_DECAY_FACTOR
+        if stage.decay in _STEPPED:
+            factor = _factor(stage)
             drops = np.zeros(t.shape)
             for m in _milestone_steps(stage):
                 drops += t > m
@@ -163,8 +175,8 @@ def stage_area(stage: Stage) -> float:
     area += eta * c
     if d <= 0:
         return area
-    if stage.decay == "step":
-        factor = stage.decay_factor or DEFAULT_DECAY_FACTOR
+    if stage.decay in _STEPPED:
+        factor = _factor(stage)
         lo = w + c  # decay covers t in (lo, steps]
         bounds = [lo] + [min(max(m, lo), stage.steps) for m in _milestone_steps(stage)] + [stage.steps]
         for i in range(len(bounds) - 1):

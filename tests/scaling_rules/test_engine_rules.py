@@ -27,10 +27,21 @@ def test_adamw_kept_below_16k_and_replaced_beyond():
     assert switched.stages[0].peak_lr == pytest.approx(5 / (2**0.5 * 1e3))
     assert any("re-anchored" in r for r in switched.rationale)
     # Capped at a batch where AdamW still works: AdamW stays, below LAMB Table 8's divergence (3e-4
-    # at 16K), with LANS's constant phase.
+    # at 16K with 1% warmup: 0.8 x 3e-4), the cap fading in below 16K (x1.25 at 8K), with LANS's
+    # constant phase.
     kept = _one(8192, reference=ADAMW_REF)
     assert kept.optimizer.name == "adamw"
-    assert kept.stages[0].peak_lr == pytest.approx(0.8 * 3e-4) and kept.stages[0].const_steps > 0
+    assert kept.stages[0].peak_lr == pytest.approx(0.8 * 3e-4 * 1.25) and kept.stages[0].const_steps > 0
+
+
+def test_adamw_cap_follows_table8_warmup():
+    """LAMB Table 8 at 16K: 3e-4 diverged with 10% warmup and trained with 20%: the cap is 0.8 x 3e-4
+    up to 10% warmup and 3e-4 from 20%, not a warmup-blind limit."""
+    def at(ratio):
+        return _one(16384, optimizer="adamw", reference={**ADAMW_REF, "warmup_ratio": ratio}).stages[0]
+    assert at(0.10).peak_lr == pytest.approx(0.8 * 3e-4 * (1 + 0.25**2))
+    assert at(0.21).peak_lr == pytest.approx(3e-4 * (1 + 0.25**2))  # 20% of the run in samples, and more
+    assert at(0.10).peak_lr < at(0.14).peak_lr < at(0.20).peak_lr
 
 
 def test_forced_adamw_at_32k_warns():
@@ -64,7 +75,7 @@ def test_model_size_prior_caps_small_models_less():
 
 
 def test_warmup_ratio_is_clamped_with_a_warning():
-    recipe = _one(262144, lr_cap=1.0)
+    recipe = _one(32768, lr_cap=1.0, reference={**LAMB_REF, "warmup_ratio": 0.2})  # 0.2 x 64 = 12.8
     assert recipe.stages[0].warmup_ratio == 0.45
     assert any("clamped" in w for w in recipe.warnings)
 
