@@ -110,7 +110,14 @@ class Row:
             raise bad("seq_len", "is required when batches are counted in tokens")
         if not (isinstance(self.published, int | float) and self.published > 0):
             raise bad("published", "must be a positive number")
-        self.tolerance  # noqa: B018 - parses the band
+        if self.quantity not in BANDS and (self.band != "exact" or self.kind == "prediction"):
+            raise bad("quantity", f"{self.quantity} is checked exactly on seed rows only, not predicted")
+        if self.band != "exact" and self.tolerance > BANDS[self.quantity]:
+            raise bad("band", f"{self.band} is wider than the {self.quantity} band fixed before scoring "
+                              f"({BANDS[self.quantity]:g})")
+        if self.kind == "prediction" and self.band != f"{BANDS[self.quantity]:g}":
+            raise bad("band", f"a prediction is scored with its quantity's band ({BANDS[self.quantity]:g}), "
+                              f"got {self.band!r}")
 
     @property
     def tolerance(self) -> float:

@@ -51,9 +51,10 @@ def test_an_optimizer_switch_reanchors_instead_of_reusing_the_old_units():
         r = _one(BERT_LARGE, BERT_ADAMW_REF, target)
         assert r.optimizer.name == "lamb" and r.stages[0].peak_lr == pytest.approx(lr)
         assert any("re-anchored" in x and "explore" in x for x in r.rationale)
-    # An SGD LR is not reused as a LARS LR.
+    # An SGD LR is not reused as a LARS LR (linear from 0.1 at 256 would be 12.8): it lands within the
+    # corpus's LR band of the TPU reference's 34 at 32K.
     lars = _one(RESNET50, GOYAL_REF, 32768)
-    assert lars.optimizer.name == "lars" and lars.stages[0].peak_lr == pytest.approx(34.0)
+    assert lars.optimizer.name == "lars" and 34 / 1.5 <= lars.stages[0].peak_lr <= 34 * 1.5
     assert any("tuned for SGD" in w for w in lars.warnings)
 
 
@@ -84,10 +85,10 @@ def test_token_batches_and_seq_len():
     # The same batch in sequences gives the same recipe.
     r2 = recommend({"model": {"params": 125_000_000}, "reference": gpt, "target": {"batch_size": 1024}})
     assert r2.stages[0].peak_lr == s.peak_lr and r2.total_steps == r.total_steps
-    # A longer sequence at the same batch is a larger batch in tokens when batches are counted in tokens.
+    # A target in tokens with another sequence length is counted in its own sequences.
     r3 = recommend({"model": {"params": 125_000_000}, "reference": gpt,
                     "target": {"batch_tokens": 2**20, "seq_len": 4096}})
-    assert r3.stages[0].batch_size == 256 and r3.stages[0].peak_lr == pytest.approx(6e-4 * 2**0.5)
+    assert r3.stages[0].batch_size == 256 and r3.stages[0].batch_tokens == 2**20
     with pytest.raises(RecipeError, match=r"target.batch_tokens needs a seq_len"):
         recommend({"model": {"params": 125_000_000}, "reference": {**gpt, "seq_len": None, "batch_size": None},
                    "target": {"batch_tokens": 2**21}})
@@ -164,7 +165,7 @@ def test_auto_batch_size_near_the_noise_scale():
         recommend({"model": BERT_LARGE, "reference": LAMB_REF, "target": {"batch_size": "auto"}})
 
 
-def test_readme_table_is_the_scripts_output():
+def test_readme_tables_are_the_scripts_output():
     import pathlib
     import subprocess
     import sys
@@ -172,4 +173,11 @@ def test_readme_table_is_the_scripts_output():
     root = pathlib.Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "published_recipes.py")], capture_output=True,
                          text=True, timeout=120, check=True).stdout
-    assert out.strip() in (root / "README.md").read_text(), "README table is stale: run benchmarks/published_recipes.py --readme"
+    vectors, corpus_table = out.split("\n| rule | quantity |", 1)
+    readme = (root / "README.md").read_text()
+    for start, end, text in (("<!-- published-recipes:start -->", "<!-- published-recipes:end -->", vectors),
+                             ("<!-- published-corpus:start -->", "<!-- published-corpus:end -->",
+                              "| rule | quantity |" + corpus_table)):
+        assert start in readme and end in readme, f"README lacks {start}: run benchmarks/published_recipes.py --readme"
+        section = readme.split(start, 1)[1].split(end, 1)[0]
+        assert section.strip() == text.strip(), "README table is stale: run benchmarks/published_recipes.py --readme"
