@@ -77,7 +77,7 @@ def corpus_table(rows: list[corpus.Row], results: list[corpus.Result], cv: list[
             rule = f"**{label}all**" if line.rule == "all" else line.rule
             q = "" if line.quantity == "all" else line.quantity
             band = "as above" if kind == "prediction" and line.rule == "all" else (
-                "exact" if kind == "seed" else ("fixed per quantity" if line.rule == "all" else _band(q)))
+                "exact" if kind == "seed" else ("per quantity" if line.rule == "all" else _band(q)))
             lines.append(f"| {rule} | {q} | {line.rows} | {line.within} ({line.fraction:.0%}) | "
                          f"{line.within_cv} ({line.fraction_cv:.0%}) | {_factor(line.median_cv_error)} | {band} |")
     fit, per = corpus.size_law_cv(rows)

@@ -2,8 +2,8 @@
 honest score of the engine on them.
 
 Each row is one published number: its source, an exact locator (table, section, or file and line of
-public code), the inputs a practitioner would type (model, reference recipe, target batch), the
-published answer and the quantity it measures. Bands are fixed per quantity from the sources' own
+public code), the inputs a practitioner would type (model, reference recipe, target batch, and the
+token budget where the source states it), the published answer and the quantity it measures. Bands are fixed per quantity from the sources' own
 scatter before the engine runs (``BANDS``); seed rows (the tables the engine was built from) are
 scored exactly; rows that only check arithmetic (an invented B_noise, a library's formula) are
 labelled ``arithmetic`` and are not counted as predictions.
