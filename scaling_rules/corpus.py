@@ -299,7 +299,8 @@ def size_exponent(value: float) -> Iterator[None]:
     """Run the engine with its fixed-batch size exponent set to ``value`` (restored after).
 
     The engine may derive the fixed-batch exponent from ``priors.SIZE_EXPONENT`` plus an offset (a
-    batch-path term), so the constant is shifted by the difference measured through ``recommend``."""
+    batch-path term), so the constant is shifted by the difference measured through ``recommend``.
+    It patches the module for the whole process: for scoring, not for a server answering requests."""
     old = getattr(priors, SIZE_CONSTANT)
     shift = value - engine_size_exponent()
     setattr(priors, SIZE_CONSTANT, old + shift)
