@@ -12,12 +12,12 @@ import pytest
 from largebatch.scaling_rules import RecommendationRequest, corpus, priors
 from largebatch.scaling_rules.corpus import BANDS, Row
 
-# Measured on engine v3 (commit ae95890): 69 of 108 predictions within band (64%), 68 of 108 under
-# leave-one-source-out (63%). Engine v2 (240fcbe), before the rows gave target.tokens (a field v2
-# does not know), scored 68 and 60. Raise these as the engine improves; never widen a row's band to
-# absorb an error.
-FLOOR = 0.63
-FLOOR_CV = 0.62
+# Measured on engine v3 (commit ae95890): 69 of 111 predictions within band (62%), 68 of 111 under
+# leave-one-source-out (61%); the 3 examples-ratio rows get no answer without a noise scale. Engine v2
+# (240fcbe), on the 108 rows it can read (no target.tokens, no examples rows), scored 68 and 60.
+# Raise these as the engine improves; never widen a row's band to absorb an error.
+FLOOR = 0.62
+FLOOR_CV = 0.61
 
 
 @pytest.fixture(scope="module")
