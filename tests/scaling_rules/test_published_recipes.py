@@ -1,6 +1,7 @@
-"""Published recipes the engine was not built from are test vectors (issue #10): every row of
-`largebatch.scaling_rules.published.VECTORS` (source, published value, tolerance and why), and one
-regression test for each class of wrong answer the engine v1 gave."""
+"""The seeds' vectors: every row of `largebatch.scaling_rules.published.VECTORS` (the tables the
+engine was built from, with source, published value, tolerance and why), one regression test for
+each class of wrong answer the engine v1 gave, and the README tables the benchmark writes. Recipes
+the engine was not built from are corpus data, scored in test_corpus.py."""
 
 import pytest
 from pydantic import ValidationError
