@@ -11,12 +11,14 @@ labelled ``arithmetic`` and are not counted as predictions.
 Every constant fitted on the corpus is scored by leave-one-source-out cross-validation: the source
 under test is left out of the fit, the engine's constant is set to that fit while the source's rows
 are scored, then restored. The one fitted constant is the size law at a fixed batch
-(``fit_size_exponent``), the engine's ``priors.SIZE_EXPONENT``.
+(``fit_size_exponent``), the engine's ``priors.SIZE_EXPONENT``. Evidence the engine took from a
+corpus source (a divergence that sets an LR cap) is left out the same way (``EVIDENCE``).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Iterator
@@ -28,8 +30,8 @@ from . import priors
 from .engine import recommend
 from .models import Recipe
 
-__all__ = ["BANDS", "KINDS", "Result", "Row", "engine_size_exponent", "fit_size_exponent", "leave_one_source_out",
-           "load", "score", "size_exponent", "size_law_cv", "summary"]
+__all__ = ["BANDS", "EVIDENCE", "KINDS", "Result", "Row", "engine_size_exponent", "fit_size_exponent",
+           "leave_one_source_out", "load", "score", "size_exponent", "size_law_cv", "summary", "without_evidence"]
 
 # Widest band per quantity, from the sources' scatter: tuned LRs of one recipe family sit within
 # x/÷1.5 of each other (GPT-3's and Pythia's LRs around their own size trend), warmups within x/÷2
@@ -314,12 +316,36 @@ def size_exponent(value: float) -> Iterator[None]:
         setattr(priors, SIZE_CONSTANT, old)
 
 
+# The engine's LR caps that rest on one corpus source's divergences: (family, optimizer) priors whose
+# cap that source set. Scoring the source's own rows, the engine knows no such cap.
+EVIDENCE: dict[str, tuple[tuple[str, str], ...]] = {
+    # LANS Figure 1 / section 3.3: the sqrt-scaled 0.01 diverged, 0.007 trained (the layer-wise cap).
+    "LANS (Zheng et al. 2020)": (("transformer", "lamb"), ("transformer", "lans")),
+    # LAMB Table 8: AdamW's divergences at 16K (the warmup-aware AdamW cap).
+    "LAMB (You et al. 2020)": (("transformer", "adamw"), ("transformer", "adam")),
+}
+
+
+@contextmanager
+def without_evidence(source: str) -> Iterator[None]:
+    """Run the engine without the caps ``source``'s divergences set (restored after)."""
+    keys = [k for k in EVIDENCE.get(source, ()) if k in priors.PRIORS]
+    old = {k: priors.PRIORS[k] for k in keys}
+    for k in keys:
+        priors.PRIORS[k] = dataclasses.replace(old[k], cap=None)
+    try:
+        yield
+    finally:
+        priors.PRIORS.update(old)
+
+
 def leave_one_source_out(rows: list[Row]) -> list[Result]:
-    """Every row scored with the engine's fitted constants refit without the row's source."""
+    """Every row scored with the engine's fitted constants refit, and its evidence dropped, without
+    the row's source."""
     out: list[Result] = []
     for source in dict.fromkeys(r.source for r in rows):
         held = [r for r in rows if r.source == source]
-        with size_exponent(fit_size_exponent([r for r in rows if r.source != source])):
+        with size_exponent(fit_size_exponent([r for r in rows if r.source != source])), without_evidence(source):
             out.extend(score(held))
     order = {r.id: i for i, r in enumerate(rows)}
     return sorted(out, key=lambda res: order[res.row.id])

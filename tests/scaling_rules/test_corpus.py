@@ -9,15 +9,16 @@ import math
 
 import pytest
 
-from largebatch.scaling_rules import RecommendationRequest, corpus, priors
+from largebatch.scaling_rules import RecommendationRequest, corpus, priors, recommend
 from largebatch.scaling_rules.corpus import BANDS, Row
 
-# Measured on engine v3 (commit ae95890): 70 of 113 predictions within band (61.9%), 69 of 113 under
-# leave-one-source-out (61.1%); the 3 examples-ratio rows get no answer without a noise scale. Engine
-# v2 (240fcbe), on the 108 rows it could read then (no target.tokens, no examples rows), scored 68
-# and 60. Raise these as the engine improves; never widen a row's band to absorb an error.
+# Measured on engine v3 (commit ae95890): 70 of 113 predictions within band (61.9%), 68 of 113 under
+# leave-one-source-out (60.2%); the 3 examples-ratio rows get no answer without a noise scale.
+# Engine v2 (240fcbe), on the 108 rows it could read then (no target.tokens, no examples rows) and
+# with the size law alone cross-validated, scored 68 and 60. Raise these as the engine improves;
+# never widen a row's band to absorb an error.
 FLOOR = 0.615
-FLOOR_CV = 0.61
+FLOOR_CV = 0.60
 
 
 @pytest.fixture(scope="module")
@@ -122,15 +123,28 @@ def test_size_law_fit_and_its_leave_one_family_out_error(rows):
         assert err < math.log(2.0), family  # and it predicts each left-out family within x2 on average
 
 
-def test_leave_one_source_out_moves_only_the_size_rows(rows, scored):
+def test_leave_one_source_out_moves_only_the_size_rows_and_the_evidence_rows(rows, scored):
     results, cv = scored
     by_id = {r.row.id: r for r in cv}
     for r in results:
-        if r.row.ref_params is None or r.row.ref_params == r.row.params:
+        if (r.row.ref_params is None or r.row.ref_params == r.row.params) and r.row.source not in corpus.EVIDENCE:
             assert by_id[r.row.id].got == pytest.approx(r.got, rel=1e-12, nan_ok=True), r.row.id
     moved = [r for r in results if r.row.rule == "size" and r.row.quantity == "lr"
              and by_id[r.row.id].got != pytest.approx(r.got, rel=1e-9)]
     assert moved  # the held-out fit differs from the engine's constant, and the engine follows it
+    # LANS's own row is scored without the cap LANS's divergence set: the uncapped regime rule.
+    lans = next(r for r in results if r.row.id == "lans-pred")
+    assert lans.got == pytest.approx(0.007) and by_id["lans-pred"].got > lans.got
+
+
+def test_without_evidence_drops_the_cap_and_restores_it():
+    req = next(r for r in corpus.load() if r.id == "lans-pred").request()
+    capped = recommend(req).stages[0]
+    before = dict(priors.PRIORS)
+    with corpus.without_evidence("LANS (Zheng et al. 2020)"):
+        free = recommend(req).stages[0]
+    assert free.peak_lr > capped.peak_lr and free.lr_cap is None
+    assert priors.PRIORS == before and recommend(req).stages[0].peak_lr == capped.peak_lr
 
 
 def test_size_exponent_override_reaches_the_engine_and_is_restored():
