@@ -18,17 +18,19 @@ _LAYERWISE = ("lamb", "lans")
 
 
 def _growth(opt: str, batch: float, plan: _Plan) -> float:
-    """How a family's warmup ratio grows with the batch at a fixed epoch budget: LAMB/LANS linearly in
-    the batch ratio as far as LAMB's tables go (x64: 512 -> 32K), then flat; others not at all."""
+    """How a family's warmup ratio grows with the batch at a fixed epoch budget, relative to the
+    reference: LAMB/LANS linearly across the batches their tables span, flat outside; others not at
+    all. A ratio of one function of the batch, so A -> B -> A and A -> B -> C are exact."""
     if opt not in _LAYERWISE:
         return 1.0
-    return min(batch / plan.ref_batch_x, priors.LAMB_WARMUP_MAX_GROWTH)
+    lo, hi = priors.LAMB_WARMUP_RANGE
+    return min(max(batch, lo), hi) / min(max(plan.ref_batch_x, lo), hi)
 
 
 def _family_text(opt: str) -> str:
     if opt in _LAYERWISE:
-        return ("linear-epoch (LAMB Tables 4, 5: the warmup ratio grows with the batch ratio up to their x64, "
-                "then stays)")
+        return ("linear-epoch (LAMB Tables 4, 5, LANS Table 1: the warmup ratio grows with the batch up to "
+                "96K, the largest batch they reach, and stays constant in epochs beyond)")
     if opt in ("sgd", "lars"):
         return "constant epochs (Goyal et al. 2017: 5 epochs at every batch; the LARS reference code)"
     return "constant samples (AdamW recipes: GPT-3, BLOOM, LLaMA keep warmup tokens fixed; ViT fixed epochs)"
@@ -88,11 +90,13 @@ def warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int,
 
 
 def _clamped(plan: _Plan, ratio: float, p: str) -> float:
-    if ratio > priors.MAX_WARMUP_RATIO:
+    # A reference that trained with a longer warmup than the clamp keeps its own.
+    top = max(priors.MAX_WARMUP_RATIO, plan.ref.ratio)
+    if ratio > top:
         plan.warnings.append(
-            f"{p}warmup ratio {_fmt(ratio)} clamped to {priors.MAX_WARMUP_RATIO} (largest published: LANS 42.65%)"
+            f"{p}warmup ratio {_fmt(ratio)} clamped to {_fmt(top)} (largest published: LANS 42.65%)"
         )
-        return priors.MAX_WARMUP_RATIO
+        return top
     return ratio
 
 

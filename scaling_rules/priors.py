@@ -45,9 +45,12 @@ MIN_DECAY_TAIL = 0.30
 DEFAULT_REFERENCE_WARMUP_RATIO = 1 / 320
 DEFAULT_WARMUP_RATIO = {"lamb": 1 / 320, "lans": 1 / 320, "adamw": 0.01, "adam": 0.01,
                         "sgd": 5 / 90, "lars": 5 / 90}
-# LAMB's linear-epoch warmup (ratio x batch ratio) is what Tables 4 and 5 show from 512 to 32K, a
-# batch ratio of 64; past that the warmup ratio stays where the tables end (constant epochs).
-LAMB_WARMUP_MAX_GROWTH = 64.0
+# LAMB's linear-epoch warmup (the ratio grows with the batch: constant warmup steps) holds up to the
+# largest batch its tables reach: 32K (Tables 4, 5), 64K mixed-batch (section 4.1) and LANS's 96K
+# (Table 1, the same rule). Past it the warmup stays at its value there (constant epochs). Below the
+# tables' 512, constant warmup steps is what small-batch recipes use too (BERT: 10K steps at 256).
+# In sequences (images), the tables' unit.
+LAMB_WARMUP_RANGE = (1, 98304)
 # Warmup-stable-decay: the decay takes the last 20% of the run (Hägele et al. 2024's cooldown).
 WSD_DECAY_FRACTION = 0.2
 
