@@ -111,36 +111,49 @@ class _Report(Protocol):
     step: int
     loss: float
     grad_norm: float | None
+    noise_scale: float | None
+
+
+# The early loss is the median of a run's first few reports by step: these are read, never the whole run.
+_EARLY_READ = 64
 
 
 def record_reports(store: StudyStore, rule: DivergenceRule, run: RunRecord, reports: Sequence[_Report], *,
                    on_revived: Callable[[], None] = lambda: None,
                    on_diverged: Callable[[], None] = lambda: None) -> RunRecord:
-    """Store ``reports`` of ``run`` in step order, judging each; the first that diverges records the
-    run ``diverged`` (its step and reason) and the rest are not stored. Returns the run as it is
-    then (``running``, ``diverged``, or whatever the run became meanwhile).
+    """Store ``reports`` of ``run`` in step order, in one transaction, judging each first; the first that
+    diverges records the run ``diverged`` (its step and reason) and the rest are not stored. Returns the
+    run as it is then (``running``, ``diverged``, or whatever the run became meanwhile).
 
-    ``on_revived`` is called when a report revived a run the lease sweeper had preempted,
+    ``on_revived`` is called when the reports revived a run the lease sweeper had preempted,
     ``on_diverged`` when this call recorded the divergence.
     """
     early = rule.early_loss(run.id)
+    kept: list[_Report] = []
+    stored_first: dict[int, float] | None = None
+    verdict = Verdict(False)
     for r in sorted(reports, key=lambda r: r.step):
-        try:
-            before = run.state
-            run = store.report(run.id, r.step, r.loss, r.grad_norm, getattr(r, "noise_scale", None))
-            if before == "preempted":  # the store call succeeded, so the run is running again
-                on_revived()
-        except Conflict:
-            return store.get_run(run.id)
+        kept.append(r)
         if early is None and rule.note_reports(run.id, 1) and math.isfinite(r.loss):
-            early = rule.learn(run.id, [(p.step, p.loss) for p in store.reports(run.id)])
+            if stored_first is None:
+                stored_first = {p.step: p.loss for p in store.reports(run.id, limit=_EARLY_READ)}
+            early = rule.learn(run.id, {**stored_first, **{k.step: k.loss for k in kept}}.items())
         verdict = rule.judge(r.step, r.loss, r.grad_norm, early)
         if verdict.should_stop:
-            try:
-                run = store.complete_run(run.id, "diverged", step=r.step, reason=verdict.reason)
-                on_diverged()
-                rule.forget(run.id)
-            except Conflict:  # finished meanwhile (by its job, or by another replica)
-                run = store.get_run(run.id)
-            return run
+            break
+    try:
+        before = run.state
+        run = store.report_batch(run.id, [(r.step, r.loss, r.grad_norm, getattr(r, "noise_scale", None))
+                                          for r in kept])
+        if before == "preempted":  # the store call succeeded, so the run is running again
+            on_revived()
+    except Conflict:
+        return store.get_run(run.id)
+    if verdict.should_stop:
+        try:
+            run = store.complete_run(run.id, "diverged", step=kept[-1].step, reason=verdict.reason)
+            on_diverged()
+            rule.forget(run.id)
+        except Conflict:  # finished meanwhile (by its job, or by another replica)
+            run = store.get_run(run.id)
     return run

@@ -8,9 +8,11 @@ import io
 import json
 import math
 import re
+from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Path, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Discriminator, Tag
 
 from largebatch.scaling_rules.evidence import Outcome
@@ -127,10 +129,11 @@ def csv_cell(value: Any) -> Any:
     return "".join(parts)
 
 
-def _csv(rows: list[Run]) -> str:
+def _csv_rows(rows: list[Run], header: bool) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(_CSV_COLUMNS)
+    if header:
+        w.writerow(_CSV_COLUMNS)
     for r in rows:
         d = r.model_dump(mode="json")
         w.writerow([csv_cell(d[c]) for c in _CSV_COLUMNS])
@@ -161,23 +164,26 @@ def list_runs(
         page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=limit or 100, offset=offset)
         out = Page[Run](items=[to_run(r) for r in page.items], total=page.total, limit=limit or 100, offset=offset)
         return _json(out)
-    rows: list[Run] = []
-    if limit is not None:
-        page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=limit, offset=offset)
-        rows = [to_run(r) for r in page.items]
-        total = page.total
-    else:
-        pos = offset
-        while True:
-            page = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=1000, offset=pos)
-            rows += [to_run(r) for r in page.items]
+    # Streamed a page at a time: the answer's size does not set the server's memory.
+    first = store.list_runs(ns, name, state=state, batch_size=batch_size, limit=min(limit or 1000, 1000),
+                            offset=offset)
+
+    def pages() -> Iterator[str]:
+        yield _csv_rows([to_run(r) for r in first.items], header=True)
+        pos, left = offset + len(first.items), None if limit is None else limit - len(first.items)
+        while first.items and pos < first.total and (left is None or left > 0):
+            page = store.list_runs(ns, name, state=state, batch_size=batch_size,
+                                   limit=1000 if left is None else min(left, 1000), offset=pos)
+            if not page.items:
+                return
+            yield _csv_rows([to_run(r) for r in page.items], header=False)
             pos += len(page.items)
-            total = page.total
-            if not page.items or pos >= page.total:
-                break
+            left = None if left is None else left - len(page.items)
+
     filename = f"{name}-runs.csv"
-    return Response(_csv(rows), media_type="text/csv; charset=utf-8",
-                    headers={"Content-Disposition": f'attachment; filename="{filename}"', "X-Total-Count": str(total)})
+    return StreamingResponse(pages(), media_type="text/csv; charset=utf-8",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                      "X-Total-Count": str(first.total)})
 
 
 @router.get("/runs/{id}", response_model=Run, responses=ERROR_RESPONSES, summary="One run")

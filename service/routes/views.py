@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from largebatch.scaling_rules import priors
@@ -25,6 +27,7 @@ from largebatch.service.deps import Reader
 from largebatch.service.errors import ERROR_RESPONSES
 from largebatch.service.recipes import EVIDENCE_LIMIT, FAMILY_BAND
 from largebatch.service.storage.base import NotFound, StudyStore
+from largebatch.service.storage.reports import MAX_REPORT_PAGE
 
 __all__ = ["router"]
 
@@ -90,46 +93,101 @@ def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
 
 
-def _reports_csv(reports: list) -> str:
+def _reports_csv(store: StudyStore, run_id: int, offset: int, limit: int | None) -> Iterator[str]:
+    """The CSV in keyset pages: one page in memory at a time, however long the run."""
     # CSV, unlike JSON, can say nan and inf: the values are written as Python writes floats.
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(("step", "loss", "grad_norm"))
-    for r in reports:
-        w.writerow((r.step, repr(float(r.loss)), "" if r.grad_norm is None else repr(float(r.grad_norm))))
-    return buf.getvalue()
+    yield "step,loss,grad_norm\n"
+    after: int | None = None
+    left = limit
+    while left is None or left > 0:
+        n = _CSV_PAGE if left is None else min(_CSV_PAGE, left)
+        page = store.reports(run_id, after_step=after, offset=offset if after is None else 0, limit=n)
+        if not page:
+            return
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        for r in page:
+            w.writerow((r.step, repr(float(r.loss)), "" if r.grad_norm is None else repr(float(r.grad_norm))))
+        yield buf.getvalue()
+        after = page[-1].step
+        if left is not None:
+            left -= len(page)
+
+
+_CSV_PAGE = 5000
+
+
+def _owned_run(store: StudyStore, namespace: str, run_id: int) -> None:
+    if store.get_run(run_id).namespace != namespace:  # another namespace's run does not exist for this caller
+        raise NotFound(f"run {run_id} not found")
 
 
 @router.get("/runs/{id}/reports", response_model=ReportPage,
             responses={200: {"content": {"text/csv": {"schema": {"type": "string"}}},
                              "description": "A page of reports by step (JSON), or with `format=csv` a CSV table "
                                             "`step,loss,grad_norm` (every report unless `limit` is given; NaN and "
-                                            "infinite values as `nan`, `inf`)"},
+                                            "infinite values as `nan`, `inf`), streamed"},
                        **ERROR_RESPONSES},
-            summary="A run's reported losses, by step (paged; CSV)")
+            summary="A run's reported losses, by step (paged; CSV)",
+            description="Pages by `after_step` (the reports after that step: costs the same at any step; the "
+                        "next page's `after_step` is the last step of this one) or by `offset`.")
 def list_reports(
     id: RunId,
     principal: Reader,
     request: Request,
-    limit: Annotated[int | None, Query(ge=1, le=10_000, description="Page size (JSON default 1000)")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_REPORT_PAGE, description="Page size (JSON default 1000)")] = None,
     offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
+    after_step: Annotated[int | None, Query(ge=-1, le=MAX_INT, description="Only reports after this step")] = None,
     format: Annotated[Literal["json", "csv"], Query(description="json (default) or csv")] = "json",
 ) -> Response:
     store = _store(request)
-    run = store.get_run(id)
-    if run.namespace != principal.namespace:  # another namespace's run does not exist for this caller
-        raise NotFound(f"run {id} not found")
-    reports = store.reports(id)
+    _owned_run(store, principal.namespace, id)
+    total = store.report_count(id)
     if format == "csv":
-        rows = reports[offset:] if limit is None else reports[offset:offset + limit]
-        return Response(_reports_csv(rows), media_type="text/csv; charset=utf-8",
-                        headers={"Content-Disposition": f'attachment; filename="run-{id}-reports.csv"',
-                                 "X-Total-Count": str(len(reports))})
+        return StreamingResponse(_reports_csv(store, id, offset, limit), media_type="text/csv; charset=utf-8",
+                                 headers={"Content-Disposition": f'attachment; filename="run-{id}-reports.csv"',
+                                          "X-Total-Count": str(total)})
     limit = limit or 1000
+    reports = store.reports(id, after_step=after_step, offset=offset, limit=limit)
     items = [ReportPoint(step=r.step, loss=_finite(r.loss), grad_norm=_finite(r.grad_norm), finite=math.isfinite(r.loss))
-             for r in reports[offset:offset + limit]]
-    page = ReportPage(run_id=id, items=items, total=len(reports), limit=limit, offset=offset)
+             for r in reports]
+    page = ReportPage(run_id=id, items=items, total=total, limit=limit, offset=offset)
     return Response(page.model_dump_json(), media_type=_JSON)
+
+
+class CurveBucket(BaseModel):
+    first_step: int
+    last_step: int
+    low: float | None = Field(description="The lowest finite loss reported in these steps")
+    high: float | None = Field(description="The highest finite loss reported in these steps")
+    nonfinite: int = Field(description="How many losses in these steps were NaN or infinite")
+
+
+class Curve(BaseModel):
+    run_id: int
+    total: int = Field(description="Reports the run has")
+    last_step: int | None = Field(description="The newest step: fetch what follows with `after_step`")
+    buckets: list[CurveBucket]
+
+
+@router.get("/runs/{id}/curve", response_model=Curve, responses=ERROR_RESPONSES,
+            summary="A run's loss curve downsampled to at most `points` step ranges (lowest and highest loss each)",
+            description="For drawing a long run: one aggregate query, an answer of bounded size however many "
+                        "reports the run has. New reports can then be fetched with `GET /v1/runs/{id}/reports"
+                        "?after_step=` the curve's `last_step`.")
+def run_curve(
+    id: RunId,
+    principal: Reader,
+    request: Request,
+    points: Annotated[int, Query(ge=1, le=5000, description="At most this many buckets")] = 500,
+) -> Response:
+    store = _store(request)
+    _owned_run(store, principal.namespace, id)
+    buckets = [CurveBucket(first_step=a, last_step=b, low=_finite(lo), high=_finite(hi), nonfinite=bad)
+               for a, b, lo, hi, bad in store.report_curve(id, points)]
+    out = Curve(run_id=id, total=store.report_count(id), last_step=buckets[-1].last_step if buckets else None,
+                buckets=buckets)
+    return Response(out.model_dump_json(), media_type=_JSON)
 
 
 @router.get("/studies/{name}/evidence", response_model=StudyEvidence, responses=ERROR_RESPONSES,

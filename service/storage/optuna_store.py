@@ -71,6 +71,7 @@ from largebatch.service.storage.base import ApiKeyRecord, Scope, StoreUnavailabl
 from largebatch.service.storage.optuna_setup import initialize as _initialize
 from largebatch.service.storage.optuna_setup import initialize_schema, schema_is_current, versions
 from largebatch.service.storage.outcomes import OutcomeOps
+from largebatch.service.storage.reports import ReportOps
 from largebatch.service.storage.runs import RunOps
 from largebatch.service.storage.studies import StudyOps
 from largebatch.service.storage.summaries import SummaryOps, fold_summary  # noqa: F401
@@ -96,7 +97,7 @@ def open_store(url: str | None = None, *, initialize: bool = True, **options: An
     return OptunaStudyStore(url, initialize=initialize, **options)
 
 
-class OptunaStudyStore(StudyOps, RunOps, OutcomeOps, SummaryOps, StudyStore):
+class OptunaStudyStore(StudyOps, RunOps, ReportOps, OutcomeOps, SummaryOps, StudyStore):
     """:class:`StudyStore` on an Optuna RDB schema (SQLite file, PostgreSQL, or SQLite in memory).
 
     The operations come from one part per aggregate; this class owns what they share: the
@@ -134,6 +135,7 @@ class OptunaStudyStore(StudyOps, RunOps, OutcomeOps, SummaryOps, StudyStore):
         self._pg = self._db.engine.dialect.name == "postgresql"
         self._insert = pg_insert if self._pg else sqlite_insert
         self._init_cache()
+        self._init_report_counts()
         self.api_keys = SqlApiKeyStore(self._db)
 
     def __repr__(self) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -19,32 +18,27 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from optuna.distributions import CategoricalDistribution
-from optuna.storages._rdb import models as om
 from optuna.trial import TrialState
 from pydantic import ValidationError
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from largebatch.scaling_rules.models import Recipe
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._checks import (
-    MAX_INT,
     _aware,
     _client_key,
     _float,
     _from_nonfinite,
     _int,
     _json,
-    _noise_scale,
-    _nonfinite_repr,
     _now,
     _page_args,
 )
 from largebatch.service.storage._queries import (
     _DIST_JSON,
     DISTRIBUTIONS,
-    T_INTERMEDIATE,
     T_PARAMS,
     T_TRIAL_USER,
     T_TRIALS,
@@ -62,15 +56,19 @@ from largebatch.service.storage.base import (
     NotFound,
     Outcome,
     Page,
-    Report,
     RunRecord,
     StoreError,
     validate_name,
 )
+from largebatch.service.storage.reports import NOISE_KEY
 
-__all__ = ["RunOps", "run_record"]
+__all__ = ["CACHE_BYTES", "LIST_ENVIRONMENT_BYTES", "TRUNCATED", "RunOps", "run_record"]
 
-_CACHE_SIZE = 4096
+# Characters of recipe and environment JSON the run cache keeps, per process.
+CACHE_BYTES = 32 << 20
+# In a list of runs, a longer environment is replaced by {TRUNCATED: "..."} (GET /v1/runs/{id} has it).
+LIST_ENVIRONMENT_BYTES = 2048
+TRUNCATED = "_truncated"
 
 
 @dataclass
@@ -110,7 +108,6 @@ def run_record(m: Any, recipe_json: str, environment_json: str, noise_scale: flo
 
 
 _REQUEST_KEY = "request_hash"  # digest of the body that opened the run (the Idempotency-Key rule)
-_NOISE_KEY = "noise_scale"  # the run's latest B_noise, an Optuna trial user attr (it changes: not cached)
 
 
 def _recipe(recipe: object) -> Recipe:
@@ -149,43 +146,64 @@ def _run_params(recipe: Recipe, stage: int) -> dict[str, Any]:
     return params
 
 
+def _marker(run_id: int, size: int) -> str:
+    return json.dumps({TRUNCATED: f"an environment of {size} characters: GET /v1/runs/{run_id} has it"})
+
+
 class RunOps:
     """The run operations of :class:`OptunaStudyStore` (a mixin: it uses the store's ``_read``,
     ``_write``, ``_insert``, ``_pg``, ``_bump_summary`` and ``_revive``)."""
 
     def _init_cache(self) -> None:
         # (run_id, created_at) -> (recipe JSON, environment JSON); JSON text, so that no caller can
-        # mutate what the next caller gets.
+        # mutate what the next caller gets. Bounded in bytes: environments may be large.
         self._attr_cache: OrderedDict[tuple[int, datetime], tuple[str, str]] = OrderedDict()
+        self._cache_bytes = 0
         self._cache_lock = threading.Lock()
 
-    def _run_records(self, conn: Connection, rows: Sequence[Any]) -> list[RunRecord]:
+    def _run_records(self, conn: Connection, rows: Sequence[Any], *, listing: bool = False) -> list[RunRecord]:
         """Records from rows holding every ``lb_runs`` column plus ``namespace``/``study_name``.
 
         The recipe and environment never change after creation: they are read from Optuna's
-        trial user attrs once and then kept in a small per-process cache, keyed by run id *and*
-        creation time (SQLite may reuse the ids of a deleted study's trials).
+        trial user attrs once and then kept in a per-process cache bounded in bytes, keyed by run id
+        *and* creation time (SQLite may reuse the ids of a deleted study's trials). In a ``listing``
+        an environment larger than ``LIST_ENVIRONMENT_BYTES`` is not read: a marker stands for it.
         """
         maps = [r._mapping if hasattr(r, "_mapping") else r for r in rows]
-        missing = [m["run_id"] for m in maps if self._cache_get(m["run_id"], m["created_at"]) is None]
+        attrs: dict[int, tuple[str, str]] = {}
+        for m in maps:
+            hit = self._cache_get(m["run_id"], m["created_at"])
+            if hit is not None:
+                attrs[m["run_id"]] = hit
+        missing = [m["run_id"] for m in maps if m["run_id"] not in attrs]
         if missing:
+            ua = T_TRIAL_USER.c
+            big = and_(ua.key == "environment", func.length(ua.value_json) > LIST_ENVIRONMENT_BYTES)
+            value = case((big, None), else_=ua.value_json) if listing else ua.value_json
             fetched: dict[int, dict[str, Any]] = {i: {} for i in missing}
-            for tid, key, value in conn.execute(
-                select(T_TRIAL_USER.c.trial_id, T_TRIAL_USER.c.key, T_TRIAL_USER.c.value_json).where(
-                    T_TRIAL_USER.c.trial_id.in_(missing), T_TRIAL_USER.c.key.in_(("recipe", "environment"))
-                )
+            cut: set[int] = set()
+            for tid, key, text, size in conn.execute(
+                select(ua.trial_id, ua.key, value, func.length(ua.value_json))
+                .where(ua.trial_id.in_(missing), ua.key.in_(("recipe", "environment")))
             ):
-                fetched[tid][key] = value
+                if text is None:
+                    cut.add(tid)
+                    text = _marker(tid, size)
+                fetched[tid][key] = text
             for m in maps:
                 if m["run_id"] in fetched:
                     f = fetched[m["run_id"]]
-                    self._cache_put(m["run_id"], m["created_at"], f.get("recipe", "{}"), f.get("environment", "{}"))
+                    got = attrs[m["run_id"]] = (f.get("recipe", "{}"), f.get("environment", "{}"))
+                    if m["run_id"] not in cut:
+                        self._cache_put(m["run_id"], m["created_at"], *got)
         noise = {tid: json.loads(v) for tid, v in conn.execute(
             select(T_TRIAL_USER.c.trial_id, T_TRIAL_USER.c.value_json).where(
-                T_TRIAL_USER.c.trial_id.in_([m["run_id"] for m in maps]), T_TRIAL_USER.c.key == _NOISE_KEY))}
+                T_TRIAL_USER.c.trial_id.in_([m["run_id"] for m in maps]), T_TRIAL_USER.c.key == NOISE_KEY))}
         out = []
         for m in maps:
-            recipe, environment = self._cache_get(m["run_id"], m["created_at"]) or ("{}", "{}")
+            recipe, environment = attrs.get(m["run_id"], ("{}", "{}"))
+            if listing and len(environment) > LIST_ENVIRONMENT_BYTES:  # one from the cache
+                environment = _marker(m["run_id"], len(environment))
             out.append(run_record(m, recipe, environment, noise.get(m["run_id"])))
         return out
 
@@ -197,10 +215,18 @@ class RunOps:
             return hit
 
     def _cache_put(self, run_id: int, created_at: datetime, recipe: str, environment: str) -> None:
+        size = len(recipe) + len(environment)
+        if size > CACHE_BYTES // 16:  # one huge environment does not flush everything else
+            return
         with self._cache_lock:
+            old = self._attr_cache.pop((run_id, created_at), None)
+            if old is not None:
+                self._cache_bytes -= len(old[0]) + len(old[1])
             self._attr_cache[(run_id, created_at)] = (recipe, environment)
-            while len(self._attr_cache) > _CACHE_SIZE:
-                self._attr_cache.popitem(last=False)
+            self._cache_bytes += size
+            while self._cache_bytes > CACHE_BYTES:
+                _, (r, e) = self._attr_cache.popitem(last=False)
+                self._cache_bytes -= len(r) + len(e)
 
     def _load_run(self, conn: Connection, run_id: int) -> RunRecord:
         row = conn.execute(runs_join().where(sch.lb_runs.c.run_id == run_id)).first()
@@ -371,7 +397,7 @@ class RunOps:
                 .limit(limit)
                 .offset(offset)
             ).all()
-            return Page(items=self._run_records(conn, rows), total=total, limit=limit, offset=offset)
+            return Page(items=self._run_records(conn, rows, listing=True), total=total, limit=limit, offset=offset)
 
         return self._read(tx)
 
@@ -402,109 +428,3 @@ class RunOps:
             return self._run_records(conn, [row])[0]
 
         return self._write(tx)
-
-    def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None,
-               noise_scale: float | None = None) -> RunRecord:
-        """Record an intermediate report; also renews the lease by the run's lease length."""
-        _int("run_id", run_id, minimum=0)
-        _int("step", step, minimum=0, maximum=MAX_INT)
-        loss = _float("loss", loss, finite=False)
-        if grad_norm is not None:
-            grad_norm = _float("grad_norm", grad_norm, finite=False)
-        if noise_scale is not None:
-            noise_scale = _noise_scale(noise_scale)
-        r = sch.lb_runs
-        stored_loss, loss_tag = _nonfinite_repr(loss)
-
-        def tx(conn: Connection) -> RunRecord:
-            # The row is locked (FOR UPDATE on PostgreSQL, the writer lock on SQLite), so the
-            # "newest step wins" decision can be made here.
-            row = self._lock_running(conn, run_id, "report")
-            now = _now()
-            changes: dict[str, Any] = {
-                "updated_at": now,
-                "lease_expires_at": now + timedelta(seconds=row["lease_seconds"]),
-            }
-            if row["last_step"] is None or row["last_step"] <= step:
-                changes.update(last_step=step, last_loss=stored_loss, last_loss_nonfinite=loss_tag)
-                if noise_scale is not None:
-                    value_json = json.dumps(noise_scale)
-                    conn.execute(self._insert(T_TRIAL_USER).values(trial_id=run_id, key=_NOISE_KEY, value_json=value_json)
-                                 .on_conflict_do_update(index_elements=["trial_id", "key"],
-                                                        set_={"value_json": value_json}))
-            conn.execute(update(r).where(r.c.run_id == run_id).values(**changes))
-            row.update(changes)
-            value, vtype = om.TrialIntermediateValueModel.intermediate_value_to_stored_repr(loss)
-            ins = self._insert(T_INTERMEDIATE).values(
-                trial_id=run_id, step=step, intermediate_value=value, intermediate_value_type=vtype
-            )
-            conn.execute(
-                ins.on_conflict_do_update(
-                    index_elements=["trial_id", "step"],
-                    set_={"intermediate_value": value, "intermediate_value_type": vtype},
-                )
-            )
-            if grad_norm is None:
-                conn.execute(
-                    delete(sch.lb_grad_norms).where(
-                        sch.lb_grad_norms.c.run_id == run_id, sch.lb_grad_norms.c.step == step
-                    )
-                )
-            else:
-                g, gtag = _nonfinite_repr(grad_norm)
-                gins = self._insert(sch.lb_grad_norms).values(
-                    run_id=run_id, step=step, grad_norm=g, grad_norm_nonfinite=gtag
-                )
-                conn.execute(
-                    gins.on_conflict_do_update(
-                        index_elements=["run_id", "step"], set_={"grad_norm": g, "grad_norm_nonfinite": gtag}
-                    )
-                )
-            return self._run_records(conn, [row])[0]
-
-        return self._write(tx)
-
-    def noise_scale(self, namespace: str, study: str) -> float | None:
-        validate_name("namespace", namespace)
-        validate_name("study", study)
-        r = sch.lb_runs
-
-        def tx(conn: Connection) -> float | None:
-            sid = find_study(conn, namespace, study).study_id
-            values = [json.loads(v) for (v,) in conn.execute(
-                select(T_TRIAL_USER.c.value_json)
-                .join(r, r.c.run_id == T_TRIAL_USER.c.trial_id)
-                .where(r.c.study_id == sid, T_TRIAL_USER.c.key == _NOISE_KEY))]
-            return statistics.median(values) if values else None
-
-        return self._read(tx)
-
-    def reports(self, run_id: int) -> list[Report]:
-        _int("run_id", run_id, minimum=0)
-        g = sch.lb_grad_norms
-
-        def tx(conn: Connection) -> list[Report]:
-            if conn.execute(select(sch.lb_runs.c.run_id).where(sch.lb_runs.c.run_id == run_id)).first() is None:
-                raise NotFound(f"run {run_id} not found")
-            rows = conn.execute(
-                select(
-                    T_INTERMEDIATE.c.step,
-                    T_INTERMEDIATE.c.intermediate_value,
-                    T_INTERMEDIATE.c.intermediate_value_type,
-                    g.c.grad_norm,
-                    g.c.grad_norm_nonfinite,
-                )
-                .outerjoin(g, and_(g.c.run_id == T_INTERMEDIATE.c.trial_id, g.c.step == T_INTERMEDIATE.c.step))
-                .where(T_INTERMEDIATE.c.trial_id == run_id)
-                .order_by(T_INTERMEDIATE.c.step)
-            )
-            return [
-                Report(
-                    step=step,
-                    loss=om.TrialIntermediateValueModel.stored_repr_to_intermediate_value(v, vt),
-                    grad_norm=_from_nonfinite(gn, gtag),
-                )
-                for step, v, vt, gn, gtag in rows
-            ]
-
-        return self._read(tx)

@@ -536,3 +536,42 @@ def test_a_noise_scale_outside_its_physical_range_is_refused(world):
     assert c.post(f"/v1/runs/{run_id}/reports", json={"step": 1, "loss": 2.0, "noise_scale": 0.5}).status_code == 200
     for extra in ({"start_run": True}, {"start_run": True, "explore": 2}):
         assert c.post("/v1/recommendations", json=bert_request(study=study, **extra)).status_code == 200
+
+
+# ------------------------------------------------------------------ reads whose size the caller controlled
+
+
+def test_a_list_page_is_bounded_in_bytes_whatever_the_environments(world):
+    c, study, _ = world
+    big = {"blob": "x" * 200_000}
+    ids = [c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": big}).json()["id"]
+           for _ in range(3)]
+    page = c.get(f"/v1/studies/{study}/runs", params={"limit": 1000})
+    assert page.status_code == 200 and len(page.content) < 20_000 * len(page.json()["items"])
+    listed = {r["id"]: r for r in page.json()["items"]}
+    for run_id in ids:
+        assert "_truncated" in listed[run_id]["environment"], listed[run_id]["environment"]
+        assert c.get(f"/v1/runs/{run_id}").json()["environment"] == big
+    small = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"gpu": "a100"}})
+    again = c.get(f"/v1/studies/{study}/runs", params={"limit": 1000}).json()["items"]
+    assert {r["id"]: r for r in again}[small.json()["id"]]["environment"] == {"gpu": "a100"}
+    csv_text = c.get(f"/v1/studies/{study}/runs", params={"format": "csv"}).text
+    assert len(csv_text.splitlines()) == 1 + c.get(f"/v1/studies/{study}/runs").json()["total"]
+
+
+def test_report_pages_by_keyset_and_a_downsampled_curve(world):
+    c, _study, run_id = world
+    for start in range(0, 3000, 1000):
+        batch = [{"step": s, "loss": 5.0 - s / 1000} for s in range(start, start + 1000)]
+        assert c.post(f"/v1/runs/{run_id}/reports", json={"reports": batch}).status_code == 200
+    page = c.get(f"/v1/runs/{run_id}/reports", params={"after_step": 2990, "limit": 5}).json()
+    assert [p["step"] for p in page["items"]] == [2991, 2992, 2993, 2994, 2995] and page["total"] == 3000
+    assert [p["step"] for p in c.get(f"/v1/runs/{run_id}/reports", params={"offset": 2998}).json()["items"]] == [2998, 2999]
+    curve = c.get(f"/v1/runs/{run_id}/curve", params={"points": 50}).json()
+    assert len(curve["buckets"]) <= 50 and curve["last_step"] == 2999 and curve["total"] == 3000
+    assert curve["buckets"][0]["high"] == 5.0 and curve["buckets"][-1]["low"] == 5.0 - 2999 / 1000
+    text = c.get(f"/v1/runs/{run_id}/reports", params={"format": "csv", "offset": 10, "limit": 6000}).text
+    lines = text.splitlines()
+    assert lines[0] == "step,loss,grad_norm" and len(lines) == 1 + 2990 and lines[1].startswith("10,")
+    assert_4xx(c.get("/v1/runs/999999999/curve"), 404)
+    assert_4xx(c.get(f"/v1/runs/{run_id}/curve", params={"points": 0}), 422)
