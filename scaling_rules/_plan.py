@@ -60,9 +60,11 @@ def _fmt(x: float) -> str:
 
 
 def _default_rule(optimizer: str) -> str:
-    # SGD: linear (Goyal et al.). Adam family: sqrt (LAMB section 4.3). LARS: sqrt too, the TPU
-    # reference's 25 -> 34 -> 41 from 16K to 64K grows by x1.36 and x1.21 per doubling, not x2.
-    return "linear" if optimizer == "sgd" else "sqrt"
+    # SGD and LARS (momentum SGD with a per-layer trust ratio): linear (Goyal et al.; SimCLR, BYOL and
+    # MAE's linear probe scale their LARS LR as base x B/256). The TPU reference's 25 -> 34 -> 41 from
+    # 16K to 64K is the flattening past the critical batch that the regime curve gives once B_noise
+    # is known. Adam family: sqrt (LAMB section 4.3).
+    return "linear" if optimizer in ("sgd", "lars") else "sqrt"
 
 
 def examples_ratio(batch: float, ref_batch: float, noise_scale: float) -> float:
