@@ -33,6 +33,7 @@ below ``DIVERGENCE_MARGIN`` x the smallest LR that diverged at that batch size o
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -82,6 +83,26 @@ def _standardised(y: np.ndarray) -> np.ndarray:
     if not math.isfinite(scale):
         raise ValueError("metrics too large to compare")
     return (y - centre) / (scale if scale > 0 else 1.0)
+
+
+def _profile_sse(fixed: np.ndarray, y: np.ndarray, ln_v: np.ndarray, ln_b: np.ndarray,
+                 grid: np.ndarray) -> np.ndarray:
+    """The least-squares residual of ``y`` on ``[fixed, x, x^2]`` with ``x = ln_v - g ln_b``, for every ``g``
+    of ``grid`` at once. ``x`` and ``x^2`` are polynomials in ``g`` whose terms (ln_v, ln_b, their squares
+    and product) do not depend on it: those and ``y`` are projected off ``fixed`` once (one solve); each
+    ``g`` is then a 2x2 system in their inner products."""
+    z = np.column_stack([y, ln_v, ln_b, ln_v * ln_v, ln_v * ln_b, ln_b * ln_b])
+    coef, *_ = np.linalg.lstsq(fixed, z, rcond=None)
+    resid = z - fixed @ coef
+    gram = resid.T @ resid
+    ones, zeros = np.ones_like(grid), np.zeros_like(grid)
+    # Columns x = ln_v - g ln_b and x^2 = ln_v^2 - 2 g ln_v ln_b + g^2 ln_b^2, over the basis of z.
+    basis = np.stack([np.stack([zeros, ones, -grid, zeros, zeros, zeros], axis=-1),
+                      np.stack([zeros, zeros, zeros, ones, -2 * grid, grid * grid], axis=-1)], axis=-1)
+    g = np.einsum("kia,ij,kjb->kab", basis, gram, basis)
+    b = np.einsum("kia,i->ka", basis, gram[:, 0])
+    explained = np.einsum("ka,kab,kb->k", b, np.linalg.pinv(g), b)
+    return np.maximum(gram[0, 0] - explained, 0.0)
 
 
 @dataclass(frozen=True)
@@ -201,7 +222,7 @@ class EvidenceModel:
             resid = y - design @ coef
             return float(resid @ resid), coef
 
-        sse = np.array([solve(float(a))[0] for a in EXPONENT_GRID])
+        sse = _profile_sse(onehot, y, ln_lr, ln_b, EXPONENT_GRID)
         dof = max(n - p, 1)
         # Noise variance from the best fit, floored so a perfect fit on few points does not claim
         # infinite precision.
@@ -270,7 +291,7 @@ class EvidenceModel:
             resid = y - design @ coef
             return float(resid @ resid), coef
 
-        sse = np.array([solve(float(w))[0] for w in WARMUP_EXPONENT_GRID])
+        sse = _profile_sse(base, y, ln_r, ln_b, WARMUP_EXPONENT_GRID)
         n, p = len(runs), base.shape[1] + 2
         sigma2 = max(float(sse.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
         # The exponent is identified only by warmup optima at two batch sizes or more.
@@ -329,11 +350,20 @@ class EvidenceModel:
         return min(batches, key=lambda b: (abs(math.log(b / batch_size)), b))
 
     def _find_conflicts(self) -> list[str]:
+        # The smallest diverged LR at or below each batch size, as a running minimum over the diverged
+        # runs sorted by batch size: each completed run then looks its batch size up (O(n log n)).
+        diverged = sorted((r for r in self.runs if r.outcome == "diverged"), key=lambda r: r.batch_size)
+        edges = [r.batch_size for r in diverged]
+        worst_upto: list[RunEvidence] = []
+        for r in diverged:
+            worst_upto.append(r if not worst_upto or (r.lr, r.batch_size) < (worst_upto[-1].lr, worst_upto[-1].batch_size)
+                              else worst_upto[-1])
         out = []
         for r in self.runs:
             if r.outcome != "completed":
                 continue
-            worst = self.min_diverged_at_or_below(r.batch_size)
+            i = bisect.bisect_right(edges, r.batch_size)
+            worst = worst_upto[i - 1] if i else None
             if worst is not None and r.lr >= worst.lr:
                 out.append(
                     f"run {r.run_id if r.run_id is not None else '?'} completed at LR {r.lr:.4g} (batch "
