@@ -78,13 +78,13 @@ def warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int,
         plan.rationale.append(
             f"{p}warmup kept in samples across the switch {old} -> {name}: {old}'s rule ({_family_text(old)}) up "
             f"to batch {_fmt(sw)}, then {name}'s ({_family_text(name)}): ratio {_fmt(ref_ratio)} x {_fmt(grow)}"
-            f"{f' x {same_samples:.4g} (same examples)' if same_samples != 1 else ''} = {_fmt(ratio)}")
-    elif k == 1 and same_samples == 1:
+            f"{f' x {same_samples:.4g} (same examples)' if abs(same_samples - 1) > 1e-3 else ''} = {_fmt(ratio)}")
+    elif k == 1 and abs(same_samples - 1) <= 1e-3:
         plan.rationale.append(f"{p}warmup ratio {_fmt(ratio)}: the reference's, at the reference's batch")
     else:
         plan.rationale.append(
             f"{p}warmup: {_family_text(name)}: ratio {_fmt(ref_ratio)} x {_fmt(grow)}"
-            f"{f' x {same_samples:.4g} (the same warmup examples in a run of other length)' if same_samples != 1 else ''}"
+            f"{f' x {same_samples:.4g} (the same warmup examples in a run of other length)' if abs(same_samples - 1) > 1e-3 else ''}"
             f" = {_fmt(ratio)}")
     return _clamped(plan, _learned(plan, ratio, evidence, p), p)
 

@@ -213,10 +213,10 @@ def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
     # same-epochs: the same number of examples, so steps shrink by k (LAMB Table 4: 1M -> 15625).
     exact = ref_steps / plan.k if plan.batch_x != plan.ref_batch_x else ref_steps
     plan.steps = max(1, math.ceil(exact - 1e-9))
-    unit = " tokens" if plan.k_unit == "tokens" else ""
+    unit = "tokens" if plan.k_unit == "tokens" else "examples"
     plan.rationale.append(
         f"{p}steps: {_fmt(ref_steps)} x {_ratio_text(plan, inverse=True)} = {plan.steps} "
-        f"(same number of examples{unit}; budget same-epochs)"
+        f"(same number of {unit}; budget same-epochs)"
     )
 
 

@@ -15,11 +15,12 @@ import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import get_args
 
 from pydantic import ValidationError
 
 from .engine import RecipeError, recommend
-from .models import Recipe, RecommendationRequest
+from .models import DecayShape, Recipe, RecommendationRequest, WeightDecayRule
 
 _SUFFIX = {"": 1, "K": 1024, "M": 10**6, "B": 10**9, "G": 10**9}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgG]?)\s*$")
@@ -91,7 +92,15 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ref-betas", type=_betas, help="reference Adam betas, e.g. 0.9,0.95 (kept by the recipe)")
     p.add_argument("--ref-eps", type=float, help="reference optimizer epsilon (kept by the recipe)")
     p.add_argument("--ref-weight-decay", type=float, help="reference weight decay (kept by the recipe)")
-    p.add_argument("--ref-decay", choices=["linear", "cosine", "polynomial", "step"], help="reference decay shape")
+    p.add_argument("--ref-decay", choices=get_args(DecayShape), help="reference decay shape")
+    p.add_argument("--decay", choices=get_args(DecayShape), help="the recipe's decay shape (default: the reference's)")
+    p.add_argument("--width", type=parse_count, help="hidden width of this model (muP-style LR transfer)")
+    p.add_argument("--ref-width", type=parse_count, help="hidden width of the model the reference ran on")
+    p.add_argument("--shared-weights", action="store_true", help="the model reuses weights across layers")
+    p.add_argument("--tokens", type=float, help="training budget in tokens (critical-batch prior; 'auto' batch)")
+    p.add_argument("--compute", type=float, help="training budget in FLOPs (with --target-batch auto)")
+    p.add_argument("--weight-decay-rule", choices=get_args(WeightDecayRule),
+                   help="keep the reference weight decay, or keep AdamW's timescale 1/(lr x wd) fixed in examples")
     p.add_argument("--noise-scale", type=float, help="measured gradient noise scale B_noise (in sequences)")
     p.add_argument("--target-batch", type=_batch_or_auto, help="target batch size, e.g. 32K, or 'auto' (needs "
                    "--noise-scale)")
@@ -133,17 +142,22 @@ def _request_from_args(args: argparse.Namespace) -> dict:
                        ("warmup_ratio", args.ref_warmup), ("warmup_steps", args.ref_warmup_steps),
                        ("model_params", args.ref_model_params), ("betas", args.ref_betas), ("eps", args.ref_eps),
                        ("weight_decay", args.ref_weight_decay), ("decay", args.ref_decay),
-                       ("noise_scale", args.noise_scale)]:
+                       ("noise_scale", args.noise_scale), ("model_width", args.ref_width)]:
         if value is not None:
             ref[key] = value
     target: dict = {}
     for key, value in [("batch_size", args.target_batch), ("batch_tokens", args.target_batch_tokens),
-                       ("seq_len", args.seq_len), ("steps", args.target_steps)]:
+                       ("seq_len", args.seq_len), ("steps", args.target_steps), ("tokens", args.tokens),
+                       ("compute", args.compute)]:
         if value is not None:
             target[key] = value
-    req: dict = {"model": {"params": args.model_params, "family": args.family}, "reference": ref,
-                 "target": target, "budget": args.budget}
-    for key in ("rule", "lr_cap", "optimizer", "adam_hparams"):
+    model: dict = {"params": args.model_params, "family": args.family}
+    if args.width is not None:
+        model["width"] = args.width
+    if args.shared_weights:
+        model["shared_weights"] = True
+    req: dict = {"model": model, "reference": ref, "target": target, "budget": args.budget}
+    for key in ("rule", "lr_cap", "optimizer", "adam_hparams", "decay", "weight_decay_rule"):
         if getattr(args, key) is not None:
             req[key] = getattr(args, key)
     return req

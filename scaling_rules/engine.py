@@ -1,31 +1,42 @@
 """The recipe engine: a reference setup + a target batch -> a large-batch recipe, with reasons.
 
-Rules (each cites its source; constants live in :mod:`.priors`):
+One continuous model of large-batch training, evaluated (constants and their sources live in
+:mod:`.priors`). Within one optimizer the peak LR, the warmup in samples and the decay are
+continuous in the target batch, the model size and the token budget; the same batch typed in
+sequences or in tokens gives the same recipe; a target equal to the reference returns the
+reference. Every step below leaves a line in the rationale.
 
-1. LR scaling. sqrt for Adam-family optimizers, LAMB and LANS (LAMB section 4.3, "square root
-   LR scaling"); linear for SGD and LARS (Goyal et al. 2017).
-2. Linear-epoch warmup (LAMB Tables 4 and 5): the warmup ratio grows with the batch ratio k, so at
-   a fixed epoch budget the warmup length in steps stays constant (3125 steps from 512 to 32K).
-3. The LR cap (LANS section 3.3): the LR cannot grow past ~1/L. When the scaled LR exceeds the cap,
-   use the cap and add a constant phase after warmup (LANS eq. 9) that gives back as much of the
-   lost area under the LR curve as a 30% decay tail allows.
-4. Optimizer choice from the papers' evidence: AdamW stops scaling at 16K (LAMB Table 8), LARS
-   fails on attention models beyond 16K (LAMB Table 2) but suits CNNs, LAMB scales to 32K and to
-   64K/32K mixed-batch, LANS beyond that or whenever the cap binds.
-5. Multi-stage training: each stage has its own batch, steps, sequence length and reference, and
-   re-warms from zero (LAMB section 4.1).
-6. Priors keyed by (family, optimizer) (:data:`.priors.PRIORS`, each with its source): no family
-   borrows another's cap; where none exists the rationale says so. When the recipe's optimizer
-   works in other LR units than the reference's (AdamW -> LAMB, SGD -> LARS), the LR, warmup and
-   decay are re-anchored on the new optimizer's prior, never the old LR in new units.
-7. Warmup per optimizer: linear-epoch for LAMB/LANS/AdamW (Tables 4, 5), constant-epoch for SGD
-   (Goyal et al.: 5 epochs at every batch), the TPU reference's table for LARS.
-8. Tokens: with sequence lengths known, batches may be given in tokens; the batch ratio is counted
-   in tokens where a batch was given in tokens, and AdamW's limit is then GPT-3's 3.2M tokens.
-9. Model size: a reference measured on another size moves by the GPT-3 Table 2.1 size law.
-10. Critical batch (McCandlish et al. 2018): with a measured noise scale B_noise, each stage
-    predicts the examples ratio (1 + B/B_noise)/(1 + B_ref/B_noise) and its steps ratio; the
-    "same-loss" budget scales steps by it; batch_size "auto" picks B near B_noise.
+1. Batches (:mod:`._plan`). The batch ratio k is counted in tokens where both batches' tokens are
+   known and in sequences otherwise, whichever unit was typed.
+2. Critical batch (:mod:`._plan`). B_noise comes from ``reference.noise_scale``, the study's
+   measurement (``noise_scale=``), or a prior from ``target.tokens`` (Step Law's B_opt). It gives the
+   examples and steps ratio (McCandlish et al. 2018, eq. 2.11), the "same-loss" budget, batch "auto",
+   and a warning past it saying what the extra examples cost, under every budget.
+3. Optimizer (:mod:`._choice`): advice with evidence. A user-fixed optimizer is kept. Otherwise the
+   reference's optimizer is kept until the target passes both the batch where the papers show that
+   family failing (AdamW 16K: LAMB Table 8; LARS on attention 16K: Table 2; SGD beyond 8K: Goyal
+   et al.; LAMB beyond 32K, 64K mixed) and the reference's own batch; a switch names the
+   alternative and the counter-evidence (Nado et al. 2021). LAMB becomes LANS where the LR cap binds.
+4. Warmup (:mod:`._phases`), per family in the literature's units: constant samples for AdamW and
+   constant epochs for SGD/LARS; LAMB/LANS's linear-epoch rule (Tables 4, 5; LANS Table 1) up to 96K
+   and constant beyond. A switch follows the reference family's rule up to the switch and the new
+   one's beyond, so the warmup in samples does not jump. A reference without warmup gets its
+   family's default (5 of Goyal's 90 epochs; BERT's 1%; LAMB's 1/320), stated.
+5. LR (:mod:`._lr`): the reference moved along f(B)/f(B_ref), f(B) = (1 + B_noise/B)^-e, e = 1 for
+   SGD/LARS (McCandlish eq. 2.6-2.7) and 1/2 for the Adam family: linear or sqrt well below the
+   critical batch, flat beyond it; with no B_noise the papers' linear/sqrt, the regime assumed
+   stated. Where the optimizer's LR units change, the LR is re-anchored on the new optimizer's prior
+   (LARS: the TPU code's first row, its step function reported beside). Model size moves the LR by
+   N^SIZE_EXPONENT at a fixed batch, or by muP's 1/width where widths are given; batch "auto" with a
+   budget uses DeepSeek LLM's compute-optimal batch and LR.
+6. Caps (:mod:`._lr`): the layer-wise cap 1/L (LANS section 3.3) and the AdamW cap of LAMB Table 8,
+   which depends on the warmup (3e-4 diverged with 10% warmup and trained with 20%) and fades in
+   below 16K; the divergences the study saw. A binding cap adds LANS eq. 9's constant phase.
+7. Schedules (:mod:`._phases`, :mod:`.schedule`): linear, cosine, polynomial, step, multistep
+   (DeepSeek) and warmup-stable-decay. A stage that changes the sequence length re-warms (LAMB
+   section 4.1); a batch ramp at the same length continues the schedule without a warmup.
+8. Weight decay (:mod:`._weight_decay`): passed through, saying how AdamW's timescale
+   tau = B/(lr x wd) moved; ``weight_decay_rule: "timescale"`` keeps it fixed (Wang & Aitchison 2024).
 """
 
 from __future__ import annotations
