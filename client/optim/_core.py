@@ -1,34 +1,18 @@
-"""Machinery shared by LAMB, LANS and LARS.
+"""The base of LAMB, LANS and LARS: validation hooks, lazy state, the step's driver, and the
+state_dict fix-up for fp32 state of bf16/fp16 parameters.
 
-* validation of hyperparameters with torch-style messages;
-* the step *prologue*, run once per ``step()`` over every parameter group: full-tensor squared norms
-  of the gradients (reduced across shards for DTensor parameters), the non-finite gradient check, and
-  the global gradient-norm clip factor;
-* accurate squared norms (float64 sums of fp32 row norms) and the :class:`NormReducer` that turns
-  norms of DTensor shards into norms of full tensors;
-* trust ratios, chunking, scratch buffers, and the state_dict fix-up for fp32 state of bf16/fp16
-  parameters.
+Its parts live beside it, along their seams: :mod:`._checks` (hyperparameter validation),
+:mod:`._prologue` (gradient norms, the non-finite check and clipping, once per step), :mod:`._paths`
+(which code path a group takes) and :mod:`._tensors` (accurate norms, trust ratios, DTensor shards,
+chunking and scratch buffers), re-exported here for the optimizers.
 
 Per-tensor scalars (norms, trust ratios, bias corrections, step sizes) are kept as float64 tensors on
 the parameters' device: they are tiny, exact enough for the float64 tests, and never leave the device
-(no ``.item()``). The default ``nonfinite="skip"`` decides on the device whether a step is applied;
-the opt-in ``nonfinite="raise"`` reads that decision on the host, which synchronises.
-
-Code paths (``foreach``/``fused``, as in ``torch.optim``): ``fused`` is the multi-tensor kernel pair
-(:mod:`._fused`: Triton, the default on CUDA when Triton is importable; on CPU, opt-in, the C kernels
-of :mod:`._cpu_fused`), ``foreach`` the ``torch._foreach_*`` path (the default elsewhere), ``single``
-the per-tensor reference loop (``foreach=False``).
+(no ``.item()``).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import importlib.util
-import math
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -36,6 +20,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import (
+    DEFAULT_NONFINITE,
+    check_betas,
+    check_bool,
+    check_capturable,
+    check_common_options,
+    check_lr,
+    check_max_grad_norm,
+    check_nonfinite,
+    check_nonnegative,
+)
+from ._paths import (
+    fused_subgroups,
+    fused_takes,
+    group_by_device_dtype,
+    increment_steps,
+    pick_path,
+    run_group,
+    where_ok,
+)
+from ._prologue import NonFiniteGradientError, Prologue, fused_sq_norms, run_prologue
 from ._tensors import (
     LOW_PRECISION,
     NormReducer,
@@ -56,212 +61,49 @@ from ._tensors import (
     trust_ratios,
 )
 
-try:  # torch >= 2.4 exposes DTensor here; older builds or builds without distributed do not.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - depends on the torch build
-    DTensor = None  # type: ignore[assignment,misc]
-
 __all__ = [
+    "DEFAULT_CHUNK_NUMEL",
+    "DEFAULT_NONFINITE",
     "LOW_PRECISION",
+    "LayerwiseOptimizer",
     "NonFiniteGradientError",
     "NormReducer",
+    "Prologue",
     "RowsReducer",
     "Scratch",
-    # re-exported from ._tensors for the optimizers
+    "check_betas",
+    "check_bool",
+    "check_capturable",
+    "check_common_options",
+    "check_lr",
+    "check_max_grad_norm",
+    "check_nonfinite",
+    "check_nonnegative",
     "chunk_indices",
     "compute_dtype",
     "fused_kernel_ok",
     "fused_layout_ok",
+    "fused_subgroups",
+    "fused_takes",
+    "group_by_device_dtype",
+    "increment_steps",
     "is_dense",
     "is_dtensor",
     "local",
-    "reject_flat_parameters",
+    "pick_path",
+    "run_group",
+    "run_prologue",
     "sq_norm",
     "sq_norms",
     "stack_scalars",
     "steps_for_bias_correction",
     "trust_ratios",
+    "where_ok",
 ]
 
-NONFINITE_MODES = ("raise", "skip")
-DEFAULT_NONFINITE = "skip"
 # Elements per chunk of the multi-tensor path: the tensors of one chunk go through every pass of the
 # update while they are still in cache, and the update direction lives in a reusable scratch buffer.
 DEFAULT_CHUNK_NUMEL = 1 << 21
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """A gradient contains NaN or Inf; raised by ``step()`` before any state or parameter changes."""
-
-
-# ----------------------------------------------------------------------------------------------
-# validation
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_lr(lr: Any) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError("Tensor lr must be 1-element")
-        lr_value = float(lr.detach().cpu())
-    elif _is_number(lr):
-        lr_value = float(lr)
-    else:
-        raise TypeError(f"Invalid learning rate: {lr!r} (expected a float)")
-    if not math.isfinite(lr_value) or lr_value < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_nonnegative(name: str, value: Any) -> None:
-    if not _is_number(value) or not math.isfinite(value) or value < 0.0:
-        raise ValueError(f"Invalid {name} value: {value}")
-
-
-def check_betas(betas: Any) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    for i, beta in enumerate(betas):
-        if not _is_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name} value: {value!r} (expected True or False)")
-
-
-def check_optional_bool(name: str, value: Any) -> None:
-    if value is not None and not isinstance(value, bool):
-        raise ValueError(f"Invalid {name} value: {value!r} (expected None, True or False)")
-
-
-def check_phi_bounds(bounds: Any) -> None:
-    if bounds is None:
-        return
-    if (
-        not isinstance(bounds, (tuple, list))
-        or len(bounds) != 2
-        or not all(_is_number(b) and math.isfinite(b) for b in bounds)
-        or not 0.0 <= bounds[0] <= bounds[1]
-        or bounds[1] == 0.0
-    ):
-        raise ValueError(f"Invalid phi_bounds: {bounds!r} (expected None or (lower, upper) with 0 <= lower <= upper, upper > 0)")
-
-
-def check_nonfinite(mode: Any) -> None:
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"Invalid nonfinite mode: {mode!r} (expected 'raise' or 'skip')")
-
-
-# ----------------------------------------------------------------------------------------------
-# sharded parameters
-
-
-@dataclass
-class Prologue:
-    """What every group's update needs from the whole-optimizer pass at the start of ``step()``."""
-
-    g_sq: list[Tensor]  # per group: full ||g||^2 of each parameter with a gradient (1-D float64)
-    ok: Tensor | None  # 0-d bool: the step is applied (skip mode only; None in raise mode)
-    clip: list[Tensor | None]  # per group: divide gradients by this (global norm clipping), or None
-
-
-def _first_device(groups: list[list[Tensor]]) -> torch.device | None:
-    for tensors in groups:
-        for t in tensors:
-            return local(t).device
-    return None
-
-
-def run_prologue(
-    owner: str,
-    params: list[list[Tensor]],
-    grads: list[list[Tensor]],
-    *,
-    max_grad_norm: list[float | None],
-    nonfinite: str,
-    names: list[list[str]] | None = None,
-    norms: Callable[[list[Tensor]], Tensor] | None = None,
-) -> Prologue:
-    """Full-tensor gradient norms, the non-finite check and the clip factors.
-
-    The local squared norms go through one reduction per (mesh, sharded dims), so under FSDP2 all ranks
-    agree on the norms, on the clip factor and on whether the step is skipped. (Parameter norms are
-    taken later, chunk by chunk, while the parameters are in cache.)
-    """
-    flat_g = [g for gs in grads for g in gs]
-    device = _first_device(params)
-    if device is None:
-        return Prologue([torch.zeros(0, dtype=torch.float64) for _ in params], None, [None for _ in params])
-
-    norm_fn = norms or sq_norms
-    locals_ = [local(g) for g in flat_g]
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, g in enumerate(locals_):
-        by_device[g.device].append(i)
-    if len(by_device) == 1:
-        g_local = norm_fn(locals_)
-    else:  # gather the per-device norms on the first device, in order
-        values: list[Tensor] = [torch.zeros((), dtype=torch.float64, device=device)] * len(locals_)
-        for idx in by_device.values():
-            for i, value in zip(idx, norm_fn([locals_[i] for i in idx]).to(device).unbind(), strict=True):
-                values[i] = value
-        g_local = torch.stack(values)
-    g_full = NormReducer(flat_g)(g_local)
-    total = g_full.sum()
-    finite = torch.isfinite(total)
-    ok: Tensor | None = None
-    if nonfinite == "raise":
-        # The opt-in debugging mode: an exception needs a Python bool, so this synchronises.
-        if not bool(finite):
-            raise NonFiniteGradientError(_nonfinite_message(owner, params, g_full, names))
-    else:
-        ok = finite
-
-    clip: list[Tensor | None] = []
-    global_norm = total.sqrt()
-    for max_norm in max_grad_norm:
-        if max_norm is None:
-            clip.append(None)
-        else:
-            factor = torch.clamp(global_norm / max_norm, min=1.0)
-            if ok is not None:
-                factor = torch.where(ok, factor, torch.ones_like(factor))
-            clip.append(factor)
-
-    def regroup(flat: Tensor) -> list[Tensor]:
-        out, start = [], 0
-        for ps in params:
-            out.append(flat[start : start + len(ps)])
-            start += len(ps)
-        return out
-
-    return Prologue(regroup(g_full), ok, clip)
-
-
-def _nonfinite_message(owner: str, params: list[list[Tensor]], g_sq: Tensor,
-                       names: list[list[str]] | None) -> str:
-    bad: list[str] = []
-    finite = torch.isfinite(g_sq).tolist()
-    k = 0
-    for gi, ps in enumerate(params):
-        for pi, p in enumerate(ps):
-            if not finite[k]:
-                label = names[gi][pi] if names and names[gi] and names[gi][pi] else f"group {gi}, parameter {pi}"
-                bad.append(f"{label} {tuple(p.shape)}")
-            k += 1
-    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    return (
-        f"{owner}.step(): non-finite gradient (NaN or Inf) in {shown}; no parameter or optimizer state "
-        "was changed. Fix the loss, or use the default nonfinite='skip' to skip such steps on the device."
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# the optimizer base class
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -462,136 +304,3 @@ class LayerwiseOptimizer(Optimizer):
             for group in self.param_groups:
                 group["skipped_steps"] = counter
         counter.add_((~ok).to(counter.dtype))
-
-
-def check_common_options(group: dict[str, Any]) -> None:
-    """The options every layer-wise optimizer shares (``fused`` where it has one)."""
-    check_bool("layer_adaptation", group["layer_adaptation"])
-    check_phi_bounds(group["phi_bounds"])
-    check_nonfinite(group["nonfinite"])
-    check_optional_bool("foreach", group["foreach"])
-    if "fused" in group:
-        check_optional_bool("fused", group["fused"])
-    if "capturable" in group:
-        check_capturable(group)
-
-
-_MULTI_ONLY = ("scratch", "chunk_numel", "torch_fused_adam")
-
-
-def run_group(multi_tensor: Callable[..., None], single_tensor: Callable[..., None],
-              fused: Callable[..., None] | None, *tensors: list[Tensor], path: str, **kw: Any) -> None:
-    """One group's update by the path :func:`pick_path` chose. Only the foreach path takes
-    ``scratch``, ``chunk_numel`` and ``torch_fused_adam``; only the fused one takes ``cache``."""
-    cache = kw.pop("cache", None)
-    if path == "foreach":
-        multi_tensor(*tensors, **kw)
-        return
-    for key in _MULTI_ONLY:
-        kw.pop(key, None)
-    if path == "fused":
-        assert fused is not None
-        fused(*tensors, cache=cache, **kw)
-    else:
-        single_tensor(*tensors, **kw)
-
-
-@functools.cache
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def pick_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tensor]) -> str:
-    """``"fused"``, ``"foreach"`` or ``"single"``, as ``torch.optim`` chooses: ``fused=None`` means the
-    fused kernel when every tensor is on CUDA and Triton is importable (never while ``torch.compile``
-    traces the step: the foreach path compiles); ``fused=True`` (CUDA, or CPU: the C kernels) raises
-    where it cannot run;
-    ``foreach=False`` is the single-tensor reference."""
-    if fused:
-        if foreach is False:
-            raise ValueError("fused=True needs the multi-tensor path; it cannot be combined with foreach=False")
-        from ._fused import fused_unavailable_reason
-
-        for device in {local(t).device for t in tensors}:
-            reason = fused_unavailable_reason(device)
-            if reason is not None:
-                raise RuntimeError(f"fused=True cannot run on {device.type} tensors: {reason}")
-        return "fused"
-    if foreach is False:
-        return "single"
-    if (fused is None and tensors and not torch.compiler.is_compiling()
-            and all(local(t).device.type == "cuda" for t in tensors) and triton_importable()):
-        return "fused"
-    return "foreach"
-
-
-def fused_sq_norms(tensors: list[Tensor], cache: Any) -> Tensor:
-    """:func:`sq_norms` by the fused path's Triton kernel (tensors with a gap in memory: torch)."""
-    from ._fused import sumsq_fused
-
-    dense = [i for i, t in enumerate(tensors) if is_dense(t)]
-    if len(dense) == len(tensors):
-        return sumsq_fused(tensors, cache)
-    values: list[Tensor] = [torch.zeros((), dtype=torch.float64, device=tensors[0].device)] * len(tensors)
-    if dense:
-        for i, value in zip(dense, sumsq_fused([tensors[i] for i in dense], cache).unbind(), strict=True):
-            values[i] = value
-    for i, t in enumerate(tensors):
-        if not is_dense(t):
-            values[i] = sq_norm(t)
-    return torch.stack(values)
-
-
-def fused_takes(device: torch.device, *operands: Tensor) -> bool:
-    """Whether one parameter's operands (local tensors) can go to the fused kernels: one dense layout,
-    and dtypes the kernels of ``device`` have."""
-    from ._fused import kernel_takes
-
-    return fused_layout_ok(*operands) and kernel_takes(device, *operands)
-
-
-def check_capturable(group: dict[str, Any]) -> None:
-    check_bool("capturable", group["capturable"])
-
-
-def group_by_device_dtype(n: int, tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    out: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i in range(n):
-        t = local(tensors[i])
-        out[(t.device, t.dtype)].append(i)
-    return out
-
-
-def fused_subgroups(params: Sequence[Tensor], grads: Sequence[Tensor]
-                    ) -> dict[tuple[torch.device, tuple[torch.dtype, torch.dtype]], list[int]]:
-    """Indices by (device, (parameter dtype, gradient dtype)): one kernel launch each."""
-    out: dict[tuple[torch.device, tuple[torch.dtype, torch.dtype]], list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        lp = local(p)
-        out[(lp.device, (lp.dtype, local(grads[i]).dtype))].append(i)
-    return out
-
-
-def where_ok(ok: Tensor, value: float, dtype: torch.dtype) -> Tensor:
-    """``value`` where the step is applied, else 1 (the multiplier that leaves a moment unchanged),
-    exactly in ``dtype`` (``torch.where`` with a Python float would round it to float32)."""
-    return torch.where(ok, torch.full((), value, dtype=dtype, device=ok.device), 1.0)
-
-
-def increment_steps(steps: list[Tensor], ok: Tensor | None) -> None:
-    """``step += 1``, or ``+= ok`` in skip mode, without reading anything on the host."""
-    if ok is None:
-        torch._foreach_add_(steps, 1.0)
-    else:
-        torch._foreach_add_(steps, [ok.to(torch.float32)] * len(steps))  # (the Tensor overload calls .item())
-
-
-def name_matches(name: str, patterns: Iterable[str]) -> bool:
-    """Substring match (as in BERT's ``no_decay`` list), or fnmatch when the pattern has wildcards."""
-    for pattern in patterns:
-        if any(c in pattern for c in "*?["):
-            if fnmatch.fnmatchcase(name, pattern):
-                return True
-        elif pattern in name:
-            return True
-    return False

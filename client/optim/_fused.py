@@ -87,14 +87,15 @@ def cpu_backend(name: str | None) -> Iterator[None]:
         _CPU_BACKEND = before
 
 
-def _cpu_is_c() -> bool:
+def cpu_is_c() -> bool:
+    """Whether the fused path runs the C kernels on CPU tensors (else Triton's interpreter)."""
     return (_CPU_BACKEND or ("triton" if _INTERPRETED else "c")) == "c"
 
 
 def fused_unavailable_reason(device: torch.device) -> str | None:
     """Why the fused path cannot run on ``device``, or None when it can. On CPU it is the C kernels of
     :mod:`._cpu_fused` (the Triton kernels under Triton's interpreter, which is how tests run them)."""
-    if device.type == "cpu" and _cpu_is_c():
+    if device.type == "cpu" and cpu_is_c():
         from . import _cpu_fused
 
         return _cpu_fused.unavailable_reason()
@@ -110,7 +111,7 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
 
 def _cpu_kernels(device: torch.device):
     """The C kernels' module where they serve ``device`` (CPU, not interpreted), else None."""
-    if device.type == "cpu" and _cpu_is_c():
+    if device.type == "cpu" and cpu_is_c():
         from . import _cpu_fused
 
         return _cpu_fused

@@ -8,12 +8,11 @@ by attribute name, and name patterns add to that.
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
-
-from ._core import name_matches
 
 __all__ = ["NORM_TYPES", "param_groups_for"]
 
@@ -98,3 +97,13 @@ def param_groups_for(
     order = [(True, True), (True, False), (False, True), (False, False)]
     return [groups[key] for key in order if key in groups]
 
+
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """Substring match (as in BERT's ``no_decay`` list), or fnmatch when the pattern has wildcards."""
+    for pattern in patterns:
+        if any(c in pattern for c in "*?["):
+            if fnmatch.fnmatchcase(name, pattern):
+                return True
+        elif pattern in name:
+            return True
+    return False

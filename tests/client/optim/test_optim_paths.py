@@ -82,7 +82,8 @@ def test_kernels_compile_for_an_h100_without_a_gpu(tmp_path):
 
 def test_path_selection_follows_torch():
     cpu = [torch.zeros(3)]
-    assert pick_path(None, None, cpu) == "foreach"  # fused=None: fused only for CUDA tensors
+    with fused_module.cpu_backend("triton"):  # the interpreter is a test tool: never the default
+        assert pick_path(None, None, cpu) == "foreach"
     assert pick_path(False, None, cpu) == "single"
     assert pick_path(None, False, cpu) == "foreach"
     with pytest.raises(ValueError, match="fused=True needs the multi-tensor path"):
@@ -107,6 +108,48 @@ def test_fused_true_on_cpu_without_a_compiler_is_a_clear_error(monkeypatch, tmp_
     assert torch.equal(p.detach(), torch.ones(3))
     assert not list(tmp_path.iterdir())  # nothing half-built left behind
     _cpu_fused._build.cache_clear()
+
+
+def test_the_default_on_cpu_is_the_c_kernels():
+    """``fused=None`` (what ``LAMB(...)``, ``LANS(...)`` and ``build()`` use): the C kernels on CPU for
+    the dtypes they have, the same bits as ``fused=True``; the foreach path for the others."""
+    with _c_kernels():
+        assert pick_path(None, None, [torch.zeros(3)]) == "fused"
+        assert pick_path(None, None, [torch.zeros(3, dtype=torch.float64)]) == "fused"
+        assert pick_path(None, None, [torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)]) == "foreach"
+        assert pick_path(None, False, [torch.zeros(3)]) == "foreach"
+        pb = make_problem(torch.float32, steps=4)
+        for cls in (LAMB, LANS):
+            out = {}
+            for name, path in (("default", {}), ("fused", dict(fused=True))):
+                params = pb.params(torch.float32)
+                run(cls(pb.groups(params), lr=0.0, **path), params, pb)
+                out[name] = params
+            for a, b in zip(out["default"], out["fused"], strict=True):
+                assert torch.equal(a, b)
+
+
+def test_the_default_without_a_compiler_falls_back_with_one_log_line(monkeypatch, tmp_path, caplog):
+    from largebatch.client.optim import _cpu_fused, _paths
+
+    monkeypatch.setenv("LARGEBATCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    _paths._fall_back.cache_clear()
+    pb = make_problem(torch.float32, steps=3)
+    out = {}
+    try:
+        with fused_module.cpu_backend("c"), caplog.at_level("WARNING", logger="largebatch.client.optim"):
+            for name, path in (("default", {}), ("foreach", dict(fused=False))):
+                params = pb.params(torch.float32)
+                run(LANS(pb.groups(params), lr=0.0, **path), params, pb)
+                out[name] = params
+    finally:
+        _cpu_fused._build.cache_clear()
+        _paths._fall_back.cache_clear()
+    lines = [r.getMessage() for r in caplog.records if r.name == "largebatch.client.optim"]
+    assert len(lines) == 1 and "no C compiler found" in lines[0] and "foreach path" in lines[0], lines
+    for a, b in zip(out["default"], out["foreach"], strict=True):
+        assert torch.equal(a, b)
 
 
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
