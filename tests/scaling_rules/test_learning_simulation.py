@@ -78,6 +78,7 @@ def test_rule_alone_is_far_off_at_an_unseen_batch():
     assert abs(rule / land.optimum(8192) - 1) > 0.5  # the sqrt rule overshoots by ~2x here
 
 
+@pytest.mark.slow  # statistical: ten seeded simulated studies
 @pytest.mark.parametrize("seed", range(10))
 def test_learns_the_optimum_at_a_batch_never_run(seed, capsys):
     land, runs, curve = simulate(seed, rounds=4)

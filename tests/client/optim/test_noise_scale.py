@@ -36,6 +36,7 @@ def synthetic_run(trace: float, g_sq: float, small: int, big: int, steps: int, s
     return est
 
 
+@pytest.mark.slow  # statistical: thousands of steps until the estimate settles
 @pytest.mark.parametrize("trace, g_sq, small, big", [(100.0, 1.0, 8, 64), (40.0, 2.0, 4, 16), (1000.0, 1.0, 16, 256)])
 def test_recovers_known_noise_scale(trace, g_sq, small, big):
     est = synthetic_run(trace, g_sq, small, big, steps=8000)
@@ -60,6 +61,7 @@ def test_estimate_is_the_value_as_a_tensor_and_left_out_while_unresolved():
     assert unresolved.value is None and _noise(unresolved.estimate) is None
 
 
+@pytest.mark.slow  # statistical: thousands of steps until the estimate settles
 def test_ratio_of_emas_not_ema_of_ratios():
     """Far below B_noise the per-step |G|^2 estimates are often negative; the separate EMAs still
     converge (per-step ratios, with their sign flips, would not)."""
@@ -77,6 +79,7 @@ def test_ratio_of_emas_not_ema_of_ratios():
     assert est.value == pytest.approx(trace, rel=0.2)
 
 
+@pytest.mark.slow  # statistical: thousands of steps until the estimate settles
 def test_accumulation_path_matches_per_example_truth():
     """Real backward passes on a fixed linear least-squares model: the truth comes from the exact
     per-example gradients over the whole data set, the estimate from the two norms of accumulation."""
@@ -206,6 +209,7 @@ def _least_squares(seed: int = 0, n: int = 4096, dim: int = 8):
     return gen, x, y, model, trace, float(G.square().sum())
 
 
+@pytest.mark.slow  # statistical: 2,000 micro-batches against the exact values
 def test_probe_matches_per_example_truth_at_fixed_parameters():
     """probe_noise_scale at one point: the exact tr(Sigma) and |G|^2 of the data set, from i.i.d. micro-batches."""
     from largebatch.client.optim import probe_noise_scale

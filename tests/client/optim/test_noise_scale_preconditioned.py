@@ -52,6 +52,7 @@ def run_accumulation(est: GradientNoiseScale, steps: int, micro: int = 4, n_micr
     return values
 
 
+@pytest.mark.slow  # statistical: thousands of steps until the estimate settles
 @pytest.mark.parametrize("hooks", [True, False])
 def test_recovers_the_analytic_preconditioned_noise_scale(hooks):
     G, s, P = problem()
