@@ -43,6 +43,12 @@ def _with(path: str, value):
     ("model.params", 0, "model.params"),
     ("model.family", "rnn", "model.family"),
     ("target.batchsize", 5, "target.batchsize"),
+    ("target.tokens", -1.0, "target.tokens"),
+    ("target.compute", math.inf, "target.compute"),
+    ("model.width", 0, "model.width"),
+    ("reference.model_width", 1.5, "reference.model_width"),
+    ("weight_decay_rule", "adaptive", "weight_decay_rule"),
+    ("decay", "exponential", "decay"),
 ])
 def test_bad_field_is_named(path, value, field):
     with pytest.raises(ValidationError) as exc:
@@ -87,3 +93,12 @@ def test_missing_reference_and_target():
 def test_warmup_ratio_and_steps_are_exclusive():
     with pytest.raises(ValidationError, match="not both"):
         recommend(_with("reference.warmup_steps", 3125))
+
+
+def test_auto_batch_needs_a_noise_scale_or_a_budget():
+    with pytest.raises(RecipeError, match=r"target.tokens or target.compute"):
+        recommend(_with("target.batch_size", "auto"))
+    req = _with("target.batch_size", "auto")
+    req["target"]["compute"] = 1e21
+    with pytest.raises(RecipeError, match="seq_len"):  # the laws give tokens
+        recommend(req)
