@@ -261,10 +261,14 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
         "B_ref/B_noise))"
     )
     if plan.batch_x > bn:
-        cost = (f"the budget \"{req.budget}\" keeps the reference's examples, so expect a worse loss than the "
-                "reference's" if req.budget == "same-epochs" else
-                "budget \"same-loss\" plans for that" if req.budget == "same-loss" else
-                "the budget \"same-steps\" gives it more examples than that only if k x steps covers it")
+        if req.budget == "same-epochs":
+            cost = ("the default budget same-epochs keeps the reference's examples, so expect a worse loss than "
+                    "the reference's")
+        elif req.budget == "same-loss":
+            cost = "budget same-loss plans for that"
+        else:
+            cost = (f"budget same-steps trains {plan.k:.3g}x the examples, "
+                    f"{'enough' if plan.k >= ratio else 'not enough'} for that")
         plan.warnings.append(
             f"{p}target batch {plan.batch} is {plan.batch_x / bn:.3g}x the critical batch (B_noise {_fmt(bn)}, "
             f"{plan.noise_src.split(' (')[0]}): past it the LR stops growing with the batch and the same loss "

@@ -28,6 +28,23 @@ def test_json_output_is_the_engine_recipe(capsys):
     assert out["stages"][0]["peak_lr"] == 0.005 and out["total_steps"] == 15625
 
 
+def test_v3_flags_are_the_request_fields(capsys):
+    flags = ["recommend", "--model-params", "1B", "--width", "2048", "--ref-width", "512", "--ref-batch", "256",
+             "--ref-seq-len", "2048", "--ref-lr", "1e-3", "--ref-optimizer", "adamw", "--ref-steps", "100000",
+             "--ref-warmup", "0.01", "--ref-weight-decay", "0.1", "--target-batch", "1K", "--tokens", "5e10",
+             "--decay", "wsd", "--weight-decay-rule", "timescale", "--json"]
+    assert main(flags) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = recommend({"model": {"params": 10**9, "width": 2048},
+                          "reference": {"batch_size": 256, "seq_len": 2048, "lr": 1e-3, "optimizer": "adamw",
+                                        "steps": 100_000, "warmup_ratio": 0.01, "weight_decay": 0.1,
+                                        "model_width": 512},
+                          "target": {"batch_size": 1024, "tokens": 5e10}, "decay": "wsd",
+                          "weight_decay_rule": "timescale"})
+    assert out == json.loads(expected.model_dump_json())
+    assert out["stages"][0]["decay"] == "wsd" and out["optimizer"]["weight_decay"] != 0.1
+
+
 def test_table_output(capsys):
     assert main(FLAGS) == 0
     out = capsys.readouterr().out

@@ -66,6 +66,22 @@ def test_one_more_sequence_moves_nothing_far(req, batch):
 
 
 @FAST
+@given(requests(), st.integers(100, 300_000), st.floats(1e8, 1e13))
+def test_model_size_and_token_budget_move_nothing_far(req, batch, tokens):
+    """The other continuous inputs: 0.1% more parameters, 0.1% more tokens in the budget."""
+    req["reference"]["model_params"] = req["model"]["params"]
+    req["reference"].pop("noise_scale", None)
+    base = _with_target(req, batch_size=batch, tokens=tokens)
+    for other in (recommend({**req, "model": {**req["model"], "params": int(req["model"]["params"] * 1.001)},
+                             "target": {"batch_size": batch, "tokens": tokens}}),
+                  _with_target(req, batch_size=batch, tokens=tokens * 1.001)):
+        if other.optimizer.name != base.optimizer.name:
+            continue
+        assert abs(other.stages[0].peak_lr / base.stages[0].peak_lr - 1) < 0.05
+        assert abs(_warmup_samples(other) / _warmup_samples(base) - 1) < 0.5
+
+
+@FAST
 @given(requests(), st.integers(1, 300_000))
 def test_the_unit_typed_does_not_matter(req, batch):
     ref = req["reference"]
