@@ -56,8 +56,13 @@ def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str
     return r if rule == "linear" else math.sqrt(r)
 
 
+# Where a prior's own data grow otherwise than its family's default rule.
+_PRIOR_LAW = {"lars": "sqrt from the TPU code's 16K setting (its own settings grow 25 -> 34 from 16K to 32K, "
+                      "about sqrt)"}
+
+
 def _regime_text(plan: _Plan, rule: str, source: str) -> str:
-    law = "linear (Goyal et al. 2017)" if rule == "linear" else "sqrt (LAMB section 4.3)"
+    law = source or ("linear (Goyal et al. 2017)" if rule == "linear" else "sqrt (LAMB section 4.3)")
     if plan.noise is None:
         return (f"{law}; regime assumed: well below the critical batch, because none is known (no "
                 "reference.noise_scale, no study measurement, no target.tokens), so the papers' default holds")
@@ -66,8 +71,7 @@ def _regime_text(plan: _Plan, rule: str, source: str) -> str:
     return (f"{law} bent by the critical batch B_noise = {_fmt(plan.noise)} ({plan.noise_src.split(' (')[0]}): "
             f"ratio f(B)/f(B_ref) with f(B) = (1 + B_noise/B)^-{'1' if rule == 'linear' else '1/2'} (McCandlish "
             f"et al. 2018, eq. 2.6-2.7{'' if rule == 'linear' else ', Adam-family analogue'}); B/B_noise = "
-            f"{x:.3g}: {where} it ({'close to ' + rule if x < 0.1 else 'flat' if x > 10 else 'in between'})"
-            f"{'; ' + source if source else ''}")
+            f"{x:.3g}: {where} it ({'close to ' + rule if x < 0.1 else 'flat' if x > 10 else 'in between'})")
 
 
 def _size_factor(req: RecommendationRequest, from_params: int, from_width: int | None, what: str,
@@ -136,7 +140,7 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
         plan.rationale.append(
             f"{p}LR re-anchored: the recipe uses {name}, whose LRs are not in {ref.optimizer}'s units, so the LR "
             f"comes from {name}'s prior for a {family} at batch {plan.batch}: {_fmt(lr)} ({prior.source}; "
-            f"{_regime_text(plan, prior.rule, '')}); the reference LR {_fmt(ref.lr)} is not reused. Sweep around "
+            f"{_regime_text(plan, prior.rule, _PRIOR_LAW.get(name, ''))}); the reference LR {_fmt(ref.lr)} is not reused. Sweep around "
             "it with \"explore\""
         )
         if name == "lars":
