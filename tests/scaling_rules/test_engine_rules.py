@@ -109,3 +109,20 @@ def test_divergence_at_a_larger_batch_does_not_cap():
 def test_deterministic():
     a = _one(32768).model_dump_json()
     assert all(_one(32768).model_dump_json() == a for _ in range(3))
+
+
+def test_the_tpu_lars_settings_are_a_step_function():
+    """The TPU reference code's branches (lars_util.py), not points to interpolate between."""
+    from largebatch.scaling_rules.priors import lars_tpu_setting
+    assert lars_tpu_setting(8192) == lars_tpu_setting(16384) == (25.0, 5.0)
+    assert lars_tpu_setting(32768) == (34.0, 12.0)
+    assert lars_tpu_setting(20000) == lars_tpu_setting(65536) == (41.0, 16.0)  # "else": every other batch
+    model = {"params": 25_500_000, "family": "cnn"}
+    ref = {"batch_size": 256, "lr": 0.1, "optimizer": "sgd", "warmup_ratio": 5 / 90, "steps": 450_000}
+    r = _one(32768, model=model, reference=ref)
+    assert any("would use LR 34 with 12 warmup epochs" in x for x in r.rationale)
+
+
+def test_the_lans_cap_evidence_is_the_128k_setting():
+    r = _one(131072)
+    assert any("128K-scaled 0.01 diverged" in x for x in r.rationale)

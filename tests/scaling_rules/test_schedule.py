@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from largebatch.scaling_rules import lr_at, lr_curve, recommend
+from largebatch.scaling_rules import lr_at, lr_curve, recommend, schedule_area
 from largebatch.scaling_rules.schedule import stage_boundaries
 
 from .test_paper_vectors import LAMB_REF, LANS_REQUEST
@@ -57,3 +57,19 @@ def test_negative_step_is_refused():
     recipe = recommend(LANS_REQUEST)
     with pytest.raises(ValueError, match="step must be >= 0"):
         lr_at(recipe, -1)
+
+
+def test_multistep_and_wsd_shapes():
+    """DeepSeek LLM's multi-step (31.6% of the peak after 80%, 10% after 90%) and warmup-stable-decay
+    (held, then a linear cooldown over the last 20%), from the engine and through the one schedule."""
+    ref = {"batch_size": 512, "lr": 1e-3, "optimizer": "adamw", "warmup_steps": 100, "steps": 1000}
+    base = {"model": {"params": 10**8}, "reference": ref, "target": {"batch_size": 512}}
+    ms = recommend({**base, "decay": "multistep"})
+    assert [lr_at(ms, t) for t in (799, 800, 899, 900, 999)] == pytest.approx(
+        [1e-3, 1e-3 * 10**-0.5, 1e-3 * 10**-0.5, 1e-4, 1e-4])
+    assert lr_curve(ms).sum() == pytest.approx(schedule_area(ms))
+    wsd = recommend({**base, "decay": "wsd"})
+    (s,) = wsd.stages
+    assert (s.warmup_steps, s.const_steps, s.decay_steps) == (100, 700, 200)
+    assert lr_at(wsd, 799) == 1e-3 and lr_at(wsd, 899) == pytest.approx(1e-3 * 100 / 200)
+    assert lr_curve(wsd).sum() == pytest.approx(schedule_area(wsd))
