@@ -116,7 +116,7 @@ class AsyncClient(BaseClient):
                     await _sleep(self._retry_delay(retries_taken))
                     retries_taken += 1
                     continue
-                raise self._connection_error(exc, request) from exc
+                raise self._connection_error(exc, request, retries_taken + 1) from None
             if retries_taken < self.max_retries and self._should_retry(response):
                 await _sleep(self._retry_delay(retries_taken, response))
                 retries_taken += 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 import math
 import os
 import random
@@ -80,6 +81,13 @@ MAX_RETRY_DELAY = 8.0  # cap of the exponential backoff
 MAX_RETRY_AFTER = 60.0  # a Retry-After above this is not waited for (the backoff applies instead)
 RETRY_STATUSES = frozenset({408, 429})  # plus every 5xx
 _NAME = re.compile(NAME_PATTERN)
+
+# httpx logs every request at INFO, so `logging.basicConfig(level=logging.INFO)` buried a job's
+# progress line under a line per report (and showed the 404 of a study's first recommendation,
+# which the client answers by creating the study). An application that set httpx's level keeps it.
+_HTTPX_LOG = logging.getLogger("httpx")
+if _HTTPX_LOG.level == logging.NOTSET:
+    _HTTPX_LOG.setLevel(logging.WARNING)
 
 Format = Literal["png", "svg"]
 
@@ -307,12 +315,17 @@ class BaseClient:
         """Seconds to wait before retry number ``retries_taken + 1`` (see :func:`retry_delay`)."""
         return retry_delay(retries_taken, response.headers.get("retry-after") if response is not None else None)
 
-    @staticmethod
-    def _connection_error(exc: httpx.TransportError, request: httpx.Request) -> errors.APIConnectionError:
+    def _connection_error(self, exc: httpx.TransportError, request: httpx.Request,
+                          tries: int) -> errors.APIConnectionError:
+        """One line a newcomer can act on: where, what was tried, how often, and what to check.
+        Raised without the transport's exception chain (it stays on ``__context__``)."""
+        after = f" after {tries} tries" if tries > 1 else ""
+        what = f"{request.method} {request.url.path}: {exc or type(exc).__name__}"
         if isinstance(exc, httpx.TimeoutException):
-            return errors.APITimeoutError(f"{request.method} {request.url}: timed out ({exc})", request=request)
-        return errors.APIConnectionError(f"{request.method} {request.url}: {exc or type(exc).__name__}",
-                                         request=request)
+            return errors.APITimeoutError(f"no answer from {self.base_url}{after} ({what}, timed out): is "
+                                          "`largebatch serve` running there, and not overloaded?", request=request)
+        return errors.APIConnectionError(f"cannot reach {self.base_url}{after} ({what}): is `largebatch serve` "
+                                         "running there?", request=request)
 
     @staticmethod
     def _process(call: Call[T], response: httpx.Response, *, retried: bool = False) -> T:

@@ -119,7 +119,7 @@ class Client(BaseClient):
                     _sleep(self._retry_delay(retries_taken))
                     retries_taken += 1
                     continue
-                raise self._connection_error(exc, request) from exc
+                raise self._connection_error(exc, request, retries_taken + 1) from None
             if retries_taken < self.max_retries and self._should_retry(response):
                 _sleep(self._retry_delay(retries_taken, response))
                 retries_taken += 1

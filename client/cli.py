@@ -135,7 +135,7 @@ def _call(args: argparse.Namespace, fn: Callable[[Client], Any]) -> Any:
         with client:
             return fn(client)
     except errors.APIConnectionError as e:
-        raise CLIError(f"cannot reach the service at {args.url}: {e.message}") from None
+        raise CLIError(e.message) from None  # it names the URL and what to check
     except errors.AuthenticationError as e:
         raise CLIError(f"{_detail(e)} (give --api-key or set LARGEBATCH_API_KEY)") from None
     except errors.APIStatusError as e:

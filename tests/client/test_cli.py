@@ -87,7 +87,8 @@ def test_errors_are_one_line_and_exit_2(service, capsys):
     code, _, err = run_cli(capsys, "runs", "list", "no-such-study", "--url", service.url)
     assert code == 2 and "not_found" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "runs", "list", "x", "--url", "http://127.0.0.1:9", "--timeout", "2")
-    assert code == 2 and "cannot reach the service at http://127.0.0.1:9" in err
+    assert err.startswith("largebatch: error: cannot reach http://127.0.0.1:9 after 3 tries (GET /v1/studies/x/runs")
+    assert code == 2 and "is `largebatch serve` running there?" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_cli(capsys, "studies", "list", "--url", "not a url")
     assert code == 2 and "--url" in err
     with pytest.raises(SystemExit):

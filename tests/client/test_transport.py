@@ -417,3 +417,71 @@ def test_with_options_shares_the_connection_pool(sleeps):
     with pytest.raises(StoreUnavailableError):
         client.with_options(max_retries=0).get_study("s")
     assert len(rec.requests) == 1
+
+
+# ---------------------------------------------------------------------------- what a newcomer sees
+
+
+def _nothing_listens() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _shown(exc: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(exc))
+
+
+def test_a_wrong_url_is_one_line_after_the_retries_without_a_chained_traceback(sleeps):
+    url = _nothing_listens()
+    with pytest.raises(APIConnectionError) as info, Client(url, max_retries=2) as client:
+        client.get_study("s")
+    message = str(info.value)
+    assert len(sleeps) == 2 and "\n" not in message
+    assert message.startswith(f"cannot reach {url} after 3 tries (GET /v1/studies/s: ")
+    assert message.endswith("is `largebatch serve` running there?")
+    shown = _shown(info.value)
+    assert "direct cause" not in shown and "During handling" not in shown and "httpcore" not in shown
+    assert isinstance(info.value.__context__, httpx.ConnectError)  # kept for whoever debugs it
+
+
+def test_async_wrong_url_reads_the_same(sleeps):
+    url = _nothing_listens()
+
+    async def go():
+        async with AsyncClient(url, max_retries=1) as client:
+            await client.get_run(7)
+
+    with pytest.raises(APIConnectionError) as info:
+        asyncio.run(go())
+    assert str(info.value).startswith(f"cannot reach {url} after 2 tries (GET /v1/runs/7: ")
+    assert "direct cause" not in _shown(info.value)
+
+
+def test_a_timeout_names_the_url_and_a_single_try_no_count(sleeps):
+    rec = Recorder(httpx.ReadTimeout("read timed out"))
+    with pytest.raises(APITimeoutError) as info:
+        sync_client(rec, max_retries=0).get_study("s")
+    assert str(info.value) == (f"no answer from {BASE} (GET /v1/studies/s: read timed out, timed out): "
+                               "is `largebatch serve` running there, and not overloaded?")
+
+
+def test_requests_are_not_logged_at_info(caplog):
+    """`logging.basicConfig(level=logging.INFO)` shows a job's progress, not a line per request."""
+    caplog.set_level("INFO")
+    sync_client(Recorder(httpx.Response(200, json=STUDY))).get_study("s")
+    assert not [r for r in caplog.records if r.name.startswith("httpx")]
+
+
+def test_an_application_that_set_httpxs_level_keeps_it():
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.getLogger('httpx').setLevel(logging.INFO); import largebatch.client; "
+            "print(logging.getLogger('httpx').level)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "20"
