@@ -30,6 +30,7 @@ from largebatch.service.middleware import (
     RateLimitMiddleware,
     StrictJsonMiddleware,
 )
+from largebatch.service.recipes import EvidenceCache
 from largebatch.service.settings import Settings
 from largebatch.service.storage.base import StoreError, StudyStore
 
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     app.state.store_holder = holder
     app.state.metrics = metrics
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
+    app.state.evidence_cache = EvidenceCache()
     app.state.divergence = DivergenceRule(settings.divergence_factor, settings.divergence_window)
     install_error_handlers(app)
     app.router.routes.extend(recommendations.fast_routes())  # first: they serve; the APIRoutes document

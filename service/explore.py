@@ -47,14 +47,16 @@ def user_cap_factor(request: RecommendationRequest, recipe: Recipe) -> float | N
 
 
 def explore_variants(recipe: Recipe, evidence: Sequence[RunEvidence], k: int, *, study: str | None = None,
-                     direction: str = "minimize", max_factor: float | None = None) -> list[Recipe]:
+                     direction: str = "minimize", max_factor: float | None = None,
+                     model: EvidenceModel | None = None) -> list[Recipe]:
     """k recipes that differ from ``recipe`` only in their peak LRs (all stages scaled alike), never
     by more than ``max_factor`` upwards (see :func:`user_cap_factor`)."""
     if k <= 0:
         return []
     batch = max(s.batch_size for s in recipe.stages)
     base = max(s.peak_lr for s in recipe.stages)
-    model = EvidenceModel.from_runs(evidence, direction=direction)  # type: ignore[arg-type]
+    if model is None:
+        model = EvidenceModel.from_runs(evidence, direction=direction)  # type: ignore[arg-type]
     low, high = base / SPREAD, base * SPREAD
     if max_factor is not None and base * max_factor < high:
         high = base * max(max_factor, 1.0)

@@ -42,7 +42,8 @@ def _needs_store(body: RecommendationIn) -> bool:
 
 def _recipe_with_history(request: Request, ns: str, body: RecommendationIn):
     store = request.app.state.store_holder.get()
-    evidence = gather_history(store, ns, body.study, body, use_family=body.use_family_evidence)
+    evidence = gather_history(store, ns, body.study, body, use_family=body.use_family_evidence,
+                              cache=request.app.state.evidence_cache)
     return store, evidence, compute_recipe(body, evidence)
 
 
@@ -107,7 +108,7 @@ async def create_recommendation(request: Request) -> Response:
             out.run, _ = open_run(request, store, principal.namespace, body.study, recipe,
                                   idempotency_key, body.environment, body)
         if body.explore:
-            out.variants = explore_variants(recipe, evidence.runs, body.explore, study=body.study,
+            out.variants = explore_variants(recipe, evidence.runs, body.explore, study=body.study, model=evidence.model,
                                             direction=evidence.direction,
                                             max_factor=user_cap_factor(body, recipe))
             for i, variant in enumerate(out.variants):

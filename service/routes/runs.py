@@ -100,7 +100,8 @@ def create_run(name: StudyName, body: RunCreate, principal: Writer, store: Store
         store.get_study(principal.namespace, name)  # 404 before anything else
     else:
         assert body.request is not None
-        recipe = compute_recipe(body.request, gather_history(store, principal.namespace, name, body.request))
+        recipe = compute_recipe(body.request, gather_history(store, principal.namespace, name, body.request,
+                                                             cache=request.app.state.evidence_cache))
     run, created = open_run(request, store, principal.namespace, name, recipe, idempotency_key, body.environment,
                             body)
     resp = _json(run)

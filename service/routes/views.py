@@ -16,16 +16,14 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from largebatch.scaling_rules import priors
 from largebatch.scaling_rules.evidence import Direction, Outcome
-from largebatch.scaling_rules.learning import EvidenceModel
 from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.schedule import lr_curve, stage_boundaries
 from largebatch.scaling_rules.wire import NAME_PATTERN, ReportPage, ReportPoint
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, check_recipe
 from largebatch.service.deps import Reader
 from largebatch.service.errors import ERROR_RESPONSES
-from largebatch.service.recipes import EVIDENCE_LIMIT, FAMILY_BAND
+from largebatch.service.recipes import FAMILY_BAND, fitted_evidence, summarise_warnings
 from largebatch.service.storage.base import NotFound, StudyStore
 from largebatch.service.storage.reports import MAX_REPORT_PAGE
 
@@ -208,8 +206,7 @@ def study_evidence(
     p = study.model_params
     band = ((study.model_family, int(p / FAMILY_BAND), min(int(p * FAMILY_BAND), MAX_BIGINT)) if family
             else None)
-    runs = store.evidence(principal.namespace, name, limit=EVIDENCE_LIMIT, family_band=band)
-    model = EvidenceModel.from_runs(runs, direction=study.direction)
+    _, runs, model = fitted_evidence(store, principal.namespace, name, band, request.app.state.evidence_cache)
     batches = sorted({r.batch_size for r in runs} | ({batch_size} if batch_size else set()))
     fit = None
     optimum: list[LrPoint] = []
@@ -220,14 +217,16 @@ def study_evidence(
         optimum = [LrPoint(batch_size=b, lr=f.optimum(b)) for b in batches if math.isfinite(f.optimum(b))]
     boundary = []
     for b in batches:
-        worst = model.min_diverged_at_or_below(b)
-        if worst is not None:
-            boundary.append(Boundary(batch_size=b, diverged_lr=worst.lr, cap=priors.DIVERGENCE_MARGIN * worst.lr))
+        worst, cap = model.min_diverged_at_or_below(b), model.stable_cap(b)
+        if worst is not None and cap is not None:
+            boundary.append(Boundary(batch_size=b, diverged_lr=worst.lr, cap=cap))
     out = StudyEvidence(
         study=study.name, metric=study.metric, direction=study.direction,
         runs=[EvidenceRun(run_id=r.run_id, batch_size=r.batch_size, lr=r.lr, outcome=r.outcome,
                           metric=_finite(r.metric)) for r in runs],
-        fit=fit, optimum=optimum, boundary=boundary, conflicts=model.conflicts,
+        fit=fit, optimum=optimum, boundary=boundary,
+        conflicts=[w.removeprefix("evidence conflict: ") for w in
+                   summarise_warnings([f"evidence conflict: {c}" for c in model.conflicts])],
     )
     return Response(out.model_dump_json(), media_type=_JSON)
 

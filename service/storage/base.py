@@ -448,6 +448,18 @@ class StudyStore(ApiKeyStore):
         """
 
     @abc.abstractmethod
+    def read_evidence(self, namespace: str, study: str, *, limit: int = 2000,
+                      family_band: tuple[str, int, int] | None = None, known_version: tuple | None = None) -> Any:
+        """What a recommendation reads of a study, in one transaction (an ``EvidenceRead``): the study,
+        its per-batch summaries (and, with ``family_band``, its family's), the median noise scale, a
+        ``version`` of its evidence that changes whenever one of those runs is opened or finishes, and
+        the finished runs as :meth:`evidence` gives them, or None when ``known_version`` is current.
+
+        Raises:
+            NotFound: No such study.
+        """
+
+    @abc.abstractmethod
     def rebuild_summaries(self, namespace: str | None = None, study: str | None = None) -> int:
         """Recompute the summary tables from the run rows (all studies, or one).
 

@@ -68,6 +68,7 @@ from largebatch.service.storage._queries import (  # noqa: F401
 )
 from largebatch.service.storage.api_keys import SqlApiKeyStore
 from largebatch.service.storage.base import ApiKeyRecord, Scope, StoreUnavailable, StudyStore
+from largebatch.service.storage.evidence import EvidenceOps
 from largebatch.service.storage.optuna_setup import initialize as _initialize
 from largebatch.service.storage.optuna_setup import initialize_schema, schema_is_current, versions
 from largebatch.service.storage.outcomes import OutcomeOps
@@ -97,7 +98,7 @@ def open_store(url: str | None = None, *, initialize: bool = True, **options: An
     return OptunaStudyStore(url, initialize=initialize, **options)
 
 
-class OptunaStudyStore(StudyOps, RunOps, ReportOps, OutcomeOps, SummaryOps, StudyStore):
+class OptunaStudyStore(StudyOps, RunOps, ReportOps, OutcomeOps, SummaryOps, EvidenceOps, StudyStore):
     """:class:`StudyStore` on an Optuna RDB schema (SQLite file, PostgreSQL, or SQLite in memory).
 
     The operations come from one part per aggregate; this class owns what they share: the

@@ -575,3 +575,31 @@ def test_report_pages_by_keyset_and_a_downsampled_curve(world):
     assert lines[0] == "step,loss,grad_norm" and len(lines) == 1 + 2990 and lines[1].startswith("10,")
     assert_4xx(c.get("/v1/runs/999999999/curve"), 404)
     assert_4xx(c.get(f"/v1/runs/{run_id}/curve", params={"points": 0}), 422)
+
+
+# ------------------------------------------------------------------ evidence: one read, one fit per version
+
+
+def test_many_conflicting_runs_make_one_warning_line_and_the_fit_follows_the_study(api, world):
+    c, study, _ = world
+    rec = c.post("/v1/recommendations", json=bert_request()).json()
+    lr = rec["stages"][0]["peak_lr"]
+    low = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(512)}).json()
+    assert c.post(f"/v1/runs/{low['id']}/complete", json={"outcome": "diverged", "reason": "x"}).status_code == 200
+    recipe = {k: v for k, v in rec.items() if k not in ("run", "variants", "variant_runs")}
+    for _ in range(6):  # completed at the target batch above an LR that diverged at a smaller batch
+        r = c.post(f"/v1/studies/{study}/runs", json={"recipe": recipe}).json()
+        assert c.post(f"/v1/runs/{r['id']}/complete", json={"outcome": "completed", "metric": 1.0}).status_code == 200
+    out = c.post("/v1/recommendations", json=bert_request(study=study)).json()
+    conflicts = [w for w in out["warnings"] if w.startswith("evidence conflict")]
+    assert len(conflicts) == 1 and "6 runs completed" in conflicts[0], out["warnings"]
+    assert out["stages"][0]["peak_lr"] < lr  # the cap of the diverged run
+    ev = c.get(f"/v1/studies/{study}/evidence").json()
+    assert len(ev["conflicts"]) == 1 and ev["boundary"]
+    cap = min(b["cap"] for b in ev["boundary"])
+    assert out["stages"][0]["peak_lr"] <= cap
+    # A run finishing changes the answer at once (the cached fit is per version of the evidence).
+    r = c.post(f"/v1/studies/{study}/runs", json={"recipe": recipe}).json()
+    c.post(f"/v1/runs/{r['id']}/complete", json={"outcome": "completed", "metric": 1.0})
+    again = c.post("/v1/recommendations", json=bert_request(study=study)).json()
+    assert any("7 runs completed" in w for w in again["warnings"]), again["warnings"]

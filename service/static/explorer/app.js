@@ -257,7 +257,7 @@ function renderEvidence(ev) {
     { name: "fitted optimum", color: "#2f6fdb", kind: "line",
       points: ev.optimum.map((p) => [p.batch_size, p.lr]) },
     { name: "divergence boundary", color: "#c0392b", kind: "step", dash: "6 4",
-      points: ev.boundary.map((p) => [p.batch_size, p.cap, `cap (0.8 × LR ${fmt(p.diverged_lr)} that diverged)`]) },
+      points: ev.boundary.map((p) => [p.batch_size, p.cap, `cap (below LR ${fmt(p.diverged_lr)} that diverged)`]) },
     { name: "recipe", color: "#e67700", kind: "points", radius: 6,
       points: recipeStages.map((s) => [s.batch_size, s.peak_lr, "this recipe"]) },
   ];
