@@ -258,3 +258,20 @@ def test_width_and_compute_budget():
     auto = recommend({"model": {"params": 7 * 10**9}, "reference": {**ref, "model_width": None},
                       "target": {"batch_size": "auto", "compute": 8.6e22}})
     assert 4.0e-4 < auto.stages[0].peak_lr < 4.5e-4 and 4000 < auto.stages[0].batch_size < 5000
+
+
+@FAST
+@given(requests(), st.lists(st.integers(64, 100_000), min_size=2, max_size=3), st.sampled_from([128, 512, 2048]))
+def test_stages_written_in_either_unit_agree(req, batches, seq_len):
+    req = {k: v for k, v in req.items() if k != "budget"}
+    req["reference"] = {**req["reference"], "seq_len": seq_len}
+    share = 1 / len(batches)
+    shares = [share] * (len(batches) - 1) + [1 - share * (len(batches) - 1)]
+    seqs = recommend({**req, "stages": [{"batch_size": b, "share": s} for b, s in zip(batches, shares, strict=True)]})
+    toks = recommend({**req, "stages": [{"batch_tokens": b * seq_len, "share": s}
+                                        for b, s in zip(batches, shares, strict=True)]})
+    assert toks.optimizer == seqs.optimizer
+    for a, b in zip(toks.stages, seqs.stages, strict=True):
+        assert (a.batch_size, a.steps, a.warmup_steps, a.const_steps, a.decay_steps) == \
+               (b.batch_size, b.steps, b.warmup_steps, b.const_steps, b.decay_steps)
+        assert math.isclose(a.peak_lr, b.peak_lr, rel_tol=1e-12)
