@@ -2,7 +2,8 @@
 
 On CPU, torch has no fused LAMB and Triton has no backend (its interpreter is a test tool), and the
 ``torch._foreach_*`` path makes ~15 memory passes per step where the algorithm needs 10. So the same
-two passes as the Triton kernels of :mod:`._fused` are written in C here, compiled once per machine
+two passes as the Triton kernels of :mod:`._fused` are written in C (``_cpu_kernels.c``, shipped as
+package data beside this module), compiled once per machine
 with the system's C compiler (``cc``, or ``$CC``: the compiler ``torch.compile`` needs on CPU too) into
 a cache folder, and called through :mod:`ctypes` with tables of tensor addresses:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.resources
 import os
 import pathlib
 import platform
@@ -41,170 +43,7 @@ from ._tensors import trust_ratios
 
 _BLOCK = 1 << 14  # elements per work item: 64 KB of fp32 per operand, a few operands fit in L2
 
-_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-
-#define BLOCK %(block)d
-
-/* Work items: tensor t owns items first[t] .. first[t+1]-1; item k covers elements
-   [(k - first[t]) * BLOCK, min(numel[t], ...)). Sums go to part[kind * items + k]. */
-static int64_t build_first(int64_t n, const int64_t *numel, int64_t *first) {
-    first[0] = 0;
-    for (int64_t t = 0; t < n; t++) first[t + 1] = first[t] + (numel[t] + BLOCK - 1) / BLOCK;
-    return first[n];
-}
-
-static int64_t owner(int64_t k, int64_t n, const int64_t *first) {
-    int64_t lo = 0, hi = n - 1;
-    while (lo < hi) {  /* the last t with first[t] <= k */
-        int64_t mid = (lo + hi + 1) / 2;
-        if (first[mid] <= k) lo = mid; else hi = mid - 1;
-    }
-    return lo;
-}
-
-static void fold(int64_t n, const int64_t *first, int kinds, int64_t items, const double *part, double *out) {
-    for (int c = 0; c < kinds; c++)
-        for (int64_t t = 0; t < n; t++) {
-            double s = 0.0;
-            for (int64_t k = first[t]; k < first[t + 1]; k++) s += part[c * items + k];
-            out[c * n + t] = s;
-        }
-}
-
-/* The work items of a call (first[], freed by the caller, and their number), and item k's range. */
-#define ITEMS int64_t *first = malloc((n + 1) * sizeof(int64_t)); int64_t items = build_first(n, numel, first);
-#define ITEM_RANGE(k) int64_t t = owner(k, n, first);                                                   \
-    int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];
-
-#define KERNELS(T, SUFFIX, SQRT)                                                                          \
-void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int threads) {           \
-    ITEMS                                                                                            \
-    double *part = malloc((items ? items : 1) * sizeof(double));                                     \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
-    for (int64_t k = 0; k < items; k++) {                                                            \
-        ITEM_RANGE(k)                                                                                \
-        const T *gp = g[t];                                                                          \
-        double s = 0.0;                                                                              \
-        _Pragma("omp simd reduction(+:s)")                                                           \
-        for (int64_t j = lo; j < hi; j++) s += (double)gp[j] * (double)gp[j];                        \
-        part[k] = s;                                                                                 \
-    }                                                                                                \
-    fold(n, first, 1, items, part, out);                                                             \
-    free(part); free(first);                                                                         \
-}                                                                                                    \
-                                                                                                     \
-/* hp: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, clip factor (1: none) */                      \
-void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
-                            const double *bc1, const double *bc2, const double *hp, int adapt,       \
-                            double *out, int threads) {                                              \
-    ITEMS                                                                                            \
-    double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
-    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
-    const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                                      \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
-    for (int64_t k = 0; k < items; k++) {                                                            \
-        ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t]));                               \
-        double sx = 0.0, su = 0.0;                                                                   \
-        _Pragma("omp simd reduction(+:sx,su)")                                                       \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T gj = gp[j] * inv_clip;                                                                 \
-            T mj = mp[j] * b1 + gj * omb1;                                                           \
-            T vj = vp[j] * b2 + gj * gj * omb2;                                                      \
-            mp[j] = mj; vp[j] = vj;                                                                  \
-            T u = mj * r1 / (SQRT(vj) * rs2 + eps) + wd * pp[j];                                     \
-            sx += (double)pp[j] * (double)pp[j];                                                     \
-            su += (double)u * (double)u;                                                             \
-        }                                                                                            \
-        part[k] = sx; part[items + k] = su;                                                          \
-    }                                                                                                \
-    if (adapt) fold(n, first, 2, items, part, out);                                                  \
-    free(part); free(first);                                                                         \
-}                                                                                                    \
-                                                                                                     \
-void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel,                    \
-                            const double *bc1, const double *bc2, const double *hp,                  \
-                            const double *scale, int threads) {                                      \
-    ITEMS                                                                                            \
-    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
-    for (int64_t k = 0; k < items; k++) {                                                            \
-        ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *mp = m[t], *vp = v[t];                                                        \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), s = (T)scale[t];              \
-        _Pragma("omp simd")                                                                          \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T u = mp[j] * r1 / (SQRT(vp[j]) * rs2 + eps) + wd * pp[j];                               \
-            pp[j] = pp[j] + u * s;                                                                   \
-        }                                                                                            \
-    }                                                                                                \
-    free(first);                                                                                     \
-}                                                                                                    \
-                                                                                                     \
-/* LANS: g_hat = g / gnorm[t]; r = m_hat/denom + wd p, c = g_hat/denom + wd p */                    \
-void lb_lans_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
-                            const double *bc1, const double *bc2, const double *gnorm,               \
-                            const double *hp, int adapt, double *out, int threads) {                 \
-    ITEMS                                                                                            \
-    double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
-    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
-    const T wd = (T)hp[5];                                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
-    for (int64_t k = 0; k < items; k++) {                                                            \
-        ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
-        double sx = 0.0, sr = 0.0, sc = 0.0;                                                         \
-        _Pragma("omp simd reduction(+:sx,sr,sc)")                                                    \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T gh = gp[j] * rgn;                                                                      \
-            T mj = mp[j] * b1 + gh * omb1;                                                           \
-            T vj = vp[j] * b2 + gh * gh * omb2;                                                      \
-            mp[j] = mj; vp[j] = vj;                                                                  \
-            T inv = (T)1 / (SQRT(vj) * rs2 + eps);                                                   \
-            T r = mj * r1 * inv + wd * pp[j];                                                        \
-            T c = gh * inv + wd * pp[j];                                                             \
-            sx += (double)pp[j] * (double)pp[j];                                                     \
-            sr += (double)r * (double)r;                                                             \
-            sc += (double)c * (double)c;                                                             \
-        }                                                                                            \
-        part[k] = sx; part[items + k] = sr; part[2 * items + k] = sc;                                \
-    }                                                                                                \
-    if (adapt) fold(n, first, 3, items, part, out);                                                  \
-    free(part); free(first);                                                                         \
-}                                                                                                    \
-                                                                                                     \
-void lb_lans_pass2_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
-                            const double *bc1, const double *bc2, const double *gnorm,               \
-                            const double *hp, const double *scale_r, const double *scale_c,          \
-                            int threads) {                                                           \
-    ITEMS                                                                                            \
-    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
-    for (int64_t k = 0; k < items; k++) {                                                            \
-        ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
-        const T s_r = (T)scale_r[t], s_c = (T)scale_c[t];                                            \
-        _Pragma("omp simd")                                                                          \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T gh = gp[j] * rgn;                                                                      \
-            T inv = (T)1 / (SQRT(vp[j]) * rs2 + eps);                                                \
-            T r = mp[j] * r1 * inv + wd * pp[j];                                                     \
-            T c = gh * inv + wd * pp[j];                                                             \
-            pp[j] = pp[j] + r * s_r + c * s_c;                                                       \
-        }                                                                                            \
-    }                                                                                                \
-    free(first);                                                                                     \
-}
-
-KERNELS(double, f64, sqrt)
-KERNELS(float, f32, sqrtf)
-"""
+_SOURCE_FILE = "_cpu_kernels.c"  # package data, beside this module
 
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared", "-std=c11"]
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -246,8 +85,9 @@ def _build(cc: str | None) -> tuple[ctypes.CDLL | None, str | None]:
     if cc is None:
         return None, ("no C compiler found (set CC, or install gcc: the CPU kernels are compiled on first use, "
                       "as torch.compile's are)")
-    source = _SOURCE % {"block": _BLOCK}
-    digest = hashlib.sha256("\0".join([source, cc, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    source = (importlib.resources.files(__package__) / _SOURCE_FILE).read_text()
+    flags = [*_FLAGS, f"-DBLOCK={_BLOCK}"]
+    digest = hashlib.sha256("\0".join([source, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"largebatch_cpu_{digest}.so"
     if not target.exists():
@@ -257,7 +97,7 @@ def _build(cc: str | None) -> tuple[ctypes.CDLL | None, str | None]:
                 src = pathlib.Path(tmp) / "kernels.c"
                 src.write_text(source)
                 out = pathlib.Path(tmp) / "kernels.so"
-                done = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True,
+                done = subprocess.run([cc, *flags, str(src), "-o", str(out), "-lm"], capture_output=True,
                                       text=True, timeout=300)
                 if done.returncode != 0:
                     return None, f"compiling the CPU kernels with {cc} failed: {done.stderr.strip()[-500:]}"
