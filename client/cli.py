@@ -38,28 +38,35 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+# Numbers read as `largebatch recommend` reads them (32K, 1.5M; the same messages for a bad one),
+# so a batch size is typed and refused alike in every subcommand.
+
+
+def _batch_size(text: str) -> int:
+    value = parse_count(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive count, got {text!r}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _batch_size(text)
 
 
 def _nonnegative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return parse_count(text)
 
 
 def _run_id(text: str) -> int:
-    return _nonnegative(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a run id: {text!r} (the id column of `largebatch runs list`)")
+    return value
 
 
 # ------------------------------------------------------------------------------------ registration
@@ -74,7 +81,7 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
                        description="List a study's runs (oldest first).")
     ls.add_argument("study", help="study name")
     ls.add_argument("--state", choices=_STATES, help="only runs in this state")
-    ls.add_argument("--batch-size", type=_positive, help="only runs at this batch size")
+    ls.add_argument("--batch-size", type=_batch_size, help="only runs at this batch size, e.g. 32K")
     ls.add_argument("--limit", type=_positive, default=100, help="page size (default 100, at most 1000)")
     ls.add_argument("--offset", type=_nonnegative, default=0, help="skip this many runs")
     fmt = ls.add_mutually_exclusive_group()

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from largebatch.client import Client
-from largebatch.scaling_rules.cli import main
+from largebatch.scaling_rules.cli import build_parser, main
 
 pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
 
@@ -93,7 +93,7 @@ def test_errors_are_one_line_and_exit_2(service, capsys):
     assert code == 2 and "--url" in err
     with pytest.raises(SystemExit):
         main(["runs", "list", "s", "--limit", "0"])
-    assert "must be >= 1" in capsys.readouterr().err
+    assert "must be a positive count, got '0'" in capsys.readouterr().err
 
 
 def test_studies_create_and_delete(service, capsys, monkeypatch):
@@ -112,3 +112,25 @@ def test_studies_create_and_delete(service, capsys, monkeypatch):
     assert code == 0 and "deleted study cli-made" in out
     code, _, err = run_cli(capsys, "studies", "show", "cli-made", "--url", service.url)
     assert code == 2 and "not_found" in err
+
+
+def _refusal(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err.split(": error: argument ", 1)[1].split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("value", ["-5", "abc", "1.5", "-1K"])
+def test_a_bad_batch_size_reads_the_same_in_every_subcommand(value, capsys):
+    recommend = ["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "1e-3", "--ref-steps", "1M"]
+    assert _refusal(capsys, "runs", "list", "s", f"--batch-size={value}") == \
+        _refusal(capsys, *recommend, f"--target-batch={value}")
+
+
+def test_batch_sizes_and_run_ids_as_typed(capsys):
+    assert build_parser().parse_args(["runs", "list", "s", "--batch-size", "32K"]).batch_size == 32768
+    assert _refusal(capsys, "runs", "list", "s", "--batch-size", "0") == "must be a positive count, got '0'"
+    assert _refusal(capsys, "runs", "show", "x1") == "not a run id: 'x1' (the id column of `largebatch runs list`)"
+    assert _refusal(capsys, "runs", "list", "s", "--offset", "-1") == "must be 0 or more, got '-1'"
