@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from largebatch.scaling_rules.models import OptimizerConfig, Recipe
+from largebatch.scaling_rules.optimizers import info
 
 from .grouping import param_groups_for
 from .lamb import LAMB
@@ -16,17 +17,6 @@ from .lars import LARS
 from .scheduler import RecipeLR
 
 __all__ = ["build", "build_optimizer"]
-
-# Extra OptimizerConfig fields (the model allows extras) passed on to our optimizers as keyword arguments.
-_EXTRA_OPTIONS = {
-    "lamb": {"layer_adaptation", "phi_bounds", "skip_adaptation_without_decay", "nonfinite", "foreach", "fused",
-             "capturable"},
-    "lans": {"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "fused", "capturable"},
-    "lars": {"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "capturable"},
-    "adamw": {"foreach", "fused", "amsgrad"},
-    "sgd": {"foreach", "fused", "nesterov", "dampening"},
-}
-
 
 def build(model: nn.Module, recipe: Recipe | dict[str, Any]) -> tuple[torch.optim.Optimizer, RecipeLR]:
     """The optimizer and LR scheduler that ``recipe`` names, for ``model``'s trainable parameters.
@@ -44,10 +34,11 @@ def build(model: nn.Module, recipe: Recipe | dict[str, Any]) -> tuple[torch.opti
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Optimizer:
     """The optimizer part of :func:`build`."""
     name = config.name
+    about = info(name)  # what the optimizer takes: scaling_rules.optimizers, the one table
     extras = dict(config.model_extra or {})
     # name patterns excluded from the trust ratio only (default: the weight-decay exclusions)
     adaptation_patterns = extras.pop("exclude_from_layer_adaptation", None)
-    unknown = sorted(set(extras) - _EXTRA_OPTIONS[name])
+    unknown = sorted(set(extras) - about.options)
     if unknown:
         raise ValueError(f"recipe.optimizer has options that {name} does not take: {', '.join(unknown)}")
     groups = param_groups_for(model, config.weight_decay, config.exclude_from_weight_decay,
@@ -59,11 +50,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Op
     def refuse(option: str, why: str) -> None:
         raise ValueError(f"recipe.optimizer.{option} is set but {name} {why}")
 
-    if name in ("lans", "lars", "adamw", "sgd") and config.max_grad_norm is not None:
+    if not about.clipping and config.max_grad_norm is not None:
         refuse("max_grad_norm", "has no built-in gradient clipping; clip with torch.nn.utils.clip_grad_norm_")
-    if name in ("lamb", "lans") and config.trust_coefficient not in (None, 1.0):
+    if about.layerwise and not about.trust_coefficient and config.trust_coefficient not in (None, 1.0):
         refuse("trust_coefficient", "has none (its trust ratio is phi(||x||)/||update||)")
-    if name == "adamw" and not config.bias_correction:
+    if about.betas and not about.optional_bias_correction and not config.bias_correction:
         refuse("bias_correction", "always applies bias correction")
 
     if name == "lamb":

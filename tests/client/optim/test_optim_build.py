@@ -256,3 +256,27 @@ def test_a_training_script_resumed_mid_run_is_bit_identical(name):
     train(resumed, opt2, sched2, data[9:])
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_optimizer_table_describes_the_code():
+    """scaling_rules.optimizers (pure Python) against the classes build() makes: every recipe optimizer
+    has a row, every option it lists is a keyword of the class, and the flags match the signatures."""
+    import importlib
+    import inspect
+    import typing
+
+    from largebatch.scaling_rules.models import RecipeOptimizerName
+    from largebatch.scaling_rules.optimizers import OPTIMIZERS, info, same_units
+
+    assert {n for n, i in OPTIMIZERS.items() if i.recipe} == set(typing.get_args(RecipeOptimizerName))
+    for about in OPTIMIZERS.values():
+        module, cls_name = about.implementation.rsplit(".", 1)
+        keywords = set(inspect.signature(getattr(importlib.import_module(module), cls_name)).parameters)
+        assert about.options <= keywords, (about.name, about.options - keywords)
+        assert ("max_grad_norm" in keywords) == about.clipping, about.name
+        assert ("trust_coefficient" in keywords) == about.trust_coefficient, about.name
+        assert ("momentum" in keywords) == about.momentum, about.name
+        assert ("betas" in keywords) == about.betas, about.name
+    assert same_units("lamb", "lans") and same_units("adam", "adamw") and not same_units("lamb", "adamw")
+    with pytest.raises(ValueError, match="unknown optimizer name: 'adagrad'"):
+        info("adagrad")

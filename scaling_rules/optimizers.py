@@ -1,0 +1,96 @@
+"""What each optimizer is, in one table (as timm's ``OptimInfo``): its LR units, whether it has betas,
+momentum, built-in clipping or a trust coefficient, the options ``build()`` passes on, and the bounds of
+its hyperparameters. The engine, the recipe checks and ``largebatch.client.optim.build`` read it;
+nothing else writes these facts down.
+
+Pure Python (no torch): the science and the service read it without the optimizers' code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "OptimInfo", "info", "same_units"]
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """One optimizer.
+
+    Attributes:
+        name: as recipes and references spell it.
+        implementation: where ``build()`` takes it from (a dotted path, for people and docs).
+        units: LR units; optimizers with the same units share LRs (LANS trains with LAMB's LRs, Adam
+            and AdamW agree).
+        betas: has Adam's ``(beta1, beta2)`` and ``eps`` inside the square-root denominator.
+        momentum: has a heavy-ball ``momentum``.
+        layerwise: scales each tensor's step by a trust ratio (``layer_adaptation``).
+        clipping: has built-in global gradient-norm clipping (``max_grad_norm``).
+        trust_coefficient: takes a ``trust_coefficient`` (LARS); a layer-wise optimizer without one
+            has none (its ratio is phi(||x||)/||update||).
+        optional_bias_correction: ``bias_correction=False`` is honoured (torch's AdamW always applies it).
+        default_eps: the ``eps`` a recipe gets when the reference names none.
+        options: the extra recipe fields passed to the optimizer as keyword arguments.
+        recipe: can be a recipe's optimizer (Adam is only a reference: it is run as AdamW).
+    """
+
+    name: str
+    implementation: str
+    units: str
+    betas: bool
+    momentum: bool
+    layerwise: bool
+    clipping: bool
+    trust_coefficient: bool
+    optional_bias_correction: bool
+    default_eps: float
+    options: frozenset[str]
+    recipe: bool = True
+
+
+_LAYERWISE_OPTIONS = frozenset({"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "capturable"})
+
+OPTIMIZERS: dict[str, OptimInfo] = {i.name: i for i in (
+    OptimInfo("lamb", "largebatch.client.optim.LAMB", "layerwise-adam", betas=True, momentum=False,
+              layerwise=True, clipping=True, trust_coefficient=False, optional_bias_correction=True,
+              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"skip_adaptation_without_decay", "fused"}),
+    OptimInfo("lans", "largebatch.client.optim.LANS", "layerwise-adam", betas=True, momentum=False,
+              layerwise=True, clipping=False, trust_coefficient=False, optional_bias_correction=True,
+              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"fused"}),
+    OptimInfo("lars", "largebatch.client.optim.LARS", "lars", betas=False, momentum=True, layerwise=True,
+              clipping=False, trust_coefficient=True, optional_bias_correction=False, default_eps=1e-9,
+              options=_LAYERWISE_OPTIONS),
+    OptimInfo("adamw", "torch.optim.AdamW", "adam", betas=True, momentum=False, layerwise=False, clipping=False,
+              trust_coefficient=False, optional_bias_correction=False, default_eps=1e-8,
+              options=frozenset({"foreach", "fused", "amsgrad"})),
+    OptimInfo("adam", "torch.optim.AdamW", "adam", betas=True, momentum=False, layerwise=False, clipping=False,
+              trust_coefficient=False, optional_bias_correction=False, default_eps=1e-8,
+              options=frozenset({"foreach", "fused", "amsgrad"}), recipe=False),
+    OptimInfo("sgd", "torch.optim.SGD", "sgd", betas=False, momentum=True, layerwise=False, clipping=False,
+              trust_coefficient=False, optional_bias_correction=False, default_eps=0.0,
+              options=frozenset({"foreach", "fused", "nesterov", "dampening"})),
+)}
+
+# The range of each hyperparameter a request, a recipe or a posted recipe may hold (inclusive; betas:
+# each in [0, 1), the upper end excluded).
+HYPERPARAMETER_BOUNDS: dict[str, tuple[float, float]] = {
+    "weight_decay": (0.0, 10.0),
+    "eps": (0.0, 1.0),
+    "momentum": (0.0, 1.0),
+    "trust_coefficient": (0.0, 1e4),
+    "max_grad_norm": (0.0, 1e15),
+    "betas": (0.0, 1.0),
+}
+
+
+def info(name: str) -> OptimInfo:
+    """The table's row for ``name``; a ValueError naming it where there is none."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer name: {name!r} (known: {', '.join(OPTIMIZERS)})") from None
+
+
+def same_units(a: str, b: str) -> bool:
+    """Whether LRs of ``a`` and ``b`` are in the same units."""
+    return info(a).units == info(b).units
