@@ -38,7 +38,7 @@ async def readyz(request: Request) -> ReadyOut:
 
     def probe() -> dict[str, str]:
         store = holder.get()
-        store.ping()
+        store.ping(write=True)
         return store.schema_versions()
 
     settings = request.app.state.settings

@@ -164,39 +164,55 @@ class Database:
     # ------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _local(self, write: bool) -> Iterator[None]:
+    def _local(self, write: bool, deadline: float) -> Iterator[None]:
+        """The write queue (this process's threads, then other processes), waited on until ``deadline``
+        (monotonic) at most: the store's deadline covers the time spent queueing too."""
         if self._lock is None or not (write or self._all_locked):
             yield
             return
-        with self._lock:
-            if self._flock_path is None:
-                yield
-                return
-            if self._flock_held or fcntl is None:  # re-entered by this thread, or no flock (Windows)
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise StoreUnavailable(f"the write queue did not move for {self.busy_deadline_s:g}s")
+        try:
+            if self._flock_path is None or self._flock_held or fcntl is None:  # re-entered, or no flock
                 yield
                 return
             fd = self._flock_fd
             if fd is None or self._flock_pid != os.getpid():  # a forked child needs its own
                 fd = self._flock_fd = os.open(self._flock_path, os.O_RDWR | os.O_CREAT, 0o600)
                 self._flock_pid = os.getpid()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreUnavailable(
+                            f"the write queue did not move for {self.busy_deadline_s:g}s") from None
+                    time.sleep(pause)
+                    pause = min(pause * 2, 0.02)
             self._flock_held = True
             try:
                 yield
             finally:
                 self._flock_held = False
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
 
     def run(self, fn: Callable[[Connection], T], *, write: bool) -> T:
         """Run ``fn(conn)`` in one transaction, retrying it whole on transient errors."""
         engine = self.write_engine if write else self.engine
+        if write and self.kind == "sqlite" and not os.path.exists(self.sqlite_path):  # type: ignore[arg-type]
+            # Pooled connections still write to the unlinked file: nothing acknowledged would survive.
+            raise StoreUnavailable(f"the database file {self.sqlite_path} is gone")
         start = time.monotonic()
         attempt = 0
         disconnects = 0
         while True:
             attempt += 1
             try:
-                with self._local(write), engine.begin() as conn:
+                with self._local(write, start + self.busy_deadline_s), engine.begin() as conn:
                     return fn(conn)
             except IntegrityError:
                 raise

@@ -470,8 +470,9 @@ class StudyStore(ApiKeyStore):
     # ----------------------------------------------------------------------------- operations
 
     @abc.abstractmethod
-    def ping(self) -> bool:
-        """Return True if the database answers.
+    def ping(self, *, write: bool = False) -> bool:
+        """Return True if the database answers (with ``write``: if it takes a write now); a database
+        file that vanished is unavailable, not recreated empty.
 
         Raises:
             StoreUnavailable: It does not.

@@ -45,6 +45,7 @@ on the study does, without Optuna's ``COUNT(*)`` of past trials.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -164,7 +165,13 @@ class OptunaStudyStore(StudyOps, RunOps, ReportOps, OutcomeOps, SummaryOps, Evid
 
     # --------------------------------------------------------------------------- operations
 
-    def ping(self) -> bool:
+    def ping(self, *, write: bool = False) -> bool:
+        path = self._db.sqlite_path
+        if self._db.kind == "sqlite" and path is not None and not os.path.exists(path):
+            raise StoreUnavailable(f"the database file {path} is gone")  # not recreated empty
+        if write:  # takes the write lock (and the write queue) and changes nothing
+            return self._write(lambda conn: conn.exec_driver_sql(
+                "UPDATE lb_studies SET n_runs = n_runs WHERE 1 = 0").rowcount == 0)
         return self._read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar() == 1)
 
     def schema_versions(self) -> dict[str, str]:

@@ -603,3 +603,76 @@ def test_many_conflicting_runs_make_one_warning_line_and_the_fit_follows_the_stu
     c.post(f"/v1/runs/{r['id']}/complete", json={"outcome": "completed", "metric": 1.0})
     again = c.post("/v1/recommendations", json=bert_request(study=study)).json()
     assert any("7 runs completed" in w for w in again["warnings"]), again["warnings"]
+
+
+# ------------------------------------------------------------------ SQLite: a held lock, a vanished file
+
+
+def test_sqlite_writers_behind_an_external_lock_give_up_within_the_deadline_queue_included(tmp_path):
+    import sqlite3
+    import threading
+    import time
+
+    from largebatch.service.storage import StoreUnavailable, open_store
+
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+    with open_store(url, busy_timeout_s=0.5, busy_deadline_s=1.0) as store:
+        store.create_study("ns", "s0", model_family="transformer", model_params=1000)
+        holder = sqlite3.connect(tmp_path / "held.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        waited: list[float] = []
+        outcomes: list[str] = []
+
+        def writer(i: int) -> None:
+            t0 = time.monotonic()
+            try:
+                store.create_study("ns", f"w{i}", model_family="transformer", model_params=1000)
+                outcomes.append("ok")
+            except StoreUnavailable:
+                outcomes.append("503")
+            waited.append(time.monotonic() - t0)
+
+        threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert outcomes == ["503"] * 8
+        # About twice the deadline, however many writers queue (before: 8 x 1.5 s, one after the other).
+        assert max(waited) < 2 * 1.0 + 0.5 + 1.0, sorted(waited)
+        store.create_study("ns", "after", model_family="transformer", model_params=1000)
+
+
+def test_readyz_and_writes_notice_a_held_lock_and_a_vanished_database(tmp_path):
+    import sqlite3
+
+    from fastapi.testclient import TestClient
+
+    from largebatch.service.app import create_app
+    from largebatch.service.settings import Settings
+
+    path = tmp_path / "gone.db"
+    app = create_app(Settings(store_url=f"sqlite:///{path}", open_mode=True, store_timeout_s=0.5,
+                              ready_timeout_s=1.5))
+    with TestClient(app, base_url="http://localhost") as c:
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/studies", json={"name": "a", "model_params": 1000}).status_code == 201
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            assert_4xx_or_503(c.get("/readyz"))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert c.get("/readyz").status_code == 200
+        path.unlink()
+        assert_4xx_or_503(c.get("/readyz"))
+        assert_4xx_or_503(c.post("/v1/studies", json={"name": "b", "model_params": 1000}))
+        assert not path.exists()
+
+
+def assert_4xx_or_503(r) -> None:
+    assert r.status_code == 503 and r.json()["type"] == "store_unavailable", (r.status_code, r.text)
+    assert "retry-after" in r.headers
