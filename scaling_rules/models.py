@@ -35,8 +35,6 @@ DecayShape = Literal["linear", "cosine", "polynomial", "step", "multistep", "wsd
 WeightDecayRule = Literal["keep", "timescale"]
 AdamHparams = Literal["keep", "sde"]
 
-ADAM_FAMILY = frozenset({"lamb", "lans", "adamw", "adam"})
-
 
 def _finite_positive(name: str, value: float | None, hi: float = 1e12) -> float | None:
     if value is None:
