@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .optimizers import same_units as same_units  # LR units: the optimizer table (re-exported)
+
 # --- LR cap prior (LANS section 3.3: "the learning rate is theoretically upper bounded by 1/L") ---
 # BERT-Large (340M): LANS Figure 1 - the sqrt-scaled 0.01 (LAMB's 32K LR scaled to 128K, the setting
 # LANS section 3.3 discusses, not its 96K run) "exceeded the maximum learning rate and results in
@@ -232,13 +234,6 @@ def prior_for(family: str, optimizer: str) -> Prior | None:
     return PRIORS.get((family, optimizer))
 
 
-# Optimizers whose LRs are in the same units (LANS trained with LAMB's LRs; Adam and AdamW agree).
-_UNITS = {"lamb": "layerwise-adam", "lans": "layerwise-adam", "adamw": "adam", "adam": "adam",
-          "sgd": "sgd", "lars": "lars"}
-
-
-def same_units(a: str, b: str) -> bool:
-    return _UNITS[a] == _UNITS[b]
 
 
 def canonical(optimizer: str) -> str:
