@@ -27,6 +27,8 @@ from .sweep import loss_curve, seed_study
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
+# The README's picture. The tests write their screenshot to a temporary directory; only
+# `LARGEBATCH_UPDATE_SCREENSHOT=1 pytest tests/service/test_browser.py -m slow` rewrites this file.
 SCREENSHOT = ROOT / "docs" / "explorer.png"
 WAIT_S = 30
 
@@ -189,7 +191,7 @@ def test_explorer_shows_a_recipe_and_its_schedule_in_open_mode(browser, open_ser
     assert _off_origin(drv, open_server.base_url) == ([], [])
 
 
-def test_explorer_with_a_key_shows_a_study_its_evidence_and_live_runs(browser, keyed_server):
+def test_explorer_with_a_key_shows_a_study_its_evidence_and_live_runs(browser, keyed_server, tmp_path):
     from selenium.webdriver.support.ui import Select
 
     server, key = keyed_server
@@ -262,8 +264,57 @@ def test_explorer_with_a_key_shows_a_study_its_evidence_and_live_runs(browser, k
             drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                 {"width": 1400, "height": height, "deviceScaleFactor": 1, "mobile": False})
             time.sleep(0.4)
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        assert drv.save_screenshot(str(SCREENSHOT))
+        shot = SCREENSHOT if os.environ.get("LARGEBATCH_UPDATE_SCREENSHOT") == "1" else tmp_path / "explorer.png"
+        assert drv.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+
+
+def _request(drv) -> dict:
+    import json
+
+    return json.loads(drv.find_element("id", "request").get_attribute("value"))
+
+
+def test_explorer_opens_on_the_newest_study_with_a_request_from_its_runs(browser, keyed_server):
+    from selenium.webdriver.support.ui import Select
+
+    server, key = keyed_server
+    with httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as c:
+        assert c.post("/v1/studies", json={"name": "empty", "model_params": 110_000_000,
+                                           "model_family": "transformer"}).status_code == 201
+        running = seed_study(c, "bert-large-sweep")  # the newest study
+        drv = browser
+        drv.get(server.base_url + "/")
+        drv.execute_script("localStorage.setItem('largebatch.apiKey', arguments[0])", key)
+        drv.get(server.base_url + "/")
+        # Nothing picked by hand: the newest study, its evidence and its runs are on the page.
+        _wait(drv, lambda d: len(d.find_elements("css selector", "#runs tbody tr")) == 15, "the newest study's runs")
+        assert drv.find_element("id", "study").get_attribute("value") == "bert-large-sweep"
+        _wait(drv, lambda d: "Fit on 12 completed runs" in _text(d, "#fit"), "the study's evidence")
+        # The request comes from the study's own runs: its best run at its smallest batch size is the
+        # reference, its largest batch size the target.
+        req = _request(drv)
+        assert req["study"] == "bert-large-sweep" and req["model"]["params"] == 340_000_000
+        assert req["reference"]["batch_size"] == 8192 and req["reference"]["lr"] == 2.5e-3
+        assert req["target"]["batch_size"] == 32768
+        assert "from bert-large-sweep's runs" in _text(drv, "#request-source")
+        drv.find_element("id", "submit").click()
+        _wait(drv, lambda d: d.find_elements("css selector", "#stages tbody tr"), "the recipe")
+        assert not drv.find_element("id", "error").is_displayed()
+        # The running run's curve is drawn last (on top) and thicker than the finished ones.
+        series = drv.execute_script("""
+            return [...document.querySelectorAll('#loss-chart g.series')].map(g => [g.dataset.name,
+              g.querySelector('path') && g.querySelector('path').getAttribute('stroke-width')]);""")
+        assert series[-1][0].startswith(f"run {running} ") and series[-1][0].endswith("running"), series
+        assert float(series[-1][1]) > max(float(w) for _, w in series[:-1] if w is not None)
+        # A study without runs resets the request to the example, for that study's model, and says so.
+        Select(drv.find_element("id", "study")).select_by_value("empty")
+        _wait(drv, lambda d: "no runs yet" in _text(d, "#request-source"), "the reset request")
+        req = _request(drv)
+        assert req["study"] == "empty" and req["model"]["params"] == 110_000_000
+        assert req["reference"]["batch_size"] == 512 and req["target"]["batch_size"] == 32768
+        Select(drv.find_element("id", "study")).select_by_value("")
+        _wait(drv, lambda d: "study" not in _request(d), "the request without a study")
 
 
 def test_docs_render_offline_with_an_authorize_button(browser, keyed_server):

@@ -170,6 +170,12 @@ async function loadStudies() {
     }
     select.value = page.items.some((s) => s.name === keep) ? keep : "";
     $("#key-status").textContent = apiKey() ? "key in use" : "open mode";
+    if (!select.value && !state.study && page.items.length) {
+      // Open on the most recent study, with its evidence and runs.
+      const newest = page.items.reduce((a, b) => (b.created_at > a.created_at ? b : a));
+      select.value = newest.name;
+      await pickStudy(newest.name);
+    }
   } catch (e) {
     $("#key-status").textContent = e.message.startsWith("401") ? "this service needs an API key" : e.message;
   }
@@ -185,14 +191,15 @@ async function pickStudy(name) {
   try { req = readRequest(); } catch { req = structuredClone(Object.values(EXAMPLES)[0]); }
   if (!name) {
     delete req.study;
+    $("#request-source").textContent = "";
     writeRequest(req);
     $("#study-panel").hidden = true;
     return;
   }
   try {
     const study = await api(`v1/studies/${encodeURIComponent(name)}`);
-    req.study = name;
-    req.model = { ...req.model, params: study.model_params, family: study.model_family };
+    const runs = await api(`v1/studies/${encodeURIComponent(name)}/runs?limit=1000`);
+    req = requestFromRuns(study, runs.items);
     writeRequest(req);
     $("#study-name").textContent = study.name;
     $("#study-meta").textContent = `${study.model_family}, ${fmt(study.model_params)} parameters, `
@@ -202,6 +209,33 @@ async function pickStudy(name) {
   } catch (e) {
     showError(e);
   }
+}
+
+// A request made of the study's own runs: its best finished run at its smallest batch size is the
+// reference, its largest batch size the target. A study without runs resets the request to the first
+// example for the study's model, and the page says so.
+function requestFromRuns(study, runs) {
+  const model = { params: study.model_params, family: study.model_family };
+  const sign = study.direction === "maximize" ? -1 : 1;
+  const done = runs.filter((r) => r.state === "completed" && r.metric !== null);
+  const pool = done.length ? done : runs;
+  if (!pool.length) {
+    $("#request-source").textContent = `${study.name} has no runs yet: the request is the first example's, `
+      + "for this study's model";
+    return { ...structuredClone(Object.values(EXAMPLES)[0]), model, study: study.name };
+  }
+  const smallest = Math.min(...pool.map((r) => r.batch_size));
+  const ref = pool.filter((r) => r.batch_size === smallest)
+    .reduce((a, b) => (done.length && sign * b.metric < sign * a.metric ? b : a));
+  const target = Math.max(...runs.map((r) => r.batch_size));
+  $("#request-source").textContent = `from ${study.name}'s runs: reference run ${ref.id} (batch `
+    + `${fmt(ref.batch_size)}, LR ${fmt(ref.peak_lr)}), target its largest batch size ${fmt(target)}`;
+  return {
+    model, study: study.name,
+    reference: { batch_size: ref.batch_size, lr: ref.peak_lr, warmup_ratio: ref.warmup_ratio, steps: ref.steps,
+      optimizer: ref.optimizer },
+    target: { batch_size: target },
+  };
 }
 
 async function refreshStudy() {
@@ -301,19 +335,27 @@ function renderRuns(runs) {
 }
 
 async function fetchCurve(run) {
-  // Reports arrive in step order; fetch only what is new since the last refresh.
-  const have = state.curves.get(run.id) || { points: [], total: 0, lastStep: null };
-  if (have.lastStep === run.last_step && run.state !== "running") return have;
-  let offset = have.total;
-  for (;;) {
-    const page = await api(`v1/runs/${run.id}/reports?limit=5000&offset=${offset}`);
-    for (const p of page.items) have.points.push([p.step, p.finite ? p.loss : NaN]);
-    offset += page.items.length;
-    have.total = page.total;
-    if (!page.items.length || offset >= page.total) break;
+  // First the whole run, downsampled by the service (each step range's lowest and highest loss: a spike
+  // survives); then, while it runs, only the reports after the last step drawn.
+  let have = state.curves.get(run.id);
+  if (!have) {
+    const curve = await api(`v1/runs/${run.id}/curve?points=${MAX_POINTS / 2}`);
+    have = { points: [], lastStep: curve.last_step === null ? -1 : curve.last_step };
+    for (const b of curve.buckets) {
+      if (b.high !== null) have.points.push([b.first_step, b.high]);
+      if (b.low !== null && b.last_step !== b.first_step) have.points.push([b.last_step, b.low]);
+      if (b.nonfinite) have.points.push([b.last_step, NaN]);
+    }
+    state.curves.set(run.id, have);
   }
-  have.lastStep = run.last_step;
-  state.curves.set(run.id, have);
+  if (run.state !== "running" && (run.last_step === null || have.lastStep >= run.last_step)) return have;
+  for (;;) {
+    const page = await api(`v1/runs/${run.id}/reports?limit=5000&after_step=${have.lastStep}`);
+    for (const p of page.items) have.points.push([p.step, p.finite ? p.loss : NaN]);
+    if (!page.items.length) break;
+    have.lastStep = page.items[page.items.length - 1].step;
+    if (page.items.length < 5000) break;
+  }
   return have;
 }
 
@@ -342,11 +384,13 @@ async function renderCurves(runs) {
     const sel = runs.find((r) => r.id === state.selectedRun);
     if (sel) shown.push(sel);
   }
+  // Running runs last: drawn on top of the finished ones (an SVG paints in order), and thicker.
+  shown.sort((a, b) => (a.state === "running") - (b.state === "running"));
   const curves = await Promise.all(shown.map(fetchCurve));
   const series = shown.map((r, i) => ({
     name: `run ${r.id} · B ${fmt(r.batch_size)} · LR ${fmt(r.peak_lr)} · ${r.state}`,
     color: COLORS[i % COLORS.length], kind: "line",
-    width: state.selectedRun === r.id ? 3.5 : 1.8,
+    width: state.selectedRun === r.id ? 3.5 : r.state === "running" && state.selectedRun === null ? 3 : 1.8,
     hidden: state.selectedRun !== null && state.selectedRun !== r.id,
     points: thin(curves[i].points, MAX_POINTS),
   }));
@@ -371,6 +415,7 @@ function init() {
   examples.onchange = () => {
     const req = structuredClone(EXAMPLES[examples.value]);
     if (state.study) req.study = state.study;
+    $("#request-source").textContent = state.study ? `an example's request, with ${state.study}'s evidence` : "";
     writeRequest(req);
   };
   writeRequest(EXAMPLES[examples.value]);
