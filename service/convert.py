@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from largebatch.scaling_rules.models import MAX_COUNT, MAX_LR, MAX_STAGES, Recipe
+from largebatch.scaling_rules.optimizers import HYPERPARAMETER_BOUNDS
 from largebatch.scaling_rules.wire import Run, Study
 from largebatch.service.errors import ApiError
 from largebatch.service.storage.base import RunRecord, StudyRecord
@@ -52,13 +53,13 @@ def check_recipe(recipe: Recipe, loc: list[str | int], *, computed: bool = False
         raise bad(["optimizer", "lr"], f"must be a number in (0, {MAX_LR:g}]")
     opt = recipe.optimizer
     # The request's own bounds (models.Reference), so a posted recipe is no more absurd than a computed one.
-    for name, v, lo, hi in (("weight_decay", opt.weight_decay, 0.0, 10.0), ("eps", opt.eps, 0.0, 1.0),
-                            ("momentum", opt.momentum, 0.0, 1.0), ("trust_coefficient", opt.trust_coefficient, 0.0, 1e4),
-                            ("max_grad_norm", opt.max_grad_norm, 0.0, 1e15)):
-        if v is not None and not (math.isfinite(v) and lo <= v <= hi):
+    for name, (lo, hi) in HYPERPARAMETER_BOUNDS.items():
+        v = getattr(opt, name)
+        if name == "betas":
+            if v is not None and not all(math.isfinite(b) and lo <= b < hi for b in v):
+                raise bad(["optimizer", name], f"each must be in [{lo:g}, {hi:g})")
+        elif v is not None and not (math.isfinite(v) and lo <= v <= hi):
             raise bad(["optimizer", name], f"must be a number in [{lo:g}, {hi:g}]")
-    if opt.betas is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in opt.betas):
-        raise bad(["optimizer", "betas"], "each must be in [0, 1)")
     if not 0 < recipe.total_steps <= MAX_INT:
         raise bad(["total_steps"], f"must be in 1..{MAX_INT}")
     for i, s in enumerate(recipe.stages):
