@@ -16,6 +16,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from largebatch.service.examples import add_body_examples
+
 __all__ = ["BEARER_SCHEME", "install"]
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -60,7 +62,9 @@ def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc")
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            _add_bearer_scheme(generate())  # FastAPI's own schema, cached on the app: amended once
+            schema = generate()  # FastAPI's own schema, cached on the app: amended once
+            _add_bearer_scheme(schema)
+            add_body_examples(schema)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
