@@ -85,9 +85,13 @@ _NAME = re.compile(NAME_PATTERN)
 # httpx logs every request at INFO, so `logging.basicConfig(level=logging.INFO)` buried a job's
 # progress line under a line per report (and showed the 404 of a study's first recommendation,
 # which the client answers by creating the study). An application that set httpx's level keeps it.
-_HTTPX_LOG = logging.getLogger("httpx")
-if _HTTPX_LOG.level == logging.NOTSET:
-    _HTTPX_LOG.setLevel(logging.WARNING)
+def _quiet_httpx() -> None:
+    log = logging.getLogger("httpx")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.WARNING)
+
+
+_quiet_httpx()
 
 Format = Literal["png", "svg"]
 

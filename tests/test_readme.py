@@ -159,3 +159,7 @@ def test_quickstart_reports_arrive_during_training(service, tmp_path):
     mid = [step for step, state in seen if state == "running"]
     assert mid, f"no report arrived while the job trained (seen: {seen[-5:]})\n{out}"
     assert "completed" in out
+    # Quiet by default: the snippet's basicConfig(INFO) shows the job's progress, not a line per request
+    # (nor the 404 of the study's first recommendation, which the client answers by creating it).
+    assert "HTTP Request" not in err and "404" not in err, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("largebatch: step ")], err[-3000:]
