@@ -103,7 +103,8 @@ def test_block_runs(line, lang, marker, body, service, tmp_path):
     if marker.startswith("skip"):
         pytest.skip(f"README line {line}: {marker.split(':', 1)[-1].strip()}")
     port, _ = service
-    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    # A block that writes outside the checkout writes under $TMPDIR (or /tmp): here, the test's own directory.
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
     if marker == "serve":
         # The block starts the service itself: run it on another port until it answers, then stop it.
         own = _free_port()
