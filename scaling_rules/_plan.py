@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass, field
 
 from . import priors
-from .models import RecommendationRequest, Reference, StageRequest
+from ._critical import Trajectory, ramp_batches
+from .models import DEFAULT_MAX_OVERHEAD, RecommendationRequest, Reference, StageRequest
 from .priors import Prior
 
 __all__ = ["RecipeError", "auto_batch_size", "examples_ratio"]
@@ -42,6 +43,7 @@ class _Plan:
     switch_at: float | None = None  # batch (sequences) where the recipe left the reference's optimizer
     ref_steps: float | None = None  # the reference steps this stage scales from (a share of them)
     law_lr: float | None = None  # a compute-optimal law's LR (batch_size "auto" with a budget)
+    span: tuple[float, float] | None = None  # the reference examples a ramp stage covers (trajectory units)
     steps: int = 0
     ideal_lr: float = 0.0
     lr: float = 0.0
@@ -72,10 +74,12 @@ def examples_ratio(batch: float, ref_batch: float, noise_scale: float) -> float:
     return (1 + batch / noise_scale) / (1 + ref_batch / noise_scale)
 
 
-def auto_batch_size(noise_scale: float, lo: int | None = None, hi: int | None = None) -> int:
-    """The power of two nearest B_noise (where steps and examples are both 2x their minimum),
-    within the device limits."""
-    b = min(2 ** round(math.log2(max(noise_scale, 1.0))), 2**30)
+def auto_batch_size(noise_scale: float, lo: int | None = None, hi: int | None = None,
+                    max_overhead: float = DEFAULT_MAX_OVERHEAD) -> int:
+    """The critical batch of Zhang et al. 2024: the batch whose examples overhead E(B)/E_min - 1 =
+    B/B_noise is ``max_overhead`` (B = max_overhead x B_noise, rounded), within the device limits.
+    max_overhead 1 is B = B_noise, where steps and examples are both 2x their minimum."""
+    b = min(max(round(max_overhead * noise_scale), 1), 2**30)
     if hi is not None:
         b = min(b, hi)
     if lo is not None:
@@ -123,17 +127,51 @@ def _stage_requests(req: RecommendationRequest) -> list[StageRequest]:
     assert req.target is not None  # enforced by the model validator
     t = req.target
     batch = t.batch_size
+    if batch == "ramp":
+        return _ramp_requests(req)
     if batch == "auto":
         ref = req.reference
         assert ref is not None
-        if ref.noise_scale is not None:
-            batch = auto_batch_size(ref.noise_scale, t.min_batch_size, t.max_batch_size)
+        bn = noise_of(ref)
+        if bn is not None:
+            batch = auto_batch_size(bn, t.min_batch_size, t.max_batch_size, t.overhead)
         elif t.compute is not None or t.tokens is not None:
             batch = auto_from_budget(req)[0]
         else:
-            raise RecipeError('target.batch_size "auto" needs reference.noise_scale (a measured gradient noise '
-                              "scale) or a budget (target.tokens or target.compute)")
+            raise RecipeError('target.batch_size "auto" needs reference.noise_scale or reference.noise_trajectory '
+                              "(a measured gradient noise scale) or a budget (target.tokens or target.compute)")
     return [StageRequest(batch_size=batch, batch_tokens=t.batch_tokens, seq_len=t.seq_len, steps=t.steps)]
+
+
+def noise_of(ref: Reference) -> float | None:
+    """The reference's B_noise as one number, in its batch units: its noise_scale, or the trajectory's
+    constant with the same examples cost over the whole run (:mod:`._critical`)."""
+    traj = Trajectory.of(ref)
+    if traj is not None:
+        return traj.equivalent(float(ref.batch_size))  # type: ignore[arg-type]
+    return ref.noise_scale
+
+
+def _ramp_requests(req: RecommendationRequest) -> list[StageRequest]:
+    """A batch ramp along the reference's critical batch: one stage per batch (:func:`ramp_batches`)."""
+    t, ref = req.target, req.reference
+    assert t is not None and ref is not None and ref.batch_size is not None
+    traj = Trajectory.of(ref)
+    if traj is None:
+        raise RecipeError('target.batch_size "ramp" needs reference.noise_trajectory (B_noise along the run)')
+    if t.steps is not None:
+        raise RecipeError('target.steps: batch "ramp" plans each stage\'s steps from the budget; leave it out')
+    if t.batch_tokens is not None or (t.seq_len is not None and t.seq_len != ref.seq_len):
+        raise RecipeError('target.seq_len: batch "ramp" keeps the reference\'s sequence length')
+    if ref.steps is None:
+        raise RecipeError('target.batch_size "ramp" needs reference.steps (the run the trajectory was read on)')
+    start = t.min_batch_size or ref.batch_size
+    top = t.max_batch_size or 2**30
+    out = []
+    for batch, lo, hi in ramp_batches(traj, start, top, t.overhead):
+        share = (hi - lo) / traj.end
+        out.append(StageRequest(batch_size=max(1, round(batch)), share=share, seq_len=t.seq_len))
+    return out
 
 
 def _prefix(plan: _Plan, n_stages: int) -> str:
@@ -202,7 +240,8 @@ def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
         return
     if req.budget == "same-loss":
         if plan.examples_ratio is None:
-            raise RecipeError('budget "same-loss" needs reference.noise_scale (a measured gradient noise scale)')
+            raise RecipeError('budget "same-loss" needs reference.noise_scale or reference.noise_trajectory (a '
+                              "measured gradient noise scale)")
         exact = ref_steps / plan.k * plan.examples_ratio
         plan.steps = max(1, math.ceil(exact - 1e-9))
         plan.rationale.append(
@@ -220,6 +259,15 @@ def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
     )
 
 
+def _plan_trajectory(plan: _Plan, traj: Trajectory, p: str) -> None:
+    """B_eq over the stage's share of the reference run (all of it for one stage), in the target's units."""
+    lo, hi = (0.0, traj.end) if plan.span is None else (plan.span[0] * traj.end, plan.span[1] * traj.end)
+    ref_units = float(plan.ref.batch_size or plan.ref_batch)
+    plan.noise = traj.equivalent(ref_units, lo, hi) * plan.ref_batch_x / ref_units
+    where = "" if plan.span is None else f", over the reference's examples {lo:.4g}..{hi:.4g}"
+    plan.noise_src = f"reference.noise_trajectory ({traj.summary()}{where})"
+
+
 def _ratio_text(plan: _Plan, *, inverse: bool = False) -> str:
     if plan.k_unit == "tokens":
         a, b = plan.tokens, plan.ref.tokens
@@ -233,7 +281,10 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
     budget; and what the examples cost at the target batch (McCandlish et al. 2018, eq. 2.11)."""
     p = _prefix(plan, n)
     tokens = req.target.tokens if req.target is not None else None
-    if plan.ref.noise_scale is not None:
+    traj = Trajectory.of(plan.ref)
+    if traj is not None:
+        _plan_trajectory(plan, traj, p)
+    elif plan.ref.noise_scale is not None:
         # In the reference's sequences; the plan counts in the target's.
         plan.noise = plan.ref.noise_scale * plan.ref_batch_x / (plan.ref.batch_size or plan.ref_batch)
         plan.noise_src = "reference.noise_scale"
@@ -254,12 +305,25 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
     ratio = examples_ratio(plan.batch_x, plan.ref_batch_x, bn)
     plan.examples_ratio = ratio
     plan.steps_ratio = ratio * plan.ref_batch_x / plan.batch_x
-    plan.rationale.append(
-        f"{p}critical batch (McCandlish et al. 2018, eq. 2.11) from {plan.noise_src}: B_noise = {_fmt(bn)} "
-        f"sequences; reaching the reference's loss at batch {plan.batch} takes {ratio:.3g}x the examples and "
-        f"{plan.steps_ratio:.3g}x the steps of batch {plan.ref_batch} (examples ratio (1 + B/B_noise)/(1 + "
-        "B_ref/B_noise))"
-    )
+    if traj is None:
+        plan.rationale.append(
+            f"{p}critical batch (McCandlish et al. 2018, eq. 2.11) from {plan.noise_src}: B_noise = {_fmt(bn)} "
+            f"sequences; reaching the reference's loss at batch {plan.batch} takes {ratio:.3g}x the examples and "
+            f"{plan.steps_ratio:.3g}x the steps of batch {plan.ref_batch} (examples ratio (1 + B/B_noise)/(1 + "
+            "B_ref/B_noise))"
+        )
+    else:
+        last = traj.noise[-1] * plan.ref_batch_x / (plan.ref.batch_size or plan.ref_batch)
+        plan.rationale.append(
+            f"{p}critical batch along the run (McCandlish et al. 2018, eq. 2.11 per unit of progress) from "
+            f"{plan.noise_src}: the examples at batch B for the reference's examples x are integral (1 + "
+            "B/B_noise(x))/(1 + B_ref/B_noise(x)) dx, the constant-B_noise ratio at B_eq + B_ref = the harmonic "
+            f"mean of B_noise(x) + B_ref: B_eq = {_fmt(bn)} sequences; reaching the reference's loss at batch "
+            f"{plan.batch} takes {ratio:.3g}x the examples and {plan.steps_ratio:.3g}x the steps of batch "
+            f"{plan.ref_batch}, where one constant at the run's last B_noise ({_fmt(last)}) would predict "
+            f"{examples_ratio(plan.batch_x, plan.ref_batch_x, last):.3g}x the examples: the early, small critical "
+            "batch is where a larger batch pays"
+        )
     if plan.batch_x > bn:
         if req.budget == "same-epochs":
             cost = ("the default budget same-epochs keeps the reference's examples, so expect a worse loss than "

@@ -8,10 +8,21 @@ reference. Every step below leaves a line in the rationale.
 
 1. Batches (:mod:`._plan`). The batch ratio k is counted in tokens where both batches' tokens are
    known and in sequences otherwise, whichever unit was typed.
-2. Critical batch (:mod:`._plan`). B_noise comes from ``reference.noise_scale``, the study's
-   measurement (``noise_scale=``), or a prior from ``target.tokens`` (Step Law's B_opt). It gives the
-   examples and steps ratio (McCandlish et al. 2018, eq. 2.11), the "same-loss" budget, batch "auto",
-   and a warning past it saying what the extra examples cost, under every budget.
+2. Critical batch (:mod:`._plan`, :mod:`._critical`). B_noise comes from ``reference.noise_scale``,
+   ``reference.noise_trajectory`` (B_noise along the reference run), the study's measurement
+   (``noise_scale=``), or a prior from ``target.tokens`` (Step Law's B_opt). It gives the examples and
+   steps ratio (McCandlish et al. 2018, eq. 2.11), the "same-loss" budget, batch "auto", and a warning
+   past it saying what the extra examples cost, under every budget. A trajectory is integrated: the
+   examples at batch B are the reference's examples x weighted by (1 + B/B_noise(x))/(1 +
+   B_ref/B_noise(x)), which is the constant formula at B_eq, B_eq + B_ref being the harmonic mean of
+   B_noise(x) + B_ref (:mod:`._critical`). Batch "auto" is the critical batch of Zhang et al. 2024:
+   B = ``target.max_overhead`` x B_noise (default 0.2: 20% more examples than the minimum; 1.0 is
+   B = B_noise, where examples and steps are both 2x their minimum). Batch "ramp" is a batch-size
+   warmup: from ``target.min_batch_size`` (else the reference's batch) the batch doubles where
+   max_overhead x the trajectory's lower bound (``noise_scale_low``, else ``noise_scale``) passes twice
+   the batch, up to ``target.max_batch_size``; one stage per batch, each covering its share of the
+   reference run, the LR moved with the batch by step 5's regime rule and continued (step 7), not
+   re-warmed.
 3. Optimizer (:mod:`._choice`): advice with evidence. A user-fixed optimizer is kept. Otherwise the
    reference's optimizer is kept until the target passes both the batch where the papers show that
    family failing (AdamW 16K: LAMB Table 8; LARS on attention 16K: Table 2; SGD beyond 8K: Goyal
@@ -61,6 +72,7 @@ from ._plan import (
     auto_batch_size,
     auto_from_budget,
     examples_ratio,
+    noise_of,
 )
 from ._weight_decay import weight_decay
 from .evidence import BatchSummary
@@ -96,6 +108,19 @@ def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _P
         name="sgd", lr=lr, betas=None, eps=0.0, weight_decay=weight_decay(1e-4, name, req, plan, notes), momentum=momentum,
         exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
     )
+
+
+def _ramp_text(req: RecommendationRequest, plans: list[_Plan]) -> str:
+    t = req.target
+    assert t is not None
+    batches = " -> ".join(str(p.req.batch_size) for p in plans)
+    return (f"batch ramp {batches}: from {plans[0].req.batch_size} (target.min_batch_size, else the reference's batch), the "
+            f"batch doubles where the critical batch's lower bound, max_overhead {_fmt(t.overhead)} x B_noise_low "
+            "along reference.noise_trajectory, passes twice the batch"
+            f"{f', up to target.max_batch_size {t.max_batch_size}' if t.max_batch_size else ''}; each stage keeps "
+            "its share of the reference run's examples (progress read at the same loss), the LR moves with the batch "
+            "by the regime rule (about sqrt x per doubling for the Adam family, the regime curve for SGD/LARS) "
+            "and is not warmed up again")
 
 
 def _sde(plan: _Plan, betas: tuple[float, float], eps: float, notes: list[str],
@@ -142,7 +167,8 @@ def recommend(
     """
     req = request if isinstance(request, RecommendationRequest) else RecommendationRequest.model_validate(request)
     if req.target is not None and req.target.batch_size == "auto" and req.reference is not None \
-            and req.reference.noise_scale is None and noise_scale is not None:
+            and req.reference.noise_scale is None and req.reference.noise_trajectory is None \
+            and noise_scale is not None:
         req = req.model_copy(update={"reference": req.reference.model_copy(update={"noise_scale": noise_scale})})
     stage_reqs = _stage_requests(req)
     if isinstance(evidence, EvidenceModel):
@@ -150,15 +176,21 @@ def recommend(
     else:
         evidence_model = EvidenceModel.from_runs(evidence, direction=direction) if evidence else None  # type: ignore[arg-type]
     plans: list[_Plan] = []
+    done = 0.0  # the share of the top-level reference run before this stage
     for i, s in enumerate(stage_reqs):
         ref = s.reference or req.reference
         assert ref is not None
-        plans.append(_Plan(index=i, req=s, ref=ref))
+        span = (done, done + s.share) if (s.share is not None and s.reference is None) else None
+        done += s.share or 0.0
+        plans.append(_Plan(index=i, req=s, ref=ref, span=span))
     n = len(plans)
     rationale: list[str] = []
     warnings: list[str] = []
+    if req.target is not None and req.target.batch_size == "ramp":
+        rationale.append(_ramp_text(req, plans))
     if req.target is not None and req.target.batch_size == "auto":
-        t, bn = req.target, req.reference.noise_scale  # type: ignore[union-attr]
+        t = req.target
+        bn = noise_of(req.reference)  # type: ignore[arg-type]
         if bn is None:
             _, law_lr, law_notes, law_warns = auto_from_budget(req)
             plans[0].law_lr = law_lr
@@ -167,9 +199,14 @@ def recommend(
         else:
             limits = f" within the limits {t.min_batch_size or 1}..{t.max_batch_size or 'none'}" \
                 if (t.min_batch_size or t.max_batch_size) else ""
-            rationale.append(f"batch size {plans[0].req.batch_size} (auto): the power of two nearest the noise "
-                             f"scale B_noise = {_fmt(bn)}{limits}; there steps and examples are each 2x their minimum "
-                             "(McCandlish et al. 2018, eq. 2.11): smaller wastes steps, larger wastes examples")
+            b = plans[0].req.batch_size
+            what = "B_noise" if req.reference.noise_trajectory is None else "B_eq, the trajectory's constant"  # type: ignore[union-attr]
+            rationale.append(
+                f"batch size {b} (auto): the critical batch of Zhang et al. 2024, max_overhead {_fmt(t.overhead)} x "
+                f"{what} {_fmt(bn)}{limits}: the examples overhead E(B)/E_min - 1 = B/B_noise accepted is "
+                f"{t.overhead:.3g} ({'target.max_overhead' if t.max_overhead is not None else 'the default'}); at "
+                f"batch {b} examples are {1 + b / bn:.3g}x and steps {1 + bn / b:.3g}x their minimum (McCandlish et "
+                "al. 2018, eq. 2.11): a larger batch saves steps at more examples, a smaller one the reverse")
 
     for plan in plans:
         _resolve_batches(plan, n)

@@ -7,6 +7,7 @@ contract (issue #2): add fields, never rename them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from typing import Annotated, Literal
@@ -85,18 +86,62 @@ StrictNum = Annotated[float, Field(strict=True)]
 
 
 def _batch_or_auto(v: object) -> int | str | None:
-    if v is None or v == "auto":
+    if v is None or v in ("auto", "ramp"):
         return v  # type: ignore[return-value]
     if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_COUNT:
-        raise ValueError(f'batch_size must be an integer in 1..{MAX_COUNT} or "auto", got {v!r}')
+        raise ValueError(f'batch_size must be an integer in 1..{MAX_COUNT}, "auto" or "ramp", got {v!r}')
     return v
 
 
 BatchOrAuto = Annotated[
     int | str | None,
     PlainValidator(_batch_or_auto),
-    WithJsonSchema({"anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"const": "auto"}, {"type": "null"}]}),
+    WithJsonSchema({"anyOf": [{"type": "integer", "exclusiveMinimum": 0}, {"const": "auto"}, {"const": "ramp"},
+                              {"type": "null"}]}),
 ]
+
+# The examples overhead E(B)/E_min - 1 that batch "auto" accepts by default: Zhang et al. 2024's
+# critical batch (20%). E = E_min (1 + B/B_noise) puts it at B = 0.2 B_noise.
+DEFAULT_MAX_OVERHEAD = 0.2
+MAX_OVERHEAD = 100.0  # 100x the minimal examples: beyond any batch anyone would choose on purpose
+MAX_TRAJECTORY_POINTS = 1024
+
+
+class NoisePoint(_Strict):
+    """The critical batch at one point of the reference run: B_noise (in the units of the reference's
+    batch_size) after ``examples_seen`` sequences or ``tokens_seen`` tokens of the reference run."""
+
+    examples_seen: StrictNum | None = Field(default=None, description="Sequences the reference run had seen.")
+    tokens_seen: StrictNum | None = Field(default=None, description="Tokens the reference run had seen (needs "
+                                                                     "reference.seq_len).")
+    noise_scale: StrictNum = Field(description="B_noise measured there, in the units of reference.batch_size.")
+    noise_scale_low: StrictNum | None = Field(
+        default=None, description="A lower bound of B_noise there (the batch ramp doubles on it; default noise_scale).")
+
+    @field_validator("examples_seen", "tokens_seen")
+    @classmethod
+    def _seen(cls, v: float | None, info) -> float | None:
+        if v is not None and (isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1e30):
+            raise ValueError(f"{info.field_name} must be a finite number in [0, 1e30], got {v!r}")
+        return v
+
+    @field_validator("noise_scale", "noise_scale_low")
+    @classmethod
+    def _noise(cls, v: float | None, info) -> float | None:
+        return _finite_positive(info.field_name, v)
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> NoisePoint:
+        if (self.examples_seen is None) == (self.tokens_seen is None):
+            raise ValueError("give examples_seen or tokens_seen (one of them)")
+        if self.noise_scale_low is not None and self.noise_scale_low > self.noise_scale:
+            raise ValueError(f"noise_scale_low ({self.noise_scale_low:g}) must be <= noise_scale "
+                             f"({self.noise_scale:g})")
+        return self
+
+    @property
+    def seen(self) -> float:
+        return self.examples_seen if self.examples_seen is not None else self.tokens_seen  # type: ignore[return-value]
 
 
 class _DecaySpec(_Strict):
@@ -162,11 +207,29 @@ class Reference(_DecaySpec):
     noise_scale: StrictNum | None = Field(
         default=None, description="Measured gradient noise scale B_noise, in the units of batch_size (McCandlish 2018)."
     )
+    noise_trajectory: list[NoisePoint] | None = Field(
+        default=None, description="B_noise along the reference run (1 to 1024 points, increasing examples_seen or "
+                                  "tokens_seen): the same-loss budget integrates the examples cost over it, and "
+                                  "batch \"ramp\" doubles the batch along it.")
 
     @field_validator("lr")
     @classmethod
     def _lr(cls, v: float) -> float:
         return _lr_value("lr", v)  # type: ignore[return-value]
+
+    @field_validator("noise_trajectory")
+    @classmethod
+    def _trajectory(cls, v: list[NoisePoint] | None) -> list[NoisePoint] | None:
+        if v is None:
+            return v
+        if not 1 <= len(v) <= MAX_TRAJECTORY_POINTS:
+            raise ValueError(f"noise_trajectory must hold 1 to {MAX_TRAJECTORY_POINTS} points, got {len(v)}")
+        if len({p.examples_seen is None for p in v}) > 1:
+            raise ValueError("noise_trajectory: give examples_seen in every point or tokens_seen in every point")
+        seen = [p.seen for p in v]
+        if any(b <= a for a, b in itertools.pairwise(seen)):
+            raise ValueError("noise_trajectory must be sorted by examples_seen/tokens_seen, strictly increasing")
+        return v
 
     @field_validator("noise_scale")
     @classmethod
@@ -226,6 +289,12 @@ class Reference(_DecaySpec):
             raise ValueError("give warmup_ratio or warmup_steps, not both")
         if self.warmup_steps is not None and self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
+        if self.noise_trajectory is not None and self.noise_scale is not None:
+            raise ValueError("give noise_scale or noise_trajectory, not both (a trajectory of one point is a "
+                             "constant)")
+        if self.noise_trajectory is not None and self.noise_trajectory[0].tokens_seen is not None \
+                and self.seq_len is None:
+            raise ValueError("noise_trajectory in tokens_seen needs seq_len (or batch_tokens with batch_size)")
         return self
 
     @property
@@ -248,7 +317,9 @@ class Reference(_DecaySpec):
 
 class Target(_Strict):
     batch_size: BatchOrAuto = Field(
-        default=None, description='Target batch in sequences, or "auto" (near the measured noise scale).'
+        default=None, description='Target batch in sequences; "auto": max_overhead x B_noise (the critical batch); '
+                                  '"ramp": from min_batch_size, doubled as the critical batch grows along '
+                                  "reference.noise_trajectory."
     )
     batch_tokens: StrictPosInt | None = Field(default=None, description="Target batch in tokens instead.")
     seq_len: StrictPosInt | None = Field(default=None, description="Tokens per sequence (default: the reference's).")
@@ -261,11 +332,23 @@ class Target(_Strict):
         default=None, description="Training budget in tokens (a critical-batch prior; with \"auto\", Step Law/DeepSeek).")
     compute: StrictNum | None = Field(
         default=None, description="Training budget in FLOPs (with batch_size \"auto\": DeepSeek LLM's laws).")
+    max_overhead: StrictNum | None = Field(
+        default=None, description='Examples overhead E(B)/E_min - 1 accepted by batch "auto" and "ramp" (default '
+                                  "0.2: Zhang et al. 2024's critical batch; 1.0 is B = B_noise).")
 
     @field_validator("tokens", "compute")
     @classmethod
     def _budget(cls, v: float | None, info) -> float | None:
         return _finite_positive(info.field_name, v, 1e30)
+
+    @field_validator("max_overhead")
+    @classmethod
+    def _overhead(cls, v: float | None) -> float | None:
+        return _finite_positive("max_overhead", v, MAX_OVERHEAD)
+
+    @property
+    def overhead(self) -> float:
+        return DEFAULT_MAX_OVERHEAD if self.max_overhead is None else self.max_overhead
 
     @model_validator(mode="after")
     def _one_batch(self) -> Target:
@@ -276,6 +359,8 @@ class Target(_Strict):
         if (self.min_batch_size is not None and self.max_batch_size is not None
                 and self.min_batch_size > self.max_batch_size):
             raise ValueError(f"min_batch_size ({self.min_batch_size}) must be <= max_batch_size ({self.max_batch_size})")
+        if self.max_overhead is not None and self.batch_size not in ("auto", "ramp"):
+            raise ValueError('max_overhead applies to batch_size "auto" or "ramp" only')
         return self
 
 

@@ -1,0 +1,140 @@
+"""The critical batch in the engine: "auto" at an accepted examples overhead, the examples cost
+integrated over a B_noise trajectory, and the batch ramp that follows it."""
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from largebatch.scaling_rules import recommend
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MODEL = {"params": 350_000_000}
+REF = {"batch_size": 256, "seq_len": 512, "lr": 2e-4, "optimizer": "adamw", "steps": 100_000,
+       "warmup_ratio": 0.02}
+# B_noise along the reference run: small early, ~10x larger at the end (the LM in the issue).
+TRAJ = [{"examples_seen": x, "noise_scale": b}
+        for x, b in [(0.0, 60.0), (1e6, 150.0), (5e6, 300.0), (1.5e7, 500.0), (2.56e7, 676.0)]]
+
+
+def _auto(bn: float, **target) -> int:
+    r = recommend({"model": MODEL, "reference": {**REF, "noise_scale": bn}, "target": {"batch_size": "auto", **target}})
+    return r.stages[0].batch_size
+
+
+def test_auto_accepts_twenty_percent_more_examples_by_default():
+    r = recommend({"model": MODEL, "reference": {**REF, "noise_scale": 5000.0}, "target": {"batch_size": "auto"}})
+    assert r.stages[0].batch_size == 1000  # 0.2 x B_noise: E(B)/E_min = 1.2
+    text = next(x for x in r.rationale if "(auto)" in x)
+    assert "max_overhead 0.2" in text and "Zhang et al. 2024" in text and "1.2x" in text
+    assert _auto(5000.0, max_overhead=1.0) == 5000  # the old "auto": examples 2x their minimum
+    assert _auto(5000.0, max_overhead=0.05) == 250
+    assert _auto(5000.0, max_overhead=0.2, max_batch_size=512) == 512
+
+
+@pytest.mark.parametrize("bad", [0, -0.2, math.inf, math.nan, 101.0, True, "0.2"])
+def test_bad_max_overhead_names_the_field(bad):
+    with pytest.raises(ValidationError, match="max_overhead"):
+        recommend({"model": MODEL, "reference": {**REF, "noise_scale": 500.0},
+                   "target": {"batch_size": "auto", "max_overhead": bad}})
+
+
+def test_max_overhead_with_a_fixed_batch_is_refused():
+    with pytest.raises(ValidationError, match="max_overhead"):
+        recommend({"model": MODEL, "reference": REF, "target": {"batch_size": 1024, "max_overhead": 0.2}})
+
+
+@FAST
+@given(st.floats(0.01, 50.0), st.floats(1e-6, 1e-3), st.floats(1.0, 5.0))
+def test_auto_is_continuous_and_monotone_in_max_overhead(overhead, rel, log_bn):
+    bn = 10.0**log_bn
+    a, b = _auto(bn, max_overhead=overhead), _auto(bn, max_overhead=overhead * (1 + rel))
+    assert a <= b <= a + overhead * rel * bn + 1
+    assert abs(a - overhead * bn) <= 0.5 or a == 1
+
+
+def _loss(traj=None, batch=4096, **ref) -> object:
+    reference = {**REF, **ref}
+    if traj is not None:
+        reference["noise_trajectory"] = traj
+    return recommend({"model": MODEL, "reference": reference, "target": {"batch_size": batch}, "budget": "same-loss"})
+
+
+def test_a_constant_trajectory_is_the_constant():
+    const = _loss(noise_scale=300.0)
+    flat = _loss([{"examples_seen": 0.0, "noise_scale": 300.0}, {"examples_seen": 1e7, "noise_scale": 300.0}])
+    one = _loss([{"tokens_seen": 5e8, "noise_scale": 300.0}])
+    for r in (flat, one):
+        assert r.total_steps == const.total_steps
+        assert r.stages[0].peak_lr == pytest.approx(const.stages[0].peak_lr, rel=1e-12)
+        assert r.stages[0].examples_ratio == pytest.approx(const.stages[0].examples_ratio, rel=1e-12)
+
+
+def test_the_integral_is_the_average_cost_over_the_reference_run():
+    r = _loss(TRAJ)
+    x = np.linspace(0.0, REF["steps"] * REF["batch_size"], 400_001)
+    bn = np.interp(x, [p["examples_seen"] for p in TRAJ], [p["noise_scale"] for p in TRAJ])
+    pointwise = (1 + 4096 / bn) / (1 + 256 / bn)
+    expected = float(np.mean((pointwise[1:] + pointwise[:-1]) / 2))
+    assert r.stages[0].examples_ratio == pytest.approx(expected, rel=1e-6)
+    assert r.total_steps == math.ceil(100_000 / 16 * expected - 1e-9)
+    # One constant at the last (largest) B_noise, what a store keeping the latest value gives, says far less.
+    last = _loss(noise_scale=676.0)
+    assert r.stages[0].examples_ratio > 1.3 * last.stages[0].examples_ratio
+    text = next(x for x in r.rationale if "along the run" in x)
+    assert "eq. 2.11" in text and "last B_noise (676)" in text
+
+
+def test_tokens_seen_are_read_in_sequences_of_the_reference():
+    in_tokens = [{"tokens_seen": p["examples_seen"] * 512, "noise_scale": p["noise_scale"]} for p in TRAJ]
+    assert _loss(in_tokens).stages[0].examples_ratio == pytest.approx(_loss(TRAJ).stages[0].examples_ratio, rel=1e-12)
+
+
+@pytest.mark.parametrize("traj, field", [
+    ([], "noise_trajectory"),
+    ([{"examples_seen": float(i), "noise_scale": 1.0} for i in range(1025)], "noise_trajectory"),
+    ([{"examples_seen": 2.0, "noise_scale": 10.0}, {"examples_seen": 1.0, "noise_scale": 20.0}], "sorted"),
+    ([{"examples_seen": 1.0, "noise_scale": 10.0}, {"examples_seen": 1.0, "noise_scale": 20.0}], "sorted"),
+    ([{"examples_seen": 1.0, "noise_scale": -10.0}], "noise_scale"),
+    ([{"examples_seen": 1.0, "noise_scale": math.inf}], "noise_scale"),
+    ([{"examples_seen": -1.0, "noise_scale": 10.0}], "examples_seen"),
+    ([{"noise_scale": 10.0}], "examples_seen or tokens_seen"),
+    ([{"examples_seen": 1.0, "tokens_seen": 512.0, "noise_scale": 10.0}], "examples_seen or tokens_seen"),
+    ([{"examples_seen": 1.0, "noise_scale": 10.0}, {"tokens_seen": 1e6, "noise_scale": 20.0}], "every point"),
+    ([{"examples_seen": 1.0, "noise_scale": 10.0, "noise_scale_low": 20.0}], "noise_scale_low"),
+])
+def test_bad_trajectories_name_the_field(traj, field):
+    with pytest.raises(ValidationError, match=field):
+        _loss(traj)
+
+
+def test_a_trajectory_and_a_constant_are_not_both_given():
+    with pytest.raises(ValidationError, match="noise_trajectory"):
+        _loss(TRAJ, noise_scale=300.0)
+    with pytest.raises(ValidationError, match="seq_len"):
+        _loss([{"tokens_seen": 1e6, "noise_scale": 20.0}], seq_len=None)
+
+
+@FAST
+@given(st.integers(0, len(TRAJ) - 1), st.floats(-1e-4, 1e-4), st.sampled_from([512, 4096, 65536]))
+def test_the_examples_ratio_is_continuous_in_every_point(i, rel, batch):
+    moved = [dict(p) for p in TRAJ]
+    moved[i]["noise_scale"] *= 1 + rel
+    a, b = _loss(TRAJ, batch).stages[0].examples_ratio, _loss(moved, batch).stages[0].examples_ratio
+    assert abs(b / a - 1) <= 2 * abs(rel) + 1e-12
+    if 0 < i < len(TRAJ) - 1:
+        shifted = [dict(p) for p in TRAJ]
+        shifted[i]["examples_seen"] *= 1 + rel
+        c = _loss(shifted, batch).stages[0].examples_ratio
+        assert abs(c / a - 1) <= 2 * abs(rel) + 1e-12
+
+
+def test_auto_with_a_trajectory_uses_its_constant():
+    r = recommend({"model": MODEL, "reference": {**REF, "noise_trajectory": TRAJ}, "target": {"batch_size": "auto"}})
+    eq = _loss(TRAJ)
+    b_eq = float(next(x for x in eq.rationale if "B_eq = " in x).split("B_eq = ")[1].split()[0])
+    assert r.stages[0].batch_size == round(0.2 * b_eq)
+    assert b_eq < 676.0 / 1.5  # well below the last value: the early, small B_noise weighs most
