@@ -34,7 +34,7 @@ def _common() -> argparse.ArgumentParser:
                    help="service URL (default: $LARGEBATCH_URL or %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("LARGEBATCH_API_KEY") or None,
                    help="API key (default: $LARGEBATCH_API_KEY)")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default: 10)")
     return p
 
 
@@ -82,7 +82,7 @@ def register_runs(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("study", help="study name")
     ls.add_argument("--state", choices=_STATES, help="only runs in this state")
     ls.add_argument("--batch-size", type=_batch_size, help="only runs at this batch size, e.g. 32K")
-    ls.add_argument("--limit", type=_positive, default=100, help="page size (default 100, at most 1000)")
+    ls.add_argument("--limit", type=_positive, default=100, help="page size (default: 100, at most 1000)")
     ls.add_argument("--offset", type=_nonnegative, default=0, help="skip this many runs")
     fmt = ls.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print the page as JSON")
@@ -102,7 +102,7 @@ def register_studies(sub: argparse._SubParsersAction) -> None:
     ss = p.add_subparsers(dest="studies_command", required=True, metavar="{list,show,create,delete}")
     ls = ss.add_parser("list", parents=[common], help="the studies, as a table",
                        description="List the studies of your namespace (oldest first).")
-    ls.add_argument("--limit", type=_positive, default=100, help="page size (default 100, at most 1000)")
+    ls.add_argument("--limit", type=_positive, default=100, help="page size (default: 100, at most 1000)")
     ls.add_argument("--offset", type=_nonnegative, default=0, help="skip this many studies")
     ls.add_argument("--json", action="store_true", help="print the page as JSON")
     ls.set_defaults(func=_cmd_studies_list)
@@ -111,15 +111,14 @@ def register_studies(sub: argparse._SubParsersAction) -> None:
     show.add_argument("--json", action="store_true", help="print the study as JSON")
     show.set_defaults(func=_cmd_studies_show)
     create = ss.add_parser("create", parents=[common], help="create a study",
-                           description="Create a study (a model whose runs teach the recipes).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Create a study (a model whose runs teach the recipes).")
     create.add_argument("name", help="study name")
     create.add_argument("--model-params", type=_params, required=True, help="parameters of the model, e.g. 340M")
     create.add_argument("--family", choices=["transformer", "cnn", "other"], default="transformer",
-                        help="model family (picks the priors)")
-    create.add_argument("--metric", default="eval_loss", help="the final metric runs report")
+                        help="model family: picks the priors (default: transformer)")
+    create.add_argument("--metric", default="eval_loss", help="the final metric runs report (default: eval_loss)")
     create.add_argument("--direction", choices=["minimize", "maximize"], default="minimize",
-                        help="whether a smaller or a larger metric is better")
+                        help="whether a smaller or a larger metric is better (default: minimize)")
     create.add_argument("--json", action="store_true", help="print the study as JSON")
     create.set_defaults(func=_cmd_studies_create)
     delete = ss.add_parser("delete", parents=[common], help="delete a study and all its runs",

@@ -134,3 +134,13 @@ def test_batch_sizes_and_run_ids_as_typed(capsys):
     assert _refusal(capsys, "runs", "list", "s", "--batch-size", "0") == "must be a positive count, got '0'"
     assert _refusal(capsys, "runs", "show", "x1") == "not a run id: 'x1' (the id column of `largebatch runs list`)"
     assert _refusal(capsys, "runs", "list", "s", "--offset", "-1") == "must be 0 or more, got '-1'"
+
+
+@pytest.mark.parametrize("command", [["runs", "list"], ["runs", "show"], ["studies", "list"], ["studies", "show"],
+                                     ["studies", "create"], ["studies", "delete"]])
+def test_help_states_each_default_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not re.search(r"\(default[^)]*\) \(default", text), text
