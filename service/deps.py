@@ -153,18 +153,29 @@ async def _idempotency_key(
     return check_idempotency_key(idempotency_key)
 
 
-def parse_json_body(model: type[M], raw: bytes) -> M:
-    """Validate a JSON request body straight from its bytes; errors shaped like FastAPI's (loc starts "body")."""
+def parse_json_body(model: type[M], raw: bytes, *, strict: bool = False) -> M:
+    """Validate a JSON request body straight from its bytes; errors shaped like FastAPI's (loc starts "body").
+    ``strict``: no coercion (``true`` or ``"512"`` is not a number)."""
     if not raw.strip():
         raise ApiError("validation_error", [{"loc": ["body"], "msg": "Field required", "type": "missing"}])
     try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(raw, strict=strict or None)
     except ValidationError as e:
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             raise ApiError("validation_error", [{"loc": ["body"], "msg": "request body is not valid JSON",
                                                  "type": "json_invalid"}]) from None
         raise ApiError("validation_error", validation_details(errors, ("body",))) from None
+
+
+def strict_body(model: type[BaseModel]):
+    """A dependency that refuses a body the route's (lax) model would coerce: a recipe posted by a client
+    says what it means, numbers as numbers."""
+
+    async def check(request: Request) -> None:
+        parse_json_body(model, await request.body(), strict=True)
+
+    return Depends(check)
 
 
 StoreDep = Annotated[StudyStore, Depends(get_store)]

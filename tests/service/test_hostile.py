@@ -676,3 +676,19 @@ def test_readyz_and_writes_notice_a_held_lock_and_a_vanished_database(tmp_path):
 def assert_4xx_or_503(r) -> None:
     assert r.status_code == 503 and r.json()["type"] == "store_unavailable", (r.status_code, r.text)
     assert "retry-after" in r.headers
+
+
+def test_a_posted_recipe_says_numbers_as_numbers(world):
+    c, study, _ = world
+    rec = c.post("/v1/recommendations", json=bert_request()).json()
+    recipe = {k: v for k, v in rec.items() if k not in ("run", "variants", "variant_runs")}
+    before = c.get(f"/v1/studies/{study}/runs").json()["total"]
+    for where, value in ((("stages", 0, "batch_size"), "512"), (("stages", 0, "batch_size"), True),
+                         (("total_steps",), "15625"), (("optimizer", "lr"), "0.005"), (("stages", 0, "peak_lr"), True)):
+        bad = _replace(recipe, where, value)
+        body = assert_4xx(c.post(f"/v1/studies/{study}/runs", json={"recipe": bad}), 422)
+        assert body.detail[0]["loc"] == ["body", "recipe", *where]
+        assert_4xx(c.post("/v1/schedule", json=bad), 422)
+    assert c.get(f"/v1/studies/{study}/runs").json()["total"] == before
+    assert c.post(f"/v1/studies/{study}/runs", json={"recipe": recipe}).status_code == 201
+    assert c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(), "environment": {"n": 1}}).status_code == 201
