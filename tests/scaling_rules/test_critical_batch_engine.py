@@ -1,6 +1,7 @@
 """The critical batch in the engine: "auto" at an accepted examples overhead, the examples cost
 integrated over a B_noise trajectory, and the batch ramp that follows it."""
 
+import itertools
 import math
 
 import numpy as np
@@ -9,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from largebatch.scaling_rules import recommend
+from largebatch.scaling_rules import RecipeError, recommend
+from largebatch.scaling_rules._critical import Trajectory, ramp_batches
+from largebatch.scaling_rules.models import Reference
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL = {"params": 350_000_000}
@@ -138,3 +141,59 @@ def test_auto_with_a_trajectory_uses_its_constant():
     b_eq = float(next(x for x in eq.rationale if "B_eq = " in x).split("B_eq = ")[1].split()[0])
     assert r.stages[0].batch_size == round(0.2 * b_eq)
     assert b_eq < 676.0 / 1.5  # well below the last value: the early, small B_noise weighs most
+
+
+# A ramp driven by the lower bound while B_noise itself stays far above the batch: the LR then moves by
+# the regime rule's small-batch limit, sqrt x per doubling (Adam family) or 2x (SGD).
+RAMP_TRAJ = [{"examples_seen": x, "noise_scale": 1e7, "noise_scale_low": low}
+             for x, low in [(0.0, 100.0), (4e6, 400.0), (1.2e7, 1000.0), (2.56e7, 3000.0)]]
+
+
+def _ramp(optimizer="adamw", traj=RAMP_TRAJ, **target):
+    ref = {**REF, "optimizer": optimizer, "noise_trajectory": traj}
+    return recommend({"model": {"params": 10**8, "family": "other"}, "reference": ref,
+                      "target": {"batch_size": "ramp", "max_overhead": 1.0, "min_batch_size": 64, **target}})
+
+
+def test_the_ramp_doubles_where_the_lower_bound_passes_twice_the_batch():
+    r = _ramp()
+    assert [s.batch_size for s in r.stages] == [64, 128, 256, 512, 1024, 2048]
+    traj = Trajectory.of(Reference.model_validate({**REF, "noise_trajectory": RAMP_TRAJ}))
+    stages = ramp_batches(traj, 64, 2**30, 1.0)
+    for (prev, _, _), (batch, lo, _) in itertools.pairwise(stages):
+        assert batch == 2 * prev and traj.at(lo, low=True) == pytest.approx(batch, rel=1e-12)
+    # Same examples as the reference (budget same-epochs), each stage its share of the run.
+    examples = sum(s.steps * s.batch_size for s in r.stages)
+    assert 0 <= examples - REF["steps"] * REF["batch_size"] <= sum(s.batch_size for s in r.stages)
+    assert [s.warmup_steps > 0 for s in r.stages] == [True] + [False] * 5  # no re-warmup
+    assert all(s.decay_steps == 0 for s in r.stages[:-1]) and r.stages[-1].decay_steps > 0
+    assert any("batch ramp 64 -> 128" in x for x in r.rationale)
+    capped = _ramp(max_batch_size=300)
+    assert [s.batch_size for s in capped.stages] == [64, 128, 256]
+
+
+@pytest.mark.parametrize("optimizer, per_doubling", [("adamw", math.sqrt(2)), ("sgd", 2.0)])
+def test_the_lr_moves_with_the_batch_by_the_regime_rule(optimizer, per_doubling):
+    lrs = [s.peak_lr for s in _ramp(optimizer).stages]
+    for a, b in itertools.pairwise(lrs):
+        assert b / a == pytest.approx(per_doubling, rel=1e-3)
+
+
+def test_a_ramp_needs_a_trajectory_and_plans_its_own_steps():
+    with pytest.raises(RecipeError, match="noise_trajectory"):
+        recommend({"model": MODEL, "reference": {**REF, "noise_scale": 500.0}, "target": {"batch_size": "ramp"}})
+    with pytest.raises(RecipeError, match=r"target\.steps"):
+        _ramp(steps=1000)
+
+
+def test_a_ramp_at_same_loss_pays_each_stage_at_its_own_critical_batch():
+    traj = [{"examples_seen": p["examples_seen"], "noise_scale": p["noise_scale"]} for p in TRAJ]
+    r = recommend({"model": MODEL, "reference": {**REF, "noise_trajectory": traj}, "budget": "same-loss",
+                   "target": {"batch_size": "ramp", "max_overhead": 1.0, "min_batch_size": 64}})
+    assert [s.batch_size for s in r.stages] == [64, 128, 256, 512]
+    fixed = recommend({"model": MODEL, "reference": {**REF, "noise_trajectory": traj}, "budget": "same-loss",
+                       "target": {"batch_size": 512}})
+    ramp_examples = sum(s.steps * s.batch_size for s in r.stages)
+    # The ramp spends fewer examples than the final batch from the start, in more (but not 8x more) steps.
+    assert ramp_examples < sum(s.steps * s.batch_size for s in fixed.stages)
+    assert fixed.total_steps < r.total_steps < 8 * fixed.total_steps
