@@ -1,11 +1,12 @@
 """The HTTP protocol ``largebatch serve`` runs: uvicorn's, with a deadline for reading each request.
 
 Uvicorn closes a connection that stays idle between requests (``timeout_keep_alive``), but has no
-timeout for reading one: a client that connects and sends nothing, or sends half its headers, or
+timeout for reading one, nor for a client that stops reading its answer: a client that connects and sends nothing, or sends half its headers, or
 half its body, holds the connection (and its file descriptor) for ever. Here every request must
 arrive whole, headers and body, within ``read_timeout_s`` of its first byte (or of the connection
 being opened); otherwise the connection is closed. Once a request is read, the timer stops: how
-long the service takes to answer is bounded elsewhere (``store_timeout_s``).
+long the service takes to answer is bounded elsewhere (``store_timeout_s``). And an answer the client
+stops taking in (the socket's buffers full) is dropped after ``read_timeout_s`` without progress.
 """
 
 from __future__ import annotations
@@ -51,7 +52,30 @@ class _ReadDeadline:
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._write_progress()
         super().connection_lost(exc)  # type: ignore[misc]
+
+    # The answer's side: a client that stops reading (its window full, our buffer past the high-water
+    # mark) has ``read_timeout_s`` to take some of it, or the connection is dropped with what it holds.
+    _write_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(read_timeout_s(), self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._write_progress()
+        super().resume_writing()  # type: ignore[misc]
+
+    def _write_progress(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_stalled(self) -> None:
+        self._write_timer = None
+        self.transport.abort()  # close() would wait to flush what the client never reads
 
     def _arm(self) -> None:
         if self._read_timer is None:

@@ -20,6 +20,7 @@ def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("slow")
     s = UvicornServer(f"sqlite:///{path / 'slow.db'}", "--open", log=path / "serve.log",
                       env={"LARGEBATCH_READ_TIMEOUT_S": str(READ_TIMEOUT), "LARGEBATCH_KEEP_ALIVE_S": str(KEEP_ALIVE)})
+    s.store_url = f"sqlite:///{path / 'slow.db'}"  # type: ignore[attr-defined]
     yield s
     s.stop()
 
@@ -111,3 +112,34 @@ def test_a_500_is_answered_in_the_error_shape_without_reraising(tmp_path):
         assert r.json() == {"type": "internal_error", "detail": "internal error"}
         assert "connection" not in r.headers or r.headers["connection"] != "close"
         assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.slow
+def test_a_client_that_stops_reading_its_answer_is_dropped(server):
+    """A long CSV asked for and never read: once the socket buffers are full, the server gives the
+    client ``read_timeout_s`` to take some of it, then drops the connection (and what it held)."""
+    import httpx
+
+    from largebatch.service.storage import open_store
+
+    from .conftest import bert_request
+
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        assert c.post("/v1/studies", json={"name": "unread", "model_params": 340_000_000}).status_code in (200, 201)
+        run = c.post("/v1/studies/unread/runs", json={"request": bert_request()}).json()["id"]
+    with open_store(server.store_url) as store:
+        store.report_batch(run, [(s, 1.0 + 1.0 / (s + 1), 0.5, None) for s in range(300_000)])
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(f"GET /v1/runs/{run}/reports?format=csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        time.sleep(READ_TIMEOUT + 3)  # reads nothing
+        sock.settimeout(10)
+        got = b""
+        try:
+            while chunk := sock.recv(1 << 20):
+                got += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    assert got.startswith(b"HTTP/1.1 200")
+    assert not got.endswith(b"0\r\n\r\n"), "the whole answer was kept for a client that did not read it"
