@@ -1,23 +1,26 @@
-"""Median optimizer-step time of LAMB and LANS against torch's AdamW and torch-optimizer's Lamb.
+"""Median optimizer-step time of LAMB and LANS against torch's AdamW, timm's and torch-optimizer's Lamb.
 
 All optimizers update the same parameters, with fixed gradients, in one process; their steps are
 interleaved (one step of each in turn, the order rotated every round) so that a busy or throttled
-machine slows them all alike. Reported: the median step time, its ratio to ``AdamW(fused=True)``, and
-the memory each optimizer keeps beyond the parameters and gradients (state plus persistent buffers).
+machine slows them all alike. Reported: the median step time, its ratio to ``AdamW(fused=True)``, how
+many times faster than timm's Lamb it is, and the memory each optimizer keeps beyond the parameters
+and gradients (state plus persistent buffers). The load average is printed before and after.
 
 Shapes: BERT-base (110M parameters in 199 tensors), ResNet-50 (25.6M in 161 tensors) and, on a GPU
 only, GPT 1.3B (1.31B in 292 tensors; fewer optimizers side by side, to fit in memory).
 
-On CUDA, ``LAMB``/``LANS`` are the defaults (the fused Triton kernels) and ``(fused=False)`` rows time
-the foreach path. On CPU the defaults are the foreach path and ``(fused=True)`` rows time the fused
-path's C kernels (compiled on first use; opt-in, as torch's ``AdamW(fused=True)`` is).
+``LAMB``/``LANS`` rows are the defaults (``fused=None``: the fused kernels, Triton on CUDA, C on CPU
+where a compiler is found); ``(fused=False)`` rows time the foreach path, the fallback. timm's Lamb
+runs with ``max_grad_norm=None`` (the math of the default LAMB: no clipping; its default clips).
 
     python benchmarks/optimizer_step.py            # full run, a few minutes at most
     python benchmarks/optimizer_step.py --quick    # ResNet-50 shapes only, a few rounds (< 20 s)
+    python benchmarks/optimizer_step.py --suites BERT-base --threads 1,2 --readme   # the CPU goal
     python benchmarks/optimizer_step.py --device cuda
     python benchmarks/optimizer_step.py --readme   # also print the README's table
 
-torch-optimizer: ``pip install --no-deps torch-optimizer`` (its other dependencies are not needed).
+The peers: ``pip install --no-deps timm torch-optimizer`` (only their optimizer modules are loaded,
+none of their other dependencies); a peer that is not installed is left out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -35,7 +39,11 @@ from collections.abc import Callable
 import torch
 
 from largebatch.client.optim import LAMB, LANS
-from largebatch.client.optim._fused import fused_available
+
+TIMM = "timm Lamb"
+# The CPU goal of the default LAMB and LANS: at most this many times fused AdamW's step, and at least
+# this many times faster than timm's Lamb.
+GOAL_VS_ADAMW, GOAL_VS_TIMM = 1.5, 4.0
 
 
 def bert_base_shapes() -> list[tuple[int, ...]]:
@@ -76,26 +84,36 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
-def torch_optimizer_lamb() -> type | None:
-    """torch-optimizer's Lamb, without importing the package's other dependencies."""
-    loaded = sys.modules.get("torch_optimizer.lamb")
-    if loaded is not None:
-        return loaded.Lamb
-    try:
-        from torch_optimizer import Lamb
-
-        return Lamb
-    except ImportError:
-        pass
-    spec = importlib.util.find_spec("torch_optimizer")
+def _peer_module(name: str) -> types.ModuleType | None:
+    """The module ``name`` (``pkg.sub.mod``) without running its packages' ``__init__`` (and importing
+    their other dependencies): bare package objects stand in for them. None where it is not installed."""
+    if name in sys.modules:
+        return sys.modules[name]
+    parts = name.split(".")
+    spec = importlib.util.find_spec(parts[0])
     if spec is None or not spec.submodule_search_locations:
         return None
-    package = types.ModuleType("torch_optimizer")
-    package.__path__ = list(spec.submodule_search_locations)
-    sys.modules["torch_optimizer"] = package
-    from torch_optimizer.lamb import Lamb
+    path = list(spec.submodule_search_locations)
+    for depth in range(1, len(parts)):
+        package = ".".join(parts[:depth])
+        if package not in sys.modules:
+            stub = types.ModuleType(package)
+            stub.__path__ = path
+            sys.modules[package] = stub
+        path = [os.path.join(path[0], parts[depth])]
+    return importlib.import_module(name)
 
-    return Lamb
+
+def torch_optimizer_lamb() -> type | None:
+    """torch-optimizer's Lamb."""
+    module = _peer_module("torch_optimizer.lamb")
+    return None if module is None else module.Lamb
+
+
+def timm_lamb() -> type | None:
+    """timm's Lamb (``timm.optim.lamb`` needs only torch)."""
+    module = _peer_module("timm.optim.lamb")
+    return None if module is None else module.Lamb
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -114,7 +132,10 @@ def sync(device: torch.device) -> None:
 
 
 def bench(shapes: list[tuple[int, ...]], device: torch.device, rounds: int, with_single: bool,
-          large: bool = False) -> list[dict]:
+          large: bool = False, threads: list[int] | None = None) -> dict[int, list[dict]]:
+    """Rows per thread count: the thread counts are interleaved too, each round runs every optimizer
+    at each of them."""
+    threads = threads or [torch.get_num_threads()]
     gen = torch.Generator(device=device).manual_seed(0)  # (on the device: 1.3B CPU randoms take a minute)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen, device=device) * 0.02) for s in shapes]
     for p in params:
@@ -133,15 +154,14 @@ def bench(shapes: list[tuple[int, ...]], device: torch.device, rounds: int, with
                                                                       foreach=True)
     candidates["LAMB"] = lambda: LAMB(groups(), lr=1e-4)
     candidates["LANS"] = lambda: LANS(groups(), lr=1e-4)
-    if device.type == "cpu" and fused_available(device):  # the C kernels: opt-in on CPU, as torch's fused AdamW
-        candidates["LAMB(fused=True)"] = lambda: LAMB(groups(), lr=1e-4, fused=True)
-        candidates["LANS(fused=True)"] = lambda: LANS(groups(), lr=1e-4, fused=True)
-    if device.type == "cuda":  # the defaults are the fused kernels there: time the foreach path too
-        candidates["LAMB(fused=False)"] = lambda: LAMB(groups(), lr=1e-4, fused=False)
-        if not large:
-            candidates["LANS(fused=False)"] = lambda: LANS(groups(), lr=1e-4, fused=False)
+    candidates["LAMB(fused=False)"] = lambda: LAMB(groups(), lr=1e-4, fused=False)
+    if not large:
+        candidates["LANS(fused=False)"] = lambda: LANS(groups(), lr=1e-4, fused=False)
     if with_single:
         candidates["LAMB(foreach=False)"] = lambda: LAMB(groups(), lr=1e-4, foreach=False)
+    timm = timm_lamb()
+    if timm is not None and not large:
+        candidates[TIMM] = lambda: timm(groups(), lr=1e-4, weight_decay=0.01, max_grad_norm=None)
     peer = torch_optimizer_lamb()
     if peer is not None and not large:
         candidates["torch-optimizer Lamb"] = lambda: peer(groups(), lr=1e-4, weight_decay=0.01)
@@ -150,51 +170,69 @@ def bench(shapes: list[tuple[int, ...]], device: torch.device, rounds: int, with
     for opt in opts.values():  # state creation and first-touch page faults are not timed
         opt.step()
         opt.step()
-    times: dict[str, list[float]] = {name: [] for name in opts}
+    times: dict[tuple[str, int], list[float]] = {(name, n): [] for name in opts for n in threads}
     names = list(opts)
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            sync(device)
-            start = time.perf_counter()
-            opts[name].step()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["AdamW(fused=True)"])
-    rows = []
-    for name in names:
-        med = statistics.median(times[name])
-        rows.append({
+        for n in threads:
+            torch.set_num_threads(n)
+            for name in order:
+                sync(device)
+                start = time.perf_counter()
+                opts[name].step()
+                sync(device)
+                times[name, n].append(time.perf_counter() - start)
+    out = {}
+    for n in threads:
+        base = statistics.median(times["AdamW(fused=True)", n])
+        timm_ms = statistics.median(times[TIMM, n]) if TIMM in opts else None
+        out[n] = [{
             "optimizer": name,
-            "median_ms": med * 1e3,
-            "vs_fused_adamw": med / base,
+            "median_ms": statistics.median(times[name, n]) * 1e3,
+            "vs_fused_adamw": statistics.median(times[name, n]) / base,
+            "timm_lamb_over_this": None if timm_ms is None else timm_ms / statistics.median(times[name, n]),
             "extra_memory_x_params": state_bytes(opts[name]) / param_bytes,
-        })
-    lamb_ms = min(r["median_ms"] for r in rows if r["optimizer"].startswith("LAMB"))
-    for row in rows:
-        row["lamb_speedup"] = row["median_ms"] / lamb_ms
-    return rows
+        } for name in names]
+    return out
+
+
+def goal_lines(column: str, rows: list[dict]) -> list[str]:
+    """Whether the default LAMB and LANS meet the CPU goal in one column of results."""
+    by = {r["optimizer"]: r for r in rows}
+    lines = []
+    for name in ("LAMB", "LANS"):
+        row = by.get(name)
+        if row is None or row["timm_lamb_over_this"] is None:
+            continue
+        met = row["vs_fused_adamw"] <= GOAL_VS_ADAMW and row["timm_lamb_over_this"] >= GOAL_VS_TIMM
+        lines.append(f"{column}: {name} {row['vs_fused_adamw']:.2f}x fused AdamW (goal <= {GOAL_VS_ADAMW}), "
+                     f"{row['timm_lamb_over_this']:.1f}x faster than timm's Lamb (goal >= {GOAL_VS_TIMM}): "
+                     f"{'met' if met else 'NOT met'}")
+    return lines
 
 
 def readme_table(results: dict[str, list[dict]]) -> str:
-    """The README's table: one column per suite, ``median ms (ratio to fused AdamW)``."""
-    suites = list(results)
-    head = "| | " + " | ".join(suites) + " |"
-    lines = [head, "|---" * (len(suites) + 1) + "|"]
+    """The README's table: one column per suite (and thread count), ``median ms (ratio to fused AdamW)``,
+    then how many times faster than timm's Lamb each default is, and the extra memory."""
+    columns = list(results)
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     names: list[str] = []
     for rows in results.values():
         names += [r["optimizer"] for r in rows if r["optimizer"] not in names]
     for name in names:
         cells = []
-        for suite in suites:
-            row = next((r for r in results[suite] if r["optimizer"] == name), None)
+        for column in columns:
+            row = next((r for r in results[column] if r["optimizer"] == name), None)
             cells.append("-" if row is None else f"{row['median_ms']:.1f} ms ({row['vs_fused_adamw']:.2f}×)")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    memory = []
-    for suite in suites:
-        by = {r["optimizer"]: r["extra_memory_x_params"] for r in results[suite]}
-        memory.append(", ".join(f"{k} {by[k]:.2f}" for k in ("LAMB", "LANS") if k in by)
-                      + f", AdamW {by['AdamW(fused=True)']:.2f}")
+    speedups, memory = [], []
+    for column in columns:
+        by = {r["optimizer"]: r for r in results[column]}
+        speedups.append(", ".join(f"{k} {by[k]['timm_lamb_over_this']:.1f}×" for k in ("LAMB", "LANS")
+                                  if k in by and by[k]["timm_lamb_over_this"] is not None) or "-")
+        memory.append(", ".join(f"{k} {by[k]['extra_memory_x_params']:.2f}" for k in ("LAMB", "LANS") if k in by)
+                      + f", AdamW {by['AdamW(fused=True)']['extra_memory_x_params']:.2f}")
+    lines.append("| faster than timm's Lamb | " + " | ".join(speedups) + " |")
     lines.append("| extra memory (× params) | " + " | ".join(memory) + " |")
     return "\n".join(lines)
 
@@ -204,15 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="ResNet-50 shapes only, 5 rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per optimizer")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", default=None,
+                        help="torch intra-op threads, or a comma-separated list timed interleaved (1,2)")
     parser.add_argument("--single", action="store_true", help="also time LAMB's single-tensor loop")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--readme", action="store_true", help="also print the README's table")
     parser.add_argument("--suites", default=None,
                         help="comma-separated subset of BERT-base, ResNet-50, GPT-1.3B (GPU only)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(n) for n in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     device = torch.device(args.device)
     all_suites = {"BERT-base": bert_base_shapes, "ResNet-50": resnet50_shapes}
     if device.type == "cuda":  # 1.3B fp32 parameters: ~21 GB per optimizer with its state
@@ -226,20 +264,30 @@ def main(argv: list[str] | None = None) -> int:
         chosen = ["ResNet-50"] if args.quick else list(all_suites)
     suites = {name: all_suites[name]() for name in chosen}
     rounds = args.rounds or (5 if args.quick else 15)
-    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    results = {}
+    print(f"torch {torch.__version__}, {device}, threads {threads}, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1, 5 min)")
+    results: dict[str, list[dict]] = {}
+    goals: list[str] = []
     for suite, shapes in suites.items():
         n = sum(torch.Size(s).numel() for s in shapes)
-        rows = bench(shapes, device, rounds, args.single, large=suite == "GPT-1.3B")
-        results[suite] = rows
+        per_threads = bench(shapes, device, rounds, args.single, large=suite == "GPT-1.3B", threads=threads)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        print(f"\n{suite}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors, median of {rounds} interleaved steps")
-        print("| optimizer | median step (ms) | vs AdamW fused | the fastest LAMB is faster by | extra memory (x params) |")
-        print("|---|---:|---:|---:|---:|")
-        for r in rows:
-            print(f"| {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_fused_adamw']:.2f}x | "
-                  f"{r['lamb_speedup']:.2f}x | {r['extra_memory_x_params']:.2f} |")
+        for count, rows in per_threads.items():
+            column = suite if len(threads) == 1 else f"{suite}, {count} thread{'s' * (count > 1)}"
+            results[column] = rows
+            goals += goal_lines(column, rows) if device.type == "cpu" else []
+            print(f"\n{column}: {n / 1e6:.1f}M parameters in {len(shapes)} tensors, median of {rounds} "
+                  "interleaved steps")
+            print("| optimizer | median step (ms) | vs AdamW fused | timm's Lamb is slower by | extra memory (x params) |")
+            print("|---|---:|---:|---:|---:|")
+            for r in rows:
+                timm = "-" if r["timm_lamb_over_this"] is None else f"{r['timm_lamb_over_this']:.2f}x"
+                print(f"| {r['optimizer']} | {r['median_ms']:.1f} | {r['vs_fused_adamw']:.2f}x | {timm} | "
+                      f"{r['extra_memory_x_params']:.2f} |")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} (1, 5 min)")
+    for line in goals:
+        print(line)
     if args.readme:
         print("\nREADME table:\n" + readme_table(results))
     if args.json:
