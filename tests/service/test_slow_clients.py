@@ -41,8 +41,8 @@ def _closed_after(sock: socket.socket, limit: float) -> float:
 
 SLOW = [
     b"",  # connects, says nothing
-    b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # partial headers
-    b"POST /v1/recommendations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo",
+    b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n",  # partial headers
+    b"POST /v1/recommendations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo",
 ]
 
 
@@ -62,7 +62,7 @@ def test_headers_trickled_byte_by_byte_do_not_extend_the_deadline(server):
         start = time.monotonic()
         sock.settimeout(0.5)
         with pytest.raises(OSError):
-            for b in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 1000:
+            for b in b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 1000:
                 sock.send(bytes([b]))
                 time.sleep(0.1)
                 if time.monotonic() - start > READ_TIMEOUT + 3:
@@ -79,7 +79,7 @@ def test_headers_trickled_byte_by_byte_do_not_extend_the_deadline(server):
 def test_a_prompt_client_keeps_its_connection_until_idle(server):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         for _ in range(3):  # keep-alive: three requests on one connection, each answered
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             sock.settimeout(5)
             data = b""
             while b'"status":"ok"' not in data:
