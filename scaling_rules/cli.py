@@ -54,7 +54,8 @@ def _params(text: str) -> int:
 
 
 def _batch_or_auto(text: str) -> int | str:
-    return "auto" if text.strip().lower() == "auto" else parse_count(text)
+    word = text.strip().lower()
+    return word if word in ("auto", "ramp") else parse_count(text)
 
 
 def _betas(text: str) -> list[float]:
@@ -103,7 +104,9 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
                    help="keep the reference weight decay, or keep AdamW's timescale 1/(lr x wd) fixed in examples")
     p.add_argument("--noise-scale", type=float, help="measured gradient noise scale B_noise (in sequences)")
     p.add_argument("--target-batch", type=_batch_or_auto, help="target batch size, e.g. 32K, or 'auto' (needs "
-                   "--noise-scale)")
+                   "--noise-scale), or 'ramp' (a batch-size warmup; needs reference.noise_trajectory, so --request)")
+    p.add_argument("--max-overhead", type=float, help="examples overhead E(B)/E_min - 1 that 'auto' accepts "
+                   "(default 0.2, Zhang et al. 2024's critical batch)")
     p.add_argument("--target-batch-tokens", type=parse_count, help="target batch in tokens (instead of --target-batch)")
     p.add_argument("--seq-len", type=parse_count, help="target sequence length (default: the reference's)")
     p.add_argument("--adam-hparams", choices=["keep", "sde"], help="keep the reference betas/eps (default) or apply "
@@ -148,7 +151,7 @@ def _request_from_args(args: argparse.Namespace) -> dict:
     target: dict = {}
     for key, value in [("batch_size", args.target_batch), ("batch_tokens", args.target_batch_tokens),
                        ("seq_len", args.seq_len), ("steps", args.target_steps), ("tokens", args.tokens),
-                       ("compute", args.compute)]:
+                       ("compute", args.compute), ("max_overhead", args.max_overhead)]:
         if value is not None:
             target[key] = value
     model: dict = {"params": args.model_params, "family": args.family}

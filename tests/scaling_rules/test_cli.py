@@ -119,3 +119,15 @@ def test_down_scaling_and_one_step_recipes_warn(capsys):
     short = recommend({"model": {"params": 10**8}, "reference": {"batch_size": 512, "lr": 1e-3, "steps": 1000},
                        "target": {"batch_size": 1024, "steps": 1}})
     assert any("only 1 step" in w for w in short.warnings)
+
+
+def test_max_overhead_flag_is_the_request_field(capsys):
+    flags = ["recommend", "--model-params", "340M", "--ref-batch", "256", "--ref-lr", "1e-3", "--ref-optimizer",
+             "adamw", "--ref-steps", "100000", "--noise-scale", "4000", "--target-batch", "auto"]
+    assert main([*flags, "--max-overhead", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["batch_size"] == 2000
+    assert main([*flags, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stages"][0]["batch_size"] == 800  # the default, 0.2
+    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *flags, "--max-overhead", "-1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "target.max_overhead" in proc.stderr and "Traceback" not in proc.stderr
