@@ -52,7 +52,20 @@ def test_healthz_p99_stays_under_50ms_while_the_most_expensive_requests_run(tmp_
                     for url, body in work:
                         served.append(lc.post(url, json=body).status_code)
 
-        threads = [threading.Thread(target=load) for _ in range(2)]
+        # The worst refused requests too: a megabyte of numbers nested 900 deep with an escape (once a
+        # 15-39 s freeze), and an escape 990 deep (once a RecursionError), without a key.
+        deep = b'{"s":"\\u00e9","a":' + b"[" * 900 + b"1," * 520_000 + b"1" + b"]" * 900 + b"}"
+        deeper = b'{"a":' + b"[" * 990 + b'"\\u00e9"' + b"]" * 990 + b"}"
+        refused: list[int] = []
+
+        def hostile() -> None:
+            with httpx.Client(base_url=server.base_url, timeout=60) as hc:
+                while not stop.is_set():
+                    for body in (deep, deeper):
+                        refused.append(hc.post(f"/v1/runs/{run_id}/reports", content=body,
+                                               headers={"Content-Type": "application/json"}).status_code)
+
+        threads = [threading.Thread(target=load) for _ in range(2)] + [threading.Thread(target=hostile)]
         for t in threads:
             t.start()
         latencies = []
@@ -69,9 +82,10 @@ def test_healthz_p99_stays_under_50ms_while_the_most_expensive_requests_run(tmp_
             for t in threads:
                 t.join(60)
         assert served and set(served) == {200}, set(served)
+        assert refused and all(400 <= s < 500 for s in refused), set(refused)
         p99 = statistics.quantiles(latencies, n=100)[98]
         print(f"healthz under load: median {statistics.median(latencies) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms, "
-              f"{len(served)} expensive requests served meanwhile")
+              f"{len(served)} expensive requests served and {len(refused)} hostile ones refused meanwhile")
         assert p99 < 0.050
     finally:
         server.stop()
