@@ -64,6 +64,34 @@ def _dist() -> Any:
 
 
 _EXIT_BARRIER_S = 30
+_GIL_GRACE_S = 0.2
+
+# The process group a job agreed over, kept by this module until the interpreter exits. Gloo
+# runs each collective on a worker thread that, once the collective is over, frees its tensors;
+# freeing one whose Python object is already gone needs the GIL. The group's destructor joins
+# those threads, and it runs wherever the group's last reference goes: typically a DDP model (its
+# reducer holds the group) garbage-collected right after the training script's final
+# ``barrier(); destroy_process_group()``, on the main thread, holding the GIL. A worker thread still
+# freeing the barrier's prior collective then waits for the GIL and the main thread for the worker:
+# that rank hangs for good while the others exit. Held here, the group outlives the framework
+# objects; at exit this module lets it go after a pause that hands the GIL to such a thread.
+_held: list[Any] = []
+
+
+def _hold_group(dist: Any) -> None:
+    group = dist.group.WORLD
+    if group is None or any(g is group for g in _held):
+        return
+    if not _held:
+        atexit.register(_release_groups)  # registered first, run last (after _destroy_own_group's barrier)
+    _held.append(group)
+
+
+def _release_groups() -> None:
+    import time
+
+    time.sleep(_GIL_GRACE_S)  # the GIL is free meanwhile: gloo's threads finish freeing their tensors
+    _held.clear()
 
 
 def ensure_group() -> bool:
@@ -81,10 +109,14 @@ def ensure_group() -> bool:
 
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        _hold_group(dist)
         # The group is ours, so is its teardown: a gloo group still alive at interpreter exit can abort
         # the process ("terminate called without an active exception") after a clean run.
         atexit.register(_destroy_own_group)
-    return dist.get_world_size() > 1
+    if dist.get_world_size() < 2:
+        return False
+    _hold_group(dist)
+    return True
 
 
 def _destroy_own_group() -> None:

@@ -42,16 +42,21 @@ class Counting(torch.utils.data.Dataset):
 
 
 class Times(TrainerCallback):
-    """When each optimizer step ended; with ``pause``, steps slow enough for the service to answer
-    before the blown-up loss turns NaN (so that the stop comes from the service)."""
+    """When each optimizer step ended, and the first step at whose end this rank's job already knew
+    that the service said stop; with ``pause``, steps slow enough for the service to answer before
+    the blown-up loss turns NaN (so that the stop comes from the service)."""
 
-    def __init__(self, pause: float) -> None:
+    def __init__(self, pause: float, job) -> None:
         self.ends: list[tuple[int, float]] = []
         self.pause = pause
+        self.job = job
+        self.learned: int | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         time.sleep(self.pause)
         self.ends.append((state.global_step, time.time()))
+        if self.learned is None and self.job.stop_reason is not None:
+            self.learned = state.global_step
 
 
 def watchdog(out: str) -> None:
@@ -86,7 +91,7 @@ def main(url: str, study: str, out: str, mode: str) -> None:
         output_dir=out, per_device_eval_batch_size=32, eval_strategy="steps", eval_steps=job.recipe.total_steps,
         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
         **training_args(job, per_device_batch_size=32 // 2 // ACCUMULATION))
-    times = Times(0.0 if mode == "ok" else 0.1)
+    times = Times(0.0 if mode == "ok" else 0.1, job)
     with job:
         trainer = Trainer(model=model, args=args, train_dataset=Counting(2048, 1), eval_dataset=Counting(64, 2),
                           optimizers=optimizers(job), callbacks=[LargebatchCallback(job), times])
@@ -95,7 +100,7 @@ def main(url: str, study: str, out: str, mode: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"micro": micro, "accumulation": args.gradient_accumulation_steps, "run": job.run.id,
                    "world": dist.get_world_size(), "global_step": trainer.state.global_step,
-                   "step_ends": times.ends, "total_steps": job.recipe.total_steps, "flush": FLUSH}, f)
+                   "step_ends": times.ends, "learned": times.learned, "total_steps": job.recipe.total_steps, "flush": FLUSH}, f)
     dist.barrier()
     dist.destroy_process_group()
 

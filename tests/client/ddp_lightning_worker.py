@@ -58,12 +58,15 @@ def data(n: int, seed: int) -> torch.utils.data.TensorDataset:
 
 
 class Times(L.Callback):
-    """When each optimizer step ended; with ``pause``, steps slow enough for the service to answer
-    before the blown-up loss turns NaN (so that the stop comes from the service)."""
+    """When each optimizer step ended, and the step of the first vote at which this rank's job
+    already knew that the service said stop; with ``pause``, steps slow enough for the service to
+    answer before the blown-up loss turns NaN (so that the stop comes from the service)."""
 
-    def __init__(self, pause: float) -> None:
+    def __init__(self, pause: float, job) -> None:
         self.ends: list[tuple[int, float]] = []
         self.pause = pause
+        self.job = job
+        self.learned: int | None = None
         self._seen = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -71,6 +74,8 @@ class Times(L.Callback):
             self._seen = trainer.global_step
             time.sleep(self.pause)
             self.ends.append((trainer.global_step, time.time()))
+            if self.learned is None and self.job.stop_reason is not None:
+                self.learned = trainer.global_step + 1  # this step's vote is behind (the callback before this one)
 
 
 def main(url: str, study: str, out: str, mode: str) -> None:
@@ -84,7 +89,7 @@ def main(url: str, study: str, out: str, mode: str) -> None:
                                     job_options={"flush_interval": FLUSH})
     module.job = job
     plan = job.batch_plan(per_device_batch_size=32 // 2 // ACCUMULATION, world_size=2)
-    times = Times(0.0 if mode == "ok" else 0.1)
+    times = Times(0.0 if mode == "ok" else 0.1, job)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         check_val_every_n_epoch=None, val_check_interval=job.recipe.total_steps * ACCUMULATION,
@@ -96,7 +101,7 @@ def main(url: str, study: str, out: str, mode: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"micro": module.micro, "accumulation": trainer.accumulate_grad_batches,
                    "run": job.run.id if job.run is not None else None, "world": trainer.world_size,
-                   "global_step": trainer.global_step, "step_ends": times.ends,
+                   "global_step": trainer.global_step, "step_ends": times.ends, "learned": times.learned,
                    "total_steps": job.recipe.total_steps, "flush": FLUSH}, f)
     if dist.is_initialized():
         dist.barrier()

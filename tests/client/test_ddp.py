@@ -87,7 +87,8 @@ def test_ddp_lr_blowup_is_recorded_as_divergence(framework, service, tmp_path):
     total = ranks[0]["total_steps"]
     # Both ranks stopped at the same step, well before the end.
     assert ranks[0]["global_step"] == ranks[1]["global_step"] < total
-    # Within 2 flush intervals of the report the service flagged (made when step diverged_step ended).
-    ends = dict(ranks[0]["step_ends"])
-    flagged_at, stopped_at = ends[run.diverged_step + 1], ends[ranks[0]["global_step"]]
-    assert stopped_at - flagged_at <= 2 * ranks[0]["flush"], (run.diverged_step, ranks[0]["step_ends"])
+    # At the latest at the first vote after rank 0 heard the service say stop (None: the stop came from
+    # a non-finite loss at a vote): decided by the steps, not by how fast a loaded machine runs them.
+    learned = ranks[0]["learned"]
+    assert run.diverged_step < ranks[0]["global_step"], (run.diverged_step, ranks[0]["global_step"])
+    assert learned is None or ranks[0]["global_step"] <= learned, (learned, ranks[0]["global_step"])
