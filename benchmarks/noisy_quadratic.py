@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    dim, updates = (300, 20_000) if args.quick else (1000, 100_000)
+    dim, updates = (300, 15_000) if args.quick else (1000, 100_000)
     q = NQM.make(dim, sigma2=SIGMA2)
     ref_batch = 4
     target = TARGET * q.loss(np.ones(dim))
