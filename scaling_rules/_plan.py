@@ -158,7 +158,8 @@ def _ramp_requests(req: RecommendationRequest) -> list[StageRequest]:
     assert t is not None and ref is not None and ref.batch_size is not None
     traj = Trajectory.of(ref)
     if traj is None:
-        raise RecipeError('target.batch_size "ramp" needs reference.noise_trajectory (B_noise along the run)')
+        raise RecipeError('target.batch_size "ramp" needs reference.noise_trajectory (B_noise along the run), or '
+                          "target.tokens with reference.seq_len and reference.steps (a prior read along the run)")
     if t.steps is not None:
         raise RecipeError('target.steps: batch "ramp" plans each stage\'s steps from the budget; leave it out')
     if t.batch_tokens is not None or (t.seq_len is not None and t.seq_len != ref.seq_len):

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 
 from . import priors
 from ._choice import choose_optimizer
+from ._critical import prior_trajectory
 from ._lr import _plan_lr
 from ._phases import _plan_schedule, area_gaps, warmup_ratio
 from ._plan import (
@@ -110,6 +111,14 @@ def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _P
     )
 
 
+def _ramp_on_the_prior(req: RecommendationRequest) -> bool:
+    """Batch "ramp" with no measured trajectory but a token budget: the prior read along the run."""
+    t, ref = req.target, req.reference
+    return (t is not None and t.batch_size == "ramp" and ref is not None and ref.noise_trajectory is None
+            and ref.noise_scale is None and t.tokens is not None and ref.seq_len is not None
+            and ref.steps is not None)
+
+
 def _ramp_text(req: RecommendationRequest, plans: list[_Plan]) -> str:
     t = req.target
     assert t is not None
@@ -120,7 +129,9 @@ def _ramp_text(req: RecommendationRequest, plans: list[_Plan]) -> str:
             f"{f', up to target.max_batch_size {t.max_batch_size}' if t.max_batch_size else ''}; each stage keeps "
             "its share of the reference run's examples (progress read at the same loss), the LR moves with the batch "
             "by the regime rule (about sqrt x per doubling for the Adam family, the regime curve for SGD/LARS) "
-            "and is not warmed up again")
+            "and is not warmed up again"
+            + ("" if len(plans) > 1 else ": here it never passes twice the starting batch, so the ramp is one "
+               "stage (a smaller min_batch_size or a larger max_overhead ramps)"))
 
 
 def _sde(plan: _Plan, betas: tuple[float, float], eps: float, notes: list[str],
@@ -170,6 +181,12 @@ def recommend(
             and req.reference.noise_scale is None and req.reference.noise_trajectory is None \
             and noise_scale is not None:
         req = req.model_copy(update={"reference": req.reference.model_copy(update={"noise_scale": noise_scale})})
+    prior_ramp = _ramp_on_the_prior(req)
+    if prior_ramp:
+        ref = req.reference
+        assert ref is not None and req.target is not None and req.target.tokens is not None
+        req = req.model_copy(update={"reference": ref.model_copy(
+            update={"noise_trajectory": prior_trajectory(ref, req.target.tokens)})})
     stage_reqs = _stage_requests(req)
     if isinstance(evidence, EvidenceModel):
         evidence_model: EvidenceModel | None = evidence
@@ -188,6 +205,10 @@ def recommend(
     warnings: list[str] = []
     if req.target is not None and req.target.batch_size == "ramp":
         rationale.append(_ramp_text(req, plans))
+        if prior_ramp:
+            rationale.append("the ramp follows a prior, not a measurement: no reference.noise_trajectory, so "
+                             "B_noise after a fraction f of the run is Step Law's B_opt at f x target.tokens "
+                             "(Li et al. 2025, taken as the critical batch); measure the trajectory to replace it")
     if req.target is not None and req.target.batch_size == "auto":
         t = req.target
         bn = noise_of(req.reference)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from largebatch.scaling_rules import RecipeError, recommend
 from largebatch.scaling_rules._critical import Trajectory, ramp_batches
 from largebatch.scaling_rules.models import Reference
+from largebatch.scaling_rules.priors import critical_batch_prior_tokens
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL = {"params": 350_000_000}
@@ -197,3 +198,16 @@ def test_a_ramp_at_same_loss_pays_each_stage_at_its_own_critical_batch():
     # The ramp spends fewer examples than the final batch from the start, in more (but not 8x more) steps.
     assert ramp_examples < sum(s.steps * s.batch_size for s in fixed.stages)
     assert fixed.total_steps < r.total_steps < 8 * fixed.total_steps
+
+
+def test_without_a_trajectory_a_ramp_follows_the_token_budget_prior():
+    tokens = REF["steps"] * REF["batch_size"] * REF["seq_len"]  # the reference's run
+    r = recommend({"model": MODEL, "reference": REF, "target": {"batch_size": "ramp", "tokens": float(tokens),
+                                                                 "min_batch_size": 16, "max_overhead": 1.0}})
+    batches = [s.batch_size for s in r.stages]
+    assert batches == [16 * 2**i for i in range(len(batches))] and len(batches) >= 3
+    # Each doubling where the prior (Step Law's B_opt in sequences) reaches it: the final batch is at most
+    # the prior at the whole budget, and twice it would pass it.
+    full = critical_batch_prior_tokens(tokens) / REF["seq_len"]
+    assert batches[-1] <= full < 2 * batches[-1]
+    assert any("a prior, not a measurement" in x for x in r.rationale)
