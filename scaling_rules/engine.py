@@ -22,7 +22,8 @@ reference. Every step below leaves a line in the rationale.
    max_overhead x the trajectory's lower bound (``noise_scale_low``, else ``noise_scale``) passes twice
    the batch, up to ``target.max_batch_size``; one stage per batch, each covering its share of the
    reference run, the LR moved with the batch by step 5's regime rule and continued (step 7), not
-   re-warmed.
+   re-warmed. Without a measured trajectory, ``target.tokens`` gives a growing prior: Step Law's B_opt
+   at the tokens seen so far, stated as a prior.
 3. Optimizer (:mod:`._choice`): advice with evidence. A user-fixed optimizer is kept. Otherwise the
    reference's optimizer is kept until the target passes both the batch where the papers show that
    family failing (AdamW 16K: LAMB Table 8; LARS on attention 16K: Table 2; SGD beyond 8K: Goyal
