@@ -185,8 +185,8 @@ def _prior_cap(req: RecommendationRequest, name: str, plan: _Plan) -> tuple[floa
     assert cap is not None
     if name in ("adamw", "adam") and req.model.family == "transformer":
         size = cap / prior.cap
-        cap = priors.adamw_table8_cap(plan.batch_x, plan.warmup_ratio) * size
-        return cap, (f"{prior.cap_source}; at warmup ratio {_fmt(plan.warmup_ratio)} and batch {plan.batch}: "
+        cap = priors.adamw_table8_cap(plan.batch_x, plan.run_warmup_ratio) * size
+        return cap, (f"{prior.cap_source}; at warmup ratio {_fmt(plan.run_warmup_ratio)} and batch {plan.batch}: "
                      f"{_fmt(cap)}")
     return cap, prior.cap_source
 

@@ -38,6 +38,7 @@ class _Plan:
     noise: float | None = None  # critical batch B_noise, in sequences
     noise_src: str = ""
     warmup_ratio: float = 0.0  # decided before the LR (the AdamW cap depends on it)
+    run_warmup_ratio: float = 0.0  # the warmup the stage trains on: its own, or a ramp's first stage's
     ramp: bool = False  # continues the previous stage's schedule (a batch ramp at the same seq_len)
     ramp_next: bool = False  # the next stage continues this one: no decay here
     switch_at: float | None = None  # batch (sequences) where the recipe left the reference's optimizer

@@ -246,8 +246,10 @@ def recommend(
         if plan.seq_len == prev.seq_len and plan.batch_x > prev.batch_x and plan.req.reference is None:
             plan.ramp = prev.ramp_next = True
     name, notes, warns = choose_optimizer(req, plans)
-    for plan in plans:
+    for i, plan in enumerate(plans):
         plan.warmup_ratio = warmup_ratio(plan, req, name, n, evidence_model)
+        # A ramp stage is not warmed up again: it trains on the warmup its run had (LAMB Table 8's cap).
+        plan.run_warmup_ratio = plans[i - 1].run_warmup_ratio if plan.ramp else plan.warmup_ratio
         _plan_lr(plan, req, name, history, evidence_model, n)
     if name == "lamb" and req.optimizer is None and any(p.capped for p in plans):
         name = "lans"

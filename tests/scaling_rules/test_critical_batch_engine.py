@@ -211,3 +211,18 @@ def test_without_a_trajectory_a_ramp_follows_the_token_budget_prior():
     full = critical_batch_prior_tokens(tokens) / REF["seq_len"]
     assert batches[-1] <= full < 2 * batches[-1]
     assert any("a prior, not a measurement" in x for x in r.rationale)
+
+
+def test_a_ramp_stage_is_capped_for_the_warmup_its_run_had():
+    # AdamW near LAMB Table 8's 16K: the cap depends on the warmup. The later stages are not warmed up
+    # again, but they train on the first stage's warmup, so their cap is that warmup's, not a zero one's.
+    traj = [{"examples_seen": 0.0, "noise_scale": 1e7, "noise_scale_low": 1000.0},
+            {"examples_seen": 2.56e7, "noise_scale": 1e7, "noise_scale_low": 40000.0}]
+    ref = {**REF, "lr": 1e-4, "warmup_ratio": 0.2, "noise_trajectory": traj}
+    r = recommend({"model": MODEL, "reference": ref, "optimizer": "adamw",
+                   "target": {"batch_size": "ramp", "min_batch_size": 2048, "max_overhead": 1.0,
+                              "max_batch_size": 16384}})
+    n = len(r.stages)
+    assert r.stages[-1].batch_size == 16384 and r.stages[-1].warmup_steps == 0
+    line = next(x for x in r.rationale if x.startswith(f"stage {n}:") and "at warmup ratio" in x)
+    assert f"at warmup ratio {r.stages[0].warmup_ratio:.6g} and batch {r.stages[-1].batch_size}" in line, line
