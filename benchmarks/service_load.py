@@ -41,17 +41,24 @@ BERT_32K = {"model": {"params": 340_000_000},
 
 
 def trivial_app():
-    from fastapi import FastAPI
+    """A bare FastAPI app answering the same bytes as the service: the recipe (computed once) and the
+    health answer, with the service's media type and nothing else."""
+    from fastapi import FastAPI, Response
+
+    from largebatch.scaling_rules import recommend
+    from largebatch.service.routes.health import _version
 
     app = FastAPI()
+    recipe = recommend(BERT_32K).model_dump_json().encode()[:-1] + b',"run":null,"variants":[],"variant_runs":[]}'
+    health = json.dumps({"status": "ok", "version": _version()}, separators=(",", ":")).encode()
 
     @app.post("/trivial")
-    async def trivial() -> dict:
-        return {"ok": True}
+    async def trivial() -> Response:
+        return Response(recipe, media_type="application/json")
 
     @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    async def healthz() -> Response:
+        return Response(health, media_type="application/json")
 
     return app
 
@@ -212,6 +219,16 @@ async def _recommend(conn, timed) -> bool:
     return False
 
 
+async def _healthz(conn, timed) -> bool:
+    await timed(conn, "GET", "/healthz")
+    return False
+
+
+async def _recommend_study(conn, timed) -> bool:
+    await timed(conn, "POST", "/v1/recommendations", _STUDY_BODY)
+    return False
+
+
 async def _lifecycle(conn, timed) -> bool:
     status, data = await timed(conn, "POST", "/v1/studies/bench/runs", _RUN_BODY)
     if status >= 300:
@@ -226,10 +243,15 @@ async def _lifecycle(conn, timed) -> bool:
 
 _BODY = json.dumps(BERT_32K).encode()
 _RUN_BODY = json.dumps({"request": BERT_32K}).encode()
+EVIDENCE_RUNS = 200
+_STUDY_BODY = json.dumps({**BERT_32K, "study": "evidence"}).encode()
+# Which server each scenario runs against: the bare FastAPI app or the service.
+_BARE = ("ceiling", "healthz-bare")
 
 
 def run_scenario(name: str, port: int, clients: int, seconds: float, warmup: float, headers: dict[str, str]) -> Result:
-    step = {"ceiling": _ceiling, "recommend": _recommend, "lifecycle": _lifecycle}[name]
+    step = {"ceiling": _ceiling, "recommend": _recommend, "lifecycle": _lifecycle, "healthz": _healthz,
+            "healthz-bare": _healthz, "recommend-study": _recommend_study}[name]
     try:
         import uvloop
 
@@ -252,8 +274,25 @@ def _setup_store(url: str) -> str:
         _, key = store.create_api_key("bench", "write")
         try:
             store.create_study("bench", "bench", model_family="transformer", model_params=340_000_000)
+            store.create_study("bench", "evidence", model_family="transformer", model_params=340_000_000)
         except AlreadyExists:
-            pass
+            return key
+        # A study of EVIDENCE_RUNS finished runs: an LR sweep at four batch sizes, a few diverged.
+        from largebatch.scaling_rules import recommend
+
+        for i in range(EVIDENCE_RUNS):
+            batch = (4096, 8192, 16384, 32768)[i % 4]
+            recipe = recommend({**BERT_32K, "target": {"batch_size": batch}})
+            factor = 2 ** ((i // 4) % 7 - 3)
+            for s in recipe.stages:
+                s.peak_lr *= factor
+                s.end_lr = min(s.end_lr, s.peak_lr)
+            recipe.optimizer.lr = recipe.stages[0].peak_lr
+            run, _ = store.create_run("bench", "evidence", recipe)
+            if factor >= 8:
+                store.complete_run(run.id, "diverged")
+            else:
+                store.complete_run(run.id, "completed", metric=1.5 + 0.1 * (factor - 1) ** 2 + 0.001 * i)
     return key
 
 
@@ -285,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10, help="slices per scenario, taken in turns")
     p.add_argument("--quick", action="store_true", help="3 s per scenario in 2 turns, 0.3 s warm-up each")
     p.add_argument("--store", help="store URL for the service (default: a fresh SQLite file)")
-    p.add_argument("--scenarios", default="ceiling,recommend,lifecycle")
+    p.add_argument("--scenarios", default="healthz-bare,healthz,ceiling,recommend,recommend-study,lifecycle")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--serve-trivial", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -308,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Both servers run side by side (idle when not under load). The scenarios take turns in
         # `--rounds` slices, so a change in the machine's background load hits all of them alike.
-        if "ceiling" in names:
+        if set(names) & set(_BARE):
             port = free_port()
             servers["ceiling"] = Server([sys.executable, __file__, "--serve-trivial", str(port)], port)
-        if set(names) - {"ceiling"}:
+        if set(names) - set(_BARE):
             port = free_port()
             servers["service"] = Server([*largebatch_cmd(), "serve", "--host", HOST, "--port", str(port),
                                          "--store", url, "--require-keys", "--no-access-log", "--log-level",
@@ -319,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         totals: dict[str, Result] = {}
         for _ in range(args.rounds):
             for name in names:
-                server = servers["ceiling" if name == "ceiling" else "service"]
+                server = servers["ceiling" if name in _BARE else "service"]
                 res = run_scenario(name, server.port, args.clients, args.seconds / args.rounds, args.warmup, auth)
                 acc = totals.setdefault(name, Result(name, 0.0))
                 acc.seconds += res.seconds
@@ -351,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['scenario']} | {r['req_per_s']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+    for num, den, goal in (("healthz", "healthz-bare", 0.8), ("recommend", "ceiling", 0.7),
+                           ("recommend-study", "recommend", 0.5)):
+        if num in by and den in by:
+            share = by[num]["req_per_s"] / by[den]["req_per_s"]
+            print(f"{num} / {den}: {share:.2f}x requests/s (goal >= {goal:.0%})")
     if "ceiling" in by and "recommend" in by:
         share = by["recommend"]["req_per_s"] / by["ceiling"]["req_per_s"]
         p99 = by["recommend"]["p99_ms"]
