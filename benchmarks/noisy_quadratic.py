@@ -20,7 +20,9 @@ What is checked, each within 10%:
    exact dynamics at the optimal LR), where one constant B_noise (the run's last) is far off;
 2. the critical batch fitted from those runs, E(B) = E_min + S_min B, i.e. B_crit = E_min/S_min (the
    hyperbola of McCandlish eq. 2.11), equals the engine's constant B_eq for the trajectory;
-3. the client's streaming estimator (``GradientNoiseScale``) at points along the reference run, fed
+3. the engine's batch ramp (``"batch_size": "ramp"``, same-loss) plans the steps the ramp takes to the
+   target, and takes >= 30% fewer steps than the reference batch;
+4. the client's streaming estimator (``GradientNoiseScale``) at points along the reference run, fed
    the H-weighted squared norms of sampled small and large batch gradients (its preconditioned form
    with P = H: tr(PC)/G^T P G is B_noise for plain SGD), recovers the analytic B_noise there; and fed
    the plain norms, the analytic B_simple = tr(C)/|G|^2.
@@ -105,6 +107,37 @@ def engine_steps(traj: list[tuple[int, float]], ref_batch: int, ref_steps: int, 
     return r.total_steps, bn
 
 
+def ramp_recipe(traj: list[tuple[int, float]], ref_batch: int, ref_steps: int) -> list[tuple[int, int]]:
+    """(batch, steps) of the engine's batch ramp (budget same-loss, default max_overhead) from the reference."""
+    from largebatch.scaling_rules import recommend
+
+    pts = traj[:: max(1, math.ceil(len(traj) / 1024))]
+    ref = {"batch_size": ref_batch, "lr": 0.1, "optimizer": "sgd", "steps": ref_steps,
+           "noise_trajectory": [{"examples_seen": float(s * ref_batch), "noise_scale": b} for s, b in pts]}
+    r = recommend({"model": {"params": 10**6, "family": "other"}, "reference": ref,
+                   "target": {"batch_size": "ramp"}, "budget": "same-loss"})
+    return [(st.batch_size, st.steps) for st in r.stages]
+
+
+def run_schedule(q: NQM, stages: list[tuple[int, int]], target: float) -> tuple[float, float]:
+    """(steps, examples) to bring E L to ``target`` following the (batch, steps) stages at the optimal LR,
+    staying at the last batch if the stages end first."""
+    m = np.ones_like(q.h)
+    steps = examples = 0.0
+    prev = math.inf
+    plan = [b for b, n in stages for _ in range(n)]
+    while True:
+        loss = q.loss(m)
+        if loss <= target:
+            frac = 0.0 if steps == 0 else math.log(prev / target) / math.log(prev / loss)
+            batch = plan[int(steps) - 1] if steps <= len(plan) else stages[-1][0]
+            return steps - 1 + frac, examples - (1 - frac) * batch
+        batch = plan[int(steps)] if steps < len(plan) else stages[-1][0]
+        lr = q.best_lr(m, batch)
+        m = (1 - lr * q.h) ** 2 * m + lr**2 * q.c / batch
+        prev, steps, examples = loss, steps + 1, examples + batch
+
+
 def streaming_estimate(q: NQM, m: np.ndarray, rng: np.random.Generator, *, small: int, n_micro: int,
                        updates: int, ema: float) -> tuple[float, float, float, float]:
     """(estimated B_noise, analytic, estimated B_simple, analytic) at one sampled theta ~ N(0, m)."""
@@ -167,6 +200,19 @@ def main(argv: list[str] | None = None) -> int:
           f"engine's B_eq for the trajectory: {b_eq:.4g} ({err:+.1%})")
     if abs(err) > TOLERANCE:
         fails.append(f"fitted critical batch vs B_eq: {err:+.1%}")
+
+    stages = ramp_recipe(traj, ref_batch, ref_steps)
+    planned = sum(n for _, n in stages)
+    steps, used = run_schedule(q, stages, target)
+    err = planned / steps - 1
+    saved = 1 - steps / crossing
+    print(f"\nbatch ramp (engine, same-loss, max_overhead 0.2): {' -> '.join(str(b) for b, _ in stages)}; planned "
+          f"{planned} steps, measured {steps:.1f} to the target ({err:+.1%}); {saved:.0%} fewer steps than the "
+          f"reference batch {ref_batch} ({crossing:.1f}) at {used / (crossing * ref_batch):.3g}x its examples")
+    if abs(err) > TOLERANCE:
+        fails.append(f"ramp steps: {err:+.1%}")
+    if saved < 0.3:
+        fails.append(f"the ramp saves {saved:.0%} of the steps (< 30%)")
 
     rng = np.random.default_rng(args.seed)
     print("\n| step | analytic B_noise | streaming (P = H) | error | analytic B_simple | streaming (plain) | error |")

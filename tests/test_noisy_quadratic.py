@@ -56,4 +56,6 @@ def test_quick_mode_recovers_the_analytic_critical_batch_within_ten_percent():
         assert abs(float(r.split("|")[4].strip(" %"))) <= 10 and abs(float(r.split("|")[7].strip(" %"))) <= 10
     fitted = re.search(r"trajectory: [\d.e+]+ \(([-+\d.]+)%\)", out)
     assert fitted is not None and abs(float(fitted.group(1))) <= 10
+    ramp = re.search(r"planned (\d+) steps, measured ([\d.]+) to the target \(([-+\d.]+)%\); (\d+)% fewer steps", out)
+    assert ramp is not None and abs(float(ramp.group(3))) <= 10 and int(ramp.group(4)) >= 30
     assert "PASS" in out
