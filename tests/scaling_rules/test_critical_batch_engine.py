@@ -226,3 +226,18 @@ def test_a_ramp_stage_is_capped_for_the_warmup_its_run_had():
     assert r.stages[-1].batch_size == 16384 and r.stages[-1].warmup_steps == 0
     line = next(x for x in r.rationale if x.startswith(f"stage {n}:") and "at warmup ratio" in x)
     assert f"at warmup ratio {r.stages[0].warmup_ratio:.6g} and batch {r.stages[-1].batch_size}" in line, line
+
+
+@FAST
+@given(st.lists(st.floats(1.0, 1e5), min_size=1, max_size=12), st.floats(0.05, 2.0), st.integers(1, 64))
+def test_the_ramp_doubles_at_the_first_crossing_of_any_trajectory(lows, overhead, start):
+    traj = Trajectory(seen=tuple(float(i) for i in range(len(lows))), noise=tuple(lows), low=tuple(lows),
+                      end=float(max(len(lows) - 1, 1)))
+    stages = ramp_batches(traj, start, 2**20, overhead)
+    assert stages[0][1] == 0.0 and stages[-1][2] == traj.end
+    for (prev, _, hi), (batch, lo, _) in itertools.pairwise(stages):
+        assert batch == 2 * prev and hi == lo
+        assert overhead * traj.at(lo, low=True) >= batch * (1 - 1e-9)
+        # nothing earlier in the stage already passed it: the first crossing
+        for x in np.linspace(0.0, lo, 50)[:-1]:
+            assert overhead * traj.at(float(x), low=True) < batch * (1 + 1e-9) or x < 1e-12
