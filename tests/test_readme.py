@@ -122,6 +122,7 @@ def test_block_runs(line, lang, marker, body, service, tmp_path):
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "*.db", "__pycache__", "node_modules"),
                     symlinks=True)
     os.symlink(ROOT / ".venv", work / ".venv")
+    before = set(work.rglob("*"))
     code = _point(body, port)
     if lang == "bash":
         cmd = ["bash", "-euo", "pipefail", "-c", code]
@@ -135,6 +136,24 @@ def test_block_runs(line, lang, marker, body, service, tmp_path):
         cmd = [str(ROOT / ".venv" / "bin" / "python"), "-c", code]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"README line {line} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    # Examples write outside the checkout (the temp directory), never into it.
+    left = sorted(str(p.relative_to(work)) for p in set(work.rglob("*")) - before
+                  if "__pycache__" not in p.parts and not any(part.endswith(".egg-info") for part in p.parts))
+    assert not left, f"README line {line} wrote into the checkout: {left}"
+
+
+def test_lans_area_gap_in_the_readme_is_what_the_engine_prints():
+    import json
+
+    from largebatch.scaling_rules import RecommendationRequest, recommend
+
+    text = README.read_text()
+    request = json.loads(re.search(r'```json\n(\{"model".*?)```', text, re.S).group(1))
+    recipe = recommend(RecommendationRequest.model_validate(request))
+    line = next(r for r in recipe.rationale if "area under the LR curve" in r)
+    gap, without = re.findall(r"-?\d+\.\d+", line.split("schedule", 1)[1])[:2]
+    said = f"area gap of {gap} to the uncapped schedule with the constant phase, {without} without"
+    assert said in " ".join(text.split()), f"the README should say: {said}"
 
 
 def test_quickstart_reports_arrive_during_training(service, tmp_path):
