@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["BatchPlan", "Identity", "agree", "broadcast", "ensure_group", "identity", "plan_batch", "world"]
+__all__ = ["BatchPlan", "Identity", "agree", "broadcast", "ensure_group", "identity", "plan_batch", "total", "world"]
 
 _ENV_COMPLETE = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -159,25 +159,38 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def agree(loss: Any, grad_norm: Any, stop: bool, skipped: int) -> tuple[float, float | None, bool, int]:
-    """One all-reduce per report: the mean loss and gradient norm over ranks, whether any rank says
-    stop (rank 0 knows what the service said), and the most steps skipped on any rank."""
+def agree(loss: Any, grad_norm: Any, stop: bool, skipped: int,
+          examples: Any = None) -> tuple[float, float | None, bool, int]:
+    """One all-reduce per report: the loss over ranks (the mean, or weighted by ``examples``: what each
+    rank's loss averages over), the mean gradient norm, whether any rank says stop (rank 0 knows what
+    the service said), and the most steps skipped on any rank."""
     import torch
     import torch.distributed as dist
 
     def num(x: Any) -> float:
-        return float(x.detach().float().item()) if hasattr(x, "detach") else float(x)
+        return float(x.detach().double().item()) if hasattr(x, "detach") else float(x)
 
     world_size = dist.get_world_size()
     g = num(grad_norm) if grad_norm is not None else math.nan
-    # Slots: loss, norm, stop votes, skipped steps (the same count on every rank under DDP: the
-    # optimizer decides from the all-reduced gradient), ranks that gave a norm.
-    t = torch.tensor([num(loss), 0.0 if math.isnan(g) else g, 1.0 if stop else 0.0, float(skipped),
-                      1.0 if grad_norm is not None else 0.0], dtype=torch.float64, device=_device())
+    w = 1.0 if examples is None else num(examples)
+    # Slots: weighted loss, weight, norm, stop votes, skipped steps (the same count on every rank under
+    # DDP: the optimizer decides from the all-reduced gradient), ranks that gave a norm.
+    t = torch.tensor([num(loss) * w if w else 0.0, w, 0.0 if math.isnan(g) else g, 1.0 if stop else 0.0,
+                      float(skipped), 1.0 if grad_norm is not None else 0.0], dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     s = t.tolist()
-    mean_norm = s[1] / world_size if s[4] == world_size else None
-    return s[0] / world_size, mean_norm, s[2] > 0, round(s[3] / world_size)
+    mean_norm = s[2] / world_size if s[5] == world_size else None
+    return s[0] / s[1] if s[1] else math.nan, mean_norm, s[3] > 0, round(s[4] / world_size)
+
+
+def total(values: list[Any]) -> list[float]:
+    """The sums over ranks of a few numbers (a collective: every rank calls it)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from largebatch.scaling_rules.wire import FinalOutcome, ReportIn, Run, Study
 
 from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
+from ._ranks import Ranks
 from ._reporter import Reporter, detached
 
 __all__ = ["Job", "RunChannel"]
@@ -74,7 +75,7 @@ def _close_at_exit(ref: weakref.ReferenceType[Job]) -> None:
         job.close()
 
 
-class Job:
+class Job(Ranks):
     """One training run: ``optimizer``, ``scheduler``, ``recipe`` and ``run``, plus reporting.
 
     Use it as a context manager: leaving the block with an exception marks the run ``failed``
@@ -188,44 +189,6 @@ class Job:
         every rank agreed on at the last :meth:`report` (so that all leave at the same step)."""
         return self._agreed_stop if self.world_size > 1 else self._stop_seen
 
-    # ------------------------------------------------------------------ several ranks
-
-    def sync(self) -> Job:
-        """Hand rank 0's recipe and run to every rank (a collective: every rank calls it once). Does
-        nothing without a process group of several ranks, or when already done; on a rank > 0 without
-        one it raises :class:`JobError`. Returns the job."""
-        if self.world_size > 1:
-            return self
-        if not _dist.ensure_group():
-            if self.follower and self._recipe is None:
-                raise errors.JobError("this rank waits for rank 0's recipe, but torch.distributed has no process "
-                                      "group: call torch.distributed.init_process_group() first")
-            return self
-        rank, world = _dist.world()
-        if (rank != 0) != self.follower:
-            raise errors.JobError(f"the job was made for {'a rank > 0' if self.follower else 'rank 0'} but this "
-                                  f"process is rank {rank}: build the job after the ranks are known")
-        mine = None
-        if not self.follower:
-            mine = {"recipe": self.recipe.model_dump(mode="json"), "study": self.study,
-                    "run": self.run.model_dump(mode="json") if self.run is not None else None}
-        theirs = _dist.broadcast(mine)
-        if self.follower:
-            recipe = Recipe.model_validate(theirs["recipe"])
-            if self._recipe is not None and self._recipe != recipe:
-                raise errors.JobError("rank 0 trains another recipe than the one this rank was handed")
-            self._adopt(recipe, theirs["run"], theirs["study"])
-        self.world_size = world
-        return self
-
-    def _adopt(self, recipe: Recipe, run: Any, study: str | None) -> None:
-        self._recipe = recipe
-        self.run = Run.model_validate(run) if run is not None else None
-        self.study = study
-        if self.optimizer is None and self._build is not None:
-            self.optimizer, self.scheduler = self._build(recipe)
-            self._hook_noise()
-
     def _hook_noise(self) -> None:
         # Right before the optimizer step the accumulated (and all-reduced) gradient is there and
         # no zero_grad() has run yet, in a plain loop as in every framework.
@@ -237,26 +200,6 @@ class Job:
             noise.step()
 
         self._noise_hook = self.optimizer.register_step_pre_hook(fold)
-
-    def handover(self) -> dict[str, Any]:
-        """What a rank > 0 started from this process needs (see :func:`largebatch.client._dist`)."""
-        return {"recipe": self.recipe.model_dump(mode="json"), "study": self.study,
-                "run": self.run.model_dump(mode="json") if self.run is not None else None}
-
-    def batch_plan(self, per_device_batch_size: int | None = None, world_size: int | None = None) -> _dist.BatchPlan:
-        """How to train the recipe's (global) batch: per-device batch x accumulation x ranks.
-
-        ``per_device_batch_size`` is the most one device holds (default: the whole share of a rank,
-        no accumulation); ``world_size`` defaults to the ranks of the process group or launcher.
-        Refuses a recipe with stages at several batch sizes, and a batch that does not split over
-        the ranks (:class:`ValueError`)."""
-        sizes = sorted({s.batch_size for s in self.recipe.stages})
-        if len(sizes) > 1:
-            raise ValueError(f"the recipe has stages at batch sizes {sizes}: plan each stage on its own")
-        if world_size is None:
-            world_size = self.world_size if self.world_size > 1 else max(_dist.world()[1],
-                                                                        _dist.identity().world_size)
-        return _dist.plan_batch(sizes[0], world_size, per_device_batch_size)
 
     def measure_noise(self, model: Any, plan: _dist.BatchPlan | None = None, *, ema: float = 0.95,
                       grad_scale: float | None = None) -> Any:
@@ -278,9 +221,16 @@ class Job:
         self._hook_noise()
         return self.noise
 
+    @property
+    def finished(self) -> bool:
+        """This process recorded the run's outcome (:meth:`complete`, :meth:`fail`, :meth:`abort` or
+        leaving the ``with`` block); always False on a rank > 0, where rank 0 records it."""
+        return self._final is not None
+
     # ------------------------------------------------------------------ reporting
 
-    def report(self, step: int, loss: Any, grad_norm: Any = None, *, noise_scale: Any = None) -> None:
+    def report(self, step: int, loss: Any, grad_norm: Any = None, *, noise_scale: Any = None,
+               examples: Any = None) -> None:
         """Record the loss (and gradient norm) at ``step``; returns at once.
 
         ``loss`` may be a float or a 0-d tensor: a tensor is converted to a number by the
@@ -288,6 +238,8 @@ class Job:
         ``noise_scale``: the smoothed gradient noise scale B_noise (examples) measured at this step,
         if the job measures it; the run keeps the latest and the study's recipes use the median
         over its runs. Under several ranks, rank 0's value is sent (the estimate is global).
+        ``examples``: how many examples (tokens) this rank's ``loss`` is the mean over; under several
+        ranks the reported loss is then weighted by it (default: the plain mean over ranks).
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -296,37 +248,11 @@ class Job:
         self.last_step = step if self.last_step is None else max(self.last_step, step)
         if noise_scale is None and self.noise is not None:
             noise_scale = self.noise.estimate  # a device tensor: read by the background thread
-        skipped = self._skipped_now()
-        if self.world_size > 1:
-            # Every rank is here at this step: one all-reduce gives each the same numbers and verdict.
-            loss, grad_norm, stop, skipped = _dist.agree(loss, grad_norm, self._stop_seen, skipped)
-            if stop and not self._stop_seen and self.stop_reason is None:
-                self.stop_reason = "rank 0 says stop"
-        nonfinite = False  # decided from the agreed numbers: the same on every rank
-        if skipped > self.skipped_steps:
-            self.skipped_steps = skipped
-            # The service judges a non-finite gradient norm as divergence at this step.
-            grad_norm = math.inf
-            self._note_nonfinite(step, f"step {step} skipped: its gradient was not finite")
-            nonfinite = True
-        if isinstance(loss, (int, float)) and not math.isfinite(loss):
-            self._note_nonfinite(step, f"loss was {loss} at step {step}")
-            nonfinite = True
-        if self.world_size > 1:
-            # Only what every rank knows. Not self._stop_seen: rank 0's reporter thread may have set it
-            # (the service said stop) since the vote, and a rank that leaves the training loop alone
-            # leaves the others waiting in a collective for good. It is voted at the next report.
-            self._agreed_stop = self._agreed_stop or stop or nonfinite
+        loss, grad_norm = self._vote(step, loss, grad_norm, examples)
         if self._reporter is not None:
             self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale))
         if self.progress_every and (step + 1) % self.progress_every == 0 and not self.follower:
             self._log_progress(step, loss)
-
-    def _skipped_now(self) -> int:
-        # Reading the counter waits for the device; only optimizers that skip have one.
-        groups = getattr(self.optimizer, "param_groups", None)
-        counter = groups[0].get("skipped_steps") if groups else None
-        return int(counter) if counter is not None else 0
 
     def _log_progress(self, step: int, loss: Any) -> None:
         now = time.monotonic()

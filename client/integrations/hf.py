@@ -24,13 +24,17 @@ train (``ValueError`` before the first step) when the arguments disagree with th
 or batch.
 
 The callback reports each logged training loss at the index of the optimizer step it belongs to
-(``global_step - 1``, as in a plain loop). That loss is the Trainer's: the mean per-example (for a
-language model, per-token) loss of the optimizer step over all micro-batches and ranks. It stops
-training when the service says so (``should_stop``; divergence included, on every rank at the same
-step), keeps the last value of the study's metric from each evaluation and, when training ends,
-completes the run with it (``diverged``/``pruned`` when it was stopped). The final metric comes from
-evaluation: without an evaluation set the run stays open and a warning says to call
-``job.complete(metric)`` after ``trainer.evaluate()``.
+(``global_step - 1``, as in a plain loop). It measures that loss itself (:mod:`._hf_loss`): the
+per-example (for a language model, per-token) loss of the optimizer step over all its micro-batches
+and ranks, whatever the model and whatever the Trainer logs (its ``loss`` is 8x too large for a
+sequence classifier trained with accumulation 4 on 2 ranks, and too small for a padded causal LM
+without ``loss_type``). It stops training when the service says so (``should_stop``; divergence
+included, on every rank at the same step), keeps the study's metric from each evaluation (the
+evaluation loss measured the same way: the true per-example loss over the whole evaluation set) and,
+when training ends, completes the run with it (``diverged``/``pruned`` when it was stopped). Without
+an evaluation during training, ``trainer.evaluate()`` after ``train()`` completes the run; a
+``with job:`` block left without one records the run ``failed``, and a warning says so when training
+ends.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from largebatch.client import _dist
 from largebatch.client.job import Job
 
 from ._finish import finish
+from ._hf_loss import LossMeter
 
 __all__ = ["LargebatchCallback", "optimizers", "training_args"]
 
@@ -96,13 +102,30 @@ class LargebatchCallback(TrainerCallback):
         self.metric = metric
         self.complete_on_train_end = complete_on_train_end
         self.last_metric: float | None = None
+        self.meter: LossMeter | None = None
+        self._trained = False  # training has ended: an evaluation now completes the run
 
     def _metric_keys(self) -> list[str]:
         name = self.metric or self.job.metric_name
         return [name] if name.startswith("eval_") else [name, f"eval_{name}"]
 
+    def _measure(self, model: Any) -> None:
+        if self.meter is not None or model is None:
+            return
+        self.meter = LossMeter(model)
+        if self.meter.kind is None:
+            log.warning("largebatch: the callback cannot measure the loss of a %s (not a causal/masked LM, token, "
+                        "seq2seq or sequence classifier head): it reports the Trainer's logged loss, which is not "
+                        "the per-example loss for every model", type(model).__name__)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: Any = None, **kwargs: Any) -> None:
+        self._measure(model)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       **kwargs: Any) -> None:
+                       model: Any = None, **kwargs: Any) -> None:
+        self._measure(model)
+        self._trained = False
         job = self.job.sync()
         recipe = job.recipe
         if args.max_steps != recipe.total_steps:
@@ -123,8 +146,13 @@ class LargebatchCallback(TrainerCallback):
                logs: dict[str, float] | None = None, **kwargs: Any) -> None:
         if not logs or "loss" not in logs or state.global_step < 1:
             return
-        # Every rank logs the same (gathered) loss at the same step: the job agrees on it there.
-        self.job.report(state.global_step - 1, logs["loss"], logs.get("grad_norm"))
+        loss: Any = logs["loss"]
+        examples: Any = None
+        measured = self.meter.take(training=True) if self.meter is not None else None
+        if measured is not None:  # this rank's micro-batches since the last log
+            loss, examples = measured[0] / measured[1], measured[1]
+        # Every rank logs at the same step: the job agrees on the loss (weighted by examples) there.
+        self.job.report(state.global_step - 1, loss, logs.get("grad_norm"), examples=examples)
         if self.job.should_stop:
             control.should_training_stop = True
 
@@ -133,17 +161,35 @@ class LargebatchCallback(TrainerCallback):
         if self.job.should_stop:
             control.should_training_stop = True
 
+    def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                   **kwargs: Any) -> None:
+        if self.meter is not None:
+            self.meter.take(training=False)  # predictions are not an evaluation
+
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: dict[str, float] | None = None, **kwargs: Any) -> None:
-        for key in self._metric_keys():
-            if metrics and key in metrics:
-                self.last_metric = float(metrics[key])
-                return
+        keys = self._metric_keys()
+        key = next((k for k in keys if metrics and k in metrics), None)
+        value = float(metrics[key]) if metrics and key is not None else None
+        if self.meter is not None and self.meter.kind is not None:
+            measured = self.meter.take(training=False)
+            loss_sum, count = (float(measured[0]), float(measured[1])) if measured is not None else (0.0, 0.0)
+            if self.job.world_size > 1:  # every rank evaluates: each has its share of the set
+                loss_sum, count = _dist.total([loss_sum, count])
+            if key == "eval_loss" and count > 0:
+                value = loss_sum / count
+        if value is None:
+            return
+        self.last_metric = value
+        if self._trained and self.complete_on_train_end and state.is_world_process_zero and not self.job.finished:
+            finish(self.job, value, missing="")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
+        self._trained = True
         if not self.complete_on_train_end or not state.is_world_process_zero:
             return
         finish(self.job, self.last_metric,
-               missing=f"training ended without an evaluation of {' or '.join(self._metric_keys())}: the run "
-                       "stays open; call job.complete(metric) after trainer.evaluate()")
+               missing=f"training ended without an evaluation of {' or '.join(self._metric_keys())}: call "
+                       "trainer.evaluate() inside `with job:` (the callback completes the run with it) or "
+                       "job.complete(metric); a `with job:` block left without either records the run failed")

@@ -1,9 +1,13 @@
-"""One rank of the HF Trainer DDP test (``torchrun --nproc_per_node=2 ddp_hf_worker.py URL STUDY OUT MODE``).
+"""One rank of the HF Trainer DDP test
+(``torchrun --nproc_per_node=2 ddp_hf_worker.py URL STUDY OUT MODE [MODEL]``).
 
-A tiny GPT-2 (from a config, no download) learns to count. Each rank records, from the model's own
-logits, the summed token loss and the token count of every training micro-batch: the test computes
-the true per-token loss of each optimizer step from these, independently of the Trainer's logging
-and of the callback. MODE ``ok`` trains the recipe; ``blowup`` trains with an LR far too large.
+MODEL ``gpt2`` (default): a tiny GPT-2 (from a config, no download, no ``loss_type``: as users build
+it) learns to count, on padded sequences of random lengths (labels -100 on the padding). ``bert``: a
+tiny BERT sequence classifier. Each rank records, from the model's own logits, the summed loss and
+the example (token) count of every training micro-batch and of every evaluation batch: the test
+computes the true per-example loss of each optimizer step, and the true evaluation loss, from these,
+independently of the Trainer's logging. MODE ``ok`` trains the recipe; ``blowup`` trains with an LR
+far too large.
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from largebatch.client import Client
 from largebatch.client.integrations.hf import LargebatchCallback, optimizers, training_args
 
-VOCAB, SEQ, ACCUMULATION = 32, 16, 4
+VOCAB, SEQ, ACCUMULATION, CLASSES = 32, 16, 4, 3
 FLUSH = 0.3  # the job's flush interval (seconds)
 # Under the test's 300 s: a rank still alive then is hung; it writes its threads' stacks to OUT/rankR.stacks and
 # exits, and a rank torchrun ends (SIGTERM) writes them too, so that the test fails saying where each rank was.
@@ -30,15 +42,40 @@ WATCHDOG_S = 240
 
 
 class Counting(torch.utils.data.Dataset):
-    def __init__(self, n: int, seed: int) -> None:
+    """Sequences counting from a random start, padded after a random length (4..SEQ); for ``bert``,
+    labelled with their start modulo CLASSES."""
+
+    def __init__(self, n: int, seed: int, model: str) -> None:
         g = torch.Generator().manual_seed(seed)
         self.ids = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(SEQ)) % VOCAB
+        self.mask = (torch.arange(SEQ) < torch.randint(4, SEQ + 1, (n, 1), generator=g)).long()
+        self.model = model
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+        ids, mask = self.ids[i] * self.mask[i], self.mask[i]
+        labels = self.ids[i][0] % CLASSES if self.model == "bert" else ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def build(model: str) -> torch.nn.Module:
+    if model == "bert":
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=SEQ, num_labels=CLASSES))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2))
+
+
+def true_loss(model: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(summed loss, examples) of a batch: per example for the classifier, per predicted token for GPT-2."""
+    if model == "bert":
+        ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        return float(ce), len(labels)
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
+    return float(ce), int((labels != -100).sum())
 
 
 class Times(TrainerCallback):
@@ -66,21 +103,17 @@ def watchdog(out: str) -> None:
     faulthandler.register(signal.SIGTERM, file=_stacks, chain=True)
 
 
-def main(url: str, study: str, out: str, mode: str) -> None:
+def main(url: str, study: str, out: str, mode: str, name: str = "gpt2") -> None:
     watchdog(out)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=16, n_layer=1, n_head=2))
-    # Without a loss type in its config (a model built from a config has none), transformers 5 counts a
-    # causal LM's tokens over the unshifted labels: its loss would be SEQ-1/SEQ of the true one.
-    model.loss_type = "ForCausalLM"
+    model = build(name)
     micro: list[tuple[float, int]] = []
+    evals: list[tuple[float, int]] = []
 
     def record(module, args, kwargs, output):
-        if module.training:  # the true loss of this micro-batch, from the logits
-            logits, labels = output.logits[:, :-1].float(), kwargs["labels"][:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1), reduction="sum")
-            micro.append((float(ce.detach()), labels.numel()))
+        with torch.no_grad():  # the true loss of this batch, from the logits
+            (micro if module.training else evals).append(true_loss(name, output.logits, kwargs["labels"]))
 
     model.register_forward_hook(record, with_kwargs=True)
     reference = ({"batch_size": 8, "lr": 2e-2, "steps": 48, "warmup_ratio": 0.1} if mode == "ok" else
@@ -93,12 +126,13 @@ def main(url: str, study: str, out: str, mode: str) -> None:
         **training_args(job, per_device_batch_size=32 // 2 // ACCUMULATION))
     times = Times(0.0 if mode == "ok" else 0.1, job)
     with job:
-        trainer = Trainer(model=model, args=args, train_dataset=Counting(2048, 1), eval_dataset=Counting(64, 2),
+        trainer = Trainer(model=model, args=args, train_dataset=Counting(2048, 1, name),
+                          eval_dataset=Counting(64, 2, name),
                           optimizers=optimizers(job), callbacks=[LargebatchCallback(job), times])
         trainer.train()
     rank = dist.get_rank()
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"micro": micro, "accumulation": args.gradient_accumulation_steps, "run": job.run.id,
+        json.dump({"micro": micro, "evals": evals, "accumulation": args.gradient_accumulation_steps, "run": job.run.id,
                    "world": dist.get_world_size(), "global_step": trainer.state.global_step,
                    "step_ends": times.ends, "learned": times.learned, "total_steps": job.recipe.total_steps, "flush": FLUSH}, f)
     dist.barrier()
@@ -106,4 +140,4 @@ def main(url: str, study: str, out: str, mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

@@ -70,11 +70,14 @@ def test_trainer_with_the_recipe_reports_and_completes(service, tmp_path):
     # The callback reported every logged loss and completed the run with the eval loss.
     run = service.store.get_run(job.run.id)
     assert run.state == "completed" and run.metric == callback.last_metric
-    assert run.metric == pytest.approx(trainer.state.log_history[-2]["eval_loss"])
+    # A GPT-2 built from a config has no loss_type: the Trainer divides its summed token loss by the
+    # unshifted label count (SEQ per sequence, SEQ - 1 predicted); the callback measures the true one.
+    hf = SEQ / (SEQ - 1)
+    assert run.metric == pytest.approx(trainer.state.log_history[-2]["eval_loss"] * hf, rel=1e-5)
     reports = service.store.reports(run.id)
     assert [r.step for r in reports] == list(range(total))
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert [r.loss for r in reports] == logged
+    assert [r.loss for r in reports] == pytest.approx([loss * hf for loss in logged], rel=1e-4)
     assert reports[-1].loss < reports[0].loss / 2  # it learned to count
 
 
@@ -96,3 +99,47 @@ def test_trainer_arguments_that_disagree_with_the_recipe_are_refused(service, tm
             trainer.train()
     assert service.store.reports(job.run.id) == []  # refused before the first step
     job.fail("refused")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_stored_loss_is_the_true_loss_and_evaluate_after_train_completes(name, service, tmp_path, caplog):
+    """Accumulation 4, no evaluation while training (the Trainer logs 4x the true loss of the BERT
+    classifier, and divides the padded GPT-2's by its unshifted token count): every stored loss is
+    the true per-example loss of its step, and ``trainer.evaluate()`` after ``train()`` completes the
+    run with the true evaluation loss."""
+    from .ddp_hf_worker import Counting as Padded
+    from .ddp_hf_worker import build, true_loss
+
+    torch.manual_seed(0)
+    model = build(name)
+    micro: list[tuple[float, int]] = []
+    evals: list[tuple[float, int]] = []
+
+    def record(module, args, kwargs, output):
+        with torch.no_grad():
+            (micro if module.training else evals).append(true_loss(name, output.logits, kwargs["labels"]))
+
+    model.register_forward_hook(record, with_kwargs=True)
+    job = Client(service.url).autoconfigure(model, study=f"hf-true-{name}", target_batch_size=32,
+                                            reference={"batch_size": 8, "lr": 2e-2, "steps": 48},
+                                            job_options={"flush_interval": 0.1})
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=16, save_strategy="no",
+                             report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+                             **training_args(job, per_device_batch_size=8))
+    assert args.gradient_accumulation_steps == 4
+    with job, caplog.at_level("WARNING", logger="largebatch.client"):
+        trainer = Trainer(model=model, args=args, train_dataset=Padded(512, 1, name), optimizers=optimizers(job),
+                          callbacks=[LargebatchCallback(job)])
+        trainer.train()
+        assert "call trainer.evaluate() inside `with job:`" in caplog.text  # and what leaving without it does
+        assert service.store.get_run(job.run.id).state == "running"
+        trainer.evaluate(Padded(48, 2, name))
+    run = service.store.get_run(job.run.id)
+    assert run.state == "completed"
+    assert run.metric == pytest.approx(sum(s for s, _ in evals) / sum(n for _, n in evals), rel=1e-6)
+    reports = service.store.reports(run.id)
+    assert [r.step for r in reports] == list(range(job.recipe.total_steps))
+    for r in reports:
+        step = micro[4 * r.step: 4 * r.step + 4]
+        truth = sum(s for s, _ in step) / sum(n for _, n in step)
+        assert r.loss == pytest.approx(truth, rel=1e-4), (r.step, r.loss, truth)

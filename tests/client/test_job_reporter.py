@@ -185,7 +185,7 @@ def test_a_stop_that_arrives_during_the_vote_waits_for_the_next_report(client, s
     with open_job(client, "vote") as job:
         job.world_size = 2
 
-        def agree(loss, grad_norm, stop, skipped):  # rank 1 saw nothing: the verdict is this rank's vote
+        def agree(loss, grad_norm, stop, skipped, examples=None):  # rank 1 saw nothing: the verdict is this rank's vote
             votes.append(stop)
             job._note_run(job.run, True, "the service says stop")  # the reporter thread, meanwhile
             return float(loss), grad_norm, stop, skipped
