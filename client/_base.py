@@ -400,7 +400,8 @@ class BaseClient:
                     params={"format": "csv", "limit": limit, "offset": offset})
 
     def _heartbeat(self, run_id: int) -> Call[HeartbeatOut]:
-        return Call("POST", f"/v1/runs/{_run_id(run_id)}/heartbeat", _parse_heartbeat)
+        # Every POST carries a JSON body (the service refuses a body-less one: a cross-site page can send that).
+        return Call("POST", f"/v1/runs/{_run_id(run_id)}/heartbeat", _parse_heartbeat, body={})
 
     def _report(self, run_id: int, step: int, loss: float, grad_norm: float | None) -> Call[ReportOut]:
         body = ReportIn(step=step, loss=loss, grad_norm=grad_norm)

@@ -136,7 +136,12 @@ class StrictJsonMiddleware:
     body without one (a browser form or ``text/plain`` post cannot reach a route without a CORS preflight),
     415 for a body not in UTF-8, 422 for one nested too deep or with strings no store can keep
     (:func:`~largebatch.service.bodycheck.check_body`, linear in the body's size). A large body is checked
-    off the event loop, so no request holds up the others while its bytes are scanned."""
+    off the event loop, so no request holds up the others while its bytes are scanned.
+
+    A POST always carries a JSON body (``{}`` when it has nothing to say): without a JSON content type it
+    is 415, with an empty body 422. A POST without one is what another site's page can send without a
+    CORS preflight (a form, a body-less or ``text/plain`` ``fetch``), so none of those changes state. (A
+    PUT, PATCH or DELETE needs a preflight whatever it carries.)"""
 
     METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
     INLINE_BYTES = 64 * 1024
@@ -163,9 +168,16 @@ class StrictJsonMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if (content_type is not None and not _is_json(content_type)) or (content_type is None and body.strip()):
+        needs_body = scope["method"] == "POST"
+        declared_json = content_type is not None and _is_json(content_type)
+        if not declared_json and (content_type is not None or needs_body or body.strip()):
             await send_error(send, 415, "unsupported_media_type",
                              "request bodies must be JSON: send Content-Type: application/json (UTF-8)")
+            return
+        if needs_body and not body.strip():
+            await send_error(send, 422, "validation_error", [{
+                "loc": ["body"], "msg": "a POST carries a JSON body ({} when it has no fields)",
+                "type": "missing"}])
             return
         try:
             if len(body) <= self.INLINE_BYTES:

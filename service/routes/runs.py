@@ -224,7 +224,9 @@ def _count_revival(request: Request, before: str) -> None:
     response_model=HeartbeatOut,
     responses=ERROR_RESPONSES,
     summary="Renew a running run's lease",
-    description="A run whose heartbeats stop is marked `preempted` when its lease expires; a heartbeat (or "
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"type": "object"}, "example": {}}}}},
+    description="Body: `{}` (every POST carries a JSON body). A run whose heartbeats stop is marked `preempted` when its lease expires; a heartbeat (or "
                 "report) from its job makes it `running` again. On a run the service stopped (`diverged`, "
                 "`pruned`) the answer is 200 with `should_stop: true`; on a run that is otherwise no longer "
                 "running, 409.",

@@ -281,17 +281,17 @@ def test_run_get_and_heartbeat(api):
     run = open_run(c, new_study(c))
     got = Run.model_validate(c.get(f"/v1/runs/{run.id}").json())
     assert got.id == run.id and got.recipe.stages[0].peak_lr == 0.005
-    hb = HeartbeatOut.model_validate(c.post(f"/v1/runs/{run.id}/heartbeat").json())
+    hb = HeartbeatOut.model_validate(c.post(f"/v1/runs/{run.id}/heartbeat", json={}).json())
     assert not hb.should_stop and hb.run.lease_expires_at >= run.lease_expires_at
     assert_error(c.get("/v1/runs/999999999"), "not_found")
     assert_error(c.get("/v1/runs/-1"), "validation_error")
     assert_error(c.get("/v1/runs/abc"), "validation_error")
     assert_error(api.client("other").get(f"/v1/runs/{run.id}"), "not_found")
-    assert_error(api.client("other").post(f"/v1/runs/{run.id}/heartbeat"), "not_found")
-    assert_error(api.client("read").post(f"/v1/runs/{run.id}/heartbeat"), "forbidden")
-    assert_error(c.post("/v1/runs/999999999/heartbeat"), "not_found")
+    assert_error(api.client("other").post(f"/v1/runs/{run.id}/heartbeat", json={}), "not_found")
+    assert_error(api.client("read").post(f"/v1/runs/{run.id}/heartbeat", json={}), "forbidden")
+    assert_error(c.post("/v1/runs/999999999/heartbeat", json={}), "not_found")
     c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "failed", "reason": "OOM"})
-    assert_error(c.post(f"/v1/runs/{run.id}/heartbeat"), "conflict")
+    assert_error(c.post(f"/v1/runs/{run.id}/heartbeat", json={}), "conflict")
 
 
 def test_reports_healthy_then_batch_then_explosion(api):
@@ -312,7 +312,7 @@ def test_reports_healthy_then_batch_then_explosion(api):
     # The job's reporter may still send a few: it is told to stop again, nothing breaks.
     late = ReportOut.model_validate(c.post(f"/v1/runs/{run.id}/reports", json={"step": 31, "loss": 1e4}).json())
     assert late.should_stop and late.run.state == "diverged"
-    hb = HeartbeatOut.model_validate(c.post(f"/v1/runs/{run.id}/heartbeat").json())
+    hb = HeartbeatOut.model_validate(c.post(f"/v1/runs/{run.id}/heartbeat", json={}).json())
     assert hb.should_stop
     # Its own (different) verdict afterwards conflicts with the recorded one.
     assert_error(c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "completed", "metric": 1.0}), "conflict")

@@ -40,7 +40,7 @@ def test_a_table_lock_gives_bounded_503s_and_recovery_without_restart(tmp_path):
                 ("POST", "/v1/recommendations", bert_request(study="busy")),
                 ("POST", "/v1/studies/busy/runs", {"request": bert_request()}),
                 ("GET", "/v1/studies/busy/runs", None),
-                ("POST", f"/v1/runs/{run_id}/heartbeat", None),
+                ("POST", f"/v1/runs/{run_id}/heartbeat", {}),
             ]
             results: list[tuple[str, int, float, str | None]] = []
             lock = threading.Lock()

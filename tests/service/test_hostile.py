@@ -462,8 +462,70 @@ def test_a_cross_site_post_changes_nothing(api, world):
         assert_4xx(c.delete(f"/v1/studies/{study}", headers=headers), 403)
     assert c.get(f"/v1/runs/{run_id}").json()["state"] == "running"
     same = {"Origin": f"http://{here}", "Sec-Fetch-Site": "same-origin"}
-    assert c.post(f"/v1/runs/{run_id}/heartbeat", headers=same).status_code == 200
-    assert c.post(f"/v1/runs/{run_id}/heartbeat").status_code == 200  # a non-browser client sends no Origin
+    assert c.post(f"/v1/runs/{run_id}/heartbeat", json={}, headers=same).status_code == 200
+    assert c.post(f"/v1/runs/{run_id}/heartbeat", json={}).status_code == 200  # a non-browser client: no Origin
+
+
+def _preempted_run(api, c, study: str) -> int:
+    """A run of ``study`` whose lease ran out, swept as the service's sweeper sweeps it."""
+    import time
+
+    from largebatch.scaling_rules import recommend
+    from largebatch.service.storage import open_store
+
+    namespace = c.get(f"/v1/studies/{study}").json()["namespace"]
+    with open_store(api.store_url) as store:
+        run, _ = store.create_run(namespace, study, recommend(bert_request()), lease_seconds=0.05)
+        time.sleep(0.1)
+        assert run.id in store.expire_leases()
+    assert c.get(f"/v1/runs/{run.id}").json()["state"] == "preempted"
+    return run.id
+
+
+def test_a_body_less_post_revives_nothing(api, world):
+    """What a page on any site can send without a preflight (no Origin from an old browser or a proxy that
+    strips it): a POST with no body, or with a form's or text's media type. None changes a run."""
+    c, study, _ = world
+    run_id = _preempted_run(api, c, study)
+    heartbeat = f"/v1/runs/{run_id}/heartbeat"
+    assert_4xx(c.post(heartbeat), 415)  # no body, no content type
+    assert_4xx(c.post(heartbeat, headers={"Content-Type": "application/json"}), 422)  # JSON, but empty
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        assert_4xx(c.post(heartbeat, content=b"", headers={"Content-Type": content_type}), 415)
+        assert_4xx(c.post(heartbeat, content=b"{}", headers={"Content-Type": content_type}), 415)
+    assert c.get(f"/v1/runs/{run_id}").json()["state"] == "preempted"
+    # The job itself, speaking JSON, brings it back.
+    r = c.post(heartbeat, json={})
+    assert r.status_code == 200 and r.json()["run"]["state"] == "running", r.text
+
+
+def test_a_form_post_changes_nothing(api, world):
+    c, study, run_id = world
+    for url, form in ((f"/v1/runs/{run_id}/complete", {"outcome": "failed"}),
+                      (f"/v1/runs/{run_id}/reports", {"step": "1", "loss": "2.0"}),
+                      ("/v1/studies", {"name": unique("form"), "model_params": "1000"}),
+                      (f"/v1/studies/{study}/runs", {"request": "x"}),
+                      (f"/v1/runs/{run_id}/heartbeat", {})):
+        assert_4xx(c.post(url, data=form), 415)
+        assert_4xx(c.post(url, files={"f": ("a.json", b"{}", "application/json")}), 415)  # multipart
+    assert c.get(f"/v1/runs/{run_id}").json()["state"] == "running"
+    assert c.get(f"/v1/runs/{run_id}/reports").json()["total"] == 0
+
+
+def test_every_post_needs_a_json_body_and_the_client_sends_one(api, world):
+    from largebatch.client import Client
+
+    c, study, _ = world
+    run_id = _preempted_run(api, c, study)
+    for url in ("/v1/recommendations", "/v1/studies", f"/v1/studies/{study}/runs", f"/v1/runs/{run_id}/reports",
+                f"/v1/runs/{run_id}/complete", f"/v1/runs/{run_id}/heartbeat", "/v1/schedule",
+                "/v1/recommendations/schedule.svg"):
+        assert_4xx(c.post(url), 415)
+        assert_4xx(c.post(url, content=b"  ", headers={"Content-Type": "application/json"}), 422)
+    # The Python client's heartbeat (what a job's reporter thread sends) is a JSON POST, and revives the run.
+    with Client(api.base_url, api_key=api.keys["write"], http_client=api.client(None), max_retries=0) as client:
+        hb = client.heartbeat(run_id)
+    assert hb.run.state == "running" and not hb.should_stop
 
 
 def test_security_headers_on_every_answer(api, world):

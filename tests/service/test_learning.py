@@ -117,5 +117,5 @@ def test_explore_variants_nobody_starts_do_not_stay_running(tmp_path):
             time.sleep(0.05)
         assert c.get(f"/v1/runs/{variant.id}").json()["state"] == "preempted"
         assert c.get(f"/v1/runs/{out.run.id}").json()["state"] == "running"  # the main run keeps its lease
-        assert c.post(f"/v1/runs/{variant.id}/heartbeat").status_code == 200  # a job starts it at last
+        assert c.post(f"/v1/runs/{variant.id}/heartbeat", json={}).status_code == 200  # a job starts it at last
         assert c.get(f"/v1/runs/{variant.id}").json()["state"] == "running"

@@ -40,7 +40,7 @@ def test_silent_run_is_preempted_and_heartbeating_run_is_not(short_lease_api):
     alive = c.post(f"/v1/studies/{study}/runs", json={"request": bert_request(16384)}).json()
     deadline = time.monotonic() + 3.5
     while time.monotonic() < deadline:
-        r = c.post(f"/v1/runs/{alive['id']}/heartbeat")
+        r = c.post(f"/v1/runs/{alive['id']}/heartbeat", json={})
         assert r.status_code == 200 and not r.json()["should_stop"], r.text
         time.sleep(0.3)
     assert _wait_state(c, silent["id"], "preempted")["state"] == "preempted"

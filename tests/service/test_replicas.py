@@ -32,7 +32,7 @@ def test_run_opened_on_one_replica_is_completed_on_the_other(pg_url, tmp_path):
         for i, client in enumerate((ca, cb, ca, cb, ca, cb)):
             r = client.post(f"/v1/runs/{run['id']}/reports", json={"step": i, "loss": 10.0 - i})
             assert r.status_code == 200 and not r.json()["should_stop"], r.text
-        assert cb.post(f"/v1/runs/{run['id']}/heartbeat").status_code == 200
+        assert cb.post(f"/v1/runs/{run['id']}/heartbeat", json={}).status_code == 200
         done = cb.post(f"/v1/runs/{run['id']}/complete", json={"outcome": "completed", "metric": 1.1})
         assert done.status_code == 200 and done.json()["state"] == "completed"
         for client in (ca, cb):
