@@ -504,12 +504,13 @@ def test_complete_run_validation(store, outcome, kwargs, argument):
 
 def test_expire_leases_preempts_once(store):
     _study(store)
-    short = _run(store, lease_seconds=1)
+    # Leases long enough that a loaded machine cannot outrun the first check; the clock is moved instead.
+    short = _run(store, lease_seconds=60)
     long = _run(store, lease_seconds=3600)
-    finished = _run(store, lease_seconds=1)
+    finished = _run(store, lease_seconds=60)
     store.complete_run(finished.id, "completed", metric=1.0)
     assert store.expire_leases() == []  # nothing is past its lease yet
-    later = datetime.now(UTC) + timedelta(seconds=5)
+    later = datetime.now(UTC) + timedelta(seconds=120)
     assert store.expire_leases(now=later) == [short.id]
     assert store.expire_leases(now=later) == []
     pre = store.get_run(short.id)
