@@ -226,7 +226,7 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
     recipe = Recipe.model_validate(out.model_dump(exclude={"run", "variants", "variant_runs"}))
     optimizer, scheduler = _build(model, recipe)
     job = Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
-              open_run=open_run, **dict(job_options or {}))
+              open_run=open_run, model=model, **dict(job_options or {}))
     os.environ[HANDOVER_ENV] = json.dumps({"parent": os.getpid(), **job.handover()}, separators=(",", ":"))
     if _dist.ensure_group():
         job.sync()
@@ -238,7 +238,7 @@ HANDOVER_ENV = "LARGEBATCH_JOB"
 
 def _follower_job(client: BaseClient, model: Any, study: str, job_options: Mapping[str, Any] | None) -> Job:
     """The job of a rank > 0: no call to the service; the recipe comes from rank 0."""
-    job = Job(client, None, None, study=study, build=lambda recipe: _build(model, recipe),
+    job = Job(client, None, None, study=study, build=lambda recipe: _build(model, recipe), model=model,
               **dict(job_options or {}))
     handed = os.environ.get(HANDOVER_ENV)
     if handed:

@@ -40,6 +40,8 @@ class Ranks:
 
         def _hook_noise(self) -> None: ...
 
+        def _hook_guards(self) -> None: ...
+
         def _note_nonfinite(self, step: int, reason: str | None = None) -> None: ...
 
     def sync(self) -> Self:
@@ -77,6 +79,7 @@ class Ranks:
         if self.optimizer is None and self._build is not None:
             self.optimizer, self.scheduler = self._build(recipe)
             self._hook_noise()
+            self._hook_guards()
 
     def handover(self) -> dict[str, Any]:
         """What a rank > 0 started from this process needs (see :func:`largebatch.client._dist`)."""

@@ -59,6 +59,7 @@ from largebatch.scaling_rules.wire import FinalOutcome, ReportIn, Run, Study
 
 from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
+from ._guards import guard_steps
 from ._ranks import Ranks
 from ._reporter import Reporter, detached
 
@@ -101,6 +102,9 @@ class Job(Ranks):
             folds each step's norms in right before every optimizer step and reports its value with
             each loss (``noise_scale``).
         build: For a rank > 0 that waits for rank 0's recipe: builds (optimizer, scheduler) from it.
+        model: The model the optimizer was built for: before the first optimizer step the job checks
+            that the optimizer still holds its parameters, and before every step that the scheduler
+            was stepped once per optimizer step (:mod:`largebatch.client._guards`).
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class Job(Ranks):
         progress_every: int = 100,
         build: Callable[[Recipe], tuple[Any, Any]] | None = None,
         noise: Any = None,
+        model: Any = None,
     ) -> None:
         follower = build is not None
         if run is None and open_run is None and not follower:
@@ -154,6 +159,9 @@ class Job(Ranks):
         self.noise = noise
         self._noise_hook: Any = None
         self._hook_noise()
+        self._model = weakref.ref(model) if model is not None else None
+        self._guard: Any = None
+        self._hook_guards()
         self.diverged_step: int | None = None
         self.last_step: int | None = None
         self.refused: errors.APIStatusError | None = None  # the service refused reports for good
@@ -188,6 +196,10 @@ class Job(Ranks):
         """Stop training: the service said so, or the job diverged. Under several ranks, the value
         every rank agreed on at the last :meth:`report` (so that all leave at the same step)."""
         return self._agreed_stop if self.world_size > 1 else self._stop_seen
+
+    def _hook_guards(self) -> None:
+        if self._guard is None and self.optimizer is not None:
+            self._guard = guard_steps(self.optimizer, self.scheduler, self._model() if self._model else None)
 
     def _hook_noise(self) -> None:
         # Right before the optimizer step the accumulated (and all-reduced) gradient is there and
