@@ -10,7 +10,7 @@ carried over in samples by :func:`._phases.warmup_ratio`.
 from __future__ import annotations
 
 from . import priors
-from ._plan import _Plan
+from ._plan import _a, _Plan
 from .models import RecommendationRequest
 
 _NADO = ("counter-evidence: Nado et al. 2021 matched LAMB's BERT results with a carefully tuned AdamW (and "
@@ -26,7 +26,7 @@ def _limit(ref_opt: str, family: str, mixed: bool) -> tuple[float, str, str] | N
                 "LR diverged, with 10% the best was 88.54 (2e-4), with 20% warmup 3e-4 trained but reached "
                 f"85.65; LAMB reached 91.35 there (Table 4). {_NADO}"
                 + ("" if family == "transformer" else
-                   f"; the evidence is from BERT, this is a {family} model (LAMB appendix H: tuned Adam/AdamW "
+                   f"; the evidence is from BERT, this is {_a(family)} model (LAMB appendix H: tuned Adam/AdamW "
                    "stayed near 73% on ResNet-50 where LAMB reached 76%)"))
     if ref_opt == "sgd":
         new = "lars" if family == "cnn" else "lamb"

@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 
 from . import priors
-from ._plan import _default_rule, _fmt, _Plan, _prefix, _ratio_text
+from ._plan import _a, _default_rule, _fmt, _Plan, _prefix, _ratio_text
 from .evidence import BatchSummary
 from .learning import EvidenceModel
 from .models import RecommendationRequest
@@ -98,7 +98,7 @@ def _size_factor(req: RecommendationRequest, from_params: int, from_width: int |
         return 1.0
     if req.model.family != "transformer":
         plan.warnings.append(f"{p}{what} was measured on {from_params:,} parameters and this model has {to:,}: no "
-                             f"published size law for a {req.model.family} model, so the LR is not moved; try "
+                             f"published size law for {_a(req.model.family)} model, so the LR is not moved; try "
                              "\"explore\"")
         return 1.0
     a = priors.size_law_exponent()
@@ -134,12 +134,12 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
         if family == "transformer":
             lr *= _size_factor(req, prior.params, None, f"the {name} prior", plan, p, name)
         elif not prior.params / 4 <= req.model.params <= prior.params * 4:
-            plan.warnings.append(f"{p}the {name} prior comes from a {prior.params:,}-parameter {family}; this model "
-                                 f"has {req.model.params:,}: no size law for a {family}, try \"explore\"")
+            plan.warnings.append(f"{p}the {name} prior comes from a {prior.params:,}-parameter {family} model; this model "
+                                 f"has {req.model.params:,}: no size law for {_a(family)} model, try \"explore\"")
         plan.ideal_lr = lr
         plan.rationale.append(
             f"{p}LR re-anchored: the recipe uses {name}, whose LRs are not in {ref.optimizer}'s units, so the LR "
-            f"comes from {name}'s prior for a {family} at batch {plan.batch}: {_fmt(lr)} ({prior.source}; "
+            f"comes from {name}'s prior for {_a(family)} model at batch {plan.batch}: {_fmt(lr)} ({prior.source}; "
             f"{_regime_text(plan, prior.rule, _PRIOR_LAW.get(name, ''))}); the reference LR {_fmt(ref.lr)} is not reused. Sweep around "
             "it with \"explore\""
         )
@@ -161,7 +161,7 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
         _size_factor(req, req.model.params, None, "the reference", plan, p, name)
     if not priors.same_units(name, ref.optimizer):
         plan.warnings.append(
-            f"{p}no published {name} prior for a {family} model: the {ref.optimizer} LR is reused in {name}'s units "
+            f"{p}no published {name} prior for {_a(family)} model: the {ref.optimizer} LR is reused in {name}'s units "
             "(they differ); sweep it with \"explore\""
         )
     factor = regime_factor(plan.batch_x, plan.ref_batch_x, plan.noise, rule)
@@ -233,7 +233,7 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
                                  f"{_fmt(boundary)} for batch {plan.batch}: it is kept as given")
     if explicit is None and s.lr is None:
         if prior_cap is None:
-            plan.rationale.append(f"{p}no published LR cap for {name} on a {req.model.family} model: "
+            plan.rationale.append(f"{p}no published LR cap for {name} on {_a(req.model.family)} model: "
                                   "none applied (divergence evidence from runs still caps it)")
         else:
             stable = evidence.max_stable_at_or_below(plan.batch) if evidence is not None else None

@@ -58,6 +58,11 @@ class _Plan:
     warnings: list[str] = field(default_factory=list)
 
 
+def _a(family: str) -> str:
+    """The family with its article, for rationale text ("a cnn", "an unlisted-family")."""
+    return "an unlisted-family" if family == "other" else f"a {family}"
+
+
 def _fmt(x: float) -> str:
     return f"{x:.6g}"
 

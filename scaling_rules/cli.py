@@ -46,6 +46,8 @@ def parse_count(text: str, *, binary_k: bool = True) -> int:
     value = float(m.group(1)) * mult
     if not math.isfinite(value) or value != int(value):
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive count, got {text!r}")
     return int(value)
 
 
@@ -68,9 +70,18 @@ def _betas(text: str) -> list[float]:
     return parts
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """States a default once: not for flags whose default is 'absent', nor where the help says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="compute a large-batch recipe from a reference setup",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter,
                        description="Compute a large-batch recipe. Flags cover the single-stage case; "
                                    "--request FILE.json takes any request (multi-stage included). Counts take "
                                    "suffixes: K is 1024 for batches and tokens (the papers' 32K is 32768) but 1000 "
@@ -256,4 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as a script this module is __main__, with a CLIError class of its own that the installed
+    # module's commands do not raise: go through the installed module's main.
+    from largebatch.scaling_rules.cli import main as _main
+
+    sys.exit(_main())

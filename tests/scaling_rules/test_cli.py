@@ -65,7 +65,7 @@ def test_request_file_and_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["recommend", "--model-params", "340M", "--ref-batch", "0", "--ref-lr", "1e-3", "--ref-steps", "1000",
-      "--target-batch", "4K"], "reference.batch_size"),
+      "--target-batch", "4K"], "--ref-batch: must be a positive count"),
     (["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "nan", "--ref-steps", "1000",
       "--target-batch", "4K"], "reference.lr"),
     (["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "1e-3", "--ref-steps", "1000",
