@@ -32,6 +32,7 @@ from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut, R
 
 from . import _dist, errors
 from ._base import BaseClient, Call, RunChannel, _new_idempotency_key, is_transient
+from ._resume import ENDED, resume_run
 from ._version import __version__
 from .job import Job
 
@@ -223,6 +224,11 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
         open_run = None
         if out.run is None:
             raise errors.JobError("the service answered without opening a run")
+    if out.run is not None and out.run.state in ENDED:  # an idempotency key reused after the run ended
+        raise errors.JobError(
+            f"run {out.run.id} (the one this idempotency_key opened) is {out.run.state}: it takes no more reports. "
+            "To continue after a crash, save job.state_dict() with your checkpoint and pass it as "
+            "autoconfigure(..., resume=state) (new_attempt=True for a run that ended), or drop the key for a new run")
     recipe = Recipe.model_validate(out.model_dump(exclude={"run", "variants", "variant_runs"}))
     optimizer, scheduler = _build(model, recipe)
     job = Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
@@ -234,6 +240,24 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
 
 
 HANDOVER_ENV = "LARGEBATCH_JOB"
+
+
+def _resumed_job(client: BaseClient, model: Any, study: str, state: Any, new_attempt: bool,
+                 environment: Mapping[str, Any] | None, job_options: Mapping[str, Any] | None) -> Job:
+    """Rank 0's job for ``resume=state`` (:mod:`largebatch.client._resume`)."""
+    channel = client.run_channel()
+
+    def attempt(old: Run, link: dict[str, Any]) -> Run:
+        env = {**default_environment(model), **dict(environment or {}), **link}
+        return channel.create_run(study, recipe=old.recipe, environment=env)
+
+    run = resume_run(channel.get_run, attempt, state, study=study, new_attempt=new_attempt)
+    optimizer, scheduler = _build(model, run.recipe)
+    job = Job(client, run, run.recipe, optimizer, scheduler, study=study, model=model, **dict(job_options or {}))
+    os.environ[HANDOVER_ENV] = json.dumps({"parent": os.getpid(), **job.handover()}, separators=(",", ":"))
+    if _dist.ensure_group():
+        job.sync()
+    return job
 
 
 def _follower_job(client: BaseClient, model: Any, study: str, job_options: Mapping[str, Any] | None) -> Job:
@@ -260,9 +284,13 @@ def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Refe
                   idempotency_key: str | None = None, create_study: bool = True, metric: str = "eval_loss",
                   direction: str = "minimize", job_options: Mapping[str, Any] | None = None,
                   offline_fallback: bool = False, **request_fields: Any) -> Job:
-    """See :meth:`Client.autoconfigure`."""
+    """See :meth:`Client.autoconfigure`. ``resume``: a :meth:`Job.state_dict` to continue (with
+    ``new_attempt=True``, as a new attempt of a run that ended; :mod:`largebatch.client._resume`)."""
+    resume, new_attempt = request_fields.pop("resume", None), bool(request_fields.pop("new_attempt", False))
     if _dist.identity().follower:
         return _follower_job(client, model, study, job_options)
+    if resume is not None:
+        return _resumed_job(client, model, study, resume, new_attempt, environment, job_options)
     req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
                         target_steps=target_steps, model_params=model_params, model_family=model_family,
                         environment=environment, **request_fields)
@@ -283,8 +311,11 @@ async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
                               **request_fields: Any) -> Job:
     """See :meth:`AsyncClient.autoconfigure`. The job's thread reports with the sync client of
     :meth:`AsyncClient.run_channel`."""
+    resume, new_attempt = request_fields.pop("resume", None), bool(request_fields.pop("new_attempt", False))
     if _dist.identity().follower:
         return _follower_job(client, model, study, job_options)
+    if resume is not None:
+        return _resumed_job(client, model, study, resume, new_attempt, environment, job_options)
     req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
                         target_steps=target_steps, model_params=model_params, model_family=model_family,
                         environment=environment, **request_fields)

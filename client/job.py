@@ -233,6 +233,13 @@ class Job(Ranks):
         self._hook_noise()
         return self.noise
 
+    def state_dict(self) -> dict[str, Any]:
+        """What to save with a training checkpoint to continue this run after a crash or a preemption:
+        ``autoconfigure(..., resume=state)`` (:mod:`largebatch.client._resume`)."""
+        if self.run is None:
+            raise errors.JobError("the run is not opened yet (the service has not answered): nothing to resume")
+        return {"run": self.run.id, "study": self.study, "step": self.last_step}
+
     @property
     def finished(self) -> bool:
         """This process recorded the run's outcome (:meth:`complete`, :meth:`fail`, :meth:`abort` or
