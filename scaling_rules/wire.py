@@ -207,7 +207,8 @@ class ReportPage(_Out):
 
 
 class CompleteIn(_In):
-    outcome: FinalOutcome
+    # preempted: the job was told to stop from outside (SIGTERM from SLURM or Kubernetes) and says so.
+    outcome: Literal[FinalOutcome, "preempted"]  # type: ignore[valid-type]
     metric: float | None = None
     reason: str | None = Field(default=None, max_length=2000)
     step: int | None = Field(default=None, ge=0, le=MAX_COUNT)

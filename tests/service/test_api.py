@@ -368,7 +368,7 @@ def test_complete_outcomes(api):
     assert locs(c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "completed"})) == [["body", "metric"]]
     assert ["body", "metric"] in locs(c.post(f"/v1/runs/{run.id}/complete",
                                              json={"outcome": "completed", "metric": "high"}))
-    assert ["body", "outcome"] in locs(c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "preempted"}))
+    assert ["body", "outcome"] in locs(c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "running"}))
     assert_error(api.client("read").post(f"/v1/runs/{run.id}/complete", json={"outcome": "failed"}), "forbidden")
     assert_error(api.client("other").post(f"/v1/runs/{run.id}/complete", json={"outcome": "failed"}), "not_found")
     assert_error(c.post("/v1/runs/999999999/complete", json={"outcome": "failed"}), "not_found")
