@@ -32,7 +32,7 @@ from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut, R
 
 from . import _dist, errors
 from ._base import BaseClient, Call, RunChannel, _new_idempotency_key, is_transient
-from ._resume import ENDED, resume_run
+from ._resume import resume_run, takes_reports
 from ._version import __version__
 from .job import Job
 
@@ -224,7 +224,7 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
         open_run = None
         if out.run is None:
             raise errors.JobError("the service answered without opening a run")
-    if out.run is not None and out.run.state in ENDED:  # an idempotency key reused after the run ended
+    if out.run is not None and not takes_reports(out.run):  # an idempotency key reused after the run ended
         raise errors.JobError(
             f"run {out.run.id} (the one this idempotency_key opened) is {out.run.state}: it takes no more reports. "
             "To continue after a crash, save job.state_dict() with your checkpoint and pass it as "

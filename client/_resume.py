@@ -5,11 +5,12 @@ saved with the training checkpoint, next to the optimizer's and scheduler's own 
 as ``autoconfigure(..., resume=state)`` makes a job for the same run, the same recipe, with a fresh
 optimizer and scheduler for the caller to load their state into:
 
-* the run still ``running`` (the process was killed: SIGKILL, OOM, a lost node, before its lease ran
-  out): the job reattaches to it; steps reported again after the checkpoint replace the earlier
-  reports (the service keeps one report per step), and the run ends in one final state;
-* the run already ended (``failed`` after an exception, ``preempted`` by its lease, or ``completed``,
-  ``diverged``, ``pruned``): it takes no more reports, so resuming it is refused before the first
+* the run still ``running`` (the process was killed: SIGKILL, OOM, a lost node), or ``preempted`` by
+  the service's lease sweeper (its guess: the job's next report revives it): the job reattaches to
+  it; steps reported again after the checkpoint replace the earlier reports (the service keeps one
+  report per step), and the run ends in one final state;
+* the run already ended (``failed`` after an exception, ``preempted`` by its job on SIGTERM,
+  ``completed``, ``diverged``, ``pruned``): it takes no more reports, so resuming it is refused before the first
   step (:class:`~largebatch.client.errors.JobError`) unless the caller asks for a new attempt,
   ``new_attempt=True``: a new run of the same recipe whose environment names the one it continues
   (``resumes_run``) and counts the attempts (``attempt``).
@@ -24,9 +25,14 @@ from largebatch.scaling_rules.wire import Run
 
 from . import errors
 
-__all__ = ["ENDED", "check_resumable", "resume_run"]
+__all__ = ["ENDED", "check_resumable", "resume_run", "takes_reports"]
 
-ENDED = ("completed", "diverged", "failed", "pruned", "preempted")  # runs that take no more reports
+ENDED = ("completed", "diverged", "failed", "pruned", "preempted")  # runs that take no more reports...
+_SWEPT = "lease expired"  # ...except one the lease sweeper preempted (the service's reason for it)
+
+
+def takes_reports(run: Run) -> bool:
+    return run.state not in ENDED or (run.state == "preempted" and run.reason == _SWEPT)
 
 
 def check_resumable(state: Any) -> tuple[int, str | None, int | None]:
@@ -45,7 +51,7 @@ def resume_run(get_run: Callable[[int], Run], create_run: Callable[[Run, dict[st
     if saved_study is not None and saved_study != study:
         raise errors.JobError(f"resume is the state of a job in study {saved_study!r}, not {study!r}")
     run = get_run(run_id)
-    if run.state not in ENDED:
+    if takes_reports(run):
         return run
     if not new_attempt:
         raise errors.JobError(

@@ -48,6 +48,7 @@ from __future__ import annotations
 import atexit
 import logging
 import math
+import signal
 import threading
 import time
 import weakref
@@ -63,11 +64,24 @@ from ._guards import guard_steps
 from ._ranks import Ranks
 from ._reporter import Reporter, detached
 
-__all__ = ["Job", "RunChannel"]
+__all__ = ["Job", "Preempted", "RunChannel"]
 
 log = logging.getLogger("largebatch.client")
 
 T = TypeVar("T")
+
+
+class Preempted(SystemExit):
+    """Raised in the training loop by SIGTERM (what SLURM and Kubernetes send on preemption) inside
+    ``with job:``: the block delivers the reports and records the run ``preempted`` at the last
+    reported step, then the process exits with 143 (128 + SIGTERM), without a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+def _preempt(signum: int, frame: Any) -> None:
+    raise Preempted()
 
 
 def _close_at_exit(ref: weakref.ReferenceType[Job]) -> None:
@@ -168,6 +182,7 @@ class Job(Ranks):
         self._final: Run | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._sigterm: Any = None  # the SIGTERM handler before `with job:`
         self._reporter = None if follower else Reporter(
             self, flush_interval=flush_interval, max_batch=max_batch, heartbeat_interval=heartbeat_interval)
         self._atexit = _make_exit_hook(self)
@@ -404,10 +419,17 @@ class Job(Ranks):
         atexit.unregister(self._atexit)
 
     def __enter__(self) -> Job:
+        if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+            self._sigterm = signal.signal(signal.SIGTERM, _preempt)
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        self._end(exc_type, exc)
+        try:
+            self._end(exc_type, exc)
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+                self._sigterm = None
 
     def abort(self, exc: BaseException | None = None) -> None:
         """End the job without :meth:`complete`, as leaving the ``with`` block would: the run is
@@ -472,6 +494,8 @@ class Job(Ranks):
                 finish("pruned", self.last_step, self.stop_reason or "stopped early")
             else:
                 finish("failed", self.last_step, "the job ended without calling complete()")
+        elif issubclass(exc_type, Preempted):
+            finish("preempted", self.last_step, "SIGTERM (preempted)")  # type: ignore[arg-type]
         elif issubclass(exc_type, KeyboardInterrupt):
             finish("failed", self.last_step, "interrupted (KeyboardInterrupt)")
         else:

@@ -106,3 +106,23 @@ def test_resume_after_an_exception_is_a_new_attempt_linked_to_the_failed_run(ser
     assert attempt.environment["resumes_run"] == failed.id and attempt.environment["attempt"] == 2
     assert [r.step for r in service.store.reports(failed.id)] == list(range(10))
     assert [r.step for r in service.store.reports(attempt.id)] == list(range(10, total))
+
+
+def test_sigterm_delivers_every_report_and_records_the_run_preempted(service, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "preempt_worker.py"), service.url,
+                             str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (tmp_path / "last").exists() and (tmp_path / "last").read_text() not in ("", "0", "1", "2"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # what SLURM and Kubernetes send: the flush interval (1 s) has not passed
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    runs = service.store.list_runs("default", "preempt").items
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.state == "preempted" and "SIGTERM" in (run.reason or ""), (run.state, run.reason)
+    steps = [r.step for r in service.store.reports(run.id)]
+    assert steps == list(range(len(steps))) and steps[-1] >= int((tmp_path / "last").read_text())
