@@ -13,6 +13,7 @@ for name, folder in FOLDERS.items():
         package_dir[f"largebatch.{name}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
 # The recipe explorer's page and scripts (served at /) are files, not modules: ship them explicitly.
-package_data = {"largebatch.service": ["static/*", "static/*/*"], "largebatch.client.optim": ["*.c"]}
+package_data = {"largebatch.service": ["static/*", "static/*/*"], "largebatch.client.optim": ["*.c"],
+                "largebatch.scaling_rules": ["corpus.csv"]}
 
 setup(packages=packages, package_dir=package_dir, package_data=package_data)
