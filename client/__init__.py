@@ -64,7 +64,7 @@ from .errors import (
     StoreUnavailableError,
     UnsupportedMediaTypeError,
 )
-from .job import Job
+from .job import Job, Preempted
 from .offline import recommend_local
 
 __all__ = [
@@ -96,6 +96,7 @@ __all__ = [
     "Page",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "Preempted",
     "RateLimitError",
     "ReadyOut",
     "Recipe",
