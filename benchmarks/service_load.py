@@ -10,6 +10,13 @@ Scenarios (each against a fresh server process, one uvicorn worker, no access lo
 * ``recommend``: ``POST /v1/recommendations`` (BERT-Large 512 -> 32K, LAMB Table 4), with an API key.
 * ``lifecycle``: each client loops over a run's life: open it (from a request), 5 loss reports,
                  a heartbeat, complete: 8 requests, all writes but the recipe, against the store.
+* ``healthz`` / ``healthz-bare``: ``GET /healthz`` of the service and of the bare app (same bytes).
+* ``recommend-study``: ``POST /v1/recommendations`` with a study of 200 finished runs (its evidence).
+
+Before the load, each request's cost in this process, layer by layer: the bare app and the service
+called as a server calls them (raw ASGI, no sockets: steady on a loaded machine, unlike requests/s),
+the service without its middleware, with the recipe memo off, and the parts of a recommendation alone.
+Ratios are printed against the bare app measured in the same rounds.
 
 The load generator is one asyncio process (uvloop when present) speaking HTTP/1.1 over keep-alive
 connections with a minimal hand-written client, so that the client, not the server, is not the
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
@@ -236,7 +244,7 @@ async def _lifecycle(conn, timed) -> bool:
     run = json.loads(data)["id"]
     for step in range(5):
         await timed(conn, "POST", f"/v1/runs/{run}/reports", json.dumps({"step": step, "loss": 10.0 - step}).encode())
-    await timed(conn, "POST", f"/v1/runs/{run}/heartbeat", b"")
+    await timed(conn, "POST", f"/v1/runs/{run}/heartbeat", b"{}")
     status, _ = await timed(conn, "POST", f"/v1/runs/{run}/complete", b'{"outcome": "completed", "metric": 1.5}')
     return status == 200
 
@@ -316,6 +324,138 @@ def engine_latency(repeats: int = 2000) -> list[dict]:
     return rows
 
 
+# ------------------------------------------------------------------------------ in-process, per layer
+
+
+def _asgi_scope(method: str, path: str, body: bytes | None, key: str) -> dict:
+    headers = [(b"host", HOST.encode()), (b"authorization", f"Bearer {key}".encode())]
+    if body is not None:
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": headers,
+            "client": (HOST, 50000), "server": (HOST, 8000)}
+
+
+async def _asgi_loop(app, method: str, path: str, body: bytes | None, key: str, n: int) -> float:
+    """Seconds per request of ``app`` called ``n`` times as a server calls it (no sockets, no HTTP parsing)."""
+    scope = _asgi_scope(method, path, body, key)
+    statuses: list[int] = []
+    request = {"type": "http.request", "body": body or b"", "more_body": False}
+
+    async def receive():
+        return request
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await app(dict(scope), receive, send)
+    took = (time.perf_counter() - t0) / n
+    if statuses[-1] >= 300:
+        raise RuntimeError(f"{method} {path} answered {statuses[-1]}")
+    return took
+
+
+def in_process_costs(url: str, key: str, n: int, rounds: int) -> dict[str, float]:
+    """Microseconds per request of each case, the bare app and the service side by side in this process:
+    each case runs ``rounds`` times in turns and keeps its fastest round (the machine's load only adds)."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    from largebatch.scaling_rules.wire import RecommendationIn
+    from largebatch.service.app import create_app
+    from largebatch.service.bodycheck import check_body
+    from largebatch.service.convert import check_recipe
+    from largebatch.service.deps import parse_json_body
+    from largebatch.service.recipes import RecipeMemo, compute_recipe, gather_history
+    from largebatch.service.routes.recommendations import _recipe_only_json
+    from largebatch.service.settings import Settings
+
+    bare = trivial_app()
+    app = create_app(Settings(store_url=url, open_mode=False))
+    app.state.store_holder.open()
+    bare_mw = create_app(Settings(store_url=url, open_mode=False))  # the same service without its middleware
+    bare_mw.user_middleware = []
+    bare_mw.state.store_holder.open()
+    no_memo = create_app(Settings(store_url=url, open_mode=False))  # the engine on every request
+    no_memo.state.recipe_memo = RecipeMemo(max_entries=0)
+    no_memo.state.store_holder.open()
+    body = parse_json_body(RecommendationIn, _BODY)
+    recipe = compute_recipe(body)
+    study_body = parse_json_body(RecommendationIn, _STUDY_BODY)
+    store = app.state.store_holder.get()
+    cache = app.state.evidence_cache
+
+    def loop(f, k: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(k):
+            f()
+        return (time.perf_counter() - t0) / k
+
+    def call(f):
+        async def run(k: int) -> float:
+            return loop(f, k)
+        return run
+
+    def over(target, method, path, payload=None):
+        return lambda k: _asgi_loop(target, method, path, payload, key, k)
+
+    async def read_evidence(k: int) -> float:
+        cache.fresh_s, fresh = 0.0, cache.fresh_s  # the store's read on every request
+        try:
+            return await run_in_threadpool(
+                loop, lambda: gather_history(store, "bench", "evidence", study_body, cache=cache), k)
+        finally:
+            cache.fresh_s = fresh
+
+    cases = {
+        "bare GET /healthz": (over(bare, "GET", "/healthz"), 1),
+        "bare POST (recipe bytes)": (over(bare, "POST", "/trivial", _BODY), 1),
+        "GET /healthz": (over(app, "GET", "/healthz"), 1),
+        "recommend": (over(app, "POST", "/v1/recommendations", _BODY), 1),
+        "recommend, no middleware": (over(bare_mw, "POST", "/v1/recommendations", _BODY), 1),
+        "recommend, memo off": (over(no_memo, "POST", "/v1/recommendations", _BODY), 1),
+        "recommend-study (200 runs)": (over(app, "POST", "/v1/recommendations", _STUDY_BODY), 1),
+        "  body check (bytes)": (call(lambda: check_body(_BODY)), 1),
+        "  pydantic parse + validation": (call(lambda: parse_json_body(RecommendationIn, _BODY)), 1),
+        "  engine (recommend)": (call(lambda: compute_recipe(body)), 1),
+        "  recipe bounds check": (call(lambda: check_recipe(recipe, ["body"], computed=True)), 1),
+        "  JSON encode": (call(lambda: _recipe_only_json(recipe)), 1),
+        "  study evidence read (store)": (read_evidence, 10),
+    }
+
+    async def measure() -> dict[str, float]:
+        best: dict[str, float] = {}
+        for run, _ in cases.values():  # warm every path (caches, the threadpool, the key cache)
+            await run(20)
+        for _ in range(rounds):
+            for name, (run, div) in cases.items():
+                k = max(5, n // div)
+                took = await run(k)
+                best[name] = min(best.get(name, math.inf), took * 1e6)
+        return best
+
+    return asyncio.run(measure())
+
+
+def print_in_process(costs: dict[str, float]) -> None:
+    print("\nin-process, per request (raw ASGI calls, no sockets; fastest of the rounds):\n")
+    print("| case | us/request | vs bare |")
+    print("|---|---:|---:|")
+    for name, us in costs.items():
+        peer = costs["bare GET /healthz"] if "healthz" in name else costs["bare POST (recipe bytes)"]
+        ratio = "" if name.startswith(("bare", " ")) else f"{peer / us:.2f}x"
+        print(f"| {name.strip()} | {us:.1f} | {ratio} |")
+    print(f"\nmiddleware stack: {costs['recommend'] - costs['recommend, no middleware']:.1f} us/request; "
+          f"memo off / bare: {costs['bare POST (recipe bytes)'] / costs['recommend, memo off']:.2f}x; "
+          f"recommend-study / recommend: {costs['recommend'] / costs['recommend-study (200 runs)']:.2f}x "
+          f"(goal >= 0.5); recommend / bare: {costs['bare POST (recipe bytes)'] / costs['recommend']:.2f}x; "
+          f"healthz / bare: {costs['bare GET /healthz'] / costs['GET /healthz']:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=32)
@@ -325,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="3 s per scenario in 2 turns, 0.3 s warm-up each")
     p.add_argument("--store", help="store URL for the service (default: a fresh SQLite file)")
     p.add_argument("--scenarios", default="healthz-bare,healthz,ceiling,recommend,recommend-study,lifecycle")
+    p.add_argument("--in-process-rounds", type=int, default=30,
+                   help="rounds of the in-process per-layer costs (10 with --quick; 0: skip them)")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--serve-trivial", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -333,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.seconds, args.warmup, args.rounds = 3.0, 0.3, 2
+        args.in_process_rounds = min(args.in_process_rounds, 10)
     if not (1 <= args.clients <= 256 and 0 < args.seconds <= 60 and 1 <= args.rounds <= 20 and args.warmup <= 5):
         p.error("bounded run: 1..256 clients, at most 60 s per scenario, 1..20 rounds, warm-up <= 5 s")
     engine = engine_latency(300 if args.quick else 2000)
@@ -341,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.TemporaryDirectory(prefix="lb-bench-")
     url = args.store or f"sqlite:///{Path(tmp.name) / 'bench.db'}"
     key = _setup_store(url)
+    costs = in_process_costs(url, key, 200, args.in_process_rounds) if args.in_process_rounds > 0 else {}
+    if costs:
+        print_in_process(costs)
     auth = {"Authorization": f"Bearer {key}"}
     names = args.scenarios.split(",")
     servers: dict[str, Server] = {}
@@ -403,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'MET' if ok else 'NOT MET'}")
     if args.json:
         args.json.write_text(json.dumps({"clients": args.clients, "seconds": args.seconds, "results": rows,
-                                         "engine": engine}, indent=2))
+                                         "engine": engine, "in_process_us": costs}, indent=2))
     # Exit 1 only for failed requests (a service bug); the goal depends on the machine and is only reported.
     return 1 if any(r["errors"] for r in rows) else 0
 

@@ -30,7 +30,7 @@ from largebatch.service.middleware import (
     RateLimitMiddleware,
     StrictJsonMiddleware,
 )
-from largebatch.service.recipes import EvidenceCache
+from largebatch.service.recipes import EvidenceCache, RecipeMemo
 from largebatch.service.settings import Settings
 from largebatch.service.storage.base import StoreError, StudyStore
 
@@ -113,10 +113,12 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     app.state.store_holder = holder
     app.state.metrics = metrics
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
-    app.state.evidence_cache = EvidenceCache()
+    app.state.evidence_cache = EvidenceCache(fresh_s=settings.evidence_fresh_s)
+    app.state.recipe_memo = RecipeMemo()
     app.state.divergence = DivergenceRule(settings.divergence_factor, settings.divergence_window)
     install_error_handlers(app)
-    app.router.routes.extend(recommendations.fast_routes())  # first: they serve; the APIRoutes document
+    # First: they serve; the APIRoutes of the same paths document them.
+    app.router.routes.extend([*health.fast_routes(), *recommendations.fast_routes()])
     app.include_router(recommendations.router)
     app.include_router(studies.router)
     app.include_router(runs.router)

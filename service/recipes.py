@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from largebatch.scaling_rules.engine import recommend
@@ -13,7 +16,8 @@ from largebatch.scaling_rules.models import Recipe, RecommendationRequest
 from largebatch.service.convert import MAX_BIGINT, check_recipe
 from largebatch.service.storage.base import StudyStore
 
-__all__ = ["FAMILY_BAND", "Evidence", "EvidenceCache", "compute_recipe", "gather_history", "summarise_warnings"]
+__all__ = ["FAMILY_BAND", "Evidence", "EvidenceCache", "RecipeMemo", "compute_recipe", "fresh_serial",
+           "gather_history", "summarise_warnings"]
 
 # Family evidence: studies of the same family whose model is within this factor of the request's size.
 FAMILY_BAND = 2.0
@@ -35,47 +39,136 @@ class Evidence:
         self.warnings: list[str] = []
         self.direction = "minimize"
         self.noise_scale: float | None = None  # the median B_noise the study's runs measured
+        self.serial: int | None = None  # the cached read this came from (same serial, same evidence)
+
+
+@dataclass
+class _Fitted:
+    version: tuple
+    runs: list[RunEvidence]
+    model: EvidenceModel
+    read: Any  # the store's last EvidenceRead of the study
+    read_at: float
+    generation: int  # the cache's write count when that read began
+    serial: int | None = None  # names this read (and so every answer computed from it), None: not cached
 
 
 class EvidenceCache:
     """Fitted evidence models by study, each kept with the store's version of the evidence it was fitted
-    on: a request reads the version (and the runs only when it changed) and fits only then."""
+    on: a request reads the version (and the runs only when it changed) and fits only then.
 
-    def __init__(self, max_studies: int = 256):
+    ``fresh_s``: for that long after a read, a request of the same study reuses it without asking the store
+    (the read, one transaction of several queries, costs more than the engine), unless this worker has
+    written a run since (:meth:`written`): its own writes are seen at once, another worker's or replica's
+    within ``fresh_s``."""
+
+    def __init__(self, max_studies: int = 256, fresh_s: float = 0.0):
         self.max_studies = max_studies
-        self._entries: OrderedDict[tuple, tuple[tuple, list[RunEvidence], EvidenceModel]] = OrderedDict()
+        self.fresh_s = fresh_s
+        self._entries: OrderedDict[tuple, _Fitted] = OrderedDict()
         self._lock = threading.Lock()
+        self._generation = 0
+        self._serials = itertools.count()
 
-    def get(self, key: tuple) -> tuple[tuple, list[RunEvidence], EvidenceModel] | None:
+    def written(self) -> None:
+        """A run was opened, reported on, finished or deleted through this worker: no read made before
+        is fresh any more."""
+        with self._lock:
+            self._generation += 1
+
+    def get(self, key: tuple) -> _Fitted | None:
         with self._lock:
             hit = self._entries.get(key)
             if hit is not None:
                 self._entries.move_to_end(key)
             return hit
 
-    def put(self, key: tuple, version: tuple, runs: list[RunEvidence], model: EvidenceModel) -> None:
+    def fresh(self, hit: _Fitted) -> bool:
+        return hit.generation == self._generation and time.monotonic() - hit.read_at < self.fresh_s
+
+    def begin(self) -> tuple[int, float]:
+        """The write count and the time, taken before a read (a write during the read makes it stale)."""
+        return self._generation, time.monotonic()
+
+    def put(self, key: tuple, entry: _Fitted) -> None:
         with self._lock:
-            self._entries[key] = (version, runs, model)
+            entry.serial = next(self._serials)
+            self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.max_studies:
                 self._entries.popitem(last=False)
 
 
+class RecipeMemo:
+    """Answers to recommendations by the request's exact bytes and what the answer read: the engine is a
+    pure function of the request and the evidence, so the same bytes with the same evidence (no study, or
+    the same cached read of the study's) always get the same answer; a sweep's jobs ask for the same recipe
+    many times. Bounded: bodies up to ``max_body`` bytes, ``max_entries`` answers (least recently used go)."""
+
+    def __init__(self, max_entries: int = 256, max_body: int = 8192):
+        self.max_entries = max_entries
+        self.max_body = max_body
+        self._answers: OrderedDict[tuple, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, body: bytes, context: tuple = ()) -> bytes | None:
+        with self._lock:
+            key = (body, *context)
+            answer = self._answers.get(key)
+            if answer is not None:
+                self._answers.move_to_end(key)
+            return answer
+
+    def put(self, body: bytes, answer: bytes, context: tuple = ()) -> bytes:
+        if len(body) <= self.max_body:
+            with self._lock:
+                self._answers[(body, *context)] = answer
+                if len(self._answers) > self.max_entries:
+                    self._answers.popitem(last=False)
+        return answer
+
+
+def _fitted(store: StudyStore, namespace: str, study: str, band: tuple[str, int, int] | None,
+            cache: EvidenceCache | None) -> _Fitted:
+    key = (id(store), namespace, study, band)
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None and cache is not None and cache.fresh(cached):
+        return cached
+    began = cache.begin() if cache is not None else (0, 0.0)
+    read = store.read_evidence(namespace, study, limit=EVIDENCE_LIMIT, family_band=band,
+                               known_version=cached.version if cached else None)
+    if read.runs is None and cached is not None:
+        runs, model = cached.runs, cached.model
+    else:
+        runs = read.runs or []
+        model = EvidenceModel.from_runs(runs, direction=read.study.direction)
+    entry = _Fitted(read.version, runs, model, read, began[1], began[0])
+    if cache is not None:
+        cache.put(key, entry)
+    return entry
+
+
 def fitted_evidence(store: StudyStore, namespace: str, study: str, band: tuple[str, int, int] | None,
                     cache: EvidenceCache | None) -> tuple[Any, list[RunEvidence], EvidenceModel]:
     """The study's evidence read (one transaction), its finished runs and their fitted model: from the
-    cache when the store's version of the evidence is the cached one."""
-    key = (id(store), namespace, study, band)
-    cached = cache.get(key) if cache is not None else None
-    read = store.read_evidence(namespace, study, limit=EVIDENCE_LIMIT, family_band=band,
-                               known_version=cached[0] if cached else None)
-    if read.runs is None and cached is not None:
-        return read, cached[1], cached[2]
-    runs = read.runs or []
-    model = EvidenceModel.from_runs(runs, direction=read.study.direction)
-    if cache is not None:
-        cache.put(key, read.version, runs, model)
-    return read, runs, model
+    cache when the store's version of the evidence is the cached one, without a read while it is fresh."""
+    f = _fitted(store, namespace, study, band, cache)
+    return f.read, f.runs, f.model
+
+
+def _family_band(request: RecommendationRequest) -> tuple[str, int, int]:
+    p = request.model.params
+    return request.model.family, min(int(p / FAMILY_BAND), MAX_BIGINT), min(int(p * FAMILY_BAND), MAX_BIGINT)
+
+
+def fresh_serial(store: StudyStore | None, namespace: str, study: str, request: RecommendationRequest, *,
+                 use_family: bool, cache: EvidenceCache) -> int | None:
+    """The serial of the study's cached read while it is fresh, else None: asks nothing of the store, so an
+    answer memoised for that read (:class:`RecipeMemo`) can be served without leaving the event loop."""
+    if store is None:
+        return None
+    hit = cache.get((id(store), namespace, study, _family_band(request) if use_family else None))
+    return hit.serial if hit is not None and cache.fresh(hit) else None
 
 
 def gather_history(store: StudyStore, namespace: str, study: str | None, request: RecommendationRequest,
@@ -83,13 +176,13 @@ def gather_history(store: StudyStore, namespace: str, study: str | None, request
     """The study's (and optionally its family's) evidence, read in one transaction. Raises NotFound when
     ``study`` does not exist in ``namespace``."""
     ev = Evidence()
-    p = request.model.params
-    band = (request.model.family, min(int(p / FAMILY_BAND), MAX_BIGINT), min(int(p * FAMILY_BAND), MAX_BIGINT))
+    band = _family_band(request)
     if study is None:
         if use_family:
             ev.history += store.family_history(band[0], band[1], band[2], namespace=namespace)
         return ev
-    read, ev.runs, ev.model = fitted_evidence(store, namespace, study, band if use_family else None, cache)
+    f = _fitted(store, namespace, study, band if use_family else None, cache)
+    read, ev.runs, ev.model, ev.serial = f.read, f.runs, f.model, f.serial
     record = read.study
     ev.direction = record.direction
     ev.history = [*read.history, *read.family_history]

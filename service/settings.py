@@ -36,6 +36,10 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="How long a looked-up API key is trusted before the store is asked again "
                                        "(a revoked key stops working within this time)."
     )
+    evidence_fresh_s: float = Field(
+        default=0.5, ge=0, description="How long a worker reuses a study's evidence read for recommendations "
+                                       "(its own writes are seen at once; another worker's within this time)."
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default=["localhost", "127.0.0.1", "::1"],
         description="Host names the service answers to (the Host header); any other is 400, so a page whose DNS "
@@ -91,7 +95,7 @@ class Settings(BaseSettings):
         return v
 
     @field_validator("divergence_factor", "lease_seconds", "explore_claim_s", "sweep_interval_s", "store_timeout_s", "ready_timeout_s",
-                     "read_timeout_s", "keep_alive_s")
+                     "read_timeout_s", "keep_alive_s", "evidence_fresh_s")
     @classmethod
     def _finite(cls, v: float, info) -> float:
         if not math.isfinite(v):

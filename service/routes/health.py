@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from largebatch.scaling_rules.wire import HealthOut, ReadyOut
 from largebatch.service.errors import ERROR_RESPONSES, ApiError
 from largebatch.service.metrics import CONTENT_TYPE_LATEST
+from largebatch.service.routes._fast import FastRoute
 from largebatch.service.storage.base import StoreError, StoreUnavailable
 
 router = APIRouter(tags=["operations"])
@@ -29,6 +30,20 @@ def _version() -> str:
 @router.get("/healthz", response_model=HealthOut, summary="Liveness: the process serves HTTP")
 async def healthz() -> HealthOut:
     return HealthOut(status="ok", version=_version())
+
+
+@functools.cache
+def _health_bytes() -> bytes:
+    return HealthOut(status="ok", version=_version()).model_dump_json().encode()
+
+
+async def _fast_healthz(request: Request) -> Response:
+    return Response(_health_bytes(), media_type="application/json")
+
+
+def fast_routes() -> list[FastRoute]:
+    """``/healthz`` ahead of every other route: the probe that answers first (the route above documents it)."""
+    return [FastRoute("/healthz", _fast_healthz, methods=["GET"], name="healthz")]
 
 
 @router.get("/readyz", response_model=ReadyOut, responses={503: ERROR_RESPONSES[503]},

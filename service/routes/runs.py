@@ -71,6 +71,7 @@ def open_run(request: Request, store: StudyStore, namespace: str, study: str, re
     except Conflict as e:
         raise ApiError("conflict", f"Idempotency-Key {key!r} was already used for another request: a key names "
                                    f"one request, reusing it with a different body is 409 ({e})") from None
+    request.app.state.evidence_cache.written()
     return to_run(record), created
 
 
@@ -249,8 +250,11 @@ def heartbeat(id: RunId, principal: Writer, store: StoreDep, request: Request) -
 
 def _report(request: Request, store: StudyStore, run: RunRecord, reports: list[ReportIn]) -> ReportOut:
     metrics = request.app.state.metrics
-    run = record_reports(store, request.app.state.divergence, run, reports, on_revived=metrics.revived.inc,
-                         on_diverged=metrics.divergences.inc)
+    try:
+        run = record_reports(store, request.app.state.divergence, run, reports, on_revived=metrics.revived.inc,
+                             on_diverged=metrics.divergences.inc)
+    finally:  # a batch may be partly stored when it fails: its noise scales and divergence count
+        request.app.state.evidence_cache.written()
     if run.state == "running":
         return ReportOut(run=to_run(run), should_stop=False)
     if run.state in _STOP_STATES:
@@ -309,7 +313,10 @@ def complete(id: RunId, body: CompleteIn, principal: Writer, store: StoreDep, re
     if body.metric is not None and not math.isfinite(body.metric):
         raise field_error(["body", "metric"], "must be a finite number", "finite_number")
     _owned_run(store, principal.namespace, run_id)
-    run = store.complete_run(run_id, body.outcome, metric=body.metric, reason=body.reason, step=body.step)
+    try:
+        run = store.complete_run(run_id, body.outcome, metric=body.metric, reason=body.reason, step=body.step)
+    finally:
+        request.app.state.evidence_cache.written()
     request.app.state.divergence.forget(run_id)
     return _json(to_run(run))
 

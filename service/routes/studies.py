@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from largebatch.scaling_rules.wire import NAME_PATTERN, Page, Study, StudyCreate
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, to_study
@@ -75,6 +75,9 @@ def get_study(name: StudyName, principal: Reader, store: StoreDep) -> Response:
 
 @router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                responses=ERROR_RESPONSES, summary="Delete a study with its runs")
-def delete_study(name: StudyName, principal: Writer, store: StoreDep) -> Response:
-    store.delete_study(principal.namespace, name)
+def delete_study(name: StudyName, principal: Writer, store: StoreDep, request: Request) -> Response:
+    try:
+        store.delete_study(principal.namespace, name)
+    finally:
+        request.app.state.evidence_cache.written()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

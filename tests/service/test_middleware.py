@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from largebatch.service.app import create_app
 from largebatch.service.settings import Settings
 
-from .conftest import bert_request, make_keys
+from .conftest import bert_request, make_keys, unique
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +94,43 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     with TestClient(create_app_from_env(), base_url="http://localhost") as c:
         assert c.post("/v1/studies", json={"name": "e", "model_params": 1}).status_code == 201
     assert (tmp_path / "env.db").exists()
+
+
+def test_recommendations_see_this_workers_writes_at_once_and_anothers_within_evidence_fresh_s(url):
+    keys = make_keys(url)
+    auth = {"Authorization": f"Bearer {keys['write']}"}
+    settings = Settings(store_url=url)  # the defaults: evidence_fresh_s 0.5 s
+    with TestClient(create_app(settings), base_url="http://localhost", headers=auth) as a, \
+            TestClient(create_app(settings), base_url="http://localhost", headers=auth) as b:
+        study = unique("fresh")
+        assert a.post("/v1/studies", json={"name": study, "model_params": 340_000_000}).status_code == 201
+        body = bert_request(65536, study=study)
+        lr = a.post("/v1/recommendations", json=body).json()["stages"][0]["peak_lr"]
+        assert b.post("/v1/recommendations", json=body).json()["stages"][0]["peak_lr"] == lr
+        # A run at that LR diverges, through worker a: a's next answer honours it, whatever a cached.
+        run = a.post(f"/v1/studies/{study}/runs", json={"request": bert_request(65536)}).json()
+        assert a.post(f"/v1/runs/{run['id']}/complete", json={"outcome": "diverged"}).status_code == 200
+        capped = a.post("/v1/recommendations", json=body).json()
+        assert capped["stages"][0]["peak_lr"] < lr, capped["rationale"]
+        # Worker b learns of it from the store once its read is older than evidence_fresh_s.
+        time.sleep(settings.evidence_fresh_s + 0.1)
+        assert b.post("/v1/recommendations", json=body).json() == capped
+
+
+def test_the_same_request_bytes_get_the_same_answer_and_the_memo_is_bounded(url):
+    from largebatch.service.recipes import RecipeMemo
+
+    with TestClient(create_app(Settings(store_url=url, open_mode=True)), base_url="http://localhost") as c:
+        answers = {t: c.post("/v1/recommendations", json=bert_request(t)).content for t in (8192, 16384, 8192)}
+        assert len(set(answers.values())) == 2
+        again = c.post("/v1/recommendations", json=bert_request(8192))
+        assert again.status_code == 200 and again.content == answers[8192]
+        # A request that is not valid is never memoised: it stays a 422 every time.
+        for _ in range(2):
+            assert c.post("/v1/recommendations", json=bert_request(0)).status_code == 422
+    memo = RecipeMemo(max_entries=4, max_body=10)
+    for i in range(10):
+        memo.put(b"%d" % i, b"answer %d" % i)
+    memo.put(b"x" * 11, b"too big to keep")
+    assert [memo.get(b"%d" % i) for i in range(10)] == [None] * 6 + [b"answer %d" % i for i in range(6, 10)]
+    assert memo.get(b"x" * 11) is None and memo.get(b"9", ("other",)) is None
