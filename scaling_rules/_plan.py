@@ -300,8 +300,9 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
     elif tokens is not None and plan.seq_len:
         b = priors.critical_batch_prior_tokens(tokens)
         plan.noise = b / plan.seq_len
-        plan.noise_src = (f"a prior from the token budget ({tokens:.4g} tokens: Step Law's B_opt = 0.58 D^0.571 = "
-                          f"{b:.4g} tokens, Li et al. 2025, taken as the critical batch)")
+        plan.noise_src = (f"a prior from the token budget ({tokens:.4g} tokens: {priors.CRITICAL_BATCH_SCALE:.3g} x Step "
+                          f"Law's B_opt = 0.58 D^0.571 (Li et al. 2025) = {b:.4g} tokens, the scale fitted on "
+                          "published LLM recipes whose LR barely moved with their batch)")
         lo, hi = priors.STEP_LAW_TOKENS_RANGE
         if not lo <= tokens <= hi:
             plan.warnings.append(f"{p}the token budget {tokens:.3g} is outside Step Law's fits ({lo:g}..{hi:g} "

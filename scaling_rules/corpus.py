@@ -10,8 +10,9 @@ labelled ``arithmetic`` and are not counted as predictions.
 
 Every constant fitted on the corpus is scored by leave-one-source-out cross-validation: the source
 under test is left out of the fit, the engine's constant is set to that fit while the source's rows
-are scored, then restored. The one fitted constant is the size law at a fixed batch
-(``fit_size_exponent``), the engine's ``priors.SIZE_EXPONENT``. Evidence the engine took from a
+are scored, then restored. The fitted constants are the size law at a fixed batch
+(``fit_size_exponent``, the engine's ``priors.SIZE_EXPONENT``) and the scale of the critical-batch prior
+from a token budget (``fit_critical_scale``, ``priors.CRITICAL_BATCH_SCALE``), refit in that order. Evidence the engine took from a
 corpus source (a divergence that sets an LR cap) is left out the same way (``EVIDENCE``).
 """
 
@@ -30,7 +31,8 @@ from . import priors
 from .engine import recommend
 from .models import Recipe
 
-__all__ = ["BANDS", "EVIDENCE", "KINDS", "Result", "Row", "engine_size_exponent", "fit_size_exponent",
+__all__ = ["BANDS", "EVIDENCE", "KINDS", "Result", "Row", "critical_scale", "engine_size_exponent",
+           "fit_critical_scale", "fit_size_exponent",
            "leave_one_source_out", "load", "score", "size_exponent", "size_law_cv", "summary", "without_evidence"]
 
 # Widest band per quantity, from the sources' scatter: tuned LRs of one recipe family sit within
@@ -42,8 +44,9 @@ EXACT = {"lr": 1e-9, "warmup": 1e-3, "const": 1e-3, "examples_ratio": 1e-9}
 KINDS = ("prediction", "seed", "arithmetic")
 FACTOR_QUANTITIES = frozenset({"lr", "warmup"})  # banded as a factor; examples_ratio as a relative error
 WARMUP_UNITS = frozenset({"steps", "samples", "tokens", "epochs", "ratio"})
-# The priors constant the size-law fit feeds.
+# The priors constants the size-law fit and the critical-batch fit feed.
 SIZE_CONSTANT = "SIZE_EXPONENT"
+CRITICAL_CONSTANT = "CRITICAL_BATCH_SCALE"
 
 
 def _num(text: str) -> int | float | None:
@@ -339,14 +342,72 @@ def without_evidence(source: str) -> Iterator[None]:
         priors.PRIORS.update(old)
 
 
+# ------------------------------------------------------------------------------ the critical-batch scale
+
+
+def _budget_batch_rows(rows: Iterable[Row]) -> list[Row]:
+    """LR predictions whose batch changes under a stated token budget: where the critical-batch prior
+    (``priors.critical_batch_prior_tokens``) bends the batch factor."""
+    out = []
+    for r in rows:
+        if r.kind != "prediction" or r.quantity != "lr" or "tokens" not in r.request().get("target", {}):
+            continue
+        if r.ref_batch * (r.ref_seq_len or 1) != r.target_batch * (r.seq_len or 1):
+            out.append(r)
+    return out
+
+
+@contextmanager
+def critical_scale(value: float) -> Iterator[None]:
+    """Run the engine with its critical-batch prior scaled by ``value`` (restored after); for scoring,
+    like :func:`size_exponent`."""
+    old = getattr(priors, CRITICAL_CONSTANT)
+    setattr(priors, CRITICAL_CONSTANT, value)
+    try:
+        yield
+    finally:
+        setattr(priors, CRITICAL_CONSTANT, old)
+
+
+def fit_critical_scale(rows: Iterable[Row]) -> float:
+    """The scale of the critical-batch prior (B_noise = scale x Step Law's B_opt) that minimises the
+    squared ln error of the LR predictions it bends, the engine's other constants as they stand: a
+    golden-section search over log10 scale in [-3, 1] (the error is flat below the fit, where every
+    such batch is past B_noise, and grows above it)."""
+    sel = _budget_batch_rows(rows)
+    if not sel:
+        raise ValueError("fit_critical_scale: no LR prediction whose batch changes under a token budget")
+
+    def sse(log_scale: float) -> float:
+        with critical_scale(10.0**log_scale):
+            return sum(r.log_error**2 for r in score(sel))
+
+    lo, hi = -3.0, 1.0
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = sse(a), sse(b)
+    while hi - lo > 0.005:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = sse(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = sse(b)
+    return 10.0 ** ((lo + hi) / 2)
+
+
 def leave_one_source_out(rows: list[Row]) -> list[Result]:
     """Every row scored with the engine's fitted constants refit, and its evidence dropped, without
-    the row's source."""
+    the row's source: the size law first, then the critical-batch scale with that size law."""
     out: list[Result] = []
     for source in dict.fromkeys(r.source for r in rows):
         held = [r for r in rows if r.source == source]
-        with size_exponent(fit_size_exponent([r for r in rows if r.source != source])), without_evidence(source):
-            out.extend(score(held))
+        rest = [r for r in rows if r.source != source]
+        with size_exponent(fit_size_exponent(rest)), without_evidence(source):
+            with critical_scale(fit_critical_scale(rest)):
+                out.extend(score(held))
     order = {r.id: i for i, r in enumerate(rows)}
     return sorted(out, key=lambda res: order[res.row.id])
 

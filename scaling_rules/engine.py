@@ -10,8 +10,8 @@ reference. Every step below leaves a line in the rationale.
    known and in sequences otherwise, whichever unit was typed.
 2. Critical batch (:mod:`._plan`, :mod:`._critical`). B_noise comes from ``reference.noise_scale``,
    ``reference.noise_trajectory`` (B_noise along the reference run), the study's measurement
-   (``noise_scale=``), or a prior from ``target.tokens`` (Step Law's B_opt). It gives the examples and
-   steps ratio (McCandlish et al. 2018, eq. 2.11), the "same-loss" budget, batch "auto", and a warning
+   (``noise_scale=``), or a prior from ``target.tokens`` (Step Law's B_opt, scaled by a constant fitted
+   on the corpus). It gives the examples and steps ratio (McCandlish et al. 2018, eq. 2.11), the "same-loss" budget, batch "auto", and a warning
    past it saying what the extra examples cost, under every budget. A trajectory is integrated: the
    examples at batch B are the reference's examples x weighted by (1 + B/B_noise(x))/(1 +
    B_ref/B_noise(x)), which is the constant formula at B_eq, B_eq + B_ref being the harmonic mean of
@@ -208,8 +208,8 @@ def recommend(
         rationale.append(_ramp_text(req, plans))
         if prior_ramp:
             rationale.append("the ramp follows a prior, not a measurement: no reference.noise_trajectory, so "
-                             "B_noise after a fraction f of the run is Step Law's B_opt at f x target.tokens "
-                             "(Li et al. 2025, taken as the critical batch); measure the trajectory to replace it")
+                             "B_noise after a fraction f of the run is the token-budget prior at f x target.tokens "
+                             "(Step Law's B_opt, Li et al. 2025, scaled); measure the trajectory to replace it")
     if req.target is not None and req.target.batch_size == "auto":
         t = req.target
         bn = noise_of(req.reference)  # type: ignore[arg-type]
