@@ -380,7 +380,8 @@ def in_process_costs(url: str, key: str, n: int, rounds: int) -> dict[str, float
     bare_mw = create_app(Settings(store_url=url, open_mode=False))  # the same service without its middleware
     bare_mw.user_middleware = []
     bare_mw.state.store_holder.open()
-    no_memo = create_app(Settings(store_url=url, open_mode=False))  # the engine on every request
+    # The engine on every request, the study's evidence read from the store on every request.
+    no_memo = create_app(Settings(store_url=url, open_mode=False, evidence_fresh_s=0))
     no_memo.state.recipe_memo = RecipeMemo(max_entries=0)
     no_memo.state.store_holder.open()
     body = parse_json_body(RecommendationIn, _BODY)
@@ -419,6 +420,7 @@ def in_process_costs(url: str, key: str, n: int, rounds: int) -> dict[str, float
         "recommend, no middleware": (over(bare_mw, "POST", "/v1/recommendations", _BODY), 1),
         "recommend, memo off": (over(no_memo, "POST", "/v1/recommendations", _BODY), 1),
         "recommend-study (200 runs)": (over(app, "POST", "/v1/recommendations", _STUDY_BODY), 1),
+        "recommend-study, memo off, read each time": (over(no_memo, "POST", "/v1/recommendations", _STUDY_BODY), 10),
         "  body check (bytes)": (call(lambda: check_body(_BODY)), 1),
         "  pydantic parse + validation": (call(lambda: parse_json_body(RecommendationIn, _BODY)), 1),
         "  engine (recommend)": (call(lambda: compute_recipe(body)), 1),
