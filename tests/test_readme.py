@@ -129,6 +129,7 @@ def test_block_runs(line, lang, marker, body, service, tmp_path):
     elif marker == "torchrun":
         script = work / "train.py"
         script.write_text(code)
+        before.add(script)  # the test's own copy of the block
         cmd = [str(ROOT / ".venv" / "bin" / "torchrun"), "--nproc_per_node=2", "--master_port", str(_free_port()),
                str(script)]
         env["OMP_NUM_THREADS"] = "1"
