@@ -19,8 +19,11 @@ _LAYERWISE = ("lamb", "lans")
 
 def _growth(opt: str, batch: float, plan: _Plan) -> float:
     """How a family's warmup ratio grows with the batch at a fixed epoch budget, relative to the
-    reference: LAMB/LANS linearly across the batches their tables span, flat outside; others not at
-    all. A ratio of one function of the batch, so A -> B -> A and A -> B -> C are exact."""
+    reference: LAMB/LANS linearly across the batches their tables span, flat outside; LARS as
+    1 + B/LARS_WARMUP_BATCH (in epochs); others not at all. A ratio of one function of the batch, so A -> B -> A and A -> B -> C are exact."""
+    if opt == "lars":
+        w = priors.LARS_WARMUP_BATCH
+        return (1 + batch / w) / (1 + plan.ref_batch_x / w)
     if opt not in _LAYERWISE:
         return 1.0
     lo, hi = priors.LAMB_WARMUP_RANGE
@@ -31,8 +34,11 @@ def _family_text(opt: str) -> str:
     if opt in _LAYERWISE:
         return ("linear-epoch (LAMB Tables 4, 5, LANS Table 1: the warmup ratio grows with the batch up to "
                 "96K, the largest batch they reach, and stays constant in epochs beyond)")
-    if opt in ("sgd", "lars"):
-        return "constant epochs (Goyal et al. 2017: 5 epochs at every batch; the LARS reference code)"
+    if opt == "lars":
+        return (f"epochs growing as 1 + B/{priors.LARS_WARMUP_BATCH:.0f} (about constant well below: SimCLR, BYOL; "
+                "lengthened past 16K by the LARS reference codes, TPU and MLPerf; the batch fitted on them)")
+    if opt == "sgd":
+        return "constant epochs (Goyal et al. 2017: 5 epochs at every batch)"
     return "constant samples (AdamW recipes: GPT-3, BLOOM, LLaMA keep warmup tokens fixed; ViT fixed epochs)"
 
 

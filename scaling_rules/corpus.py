@@ -12,7 +12,8 @@ Every constant fitted on the corpus is scored by leave-one-source-out cross-vali
 under test is left out of the fit, the engine's constant is set to that fit while the source's rows
 are scored, then restored. The fitted constants are the size law at a fixed batch
 (``fit_size_exponent``, the engine's ``priors.SIZE_EXPONENT``) and the scale of the critical-batch prior
-from a token budget (``fit_critical_scale``, ``priors.CRITICAL_BATCH_SCALE``), refit in that order. Evidence the engine took from a
+from a token budget (``fit_critical_scale``, ``priors.CRITICAL_BATCH_SCALE``), refit in that order, and
+the batch past which LARS warmup grows (``fit_lars_warmup_batch``, ``priors.LARS_WARMUP_BATCH``). Evidence the engine took from a
 corpus source (a divergence that sets an LR cap) is left out the same way (``EVIDENCE``).
 """
 
@@ -22,8 +23,8 @@ import csv
 import dataclasses
 import json
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -32,7 +33,7 @@ from .engine import recommend
 from .models import Recipe
 
 __all__ = ["BANDS", "EVIDENCE", "KINDS", "Result", "Row", "critical_scale", "engine_size_exponent",
-           "fit_critical_scale", "fit_size_exponent",
+           "fit_critical_scale", "fit_lars_warmup_batch", "fit_size_exponent", "lars_warmup_batch",
            "leave_one_source_out", "load", "score", "size_exponent", "size_law_cv", "summary", "without_evidence"]
 
 # Widest band per quantity, from the sources' scatter: tuned LRs of one recipe family sit within
@@ -47,6 +48,7 @@ WARMUP_UNITS = frozenset({"steps", "samples", "tokens", "epochs", "ratio"})
 # The priors constants the size-law fit and the critical-batch fit feed.
 SIZE_CONSTANT = "SIZE_EXPONENT"
 CRITICAL_CONSTANT = "CRITICAL_BATCH_SCALE"
+LARS_CONSTANT = "LARS_WARMUP_BATCH"
 
 
 def _num(text: str) -> int | float | None:
@@ -377,25 +379,56 @@ def fit_critical_scale(rows: Iterable[Row]) -> float:
     sel = _budget_batch_rows(rows)
     if not sel:
         raise ValueError("fit_critical_scale: no LR prediction whose batch changes under a token budget")
+    return 10.0 ** _golden(lambda x: _sse(sel, critical_scale(10.0**x)), -3.0, 1.0)
 
-    def sse(log_scale: float) -> float:
-        with critical_scale(10.0**log_scale):
-            return sum(r.log_error**2 for r in score(sel))
 
-    lo, hi = -3.0, 1.0
+def _sse(rows: list[Row], setting: AbstractContextManager) -> float:
+    with setting:
+        return sum(r.log_error**2 for r in score(rows))
+
+
+def _golden(f: Callable[[float], float], lo: float, hi: float, tol: float = 0.005) -> float:
+    """The minimiser of a unimodal ``f`` on [lo, hi] (golden-section search)."""
     g = (math.sqrt(5) - 1) / 2
     a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = sse(a), sse(b)
-    while hi - lo > 0.005:
+    fa, fb = f(a), f(b)
+    while hi - lo > tol:
         if fa <= fb:
             hi, b, fb = b, a, fa
             a = hi - g * (hi - lo)
-            fa = sse(a)
+            fa = f(a)
         else:
             lo, a, fa = a, b, fb
             b = lo + g * (hi - lo)
-            fb = sse(b)
-    return 10.0 ** ((lo + hi) / 2)
+            fb = f(b)
+    return (lo + hi) / 2
+
+
+# ------------------------------------------------------------------------------ the LARS warmup
+
+
+def _lars_warmup_rows(rows: Iterable[Row]) -> list[Row]:
+    return [r for r in rows if r.kind == "prediction" and r.quantity == "warmup" and (r.optimizer or r.ref_optimizer) == "lars"]
+
+
+@contextmanager
+def lars_warmup_batch(value: float) -> Iterator[None]:
+    """Run the engine with its LARS warmup-growth batch set to ``value`` (restored after)."""
+    old = getattr(priors, LARS_CONSTANT)
+    setattr(priors, LARS_CONSTANT, value)
+    try:
+        yield
+    finally:
+        setattr(priors, LARS_CONSTANT, old)
+
+
+def fit_lars_warmup_batch(rows: Iterable[Row]) -> float:
+    """The batch past which LARS warmup epochs grow (``priors.LARS_WARMUP_BATCH``): least squares in
+    ln warmup over the corpus's LARS warmups, searched over log2 batch in [8, 24]."""
+    sel = _lars_warmup_rows(rows)
+    if not sel:
+        raise ValueError("fit_lars_warmup_batch: no LARS warmup prediction")
+    return 2.0 ** _golden(lambda x: _sse(sel, lars_warmup_batch(2.0**x)), 8.0, 24.0)
 
 
 def leave_one_source_out(rows: list[Row]) -> list[Result]:
@@ -406,7 +439,7 @@ def leave_one_source_out(rows: list[Row]) -> list[Result]:
         held = [r for r in rows if r.source == source]
         rest = [r for r in rows if r.source != source]
         with size_exponent(fit_size_exponent(rest)), without_evidence(source):
-            with critical_scale(fit_critical_scale(rest)):
+            with critical_scale(fit_critical_scale(rest)), lars_warmup_batch(fit_lars_warmup_batch(rest)):
                 out.extend(score(held))
     order = {r.id: i for i, r in enumerate(rows)}
     return sorted(out, key=lambda res: order[res.row.id])

@@ -30,8 +30,10 @@ reference. Every step below leaves a line in the rationale.
    et al.; LAMB beyond 32K, 64K mixed) and the reference's own batch; a switch names the
    alternative and the counter-evidence (Nado et al. 2021). LAMB becomes LANS where the LR cap binds.
 4. Warmup (:mod:`._phases`), per family in the literature's units: constant samples for AdamW and
-   constant epochs for SGD/LARS; LAMB/LANS's linear-epoch rule (Tables 4, 5; LANS Table 1) up to 96K
-   and constant beyond. A switch follows the reference family's rule up to the switch and the new
+   constant epochs for SGD; for LARS, epochs x (1 + B/B_w) / (1 + B_ref/B_w), about constant well
+   below B_w and growing past it as the LARS reference codes do (B_w fitted on the corpus,
+   ``priors.LARS_WARMUP_BATCH``); LAMB/LANS's linear-epoch rule (Tables 4, 5; LANS Table 1) up to
+   96K and constant beyond. A switch follows the reference family's rule up to the switch and the new
    one's beyond, so the warmup in samples does not jump. A reference without warmup gets its
    family's default (5 of Goyal's 90 epochs; BERT's 1%; LAMB's 1/320), stated.
 5. LR (:mod:`._lr`): the reference moved along f(B)/f(B_ref), f(B) = (1 + B_noise/B)^-e, e = 1 for

@@ -54,6 +54,12 @@ DEFAULT_WARMUP_RATIO = {"lamb": 1 / 320, "lans": 1 / 320, "adamw": 0.01, "adam":
 # tables' 512, constant warmup steps is what small-batch recipes use too (BERT: 10K steps at 256).
 # In sequences (images), the tables' unit.
 LAMB_WARMUP_RANGE = (1, 98304)
+# LARS warmup in epochs grows as (1 + B/LARS_WARMUP_BATCH): flat well below it (SimCLR, BYOL and MAE's
+# linear probe keep 10 epochs from 256 to 16K), about linear in the batch well past it, the shape of
+# the examples a unit of progress costs past a critical batch (McCandlish et al. 2018, eq. 2.11). The
+# LARS reference codes lengthen it from 16K: 5 -> 12 (TPU) .. 25 (MLPerf) epochs at 32K, 16 at 64K.
+# Fitted on the corpus's LARS warmups (corpus.fit_lars_warmup_batch); its scorer overrides this name.
+LARS_WARMUP_BATCH = 13700.0
 # Warmup-stable-decay: the decay takes the last 20% of the run (Hägele et al. 2024's cooldown).
 WSD_DECAY_FRACTION = 0.2
 

@@ -12,14 +12,14 @@ import pytest
 from largebatch.scaling_rules import RecommendationRequest, corpus, priors, recommend
 from largebatch.scaling_rules.corpus import BANDS, Row
 
-# Measured with the critical-batch prior's scale fitted (priors.CRITICAL_BATCH_SCALE) and Llama 3's
-# reference LR as its locator states: 87 of 113 predictions within band (77.0%), 84 of 113 under
-# leave-one-source-out (74.3%). Engine v3 as it landed (949d8db): 78 and 75. Engine v2 (240fcbe), on
+# Measured with the critical-batch prior's scale and the LARS warmup growth fitted
+# (priors.CRITICAL_BATCH_SCALE, priors.LARS_WARMUP_BATCH) and Llama 3's reference LR as its locator
+# states: 89 of 113 predictions within band (78.8%), 86 of 113 under leave-one-source-out (76.1%). Engine v3 as it landed (949d8db): 78 and 75. Engine v2 (240fcbe), on
 # the 108 rows it could read then (no target.tokens, no examples rows) and with the size law alone
 # cross-validated, scored 68 and 60. Raise these as the engine improves; never widen a row's band to
 # absorb an error.
-FLOOR = 0.76
-FLOOR_CV = 0.74
+FLOOR = 0.78
+FLOOR_CV = 0.76
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +124,13 @@ def test_size_law_fit_and_its_leave_one_family_out_error(rows):
         assert err < math.log(2.0), family  # and it predicts each left-out family within x2 on average
 
 
-def test_leave_one_source_out_moves_only_the_size_rows_and_the_evidence_rows(rows, scored):
+def test_leave_one_source_out_moves_only_the_rows_its_fits_and_evidence_touch(rows, scored):
     results, cv = scored
     by_id = {r.row.id: r for r in cv}
+    fitted = {r.id for r in corpus._budget_batch_rows(rows) + corpus._lars_warmup_rows(rows)}
     for r in results:
-        if (r.row.ref_params is None or r.row.ref_params == r.row.params) and r.row.source not in corpus.EVIDENCE:
+        if (r.row.ref_params is None or r.row.ref_params == r.row.params) and r.row.source not in corpus.EVIDENCE \
+                and r.row.id not in fitted:
             assert by_id[r.row.id].got == pytest.approx(r.got, rel=1e-12, nan_ok=True), r.row.id
     moved = [r for r in results if r.row.rule == "size" and r.row.quantity == "lr"
              and by_id[r.row.id].got != pytest.approx(r.got, rel=1e-9)]
@@ -179,3 +181,23 @@ def test_critical_scale_override_reaches_the_engine_and_is_restored(rows):
         moved = row.value(recommend(row.request()))
     assert moved > before * 1.3
     assert priors.CRITICAL_BATCH_SCALE == constant and row.value(recommend(row.request())) == before
+
+
+def test_lars_warmup_batch_is_the_corpus_fit_and_the_growth_is_continuous(rows):
+    fit = corpus.fit_lars_warmup_batch(rows)
+    assert abs(math.log(priors.LARS_WARMUP_BATCH / fit)) < 0.05
+    for source in {r.source for r in corpus._lars_warmup_rows(rows)}:
+        held = corpus.fit_lars_warmup_batch([r for r in rows if r.source != source])
+        assert abs(math.log(held / fit)) < math.log(2.0), source
+    # LARS warmup epochs: flat well below the fitted batch, growing past it, with no step anywhere.
+    ref = {"batch_size": 8192, "lr": 10.0, "optimizer": "lars", "warmup_steps": 782, "steps": 14075}
+    model = {"params": 25_557_032, "family": "cnn"}
+
+    def epochs(batch: int) -> float:
+        s = recommend({"model": model, "reference": ref, "target": {"batch_size": batch}}).stages[0]
+        return s.warmup_steps * s.batch_size / 1_281_167
+
+    assert epochs(8192) == pytest.approx(5.0, rel=1e-3)
+    assert epochs(512) > 5.0 / 1.8  # about constant epochs far below
+    assert 2 * epochs(16384) < epochs(65536)
+    assert epochs(32767) == pytest.approx(epochs(32768), rel=1e-3)
