@@ -166,3 +166,25 @@ def _definitions(word: str) -> list[str]:
 @pytest.mark.parametrize("word", DOMAIN_WORDS)
 def test_each_domain_word_is_defined_once(word):
     assert len(_definitions(word)) == 1, f"{word} is defined in {_definitions(word)}"
+
+
+def test_the_readme_architecture_names_only_modules_that_exist():
+    """The README's map stays true: every module or folder its Architecture table names is there."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    section = text[text.index("## Architecture"):text.index("Where a change goes:")]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    assert len(rows) >= 4
+    missing = []
+    for row in rows:
+        part = re.match(r"\| `([^`]+)/`", row).group(1)
+        for name in re.findall(r"`([\w/]+\.(?:py|c|csv)|[\w]+/)`", row):
+            if name == f"{part}/":
+                continue
+            candidates = [root / part / name] + [p for p in (root / part).rglob(pathlib.Path(name).name)]
+            if not any(c.exists() for c in candidates):
+                missing.append(f"{part}/{name}")
+    assert not missing, f"the README's Architecture names modules that do not exist: {missing}"
