@@ -346,4 +346,7 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
             f"{plan.noise_src.split(' (')[0]}): past it the LR stops growing with the batch and the same loss "
             f"needs {ratio:.3g}x the examples of the reference ({ratio * plan.ref_batch_x / plan.batch_x:.3g}x "
             f"the steps): {cost}; batch_size \"auto\" picks a batch near B_noise"
+            + ("; this B_noise is the token-budget prior, whose scale was fitted to how published LLM LRs "
+               "move with the batch, not to measured example counts: measure the noise scale before trusting "
+               "this cost" if plan.noise_src.startswith("a prior from the token budget") else "")
         )

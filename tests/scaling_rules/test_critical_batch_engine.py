@@ -241,3 +241,15 @@ def test_the_ramp_doubles_at_the_first_crossing_of_any_trajectory(lows, overhead
         # nothing earlier in the stage already passed it: the first crossing
         for x in np.linspace(0.0, lo, 50)[:-1]:
             assert overhead * traj.at(float(x), low=True) < batch * (1 + 1e-9) or x < 1e-12
+
+
+def test_the_examples_cost_of_a_token_budget_prior_says_it_is_a_fitted_prior():
+    # The prior's scale is fitted to how published LRs move with the batch, so its examples cost past
+    # the critical batch is flagged as unmeasured; a measured noise scale's is not.
+    target = {"batch_size": 65536, "tokens": float(REF["steps"] * REF["batch_size"] * REF["seq_len"])}
+    prior = recommend({"model": MODEL, "reference": REF, "target": target})
+    measured = recommend({"model": MODEL, "reference": {**REF, "noise_scale": 2000.0}, "target": target})
+    past = [w for w in prior.warnings if "the critical batch" in w]
+    assert past and "measure the noise scale before trusting this cost" in past[0]
+    assert not any("before trusting" in w for w in measured.warnings)
+    assert any("the critical batch" in w for w in measured.warnings)
