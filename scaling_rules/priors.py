@@ -58,7 +58,8 @@ LAMB_WARMUP_RANGE = (1, 98304)
 # linear probe keep 10 epochs from 256 to 16K), about linear in the batch well past it, the shape of
 # the examples a unit of progress costs past a critical batch (McCandlish et al. 2018, eq. 2.11). The
 # LARS reference codes lengthen it from 16K: 5 -> 12 (TPU) .. 25 (MLPerf) epochs at 32K, 16 at 64K.
-# Fitted on the corpus's LARS warmups (corpus.fit_lars_warmup_batch); its scorer overrides this name.
+# Fitted on the corpus's LARS warmups (corpus.fit_lars_warmup_batch: 13.7K; left out one source at a
+# time 7.4K .. 20K); its scorer overrides this name.
 LARS_WARMUP_BATCH = 13700.0
 # Warmup-stable-decay: the decay takes the last 20% of the run (Hägele et al. 2024's cooldown).
 WSD_DECAY_FRACTION = 0.2
@@ -152,7 +153,8 @@ DEEPSEEK_CHECKED_UP_TO = 1e24
 
 # What the prior's B_noise is, as a multiple of Step Law's B_opt: fitted on the corpus's LLM recipes whose
 # batch changes under a stated token budget (corpus.fit_critical_scale, least squares in ln LR: 0.054;
-# left out one source at a time 0.02 .. 0.10). Their published LRs barely move with the batch (GPT-3,
+# left out one source at a time 0.02 .. 0.10 with the size law held, 0.001 .. 0.25 with it refit too:
+# the two trade off, a steeper size law leaving room for a larger batch factor). Their published LRs barely move with the batch (GPT-3,
 # OPT, Gopher, Llama 3: the size trend alone accounts for them), which the regime curve reads as a
 # batch at or past the critical batch. B_opt is the loss-optimal batch at a fixed budget, a different
 # quantity; the corpus's scorer overrides this name for leave-one-source-out cross-validation.
