@@ -36,8 +36,9 @@ PRIOR_POINTS = 64  # log-spaced over the run, from 1/1024 of it
 
 
 def prior_trajectory(ref: Reference, tokens: float) -> list[NoisePoint]:
-    """The critical-batch prior (Step Law's B_opt(D), :func:`.priors.critical_batch_prior_tokens`) read
-    along the run: after a fraction f of the reference run, f x ``tokens`` tokens have been seen, and
+    """A growing batch prior read along the run, Step Law's loss-optimal B_opt(D)
+    (:func:`.priors.step_law_batch_tokens`, unscaled: the scaled prior describes how the LR moves, not
+    where examples start to cost): after a fraction f of the reference run, f x ``tokens`` tokens have been seen, and
     B_noise is the prior at that many tokens, in the reference's sequences. A growing prior, not a
     measurement: it lets batch "ramp" plan without one."""
     assert ref.steps is not None and ref.batch_size is not None and ref.seq_len is not None
@@ -46,7 +47,7 @@ def prior_trajectory(ref: Reference, tokens: float) -> list[NoisePoint]:
     for i in range(PRIOR_POINTS):
         f = 1024.0 ** (i / (PRIOR_POINTS - 1) - 1)
         out.append(NoisePoint(examples_seen=f * run,
-                              noise_scale=priors.critical_batch_prior_tokens(f * tokens) / ref.seq_len))
+                              noise_scale=priors.step_law_batch_tokens(f * tokens) / ref.seq_len))
     return out
 
 

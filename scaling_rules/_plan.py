@@ -310,6 +310,16 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
     bn = plan.noise
     if bn is None:
         return
+    if plan.noise_src.startswith("a prior from the token budget"):
+        # Fitted to how published LLM LRs move with the batch: it bends the LR, and predicts no examples
+        # cost (those recipes reached their loss with the examples they planned).
+        if plan.batch_x > bn:
+            plan.warnings.append(
+                f"{p}target batch {plan.batch} is {plan.batch_x / bn:.3g}x the LR-regime batch of the token-budget "
+                f"prior ({_fmt(bn)} sequences): the LR stops growing with the batch there. That prior is fitted to "
+                "how published LLM LRs move with the batch, not to example counts, so it predicts no examples cost: "
+                "measure the noise scale (measure_noise) to know what the extra examples cost")
+        return
     ratio = examples_ratio(plan.batch_x, plan.ref_batch_x, bn)
     plan.examples_ratio = ratio
     plan.steps_ratio = ratio * plan.ref_batch_x / plan.batch_x
@@ -346,7 +356,4 @@ def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: fl
             f"{plan.noise_src.split(' (')[0]}): past it the LR stops growing with the batch and the same loss "
             f"needs {ratio:.3g}x the examples of the reference ({ratio * plan.ref_batch_x / plan.batch_x:.3g}x "
             f"the steps): {cost}; batch_size \"auto\" picks a batch near B_noise"
-            + ("; this B_noise is the token-budget prior, whose scale was fitted to how published LLM LRs "
-               "move with the batch, not to measured example counts: measure the noise scale before trusting "
-               "this cost" if plan.noise_src.startswith("a prior from the token budget") else "")
         )

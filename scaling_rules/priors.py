@@ -161,10 +161,16 @@ DEEPSEEK_CHECKED_UP_TO = 1e24
 CRITICAL_BATCH_SCALE = 0.054
 
 
-def critical_batch_prior_tokens(tokens: float) -> float:
-    """The critical batch (tokens) for a training budget of ``tokens``: Step Law's B_opt, scaled."""
+def step_law_batch_tokens(tokens: float) -> float:
+    """Step Law's loss-optimal batch (tokens) for a training budget of ``tokens``: B_opt = 0.58 D^0.571."""
     a, b = STEP_LAW_BATCH
-    return CRITICAL_BATCH_SCALE * a * tokens**b
+    return a * tokens**b
+
+
+def critical_batch_prior_tokens(tokens: float) -> float:
+    """Where the LR stops growing with the batch (tokens) for a budget of ``tokens``: Step Law's B_opt
+    scaled by the corpus's fit. A prior for the LR's regime curve, not for what examples cost."""
+    return CRITICAL_BATCH_SCALE * step_law_batch_tokens(tokens)
 
 
 def deepseek_optimum(compute: float) -> tuple[float, float]:

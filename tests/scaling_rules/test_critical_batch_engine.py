@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from largebatch.scaling_rules import RecipeError, recommend
 from largebatch.scaling_rules._critical import Trajectory, ramp_batches
 from largebatch.scaling_rules.models import Reference
-from largebatch.scaling_rules.priors import critical_batch_prior_tokens
+from largebatch.scaling_rules.priors import step_law_batch_tokens
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL = {"params": 350_000_000}
@@ -203,12 +203,12 @@ def test_a_ramp_at_same_loss_pays_each_stage_at_its_own_critical_batch():
 def test_without_a_trajectory_a_ramp_follows_the_token_budget_prior():
     tokens = REF["steps"] * REF["batch_size"] * REF["seq_len"]  # the reference's run
     r = recommend({"model": MODEL, "reference": REF, "target": {"batch_size": "ramp", "tokens": float(tokens),
-                                                                 "min_batch_size": 2, "max_overhead": 1.0}})
+                                                                 "min_batch_size": 16, "max_overhead": 1.0}})
     batches = [s.batch_size for s in r.stages]
-    assert batches == [2 * 2**i for i in range(len(batches))] and len(batches) >= 3
-    # Each doubling where the prior (the scaled Step Law B_opt, in sequences) reaches it: the final batch is at most
+    assert batches == [16 * 2**i for i in range(len(batches))] and len(batches) >= 3
+    # Each doubling where the prior (Step Law's B_opt, in sequences) reaches it: the final batch is at most
     # the prior at the whole budget, and twice it would pass it.
-    full = critical_batch_prior_tokens(tokens) / REF["seq_len"]
+    full = step_law_batch_tokens(tokens) / REF["seq_len"]
     assert batches[-1] <= full < 2 * batches[-1]
     assert any("a prior, not a measurement" in x for x in r.rationale)
 
@@ -243,13 +243,15 @@ def test_the_ramp_doubles_at_the_first_crossing_of_any_trajectory(lows, overhead
             assert overhead * traj.at(float(x), low=True) < batch * (1 + 1e-9) or x < 1e-12
 
 
-def test_the_examples_cost_of_a_token_budget_prior_says_it_is_a_fitted_prior():
-    # The prior's scale is fitted to how published LRs move with the batch, so its examples cost past
-    # the critical batch is flagged as unmeasured; a measured noise scale's is not.
+def test_a_token_budget_prior_bends_the_lr_and_predicts_no_examples_cost():
+    # The prior's scale is fitted to how published LRs move with the batch: past it the warning says the LR
+    # stops growing and that the examples cost needs a measurement; a measured noise scale predicts the cost.
     target = {"batch_size": 65536, "tokens": float(REF["steps"] * REF["batch_size"] * REF["seq_len"])}
     prior = recommend({"model": MODEL, "reference": REF, "target": target})
     measured = recommend({"model": MODEL, "reference": {**REF, "noise_scale": 2000.0}, "target": target})
-    past = [w for w in prior.warnings if "the critical batch" in w]
-    assert past and "measure the noise scale before trusting this cost" in past[0]
-    assert not any("before trusting" in w for w in measured.warnings)
-    assert any("the critical batch" in w for w in measured.warnings)
+    past = [w for w in prior.warnings if "LR-regime batch of the token-budget prior" in w]
+    assert past and "measure the noise scale" in past[0] and "predicts no examples cost" in past[0]
+    assert all(s.examples_ratio is None for s in prior.stages)
+    assert not any("the critical batch" in w for w in prior.warnings)
+    assert any("the critical batch" in w and "the examples" in w for w in measured.warnings)
+    assert measured.stages[0].examples_ratio is not None
