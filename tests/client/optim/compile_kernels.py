@@ -37,9 +37,9 @@ def main() -> int:
                             (tl.float64, tl.float64, True)):
         base = dict(BLOCK=fused._BLOCK_CUDA, P_DT=p_dt, C_DT=c_dt, F64=f64, BIAS_CORRECTION=True, HAS_OK=True,
                     ADAPT=True, MANUAL_BF16=False)
-        for fn, extra in ((fused._sumsq_kernel, None), (fused._lamb_pass1, dict(HAS_CLIP=True, G_DT=p_dt)),
-                          (fused._lamb_pass2, dict(PHI=True)), (fused._lans_pass1, dict(G_DT=p_dt)),
-                          (fused._lans_pass2, dict(G_DT=p_dt, PHI=True))):
+        for fn, extra in ((fused._k._sumsq_kernel, None), (fused._k._lamb_pass1, dict(HAS_CLIP=True, G_DT=p_dt)),
+                          (fused._k._lamb_pass2, dict(PHI=True)), (fused._k._lans_pass1, dict(G_DT=p_dt)),
+                          (fused._k._lans_pass2, dict(G_DT=p_dt, PHI=True))):
             constexprs = dict(BLOCK=fused._BLOCK_CUDA, G_DT=p_dt, C_DT=c_dt) if extra is None else {**base, **extra}
             print(p_dt, compile_one(fn, constexprs), flush=True)
     return 0
