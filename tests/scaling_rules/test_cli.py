@@ -1,3 +1,5 @@
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -8,6 +10,19 @@ from largebatch.scaling_rules import recommend
 from largebatch.scaling_rules.cli import main, parse_count
 
 from .test_paper_vectors import LANS_REQUEST
+
+
+def _cli(args: list[str]) -> tuple[int, str]:
+    """The command in this process, as the installed ``largebatch`` runs it: its exit status and
+    what it wrote to stderr (an uncaught exception fails the test with its traceback)."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code
+    return code, err.getvalue()
+
 
 FLAGS = ["recommend", "--model-params", "340M", "--ref-batch", "512", "--ref-lr", "6.25e-4",
          "--ref-warmup", "0.003125", "--ref-steps", "1M", "--target-batch", "32K"]
@@ -74,33 +89,37 @@ def test_request_file_and_plot(tmp_path, capsys):
     (["recommend", "--request", "/nonexistent.json"], "cannot read"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args, needle):
-    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *args],
+    code, err = _cli(args)
+    assert code == 2
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_run_as_a_module_an_error_is_one_line_without_traceback():
+    # `python -m` makes the module __main__, with classes of its own: it must still print one line.
+    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *FLAGS[:-1], "0"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "largebatch recommend: error: argument --target-batch: must be a positive count, got '0'"
 
 
 def test_bare_command_prints_usage():
-    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli"], capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 2 and "usage: largebatch" in proc.stderr and "recommend" in proc.stderr
+    code, err = _cli([])
+    assert code == 2 and "usage: largebatch" in err and "recommend" in err
 
 
-def test_help_shows_defaults_and_suffixes():
-    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", "recommend", "--help"],
-                          capture_output=True, text=True, timeout=60)
-    text = " ".join(proc.stdout.split())
+def test_help_shows_defaults_and_suffixes(capsys):
+    with pytest.raises(SystemExit):
+        main(["recommend", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
     assert "default: same-epochs" in text and "K is 1024 for batches" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 @pytest.mark.parametrize("value", ["-5", "-1K", "-0.5"])
 def test_negative_counts_get_one_message(value):
-    args = [*FLAGS[:-1], value]
-    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *args], capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 2 and "--target-batch: must be a positive count" in proc.stderr, proc.stderr
+    code, err = _cli([*FLAGS[:-1], value])
+    assert code == 2 and "--target-batch: must be a positive count" in err, err
 
 
 def test_plot_format_follows_the_suffix(tmp_path, capsys):
@@ -128,6 +147,5 @@ def test_max_overhead_flag_is_the_request_field(capsys):
     assert json.loads(capsys.readouterr().out)["stages"][0]["batch_size"] == 2000
     assert main([*flags, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["stages"][0]["batch_size"] == 800  # the default, 0.2
-    proc = subprocess.run([sys.executable, "-m", "largebatch.scaling_rules.cli", *flags, "--max-overhead", "-1"],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "target.max_overhead" in proc.stderr and "Traceback" not in proc.stderr
+    code, err = _cli([*flags, "--max-overhead", "-1"])
+    assert code == 2 and "target.max_overhead" in err

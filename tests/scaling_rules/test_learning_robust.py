@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,7 @@ runs = st.lists(st.builds(
 ), max_size=12)
 
 
+@pytest.mark.slow  # 300 generated evidence sets; the full run keeps them
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(runs, st.sampled_from(["minimize", "maximize"]))
 def test_any_evidence_gives_a_usable_fit_or_none(evidence, direction):

@@ -166,6 +166,7 @@ def test_auto_batch_size_near_the_noise_scale():
         recommend({"model": BERT_LARGE, "reference": LAMB_REF, "target": {"batch_size": "auto"}})
 
 
+@pytest.mark.slow  # runs the corpus benchmark, leave-one-source-out included
 def test_readme_tables_are_the_scripts_output():
     import pathlib
     import subprocess

@@ -296,6 +296,7 @@ def _dumps(doc) -> bytes:
     return json.dumps(doc, allow_nan=True).encode("utf-8", "surrogatepass")
 
 
+@pytest.mark.slow  # over 900 generated cases; the full run keeps them
 def test_generated_cases_never_answer_5xx(api, world):
     c, study, run_id = world
     recipe = c.post("/v1/recommendations", json=bert_request()).json()
