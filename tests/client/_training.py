@@ -33,12 +33,13 @@ def grad_norm(model: torch.nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in model.parameters()]))
 
 
-def train(job: Job, model: torch.nn.Module, steps: int, data: Data | None = None, *, on_step=None):
-    """The three-line loop, for real. Returns (LR of every group at each step, losses reported)."""
+def train(job: Job, model: torch.nn.Module, steps: int, data: Data | None = None, *, on_step=None, start: int = 0):
+    """The three-line loop, for real, from step ``start`` (a resumed job) to ``steps``. Returns (LR of
+    every group at each step, losses reported)."""
     data = data or Data()
     loss_fn = torch.nn.MSELoss()
     lrs, losses = [], []
-    for step in range(steps):
+    for step in range(start, steps):
         x, y = data.batch()
         loss = loss_fn(model(x), y)
         job.optimizer.zero_grad()

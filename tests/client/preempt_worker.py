@@ -10,7 +10,7 @@ import time
 import torch
 
 from largebatch.client import Client
-from tests.client._training import REFERENCE, Data, make_model
+from tests.client._training import REFERENCE, Data, make_model, train
 
 
 def main(url: str, out: str) -> None:
@@ -18,18 +18,13 @@ def main(url: str, out: str) -> None:
     model, data = make_model(), Data()
     job = Client(url).autoconfigure(model, study="preempt", reference=REFERENCE, target_batch_size=128,
                                     job_options={"flush_interval": 1.0})
+    def reported(step: int) -> None:
+        with open(os.path.join(out, "last"), "w") as f:
+            f.write(str(step))
+        time.sleep(0.02)
+
     with job:
-        for step in range(job.recipe.total_steps):
-            x, y = data.batch()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            job.optimizer.zero_grad()
-            loss.backward()
-            job.optimizer.step()
-            job.scheduler.step()
-            job.report(step, loss)
-            with open(os.path.join(out, "last"), "w") as f:
-                f.write(str(step))
-            time.sleep(0.02)
+        train(job, model, job.recipe.total_steps, data, on_step=reported)
         job.complete(0.0)
 
 

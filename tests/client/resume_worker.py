@@ -10,7 +10,7 @@ import time
 import torch
 
 from largebatch.client import Client
-from tests.client._training import REFERENCE, Data, make_model
+from tests.client._training import REFERENCE, Data, make_model, train
 
 
 def main(url: str, out: str) -> None:
@@ -18,21 +18,17 @@ def main(url: str, out: str) -> None:
     model, data = make_model(), Data()
     job = Client(url).autoconfigure(model, study="resume-kill", reference=REFERENCE, target_batch_size=128,
                                     job_options={"flush_interval": 0.05})
+
+    def checkpoint(step: int) -> None:
+        if step % 5 == 4:
+            torch.save({"job": job.state_dict(), "model": model.state_dict(), "optimizer": job.optimizer.state_dict(),
+                        "scheduler": job.scheduler.state_dict(), "data": data.gen.get_state()},
+                       os.path.join(out, "ckpt.tmp"))
+            os.replace(os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt.pt"))
+        time.sleep(0.02)  # slow enough for the test to kill it mid-run
+
     with job:
-        for step in range(job.recipe.total_steps):
-            x, y = data.batch()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            job.optimizer.zero_grad()
-            loss.backward()
-            job.optimizer.step()
-            job.scheduler.step()
-            job.report(step, loss)
-            if step % 5 == 4:
-                torch.save({"job": job.state_dict(), "model": model.state_dict(), "optimizer": job.optimizer.state_dict(),
-                            "scheduler": job.scheduler.state_dict(), "data": data.gen.get_state()},
-                           os.path.join(out, "ckpt.tmp"))
-                os.replace(os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt.pt"))
-            time.sleep(0.02)  # slow enough for the test to kill it mid-run
+        train(job, model, job.recipe.total_steps, data, on_step=checkpoint)
 
 
 if __name__ == "__main__":

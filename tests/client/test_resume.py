@@ -19,22 +19,11 @@ torch = pytest.importorskip("torch")
 
 from largebatch.client import Client, JobError  # noqa: E402
 
-from ._training import REFERENCE, Data, evaluate, make_model  # noqa: E402
+from ._training import REFERENCE, Data, evaluate, make_model, train  # noqa: E402
 
 pytestmark = pytest.mark.slow  # against a `largebatch serve` subprocess (conftest.py)
 
 ROOT = Path(__file__).parents[2]
-
-
-def train(job, model, data: Data, start: int, stop: int) -> None:
-    for step in range(start, stop):
-        x, y = data.batch()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        job.optimizer.zero_grad()
-        loss.backward()
-        job.optimizer.step()
-        job.scheduler.step()
-        job.report(step, loss)
 
 
 def resumed(client, ckpt: dict, **kwargs):
@@ -69,7 +58,7 @@ def test_resume_after_sigkill_continues_the_same_run(service, tmp_path):
     data = Data()
     data.gen.set_state(ckpt["data"])
     with job:
-        train(job, model, data, ckpt["job"]["step"] + 1, job.recipe.total_steps)
+        train(job, model, job.recipe.total_steps, data, start=ckpt["job"]["step"] + 1)
         job.complete(evaluate(model))
     runs = service.store.list_runs("default", "resume-kill").items
     assert [(r.id, r.state) for r in runs] == [(run_id, "completed")]
@@ -83,7 +72,7 @@ def test_resume_after_an_exception_is_a_new_attempt_linked_to_the_failed_run(ser
                                idempotency_key="resume-exception-1", job_options={"flush_interval": 0.05})
     total = job.recipe.total_steps
     with pytest.raises(RuntimeError), job:
-        train(job, model, data, 0, 10)
+        train(job, model, 10, data)
         ckpt = {"job": job.state_dict(), "model": {k: v.clone() for k, v in model.state_dict().items()},
                 "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict()}
         raise RuntimeError("out of memory")
@@ -99,7 +88,7 @@ def test_resume_after_an_exception_is_a_new_attempt_linked_to_the_failed_run(ser
 
     job, model = resumed(client, ckpt, new_attempt=True)
     with job:
-        train(job, model, data, 10, total)
+        train(job, model, total, data, start=10)
         job.complete(evaluate(model))
     attempt = service.store.get_run(job.run.id)
     assert attempt.id != failed.id and attempt.state == "completed"
