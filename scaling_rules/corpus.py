@@ -360,15 +360,20 @@ def _budget_batch_rows(rows: Iterable[Row]) -> list[Row]:
 
 
 @contextmanager
-def critical_scale(value: float) -> Iterator[None]:
-    """Run the engine with its critical-batch prior scaled by ``value`` (restored after); for scoring,
-    like :func:`size_exponent`."""
-    old = getattr(priors, CRITICAL_CONSTANT)
-    setattr(priors, CRITICAL_CONSTANT, value)
+def _priors_set(name: str, value: float) -> Iterator[None]:
+    """``priors.<name>`` set to ``value`` for the block, then restored (the whole process: for scoring)."""
+    old = getattr(priors, name)
+    setattr(priors, name, value)
     try:
         yield
     finally:
-        setattr(priors, CRITICAL_CONSTANT, old)
+        setattr(priors, name, old)
+
+
+def critical_scale(value: float) -> AbstractContextManager:
+    """Run the engine with its critical-batch prior scaled by ``value`` (restored after); for scoring,
+    like :func:`size_exponent`."""
+    return _priors_set(CRITICAL_CONSTANT, value)
 
 
 def fit_critical_scale(rows: Iterable[Row]) -> float:
@@ -411,15 +416,9 @@ def _lars_warmup_rows(rows: Iterable[Row]) -> list[Row]:
     return [r for r in rows if r.kind == "prediction" and r.quantity == "warmup" and (r.optimizer or r.ref_optimizer) == "lars"]
 
 
-@contextmanager
-def lars_warmup_batch(value: float) -> Iterator[None]:
+def lars_warmup_batch(value: float) -> AbstractContextManager:
     """Run the engine with its LARS warmup-growth batch set to ``value`` (restored after)."""
-    old = getattr(priors, LARS_CONSTANT)
-    setattr(priors, LARS_CONSTANT, value)
-    try:
-        yield
-    finally:
-        setattr(priors, LARS_CONSTANT, old)
+    return _priors_set(LARS_CONSTANT, value)
 
 
 def fit_lars_warmup_batch(rows: Iterable[Row]) -> float:
