@@ -468,17 +468,17 @@ def test_a_cross_site_post_changes_nothing(api, world):
 
 
 def _preempted_run(api, c, study: str) -> int:
-    """A run of ``study`` whose lease ran out, swept as the service's sweeper sweeps it."""
-    import time
+    """A run of ``study`` whose lease ran out, swept as the service's sweeper sweeps it (under uvicorn
+    the service's own sweeper may sweep it first: either way it ends preempted)."""
+    from datetime import UTC, datetime, timedelta
 
     from largebatch.scaling_rules import recommend
     from largebatch.service.storage import open_store
 
     namespace = c.get(f"/v1/studies/{study}").json()["namespace"]
     with open_store(api.store_url) as store:
-        run, _ = store.create_run(namespace, study, recommend(bert_request()), lease_seconds=0.05)
-        time.sleep(0.1)
-        assert run.id in store.expire_leases()
+        run, _ = store.create_run(namespace, study, recommend(bert_request()), lease_seconds=1)
+        store.expire_leases(now=datetime.now(UTC) + timedelta(seconds=60))
     assert c.get(f"/v1/runs/{run.id}").json()["state"] == "preempted"
     return run.id
 
