@@ -32,7 +32,7 @@ from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut, R
 
 from . import _dist, errors
 from ._base import BaseClient, Call, RunChannel, _new_idempotency_key, is_transient
-from ._resume import resume_run, takes_reports
+from ._resume import resume_run, saved_reports, takes_reports
 from ._version import __version__
 from .job import Job
 
@@ -254,6 +254,8 @@ def _resumed_job(client: BaseClient, model: Any, study: str, state: Any, new_att
     run = resume_run(channel.get_run, attempt, state, study=study, new_attempt=new_attempt)
     optimizer, scheduler = _build(model, run.recipe)
     job = Job(client, run, run.recipe, optimizer, scheduler, study=study, model=model, **dict(job_options or {}))
+    if run.id == state["run"]:  # a new attempt starts after them; they belong to the run that ended
+        job.resend(saved_reports(state))
     os.environ[HANDOVER_ENV] = json.dumps({"parent": os.getpid(), **job.handover()}, separators=(",", ":"))
     if _dist.ensure_group():
         job.sync()

@@ -237,10 +237,13 @@ class Job(Ranks, Ending):
 
     def state_dict(self) -> dict[str, Any]:
         """What to save with a training checkpoint to continue this run after a crash or a preemption:
-        ``autoconfigure(..., resume=state)`` (:mod:`largebatch.client._resume`)."""
+        ``autoconfigure(..., resume=state)`` (:mod:`largebatch.client._resume`). It carries the reports
+        the service has not acknowledged yet: the checkpoint's steps are not trained again after a crash,
+        so a resumed job sends them instead of losing them."""
         if self.run is None:
             raise errors.JobError("the run is not opened yet (the service has not answered): nothing to resume")
-        return {"run": self.run.id, "study": self.study, "step": self.last_step}
+        return {"run": self.run.id, "study": self.study, "step": self.last_step,
+                "reports": [r.model_dump(exclude_none=True) for r in self.pending_reports()]}
 
     @property
     def finished(self) -> bool:
@@ -274,6 +277,13 @@ class Job(Ranks, Ending):
             self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale))
         if self.progress_every and (step + 1) % self.progress_every == 0 and not self.follower:
             self._log_progress(step, loss)
+
+    def resend(self, reports: list[ReportIn]) -> None:
+        """Queue reports a checkpoint carried (rank 0 only: they were already agreed across ranks)."""
+        for r in reports:
+            self.last_step = r.step if self.last_step is None else max(self.last_step, r.step)
+            if self._reporter is not None:
+                self._reporter.put(r.step, r.loss, r.grad_norm, r.noise_scale)
 
     def _log_progress(self, step: int, loss: Any) -> None:
         now = time.monotonic()

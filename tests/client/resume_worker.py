@@ -1,5 +1,7 @@
 """Trains ``test_resume``'s job in a process the test kills with SIGKILL (``resume_worker.py URL OUT``):
-a checkpoint (model, optimizer, scheduler and the job's state_dict) every 5 steps, at OUT/ckpt.pt."""
+a checkpoint (model, optimizer, scheduler and the job's state_dict) every 5 steps, at OUT/ckpt.pt.
+``resume_worker.py URL OUT STUDY FLUSH_INTERVAL``: with a long flush interval no report is delivered before
+the kill, and the steps up to the checkpoint reach the service only through the checkpoint."""
 
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ from largebatch.client import Client
 from tests.client._training import REFERENCE, Data, make_model, train
 
 
-def main(url: str, out: str) -> None:
+def main(url: str, out: str, study: str, flush_interval: str) -> None:
     torch.set_num_threads(1)
     model, data = make_model(), Data()
-    job = Client(url).autoconfigure(model, study="resume-kill", reference=REFERENCE, target_batch_size=128,
-                                    job_options={"flush_interval": 0.05})
+    job = Client(url).autoconfigure(model, study=study, reference=REFERENCE, target_batch_size=128,
+                                    job_options={"flush_interval": float(flush_interval)})
 
     def checkpoint(step: int) -> None:
         if step % 5 == 4:
@@ -32,4 +34,4 @@ def main(url: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:5])

@@ -36,10 +36,14 @@ def resumed(client, ckpt: dict, **kwargs):
     return job, model
 
 
-def test_resume_after_sigkill_continues_the_same_run(service, tmp_path):
+@pytest.mark.parametrize("flush_interval", ["0.05", "3600"])
+def test_resume_after_sigkill_continues_the_same_run(service, tmp_path, flush_interval):
+    """Every step reported once in the end: the steps delivered before the kill, those the checkpoint
+    carried undelivered (all of them with a flush interval longer than the run), and those trained again."""
+    study = f"resume-kill-{flush_interval}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "resume_worker.py"), service.url,
-                             str(tmp_path)], env=env)
+                             str(tmp_path), study, flush_interval], env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if (tmp_path / "ckpt.pt").exists() and torch.load(tmp_path / "ckpt.pt")["job"]["step"] >= 19:
@@ -51,6 +55,9 @@ def test_resume_after_sigkill_continues_the_same_run(service, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt")
     run_id = ckpt["job"]["run"]
     assert service.store.get_run(run_id).state == "running"  # nobody ended it
+    if flush_interval == "3600":
+        assert service.store.reports(run_id) == []
+        assert [r["step"] for r in ckpt["job"]["reports"]] == list(range(ckpt["job"]["step"] + 1))
 
     client = Client(service.url)
     job, model = resumed(client, ckpt)
@@ -60,7 +67,7 @@ def test_resume_after_sigkill_continues_the_same_run(service, tmp_path):
     with job:
         train(job, model, job.recipe.total_steps, data, start=ckpt["job"]["step"] + 1)
         job.complete(evaluate(model))
-    runs = service.store.list_runs("default", "resume-kill").items
+    runs = service.store.list_runs("default", study).items
     assert [(r.id, r.state) for r in runs] == [(run_id, "completed")]
     assert [r.step for r in service.store.reports(run_id)] == list(range(job.recipe.total_steps))
 
