@@ -11,7 +11,7 @@ import math
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .evidence import Direction, Outcome
 from .models import MAX_COUNT, MAX_PARAMS, Family, Recipe, RecommendationRequest
@@ -147,19 +147,46 @@ class RunCreate(_In):
     environment: dict[str, Any] = Field(default_factory=dict)
 
 
+MAX_SEEN = 1e18  # examples or tokens seen by one run: 10^4 x the largest corpora trained on
+
+
 class ReportIn(_In):
     step: int = Field(ge=0, le=MAX_COUNT)
     loss: float
     grad_norm: float | None = None
     noise_scale: float | None = Field(default=None, description="The job's smoothed gradient noise scale "
                                                                 "B_noise (examples) at this step, if it measures it")
+    # The estimator's components (McCandlish et al. 2018, App. A), smoothed as noise_scale is:
+    # noise_scale = trace_sigma / grad_sq, so the two come together and agree with it.
+    grad_sq: float | None = Field(default=None, description="The smoothed |G|^2 estimate behind noise_scale")
+    trace_sigma: float | None = Field(default=None, description="The smoothed tr(Sigma) estimate behind "
+                                                                "noise_scale (per example)")
+    examples_seen: float | None = Field(default=None, ge=0, le=MAX_SEEN, description=(
+        "Examples (sequences) trained on up to and including this step: the axis of the run's noise "
+        "trajectory (B_noise is in examples)"))
+    tokens_seen: float | None = Field(default=None, ge=0, le=MAX_SEEN, description=(
+        "Tokens trained on up to this step (with examples_seen), to read the trajectory in tokens"))
 
-    @field_validator("noise_scale")
+    @field_validator("noise_scale", "grad_sq", "trace_sigma")
     @classmethod
-    def _noise_scale(cls, v: float | None) -> float | None:
+    def _positive(cls, v: float | None, info: Any) -> float | None:
         if v is not None and not (math.isfinite(v) and v > 0):
-            raise ValueError("noise_scale must be a finite number > 0")
+            raise ValueError(f"{info.field_name} must be a finite number > 0")
         return v
+
+    @model_validator(mode="after")
+    def _components_agree(self) -> ReportIn:
+        if (self.grad_sq is None) != (self.trace_sigma is None):
+            raise ValueError("grad_sq and trace_sigma come together (noise_scale = trace_sigma / grad_sq)")
+        if self.grad_sq is not None:
+            ratio = self.trace_sigma / self.grad_sq  # type: ignore[operator]
+            if self.noise_scale is None:
+                self.noise_scale = ratio
+            elif not math.isclose(self.noise_scale, ratio, rel_tol=1e-3):
+                raise ValueError(f"noise_scale ({self.noise_scale:g}) must equal trace_sigma / grad_sq ({ratio:g})")
+        if self.tokens_seen is not None and self.examples_seen is None:
+            raise ValueError("tokens_seen needs examples_seen (the trajectory's axis: B_noise is in examples)")
+        return self
 
     @field_validator("loss")
     @classmethod

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from largebatch.service.storage.base import Conflict, RunRecord, StudyStore
+from largebatch.service.storage.records import noise_point
 
 __all__ = ["DivergenceRule", "Verdict", "record_reports"]
 
@@ -143,8 +144,8 @@ def record_reports(store: StudyStore, rule: DivergenceRule, run: RunRecord, repo
             break
     try:
         before = run.state
-        run = store.report_batch(run.id, [(r.step, r.loss, r.grad_norm, getattr(r, "noise_scale", None))
-                                          for r in kept])
+        run = store.report_batch(run.id, [(r.step, r.loss, r.grad_norm, getattr(r, "noise_scale", None),
+                                           noise_point(r)) for r in kept])
         if before == "preempted":  # the store call succeeded, so the run is running again
             on_revived()
     except Conflict:

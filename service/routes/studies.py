@@ -1,4 +1,5 @@
-"""Studies: create, list (paged), read, delete. Always within the caller's namespace."""
+"""Studies: create, list (paged), read, delete, the critical batch along the run. Always within the
+caller's namespace."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 
 from largebatch.scaling_rules.wire import NAME_PATTERN, Page, Study, StudyCreate
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, to_study
+from largebatch.service.critical_batch import CriticalBatchOut, critical_batch
 from largebatch.service.deps import IdempotencyKey, Reader, StoreDep, Writer
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
 from largebatch.service.storage.base import AlreadyExists
@@ -81,3 +83,15 @@ def delete_study(name: StudyName, principal: Writer, store: StoreDep, request: R
     finally:
         request.app.state.evidence_cache.written()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{name}/critical-batch", response_model=CriticalBatchOut, responses=ERROR_RESPONSES,
+            summary="The critical batch along the examples seen, fitted from the runs' noise trajectories",
+            description="B_noise(examples seen) = coefficient x examples_seen^exponent, least squares in log-log "
+                        "over the trajectory points of the study's newest 64 runs that reported one, with a 95% "
+                        "band (`fit.interval` says how it was made) and the study's calibration factor; `points` "
+                        "are the runs' points pooled by bins of examples seen. No trajectory yet: 200 with "
+                        "`fit: null` and a `reason`. `fit.points` is in the form `reference.noise_trajectory` "
+                        "takes.")
+def get_critical_batch(name: StudyName, principal: Reader, store: StoreDep) -> Response:
+    return Response(critical_batch(store, principal.namespace, name).model_dump_json(), media_type=_JSON)

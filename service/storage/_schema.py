@@ -15,6 +15,8 @@ Tables:
   outcome; what :meth:`StudyStore.history` reads.
 * ``lb_grad_norms``: optional gradient norm per reported step (the loss itself is an Optuna
   intermediate value).
+* ``lb_noise_trajectory``: each run's gradient noise scale along the examples it has seen, merged into
+  at most ``trajectory.MAX_BUCKETS`` buckets per run (fixed log-spaced bins of examples seen).
 * ``lb_api_keys``: sha256 hashes of API keys.
 """
 
@@ -136,6 +138,24 @@ lb_grad_norms = Table(
     Column("grad_norm_nonfinite", String(8), nullable=True),
 )
 
+# Sums, so a report batch adds to its buckets in one upsert (no read-modify-write of the trajectory).
+lb_noise_trajectory = Table(
+    "lb_noise_trajectory",
+    metadata,
+    Column("run_id", Integer, ForeignKey("lb_runs.run_id", ondelete="CASCADE"), primary_key=True),
+    Column("bucket", Integer, primary_key=True, autoincrement=False),
+    Column("n", Integer, nullable=False),
+    Column("first_step", BigInteger, nullable=False),
+    Column("last_step", BigInteger, nullable=False),
+    Column("sum_examples", Double, nullable=False),
+    Column("sum_log_noise", Double, nullable=False),
+    Column("n_tokens", Integer, nullable=False),
+    Column("sum_tokens", Double, nullable=False),
+    Column("n_components", Integer, nullable=False),
+    Column("sum_grad_sq", Double, nullable=False),
+    Column("sum_trace_sigma", Double, nullable=False),
+)
+
 lb_api_keys = Table(
     "lb_api_keys",
     metadata,
@@ -156,8 +176,12 @@ def _migrate_to_1(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
+def _migrate_to_2(conn: Connection) -> None:
+    lb_noise_trajectory.create(conn, checkfirst=True)  # version 1's create_all made it on a new database
+
+
 #: version -> migration that brings the schema from version-1 to version. Append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
 HEAD = max(MIGRATIONS)
 
 

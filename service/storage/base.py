@@ -59,6 +59,7 @@ from largebatch.service.storage.records import (
     NotFound,
     Report,
     RunRecord,
+    RunTrajectory,
     StoredOutcome,
     StoreError,
     StoreUnavailable,
@@ -297,9 +298,9 @@ class StudyStore(ApiKeyStore):
         """Record an intermediate report (Optuna intermediate value at ``step``): ``report_batch`` of one."""
 
     @abc.abstractmethod
-    def report_batch(self, run_id: int, reports: Sequence[tuple[int, float, float | None, float | None]]
-                     ) -> RunRecord:
-        """Record ``(step, loss, grad_norm, noise_scale)`` reports in one transaction.
+    def report_batch(self, run_id: int, reports: Sequence[tuple[Any, ...]]) -> RunRecord:
+        """Record ``(step, loss, grad_norm, noise_scale[, NoisePoint])`` reports in one transaction
+        (a ``records.NoisePoint`` with a ``noise_scale`` adds it to the run's trajectory).
 
         Idempotent per step: reporting the same step again overwrites it (within a batch, the later
         report of a step wins). Renews the lease by the run's lease length. ``loss`` and ``grad_norm``
@@ -320,6 +321,12 @@ class StudyStore(ApiKeyStore):
         Raises:
             NotFound: No such study.
         """
+
+    @abc.abstractmethod
+    def noise_trajectories(self, namespace: str, study: str, *, max_runs: int = 256
+                           ) -> tuple[int, list[RunTrajectory]]:
+        """The number of the study's runs with a noise trajectory, and those of the newest ``max_runs``
+        (at most 256), each at most ``MAX_BUCKETS`` points. Raises NotFound: no such study."""
 
     @abc.abstractmethod
     def reports(self, run_id: int, *, after_step: int | None = None, offset: int = 0,

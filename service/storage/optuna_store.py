@@ -22,6 +22,7 @@ failed                 FAIL, ``outcome="failed"``, ``reason``
 preempted              FAIL, ``outcome="preempted"``, ``reason="lease expired"``
 pruned                 PRUNED, value = metric or last reported loss (as ``Study.tell`` does)
 report                 intermediate value (step, loss); grad norm in ``lb_grad_norms``
+noise trajectory       ``lb_noise_trajectory``: B_noise by examples seen, binned (:mod:`.trajectory`)
 =====================  ======================================================================
 
 Stock Optuna tools may *read* the store (``optuna.load_study``, ``optuna-dashboard`` behind
@@ -77,6 +78,7 @@ from largebatch.service.storage.reports import ReportOps
 from largebatch.service.storage.runs import RunOps
 from largebatch.service.storage.studies import StudyOps
 from largebatch.service.storage.summaries import SummaryOps, fold_summary  # noqa: F401
+from largebatch.service.storage.trajectory import TrajectoryOps
 
 __all__ = ["OptunaStudyStore", "default_url", "initialize_schema", "open_store"]
 
@@ -99,7 +101,8 @@ def open_store(url: str | None = None, *, initialize: bool = True, **options: An
     return OptunaStudyStore(url, initialize=initialize, **options)
 
 
-class OptunaStudyStore(StudyOps, RunOps, ReportOps, OutcomeOps, SummaryOps, EvidenceOps, StudyStore):
+class OptunaStudyStore(StudyOps, RunOps, ReportOps, TrajectoryOps, OutcomeOps, SummaryOps, EvidenceOps,
+                       StudyStore):
     """:class:`StudyStore` on an Optuna RDB schema (SQLite file, PostgreSQL, or SQLite in memory).
 
     The operations come from one part per aggregate; this class owns what they share: the

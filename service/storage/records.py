@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -20,13 +20,16 @@ __all__ = [
     "ApiKeyRecord",
     "Conflict",
     "InvalidArgument",
+    "NoisePoint",
     "NotFound",
     "Report",
     "RunRecord",
+    "RunTrajectory",
     "StoreError",
     "StoreUnavailable",
     "StoredOutcome",
     "StudyRecord",
+    "noise_point",
     "validate_name",
 ]
 
@@ -128,6 +131,43 @@ class Report(_Record):
     step: int
     loss: float
     grad_norm: float | None = None
+
+
+class NoisePoint(NamedTuple):
+    """What a report with a ``noise_scale`` adds to its run's trajectory besides the value itself."""
+
+    examples_seen: float
+    tokens_seen: float | None = None
+    grad_sq: float | None = None
+    trace_sigma: float | None = None
+
+
+def noise_point(report: Any) -> NoisePoint | None:
+    """The trajectory part of a report (any object with the wire ``ReportIn``'s attributes)."""
+    examples = getattr(report, "examples_seen", None)
+    if examples is None:
+        return None
+    return NoisePoint(examples, getattr(report, "tokens_seen", None), getattr(report, "grad_sq", None),
+                      getattr(report, "trace_sigma", None))
+
+
+class TrajectoryPoint(_Record):
+    """One bucket of a run's noise trajectory: the reports whose examples seen fell in it, merged."""
+
+    examples_seen: float = Field(description="Mean examples seen over the bucket's reports.")
+    tokens_seen: float | None = Field(default=None, description="Mean tokens seen, when every report gave it.")
+    noise_scale: float = Field(description="Geometric mean of the reports' B_noise (examples).")
+    grad_sq: float | None = Field(default=None, description="Mean |G|^2 of the reports that gave the components.")
+    trace_sigma: float | None = None
+    reports: int
+    first_step: int
+    last_step: int
+
+
+class RunTrajectory(_Record):
+    run_id: int
+    batch_size: int
+    points: list[TrajectoryPoint]
 
 
 class ApiKeyRecord(_Record):

@@ -28,26 +28,31 @@ from largebatch.service.storage._checks import (
     _now,
 )
 from largebatch.service.storage._queries import T_INTERMEDIATE, T_TRIAL_USER, find_study
-from largebatch.service.storage.records import NotFound, Report, RunRecord, validate_name
+from largebatch.service.storage.records import NoisePoint, NotFound, Report, RunRecord, validate_name
+from largebatch.service.storage.trajectory import checked_point
 
 __all__ = ["MAX_REPORT_PAGE", "NOISE_KEY", "ReportOps", "ReportRow"]
 
 NOISE_KEY = "noise_scale"  # the run's latest B_noise, an Optuna trial user attr (it changes: not cached)
 MAX_REPORT_PAGE = 10_000
-ReportRow = tuple[int, float, "float | None", "float | None"]  # step, loss, grad_norm, noise_scale
+# step, loss, grad_norm, noise_scale[, NoisePoint: where the noise scale sits on the run's trajectory]
+_Checked = tuple[int, float, "float | None", "float | None", "NoisePoint | None"]
+ReportRow = tuple[int, float, "float | None", "float | None"] | _Checked
 _COUNT_CACHE = 4096
 _TO_STORED = om.TrialIntermediateValueModel.intermediate_value_to_stored_repr
 _FROM_STORED = om.TrialIntermediateValueModel.stored_repr_to_intermediate_value
 
 
-def _checked(rows: Sequence[ReportRow]) -> list[ReportRow]:
+def _checked(rows: Sequence[ReportRow]) -> list[_Checked]:
     """Checked and de-duplicated by step (the later of two reports of one step wins), in step order."""
-    by_step: dict[int, ReportRow] = {}
-    for step, loss, grad_norm, noise in rows:
+    by_step: dict[int, _Checked] = {}
+    for row in rows:
+        step, loss, grad_norm, noise = row[:4]
         _int("step", step, minimum=0, maximum=MAX_INT)
         by_step[step] = (step, _float("loss", loss, finite=False),
                          None if grad_norm is None else _float("grad_norm", grad_norm, finite=False),
-                         None if noise is None else _noise_scale(noise))
+                         None if noise is None else _noise_scale(noise),
+                         checked_point(row[4] if len(row) > 4 else None))
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -92,7 +97,7 @@ class ReportOps:
             conn.execute(update(r).where(r.c.run_id == run_id).values(**changes))
             row.update(changes)
             values = []
-            for step, loss, _, _ in rows:
+            for step, loss, *_ in rows:
                 v, vt = _TO_STORED(loss)
                 values.append({"trial_id": run_id, "step": step, "intermediate_value": v, "intermediate_value_type": vt})
             ins = self._insert(T_INTERMEDIATE)  # type: ignore[attr-defined]
@@ -100,11 +105,11 @@ class ReportOps:
                 index_elements=["trial_id", "step"],
                 set_={"intermediate_value": ins.excluded.intermediate_value,
                       "intermediate_value_type": ins.excluded.intermediate_value_type}), values)
-            without = [step for step, _, gn, _ in rows if gn is None]
+            without = [step for step, _, gn, *_ in rows if gn is None]
             if without:
                 conn.execute(delete(g).where(g.c.run_id == run_id, g.c.step.in_(without)))
             norms = []
-            for step, _, gn, _ in rows:
+            for step, _, gn, *_ in rows:
                 if gn is not None:
                     value, tag = _nonfinite_repr(gn)
                     norms.append({"run_id": run_id, "step": step, "grad_norm": value, "grad_norm_nonfinite": tag})
@@ -114,6 +119,7 @@ class ReportOps:
                     index_elements=["run_id", "step"],
                     set_={"grad_norm": gins.excluded.grad_norm, "grad_norm_nonfinite": gins.excluded.grad_norm_nonfinite}),
                     norms)
+            self._add_to_trajectory(conn, run_id, [(x[0], x[3], x[4]) for x in rows])  # type: ignore[attr-defined]
             return self._run_records(conn, [row])[0]  # type: ignore[attr-defined]
 
         return self._write(tx)  # type: ignore[attr-defined]

@@ -189,6 +189,7 @@ class StudyOps:
             sid = find_study(conn, namespace, name, for_update=True).study_id
             runs = select(sch.lb_runs.c.run_id).where(sch.lb_runs.c.study_id == sid).scalar_subquery()
             conn.execute(delete(sch.lb_grad_norms).where(sch.lb_grad_norms.c.run_id.in_(runs)))
+            conn.execute(delete(sch.lb_noise_trajectory).where(sch.lb_noise_trajectory.c.run_id.in_(runs)))
             conn.execute(delete(sch.lb_batch_summary).where(sch.lb_batch_summary.c.study_id == sid))
             conn.execute(delete(sch.lb_runs).where(sch.lb_runs.c.study_id == sid))
             conn.execute(delete(sch.lb_studies).where(sch.lb_studies.c.study_id == sid))

@@ -1,0 +1,209 @@
+"""A study's critical batch along the examples seen: its runs' noise trajectories, pooled and fitted.
+
+B_noise grows over a run about as a power of the examples seen (McCandlish et al. 2018, Fig. 4; ~10x
+over an LM run), so the fit is a power law, B_noise(x) = c x^b, by least squares in log-log over
+every run's trajectory points (each point one log-spaced bin of examples seen, so each stretch of a
+run weighs the same). Its band is a 95% confidence band of the fitted curve: with 5 runs or more a
+bootstrap over runs (a run's points are correlated, runs are not); below that, the t-interval of the
+regression over the points, which treats a run's smoothed points as independent and so is optimistic
+(the answer says which one it gave). The curve is scaled by the study's calibration factor, the ratio
+of measured critical batches (branching from checkpoints) to the streaming statistic; 1.0 until
+such measurements are study evidence.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from largebatch.service.storage import StudyStore
+from largebatch.service.storage.records import RunTrajectory
+from largebatch.service.storage.trajectory import bucket_of
+
+__all__ = ["CONFIDENCE", "CriticalBatchOut", "critical_batch", "fit_power_law"]
+
+CONFIDENCE = 0.95
+CURVE_POINTS = 32  # the fitted curve, log-spaced over the examples the runs covered (never beyond)
+MAX_RUNS = 64  # the newest runs with a trajectory that one answer pools
+BOOTSTRAP_RUNS = 5  # fewer runs than this: a bootstrap over runs has too few distinct resamples
+BOOTSTRAP_RESAMPLES = 400
+_SEED = 0  # the bootstrap is seeded: the same data always answers the same band
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class CurvePoint(_Out):
+    """The fitted critical batch at one point (the field names of ``reference.noise_trajectory``)."""
+
+    examples_seen: float
+    tokens_seen: float | None = Field(default=None, description="When every pooled point gave tokens seen.")
+    noise_scale: float = Field(description="Calibration factor x the fitted B_noise (examples).")
+    noise_scale_low: float = Field(description="Lower end of the 95% band.")
+    noise_scale_high: float = Field(description="Upper end of the 95% band.")
+
+
+class PooledPoint(_Out):
+    """The runs' trajectory points that fell in one bin of examples seen, pooled."""
+
+    examples_seen: float = Field(description="Mean over the runs' points.")
+    tokens_seen: float | None = None
+    noise_scale: float = Field(description="Geometric mean of the runs' B_noise (uncalibrated).")
+    runs: int
+    reports: int
+
+
+class Calibration(_Out):
+    factor: float = Field(default=1.0, description="Measured critical batch / streaming B_noise; multiplies "
+                                                   "the fitted curve.")
+    measured: int = Field(default=0, description="Measured critical batches behind the factor.")
+    detail: str
+
+
+class PowerLawFit(_Out):
+    model: Literal["power_law"] = "power_law"
+    formula: str = "noise_scale = factor * coefficient * examples_seen ** exponent"
+    coefficient: float
+    exponent: float
+    exponent_low: float
+    exponent_high: float
+    confidence: float = CONFIDENCE
+    interval: Literal["run_bootstrap", "t_points"] = Field(description=(
+        "run_bootstrap: percentile bootstrap over runs; t_points: t-interval over the points of fewer than "
+        f"{BOOTSTRAP_RUNS} runs, optimistic (a run's smoothed points are correlated)"))
+    residual_rms: float = Field(description="RMS of the log residuals (0.1: the points sit ~10% off the curve).")
+    points: list[CurvePoint]
+
+
+class CriticalBatchOut(_Out):
+    """``GET /v1/studies/{name}/critical-batch``."""
+
+    study: str
+    unit: Literal["examples"] = "examples"
+    runs: int = Field(description="Runs whose trajectories were pooled (the newest, at most 64).")
+    runs_with_trajectory: int
+    fit: PowerLawFit | None = None
+    reason: str | None = Field(default=None, description="Why there is no fit, when there is none.")
+    calibration: Calibration
+    points: list[PooledPoint] = Field(default_factory=list)
+
+
+def _t_quantile(p: float, df: int) -> float:
+    """Student's t quantile: exact for 1 and 2 degrees of freedom, else the Cornish-Fisher series
+    (within 0.2% at df 3 and p 0.975, better above)."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    z = NormalDist().inv_cdf(p)
+    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3)
+            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * df ** 4))
+
+
+def _line(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intercept, slope and the spread of u from sums [n, Su, Sy, Suu, Suy] (rows or one)."""
+    n, su, sy, suu, suy = (stats[..., i] for i in range(5))
+    sxx = suu - su * su / n
+    slope = (suy - su * sy / n) / np.where(sxx > 0, sxx, np.nan)
+    return sy / n - slope * su / n, slope, sxx
+
+
+def fit_power_law(runs: list[list[tuple[float, float]]], *, factor: float = 1.0) -> PowerLawFit | str:
+    """Fit B = c x^b to every run's ``(examples_seen, noise_scale)`` points; a reason string when the
+    points cannot determine it."""
+    per_run = []
+    for pts in runs:
+        u = np.log([x for x, _ in pts if x >= 1])
+        y = np.log([b for x, b in pts if x >= 1])
+        if len(u):
+            per_run.append((u, y))
+    if not per_run:
+        return "no point past the first example"
+    u = np.concatenate([p[0] for p in per_run])
+    y = np.concatenate([p[1] for p in per_run])
+    n = len(u)
+    if n < 3 or float(np.ptp(u)) <= 0:
+        return f"{n} point(s) over {math.exp(float(u.min())):.4g}..{math.exp(float(u.max())):.4g} examples: " \
+               "a power law needs 3 points at 2 or more distinct examples seen"
+    stats = np.array([[len(a), a.sum(), b.sum(), (a * a).sum(), (a * b).sum()] for a, b in per_run])
+    a0, b0, sxx = (float(v) for v in _line(stats.sum(axis=0)))
+    resid = y - (a0 + b0 * u)
+    grid = np.linspace(float(u.min()), float(u.max()), CURVE_POINTS)
+    alpha = (1 - CONFIDENCE) / 2
+    if len(per_run) >= BOOTSTRAP_RUNS:
+        rng = np.random.default_rng(_SEED)
+        counts = rng.multinomial(len(per_run), np.full(len(per_run), 1 / len(per_run)), size=BOOTSTRAP_RESAMPLES)
+        a_s, b_s, _ = _line(counts @ stats)
+        ok = np.isfinite(b_s)
+        curves = a_s[ok, None] + b_s[ok, None] * grid[None, :]
+        lo, hi = np.quantile(curves, [alpha, 1 - alpha], axis=0)
+        b_lo, b_hi = np.quantile(b_s[ok], [alpha, 1 - alpha])
+        interval = "run_bootstrap"
+    else:
+        t = _t_quantile(1 - alpha, n - 2)
+        s = math.sqrt(float(resid @ resid) / (n - 2))
+        half = t * s * np.sqrt(1 / n + (grid - u.mean()) ** 2 / sxx)
+        lo, hi = a0 + b0 * grid - half, a0 + b0 * grid + half
+        b_lo, b_hi = b0 - t * s / math.sqrt(sxx), b0 + t * s / math.sqrt(sxx)
+        interval = "t_points"
+    mid = a0 + b0 * grid
+    points = [CurvePoint(examples_seen=float(math.exp(g)), noise_scale=factor * math.exp(m),
+                         noise_scale_low=factor * math.exp(min(lw, m)), noise_scale_high=factor * math.exp(max(h, m)))
+              for g, m, lw, h in zip(grid, mid, lo, hi, strict=True)]
+    return PowerLawFit(coefficient=math.exp(a0), exponent=b0, exponent_low=float(b_lo), exponent_high=float(b_hi),
+                       interval=interval, residual_rms=float(np.sqrt(np.mean(resid ** 2))), points=points)
+
+
+def _pooled(trajectories: list[RunTrajectory]) -> list[PooledPoint]:
+    bins: dict[int, list] = {}
+    for run in trajectories:
+        for p in run.points:
+            bins.setdefault(bucket_of(p.examples_seen), []).append(p)
+    out = []
+    for b in sorted(bins):
+        ps = bins[b]
+        tokens = [p.tokens_seen for p in ps]
+        out.append(PooledPoint(
+            examples_seen=sum(p.examples_seen for p in ps) / len(ps),
+            tokens_seen=None if None in tokens else sum(tokens) / len(ps),  # type: ignore[arg-type]
+            noise_scale=math.exp(sum(math.log(p.noise_scale) for p in ps) / len(ps)),
+            runs=len(ps), reports=sum(p.reports for p in ps)))
+    return out
+
+
+def _calibration() -> Calibration:
+    return Calibration(detail="no measured critical batch in this study yet: the factor is 1.0. Branch "
+                              "probes' measured critical batches, once study evidence, set it to the geometric "
+                              "mean of measured / fitted B_noise at their examples seen.")
+
+
+def critical_batch(store: StudyStore, namespace: str, study: str) -> CriticalBatchOut:
+    """The study's fitted critical batch along the examples seen, and the pooled points behind it.
+
+    Raises NotFound (no such study in ``namespace``)."""
+    total, trajectories = store.noise_trajectories(namespace, study, max_runs=MAX_RUNS)
+    calibration = _calibration()
+    pooled = _pooled(trajectories)
+    out = CriticalBatchOut(study=study, runs=len(trajectories), runs_with_trajectory=total,
+                           calibration=calibration, points=pooled)
+    if not trajectories:
+        out.reason = ("no run of this study has reported a noise trajectory yet (reports with noise_scale "
+                      "and examples_seen; job.measure_noise sends them)")
+        return out
+    fit = fit_power_law([[(p.examples_seen, p.noise_scale) for p in run.points] for run in trajectories],
+                        factor=calibration.factor)
+    if isinstance(fit, str):
+        out.reason = fit
+        return out
+    if pooled and all(p.tokens_seen is not None for p in pooled):
+        per_example = sum(p.tokens_seen for p in pooled) / sum(p.examples_seen for p in pooled)  # type: ignore[misc]
+        for c in fit.points:
+            c.tokens_seen = c.examples_seen * per_example
+    out.fit = fit
+    return out
