@@ -9,17 +9,26 @@ batch sizes B_small < B_big seen at the same step give unbiased estimates of bot
 
 Each per-step estimate is very noisy (|G|^2 can even come out negative), and the ratio of two noisy
 estimates is biased, so numerator and denominator are smoothed *separately* with an EMA and the
-ratio is taken last.
+ratio is taken last. The smoothing's memory is counted in examples, not steps (``memory_examples``):
+a run whose batch grows keeps the same memory in data, and the default, 100 steps of the first
+measured batch, is the memory the critical-batch and fidelity benchmarks chose (20 steps read from
+500 to 2300 and to NaN between seeds there). ``ema=`` keeps the older per-step memory.
 
 Where the two norms come from, at the cost of one norm per step and no gradient copy:
 
 * one process with gradient accumulation: ``|G_small|^2`` from each micro-batch's gradient, read
   by tensor hooks before it is accumulated, and ``|G_big|^2`` from the accumulated gradient
-  (:meth:`GradientNoiseScale.attach_accumulation`); or, with no hooks, from the gradient after the
+  (:meth:`GradientNoiseScale.attach_accumulation`; also the bare module under DDP, with
+  ``process_group``: the accumulated gradient is then the all-reduced one); or, with no hooks, from the gradient after the
   first micro-batch (:meth:`GradientNoiseScale.measure_small`, :meth:`GradientNoiseScale.measure_big`);
 * DDP: ``|G_small|^2`` from each rank's local gradient before the all-reduce and ``|G_big|^2`` from
   the all-reduced one, read by a communication hook (:meth:`GradientNoiseScale.attach_ddp`);
+
 * FSDP2 or any setup where the caller already has the two squared norms: :meth:`GradientNoiseScale.update`.
+
+What a loop does that these readings do not expect (a diagnostic backward pass, a zeroed gradient, a
+loop without ``no_sync``, gradients no rank all-reduced) is read right, warned about and left out, or
+raised, never read silently wrong (:mod:`._noise_hooks`).
 
 With ``preconditioner=`` (an Adam-style optimizer, or per-parameter weights) every squared norm is
 P-weighted, ``|g|_P^2 = sum_i P_i g_i^2``, whose expectation is ``G^T P G + tr(P Sigma) / B``: the
@@ -41,104 +50,23 @@ backward pass each), so a caller can average the local values instead (README, "
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["GradientNoiseScale", "NoiseProbe", "adam_preconditioner", "grad_sq_norm", "probe_noise_scale"]
+from ._grad_norms import _local, adam_preconditioner, grad_sq_norm
+from ._noise_hooks import AccumulationReader, DDPReader
+from ._noise_probe import NoiseProbe, probe_noise_scale
 
+__all__ = ["DEFAULT_MEMORY_STEPS", "GradientNoiseScale", "NoiseProbe", "adam_preconditioner", "grad_sq_norm",
+           "probe_noise_scale"]
 
-def grad_sq_norm(params: Iterable[torch.Tensor], *, scale: float = 1.0,
-                 weights: Callable[[torch.Tensor], torch.Tensor | None] | None = None) -> torch.Tensor | None:
-    """``scale^2 * sum |p.grad|^2`` over ``params`` as a 0-dim float64 tensor, without a gradient copy.
-
-    With ``weights`` (parameter -> tensor of its shape, or None when not available), the P-weighted
-    ``scale^2 * sum_i P_i grad_i^2``; None if a parameter with a gradient has no weights.
-    DTensor (FSDP2) gradients count their local shards, summed over the mesh, so the result is the
-    norm of the full gradient on every rank.
-    """
-    total: torch.Tensor | None = None
-    sharded_groups = []
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if hasattr(g, "to_local") and hasattr(g, "device_mesh"):
-            sharded_groups.append(g.device_mesh.get_group())
-            g = g.to_local()
-        if g.numel() == 0:
-            continue
-        if weights is None:
-            sq = _sq_norm(g)
-        else:
-            w = weights(p)
-            if w is None:
-                return None
-            sq = _weighted_sq_norm(g, _local(w))
-        total = sq if total is None else total + sq.to(total.device)
-    if total is None:
-        total = torch.zeros((), dtype=torch.float64)
-    if sharded_groups:
-        import torch.distributed as dist
-
-        # One scalar per step; every DTensor of a model shares one mesh in practice.
-        dist.all_reduce(total, group=sharded_groups[0])
-    return total * (scale * scale)
-
-
-def _sq_norm(t: torch.Tensor) -> torch.Tensor:
-    # float32 accumulation for half-precision gradients; float64 gradients keep their precision
-    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(t, dtype=dtype).double() ** 2
-
-
-def _weighted_sq_norm(g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``sum w * g^2`` (float32 accumulation for half precision, as :func:`_sq_norm`)."""
-    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
-    return (g.to(dtype).square() * w.to(dtype)).sum().double()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "device_mesh") else t
-
-
-def adam_preconditioner(optimizer: Any) -> Callable[[torch.Tensor], torch.Tensor | None]:
-    """Per-parameter weights ``P = 1 / (sqrt(v_hat) + eps)`` from an Adam-style optimizer's state.
-
-    ``v_hat`` is the bias-corrected ``exp_avg_sq`` (``state["step"]``, the group's ``betas`` and
-    ``eps``), read before the optimizer steps: P then does not depend on the gradients it weighs.
-    Coordinates whose ``exp_avg_sq`` is still 0 (never had a gradient, e.g. the embedding row of a
-    token not yet seen) get weight 0, not ``1/eps``: Adam has no scale for them yet, and one
-    first gradient weighted by 1e8 would swamp the estimate. Returns None for a parameter with no
-    state yet (before the first step): that step is not measured.
-    """
-    groups = getattr(optimizer, "param_groups", None)
-    if not isinstance(groups, list) or not hasattr(optimizer, "state"):
-        raise ValueError(f"preconditioner must be an optimizer with param_groups and state, got {optimizer!r}")
-    for i, group in enumerate(groups):
-        if "betas" not in group or "eps" not in group:
-            raise ValueError(f"preconditioner: param group {i} of {type(optimizer).__name__} has no 'betas'/'eps' "
-                             "(an Adam-style optimizer is needed; pass a callable for other preconditioners)")
-
-    group_of: dict[int, dict] = {}
-
-    def weights(p: torch.Tensor) -> torch.Tensor | None:
-        if id(p) not in group_of:  # (re)built when a parameter is new to it: param groups can be added
-            group_of.clear()
-            group_of.update({id(q): g for g in optimizer.param_groups for q in g["params"]})
-        group = group_of.get(id(p))
-        state = optimizer.state.get(p)
-        if group is None or not state or "exp_avg_sq" not in state or "step" not in state:
-            return None
-        v, step = _local(state["exp_avg_sq"]), state["step"]
-        # a tensor step (capturable/fused Adam) stays on the device: no host sync per parameter
-        step = step.to(v.device, torch.float32) if isinstance(step, torch.Tensor) else float(step)
-        v_hat = v.float() / (1.0 - group["betas"][1] ** step)
-        return torch.where(v > 0, 1.0 / (v_hat.sqrt() + group["eps"]), torch.zeros_like(v_hat))
-
-    return weights
+# The benchmarks' memory (critical_batch.py's pilot, scaling_fidelity.py's 4x run: EMA 0.99 per step), held
+# in examples from the first measured step on.
+DEFAULT_MEMORY_STEPS = 100
 
 
 def _num(x: float | torch.Tensor, name: str) -> torch.Tensor:
@@ -152,8 +80,12 @@ class GradientNoiseScale:
     """Smoothed two-batch-size estimate of B_simple = tr(Sigma)/|G|^2 (McCandlish et al., App. A).
 
     Args:
-        ema: smoothing factor of the EMAs of tr(Sigma) and |G|^2 (0.95: about 20 steps of memory;
-            B_noise grows as the loss falls, so a longer memory lags the truth).
+        ema: a per-step smoothing factor of the EMAs of tr(Sigma) and |G|^2 (0.95: about 20 steps of
+            memory), whatever the batch; not with ``memory_examples``.
+        memory_examples: the smoothing's memory in examples (tokens, if the batch sizes are tokens): a step
+            whose big batch is B keeps ``exp(-B / memory_examples)`` of the past. Default (neither
+            given): ``DEFAULT_MEMORY_STEPS`` (100) times the first measured step's big batch, the memory
+            the benchmarks chose; B_noise grows as the loss falls, so a much longer memory lags it.
         preconditioner: measure the preconditioned B_pre = tr(P Sigma) / (G^T P G) instead (module
             docstring): an Adam-style optimizer (``exp_avg_sq`` state; P from
             :func:`adam_preconditioner`), or a callable ``parameter -> weights`` (a tensor of the
@@ -163,9 +95,14 @@ class GradientNoiseScale:
             there, weigh the norms yourself and call :meth:`update`.
     """
 
-    def __init__(self, ema: float = 0.95, preconditioner: Any = None):
-        if not (0.0 <= ema < 1.0):
+    def __init__(self, ema: float | None = None, preconditioner: Any = None, *,
+                 memory_examples: float | None = None):
+        if ema is not None and memory_examples is not None:
+            raise ValueError("give ema (a memory in steps) or memory_examples (in examples), not both")
+        if ema is not None and not (0.0 <= ema < 1.0):
             raise ValueError(f"ema must be in [0, 1), got {ema!r}")
+        if memory_examples is not None and not (math.isfinite(memory_examples) and memory_examples > 0):
+            raise ValueError(f"memory_examples must be a finite number > 0, got {memory_examples!r}")
         if preconditioner is None or isinstance(preconditioner, torch.optim.Optimizer) or hasattr(
                 preconditioner, "param_groups"):
             self._weights_of = None if preconditioner is None else adam_preconditioner(preconditioner)
@@ -177,17 +114,28 @@ class GradientNoiseScale:
             raise TypeError("preconditioner must be None, an Adam-style optimizer or a callable parameter -> "
                             f"weights, got {type(preconditioner).__name__}")
         self._weights: dict[int, torch.Tensor | None] = {}  # this step's P per parameter (cleared by step)
-        self.ema = float(ema)
+        self.ema = None if ema is None else float(ema)
+        self.memory_examples = None if memory_examples is None else float(memory_examples)
         self._trace = torch.zeros((), dtype=torch.float64)  # EMA sums, bias-corrected on read
         self._grad_sq = torch.zeros((), dtype=torch.float64)
         self._weight = 0.0
         self.n_updates = 0
+        self.examples = 0  # the big batches folded in, summed: the data the estimate has seen
+        self.batch_sizes: tuple[int, int] | None = None  # (B_small, B_big) of the last update
         self._small: tuple[torch.Tensor, int] | None = None
         self._big: tuple[torch.Tensor, int] | None = None
-        self._ddp: dict[str, Any] | None = None
-        self._accumulation: dict[str, Any] | None = None
+        self._ddp: DDPReader | None = None
+        self._accumulation: AccumulationReader | None = None
+        self._paused = False
 
     # ----------------------------------------------------------------- the estimator
+
+    def _decay(self, big_batch: int) -> float:
+        if self.ema is not None:
+            return self.ema
+        if self.memory_examples is None:
+            self.memory_examples = float(DEFAULT_MEMORY_STEPS * big_batch)
+        return math.exp(-big_batch / self.memory_examples)
 
     def update(self, small_sq_norm: float | torch.Tensor, big_sq_norm: float | torch.Tensor,
                small_batch: int, big_batch: int) -> None:
@@ -205,10 +153,13 @@ class GradientNoiseScale:
         big = big.to(small.device)
         grad_sq = (big_batch * big - small_batch * small) / (big_batch - small_batch)
         trace = (small - big) / (1.0 / small_batch - 1.0 / big_batch)
-        self._trace = self.ema * self._trace + (1 - self.ema) * trace
-        self._grad_sq = self.ema * self._grad_sq + (1 - self.ema) * grad_sq
-        self._weight = self.ema * self._weight + (1 - self.ema)
+        a = self._decay(big_batch)
+        self._trace = a * self._trace + (1 - a) * trace
+        self._grad_sq = a * self._grad_sq + (1 - a) * grad_sq
+        self._weight = a * self._weight + (1 - a)
         self.n_updates += 1
+        self.examples += big_batch
+        self.batch_sizes = (small_batch, big_batch)
 
     @property
     def trace_sigma(self) -> float | None:
@@ -240,15 +191,20 @@ class GradientNoiseScale:
             return None
         return self._trace.clamp(min=0.0) / self._grad_sq
 
-    def state_dict(self) -> dict[str, float | int]:
-        return {"ema": self.ema, "trace_sum": float(self._trace), "grad_sq_sum": float(self._grad_sq),
-                "weight": self._weight, "n_updates": self.n_updates}
+    def state_dict(self) -> dict[str, float | int | None]:
+        return {"ema": self.ema, "memory_examples": self.memory_examples, "trace_sum": float(self._trace),
+                "grad_sq_sum": float(self._grad_sq), "weight": self._weight, "n_updates": self.n_updates,
+                "examples": self.examples}
 
-    def load_state_dict(self, state: dict[str, float | int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Also a state saved before the memory was counted in examples (its ``ema`` per step)."""
         missing = {"ema", "trace_sum", "grad_sq_sum", "weight", "n_updates"} - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        self.ema = float(state["ema"])
+        self.ema = None if state["ema"] is None else float(state["ema"])
+        memory = state.get("memory_examples")
+        self.memory_examples = None if memory is None else float(memory)
+        self.examples = int(state.get("examples", 0))
         self._trace = torch.tensor(float(state["trace_sum"]), dtype=torch.float64, device=self._trace.device)
         self._grad_sq = torch.tensor(float(state["grad_sq_sum"]), dtype=torch.float64, device=self._trace.device)
         self._weight = float(state["weight"])
@@ -293,64 +249,77 @@ class GradientNoiseScale:
         self._big = None if big is None else (big, int(batch_size))
 
     def attach_accumulation(self, params: Iterable[torch.Tensor], micro_batch_size: int, *,
-                            grad_scale: float = 1.0) -> None:
+                            grad_scale: float = 1.0, micro_batches: int | None = None,
+                            process_group: Any = None) -> None:
         """Read every micro-batch's gradient norm with tensor hooks, for one process with accumulation.
 
         A hook sees each micro-batch's gradient before it is added to ``.grad``: its norm costs one
         reduction and no copy. At :meth:`step`, B_small = ``micro_batch_size`` with |G_small|^2 the
         mean over the step's micro-batches (less noisy than the first one alone), and B_big = their
-        total with |G_big|^2 from the accumulated ``.grad``. ``grad_scale`` as in :meth:`measure_small`.
-        A step with a single micro-batch has no pair and is skipped.
+        total with |G_big|^2 from the accumulated ``.grad``. ``grad_scale``: what each micro-batch's
+        loss was divided by (as in :meth:`measure_small`; a step of fewer micro-batches is still read
+        right). A step with a single micro-batch has no pair and is skipped.
+
+        Only backward passes that reach ``.grad`` count: ``torch.autograd.grad`` does not, and a pass
+        whose gradient was zeroed away (``.grad`` set to None) is dropped. ``micro_batches``: how many
+        the step trains; a step with another count is warned about and not measured.
+        ``process_group`` (several ranks): the bare module of a DDP model, whose accumulated ``.grad``
+        is all-reduced: B_big = every rank's micro-batches, and a ``.grad`` that differs between ranks
+        raises :class:`ValueError`.
         """
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("attach_accumulation needs parameters that require grad")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size!r}")
-        state: dict[str, Any] = {"sum": None, "count": 0, "batch": int(micro_batch_size), "missing": False,
-                                 "scale2": float(grad_scale) ** 2, "params": params, "handles": []}
-
-        def on_grad(p: torch.Tensor, grad: torch.Tensor, first: bool) -> None:
-            if first:
-                state["count"] += 1
-            g = _local(grad)
-            if self._weights_of is None:
-                sq = _sq_norm(g)
-            else:
-                w = self._p_of(p)
-                if w is None:
-                    state["missing"] = True
-                    return
-                sq = _weighted_sq_norm(g, w)
-            state["sum"] = sq if state["sum"] is None else state["sum"] + sq.to(state["sum"].device)
-
-        state["handles"] = [p.register_hook(lambda g, p=p, first=(i == 0): on_grad(p, g, first))
-                            for i, p in enumerate(params)]
-        self._accumulation = state
+        if micro_batches is not None and (not isinstance(micro_batches, int) or micro_batches < 1):
+            raise ValueError(f"micro_batches must be an int >= 1, got {micro_batches!r}")
+        self.detach()
+        self._accumulation = AccumulationReader(
+            params, micro_batch_size, grad_scale, micro_batches, process_group,
+            self._p_of if self._weights_of is not None else None, self._norm)
 
     def detach(self) -> None:
         """Remove the hooks of :meth:`attach_accumulation`."""
-        state = self._accumulation
-        if state is not None:
-            for h in state["handles"]:
-                h.remove()
+        if self._accumulation is not None:
+            self._accumulation.remove()
             self._accumulation = None
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps left out because they did not train what the plan says (warned about once)."""
+        return self._accumulation.skipped if self._accumulation is not None else 0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes and steps inside the block are not measured (a branch probe's, an
+        evaluation's): the hooks stay, they read nothing, and :meth:`step` folds nothing."""
+        before = self._paused
+        self._set_paused(True)
+        try:
+            yield
+        finally:
+            self._set_paused(before)
+
+    def _set_paused(self, value: bool) -> None:
+        self._paused = value
+        for reader in (self._accumulation, self._ddp):
+            if reader is not None:
+                reader.paused = value
+                if value and isinstance(reader, AccumulationReader):
+                    reader.clear()
+
     def step(self) -> float | None:
-        """Fold in the norms recorded since the last call (by the ``measure_*`` methods or the DDP
-        hook); a step without both is skipped. Returns :attr:`value` only if cheap to read (CPU)."""
-        if self._ddp is not None and self._ddp["local"] is not None:
-            self._fold_ddp()
-        acc = self._accumulation
-        if acc is not None and acc["count"]:
-            n, total, missing = acc["count"], acc["sum"], acc["missing"]
-            acc["sum"], acc["count"], acc["missing"] = None, 0, False
-            big = self._norm(acc["params"]) if n >= 2 and not missing and total is not None else None
-            if big is not None:
-                self.update(total * acc["scale2"] / n, big, acc["batch"], acc["batch"] * n)
-        if self._small is not None and self._big is not None:
-            (small, b_small), (big, b_big) = self._small, self._big
-            self.update(small, big, b_small, b_big)
+        """Fold in the norms recorded since the last call (by the ``measure_*`` methods or the hooks);
+        a step without both is skipped. Returns :attr:`value` only if cheap to read (CPU)."""
+        if not self._paused:
+            if self._ddp is not None:
+                self._ddp.fold(self.update)
+            if self._accumulation is not None:
+                self._accumulation.fold(self.update)
+            if self._small is not None and self._big is not None:
+                (small, b_small), (big, b_big) = self._small, self._big
+                self.update(small, big, b_small, b_big)
         self._small = self._big = None
         self._weights.clear()  # the optimizer steps next: P is read afresh for the next gradients
         return self.value if self._trace.device.type == "cpu" else None
@@ -362,120 +331,17 @@ class GradientNoiseScale:
 
         It wraps the default all-reduce (average) hook, so training is unchanged. After each synced
         backward, :meth:`step` averages the ranks' local squared norms (one scalar all-reduce) and
-        updates the estimate with B_small = ``local_batch_size`` and B_big = world size x that.
+        updates the estimate with B_small = ``local_batch_size`` and B_big = world size x that. A loop
+        that all-reduces every micro-batch (no ``no_sync``) is read from its first all-reduce, with a
+        warning (:mod:`._noise_hooks`).
         """
         import torch.distributed as dist
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         if self._weights_of is not None:
             raise ValueError("preconditioner is not supported by attach_ddp (its buckets are flat): compute the "
                              "P-weighted squared norms and call update()")
         group = process_group if process_group is not None else dist.group.WORLD
-        world = dist.get_world_size(group)
-        if world < 2:
+        if dist.get_world_size(group) < 2:
             raise ValueError("attach_ddp needs at least 2 ranks: one process has no small/big pair "
                              "(use measure_small/measure_big with gradient accumulation)")
-        state = {"local": None, "global": None, "group": group, "world": world, "batch": int(local_batch_size)}
-        self._ddp = state
-
-        # No annotations: DDP checks them against its own types, and this module's are strings.
-        def hook(_state, bucket):  # type: ignore[no-untyped-def]
-            buf = bucket.buffer()
-            local = _sq_norm(buf)
-            state["local"] = local if state["local"] is None else state["local"] + local
-            fut = default_hooks.allreduce_hook(group, bucket)
-
-            def after(f):  # type: ignore[no-untyped-def]
-                reduced = f.value()[0] if isinstance(f.value(), list) else f.value()
-                sq = _sq_norm(reduced)
-                state["global"] = sq if state["global"] is None else state["global"] + sq
-                return reduced
-
-            return fut.then(after)
-
-        model.register_comm_hook(None, hook)
-
-    def _fold_ddp(self) -> None:
-        import torch.distributed as dist
-
-        state = self._ddp
-        assert state is not None
-        local, big = state["local"], state["global"]
-        state["local"] = state["global"] = None
-        if big is None:
-            return
-        local = local.clone()
-        # The mean of the ranks' local norms: each is an unbiased estimate, the mean has less noise.
-        dist.all_reduce(local, group=state["group"])
-        self.update(local / state["world"], big, state["batch"], state["batch"] * state["world"])
-
-
-# --------------------------------------------------------------------- at fixed parameters
-
-
-class NoiseProbe(NamedTuple):
-    """B_simple at one point: ``value`` = ``trace_sigma / grad_sq`` (None while |G|^2 <= 0, the
-    signal not resolved by ``batches`` x ``batch_size`` examples)."""
-
-    value: float | None
-    trace_sigma: float
-    grad_sq: float
-    batches: int
-    batch_size: int
-
-
-class _LossOf(torch.nn.Module):
-    """``loss_fn(model, batch)`` as a module, so :func:`torch.func.functional_call` can swap its parameters."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self.loss_fn(self.model, batch)
-
-
-def probe_noise_scale(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-                      batches: Iterable[Any], batch_size: int) -> NoiseProbe:
-    """B_simple = tr(Sigma) / |G|^2 at ``model``'s current parameters, from independent micro-batches.
-
-    ``loss_fn(model, batch)`` returns the mean loss over one micro-batch of ``batch_size`` examples;
-    ``batches`` yields k >= 2 of them, drawn independently. From their gradients g_1..g_k, the
-    unbiased U-statistics |G|^2 ~ sum_{i != j} g_i.g_j / (k (k - 1)) and
-    tr(Sigma) ~ batch_size (mean |g_i|^2 - |G|^2). |G|^2 is resolved once k x batch_size is well above
-    B_noise. The gradients are taken with respect to detached aliases of the parameters (no copy):
-    ``.grad`` is left as it is and tensor hooks (:meth:`GradientNoiseScale.attach_accumulation`)
-    do not see them. Keeps one float64 running sum of the gradients (2x the parameters' fp32 memory).
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    wrapper = _LossOf(model, loss_fn)
-    aliases = {n: p.detach().requires_grad_() for n, p in wrapper.named_parameters() if p.requires_grad}
-    if not aliases:
-        raise ValueError("probe_noise_scale: the model has no parameters that require grad")
-    params = list(aliases.values())
-    total: list[torch.Tensor] | None = None
-    diag: torch.Tensor | None = None  # on the gradients' device: no host sync per micro-batch
-    k = 0
-    for batch in batches:
-        loss = torch.func.functional_call(wrapper, aliases, (batch,), strict=False)
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-            raise ValueError(f"loss_fn must return a scalar tensor (the mean loss over the batch), got {loss!r}")
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        sq = sum(_sq_norm(g).to(grads[0].device) for g in grads)
-        diag = sq if diag is None else diag + sq
-        if total is None:
-            total = [g.detach().to(torch.float64) for g in grads]
-        else:
-            for t, g in zip(total, grads, strict=True):
-                t.add_(g.to(torch.float64))
-        k += 1
-    if k < 2 or total is None or diag is None:
-        raise ValueError(f"probe_noise_scale needs at least 2 micro-batches, got {k}")
-    sum_sq = sum(float(t.square().sum()) for t in total)
-    grad_sq = (sum_sq - float(diag)) / (k * (k - 1))
-    trace = batch_size * (float(diag) / k - grad_sq)
-    value = max(trace, 0.0) / grad_sq if grad_sq > 0 and math.isfinite(grad_sq) else None
-    return NoiseProbe(value, trace, grad_sq, k, batch_size)
+        self._ddp = DDPReader(model, local_batch_size, group)
