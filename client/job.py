@@ -215,15 +215,18 @@ class Job(Ranks, Ending):
 
         self._noise_hook = self.optimizer.register_step_pre_hook(fold)
 
-    def measure_noise(self, model: Any, plan: _dist.BatchPlan | None = None, *, ema: float = 0.95,
-                      grad_scale: float | None = None) -> Any:
+    def measure_noise(self, model: Any, plan: _dist.BatchPlan | None = None, *, ema: float | None = None,
+                      grad_scale: float | None = None, memory_examples: float | None = None) -> Any:
         """Measure the gradient noise scale B_noise while training and report it with every loss.
 
         ``plan`` (default :meth:`batch_plan`) says how a step is trained. Under DDP (``model`` wrapped
         in ``DistributedDataParallel``, >= 2 ranks) a communication hook compares the local and the
         all-reduced gradient norms; in one process, hooks read each micro-batch's gradient (the plan
         needs accumulation >= 2), ``grad_scale`` being what each micro-batch's loss was divided by
-        (default: the accumulation steps). Cost: one reduction over the gradients per micro-batch.
+        (default: the accumulation steps); the bare module of a DDP model is read over the process
+        group. Smoothing: ``memory_examples`` (default: the benchmarks' 100 steps of the first measured
+        batch) or ``ema`` per step (:class:`~largebatch.client.optim.GradientNoiseScale`). Cost: one
+        reduction over the gradients per micro-batch.
         Returns the :class:`~largebatch.client.optim.GradientNoiseScale` (also ``job.noise``).
         """
         from ._measure import attach_noise
@@ -231,7 +234,7 @@ class Job(Ranks, Ending):
         if self.noise is not None:
             raise ValueError("this job already measures the noise scale (job.noise)")
         self.noise = attach_noise(model, plan if plan is not None else self.batch_plan(), ema=ema,
-                                  grad_scale=grad_scale)
+                                  grad_scale=grad_scale, memory_examples=memory_examples)
         self._hook_noise()
         return self.noise
 
