@@ -16,14 +16,14 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from largebatch.scaling_rules.wire import MAX_REPORT_BATCH, ReportIn, Run
 
 from . import errors
 from ._base import RunChannel, is_transient, retry_delay
 
-__all__ = ["Reporter", "ReporterOwner", "detached"]
+__all__ = ["NoisePoint", "Reporter", "ReporterOwner", "detached", "noise_point", "report_point", "seen"]
 
 log = logging.getLogger("largebatch.client")
 
@@ -60,6 +60,70 @@ def _noise(value: Any) -> float | None:
     return v if v is not None and math.isfinite(v) and v > 0 else None
 
 
+class NoisePoint(NamedTuple):
+    """Where a report's noise scale sits on the run's trajectory, and the estimator's components
+    behind it (numbers, or device tensors converted by the background thread)."""
+
+    examples_seen: float
+    tokens_seen: float | None = None
+    grad_sq: Any = None
+    trace_sigma: Any = None
+
+
+def seen(stages: Any, step: int) -> tuple[float, float | None]:
+    """Examples (sequences) and tokens trained on up to and including ``step`` of a recipe's stages
+    (tokens None when a stage has no ``seq_len``); steps past the last stage continue at its batch."""
+    examples, tokens, left = 0.0, 0.0, step + 1
+    for i, s in enumerate(stages):
+        n = left if i == len(stages) - 1 else min(left, s.steps)
+        examples += n * s.batch_size
+        tokens = None if tokens is None or s.seq_len is None else tokens + n * s.batch_size * s.seq_len
+        left -= n
+        if left <= 0:
+            break
+    return examples, tokens
+
+
+def noise_point(noise: Any, stages: Any, step: int) -> NoisePoint:
+    """The trajectory point of a noise scale reported at ``step``, with the components of ``noise`` (the
+    job's :class:`~largebatch.client.optim.GradientNoiseScale`, when the value is its estimate). Its
+    smoothed sums are read as device tensors, without a host sync (the training loop must not wait for
+    the device): the estimator replaces them at each update, so these stay this step's."""
+    examples, tokens = seen(stages, step)
+    if noise is None or not getattr(noise, "n_updates", 0):
+        return NoisePoint(examples, tokens)
+    weight = noise._weight  # bias correction of the EMA sums, as its grad_sq/trace_sigma apply it
+    return NoisePoint(examples, tokens, noise._grad_sq / weight, noise._trace / weight)
+
+
+def report_point(report: ReportIn) -> NoisePoint | None:
+    """The trajectory point a report (a checkpoint's, resent) carries."""
+    if report.examples_seen is None:
+        return None
+    return NoisePoint(report.examples_seen, report.tokens_seen, report.grad_sq, report.trace_sigma)
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        v = _to_float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v is not None and math.isfinite(v) and v > 0 else None
+
+
+def _report_in(step: int, item: tuple[Any, Any, Any, NoisePoint | None]) -> ReportIn:
+    loss, grad_norm, noise_scale, point = item
+    noise = _noise(noise_scale)
+    fields: dict[str, Any] = {}
+    if point is not None and noise is not None:  # a trajectory point is a noise scale where it was measured
+        fields = {"examples_seen": float(point.examples_seen), "tokens_seen": point.tokens_seen}
+        grad_sq, trace = _positive(point.grad_sq), _positive(point.trace_sigma)
+        if grad_sq is not None and trace is not None:
+            fields.update(grad_sq=grad_sq, trace_sigma=trace)
+    return ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm), noise_scale=noise,
+                    **{k: v for k, v in fields.items() if v is not None})
+
+
 def _to_float(value: Any) -> float | None:
     if value is None:
         return None
@@ -78,9 +142,9 @@ class Reporter:
         self._max_batch = max_batch
         self._heartbeat_interval = heartbeat_interval
         self._cond = threading.Condition()
-        # step -> (loss, grad_norm, noise_scale) as given (tensors converted in the thread); a step reported again
-        # replaces the pending one, as the service would overwrite it.
-        self._pending: dict[int, tuple[Any, Any, Any]] = {}
+        # step -> (loss, grad_norm, noise_scale, NoisePoint) as given (tensors converted in the thread); a step
+        # reported again replaces the pending one, as the service would overwrite it.
+        self._pending: dict[int, tuple[Any, Any, Any, NoisePoint | None]] = {}
         self._oldest: float | None = None  # when the oldest pending report arrived
         self._retry_at = 0.0  # no send before this (backoff)
         self._urgent = False  # flush() asked
@@ -97,13 +161,14 @@ class Reporter:
 
     # ------------------------------------------------------------------ training-thread side
 
-    def put(self, step: int, loss: Any, grad_norm: Any, noise_scale: Any = None) -> None:
+    def put(self, step: int, loss: Any, grad_norm: Any, noise_scale: Any = None,
+            point: NoisePoint | None = None) -> None:
         with self._cond:
             first = not self._pending
             if first:
                 self._oldest = time.monotonic()
             self._pending.pop(step, None)
-            self._pending[step] = (loss, grad_norm, noise_scale)
+            self._pending[step] = (loss, grad_norm, noise_scale, point)
             # The thread sleeps until the next heartbeat when nothing is pending: the first report
             # must wake it so that it leaves within flush_interval (issue 15).
             if first or len(self._pending) >= self._max_batch:
@@ -119,10 +184,9 @@ class Reporter:
         with self._cond:
             items = list(self._pending.items())
         out = []
-        for step, (loss, grad_norm, noise_scale) in items:
+        for step, item in items:
             try:
-                out.append(ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm),
-                                    noise_scale=_noise(noise_scale)))
+                out.append(_report_in(step, item))
             except (ValueError, TypeError):
                 continue
         return out
@@ -182,7 +246,7 @@ class Reporter:
                 self._stopped = True
                 self._cond.notify_all()
 
-    def _next_batch(self, next_heartbeat: float) -> list[tuple[int, tuple[Any, Any, Any]]] | None:
+    def _next_batch(self, next_heartbeat: float) -> list[tuple[int, tuple[Any, Any, Any, NoisePoint | None]]] | None:
         """Wait for something to do: a batch to send ([] means: time for a heartbeat), None: stop."""
         with self._cond:
             while not self._abandon.is_set():
@@ -203,12 +267,11 @@ class Reporter:
                 self._cond.wait(timeout=min(send_at, heartbeat_at) - now)
             return None
 
-    def _convert(self, batch: list[tuple[int, tuple[Any, Any, Any]]]) -> tuple[list[ReportIn], list[int]]:
+    def _convert(self, batch: list[tuple[int, tuple[Any, Any, Any, NoisePoint | None]]]) -> tuple[list[ReportIn], list[int]]:
         reports, bad = [], []
-        for step, (loss, grad_norm, noise_scale) in batch:
+        for step, item in batch:
             try:
-                r = ReportIn(step=step, loss=_to_float(loss), grad_norm=_to_float(grad_norm),
-                             noise_scale=_noise(noise_scale))
+                r = _report_in(step, item)
             except (ValueError, TypeError) as e:
                 log.warning("largebatch: report of step %d dropped: %s", step, e)
                 bad.append(step)
@@ -218,7 +281,7 @@ class Reporter:
             reports.append(r)
         return reports, bad
 
-    def _settle(self, batch: list[tuple[int, tuple[Any, Any, Any]]]) -> None:
+    def _settle(self, batch: list[tuple[int, tuple[Any, Any, Any, NoisePoint | None]]]) -> None:
         """Remove what was sent from the buffer, unless a step was re-reported meanwhile."""
         with self._cond:
             for step, item in batch:
@@ -230,7 +293,7 @@ class Reporter:
             else:
                 self._oldest = time.monotonic()
 
-    def _send(self, batch: list[tuple[int, tuple[Any, Any, Any]]]) -> None:
+    def _send(self, batch: list[tuple[int, tuple[Any, Any, Any, NoisePoint | None]]]) -> None:
         job = self._job
         reports, bad = self._convert(batch)
         if bad:  # not numbers: they can never be sent, so they leave the buffer now

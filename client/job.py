@@ -60,9 +60,10 @@ from largebatch.scaling_rules.wire import ReportIn, Run, Study
 from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
 from ._ending import Ending, Preempted
+from ._probe import BranchProbing
 from ._guards import guard_steps
 from ._ranks import Ranks
-from ._reporter import Reporter, detached
+from ._reporter import Reporter, detached, noise_point, report_point
 
 __all__ = ["Job", "Preempted", "RunChannel"]
 
@@ -77,7 +78,7 @@ def _close_at_exit(ref: weakref.ReferenceType[Job]) -> None:
         job.close()
 
 
-class Job(Ranks, Ending):
+class Job(Ranks, Ending, BranchProbing):
     """One training run: ``optimizer``, ``scheduler``, ``recipe`` and ``run``, plus reporting.
 
     Use it as a context manager: leaving the block with an exception marks the run ``failed``
@@ -273,11 +274,13 @@ class Job(Ranks, Ending):
         if self._closed:
             raise errors.JobError("the job is closed: it takes no more reports")
         self.last_step = step if self.last_step is None else max(self.last_step, step)
+        noise = None
         if noise_scale is None and self.noise is not None:
-            noise_scale = self.noise.estimate  # a device tensor: read by the background thread
+            noise, noise_scale = self.noise, self.noise.estimate  # a device tensor: read by the background thread
         loss, grad_norm = self._vote(step, loss, grad_norm, examples)
         if self._reporter is not None:
-            self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale))
+            point = None if noise_scale is None else noise_point(noise, self.recipe.stages, step)
+            self._reporter.put(step, detached(loss), detached(grad_norm), detached(noise_scale), point)
         if self.progress_every and (step + 1) % self.progress_every == 0 and not self.follower:
             self._log_progress(step, loss)
 
@@ -286,7 +289,7 @@ class Job(Ranks, Ending):
         for r in reports:
             self.last_step = r.step if self.last_step is None else max(self.last_step, r.step)
             if self._reporter is not None:
-                self._reporter.put(r.step, r.loss, r.grad_norm, r.noise_scale)
+                self._reporter.put(r.step, r.loss, r.grad_norm, r.noise_scale, report_point(r))
 
     def _log_progress(self, step: int, loss: Any) -> None:
         now = time.monotonic()
