@@ -1,0 +1,342 @@
+"""The critical batch measured by branching (Merrill et al. 2025, "Critical batch size revisited"): from
+the job's current state, short branches at k x B (k = 1, 2, 4, ...) each train the same examples in the
+same order (branch k groups k steps' micro-batches into one step), with the LR moved by the engine's
+regime rule for the recipe's optimizer; the loss each reaches on the same held-out micro-batches says
+how much a bigger batch loses per example. The model, optimizer, scheduler and RNG state are put back
+bit for bit afterwards, so training goes on as if no probe had run.
+
+The fit: in a short window, progress at batch B is the progress of E / (1 + B/B_crit) examples
+(McCandlish et al. 2018, eq. 2.11), so the loss gained at equal examples is gain_k = a / (1 + k B/B_crit):
+B_crit is where the gain per example halves. It is identified only where k B spans it; its interval
+comes from the evaluation sample (paired over the same micro-batches), not from another data order.
+
+A mixin of :class:`~largebatch.client.Job`; torch is imported only when a probe runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _dist
+
+__all__ = ["BranchProbe", "BranchProbing", "fit_critical_batch"]
+
+log = logging.getLogger("largebatch.client")
+
+_GRID = 481  # log-spaced B_crit candidates, 2^-6 .. 2^14 times the largest branch batch (24 per octave)
+_DRAWS = 400
+
+
+@dataclass(frozen=True)
+class BranchProbe:
+    """What :meth:`BranchProbing.branch_probe` measured at one checkpoint (losses on the same held-out
+    micro-batches; B in examples, the global batch)."""
+
+    batch_size: int  # B: the k = 1 branch's examples per optimizer step, over all ranks
+    window_examples: int  # what every branch trained on
+    loss_before: float
+    losses: dict[int, float]  # k -> loss after the window
+    gains: dict[int, float]  # k -> loss_before - loss
+    gain_se: dict[int, float]  # k -> standard error of the gain over the evaluation micro-batches
+    lr_factors: dict[int, float]  # k -> the LR factor the regime rule gave branch k
+    critical_batch: float | None  # B_crit (examples), None where the losses do not identify it
+    interval: tuple[float, float] | None  # 5%..95% of B_crit over the evaluation sample's noise
+    note: str
+    cost_examples: int  # training examples over all branches (plus the evaluations' forward passes)
+    cost_steps: int
+
+
+def fit_critical_batch(batch: float, ks: Sequence[int], gains: Sequence[float],
+                       ses: Sequence[float]) -> tuple[float | None, tuple[float, float] | None, str]:
+    """(B_crit, its 5%..95% interval, a note) from the gains at equal examples of branches k x ``batch``
+    (module docstring): weighted least squares over a log grid, and the same fit on gains redrawn
+    within their standard errors for the interval."""
+    pts = [(k, g, s) for k, g, s in zip(ks, gains, ses, strict=True) if math.isfinite(g) and math.isfinite(s)]
+    if len(pts) < 2 or len({k for k, *_ in pts}) < 2:
+        return None, None, "fewer than two branches with a finite loss: no fit"
+    k1 = min(pts)
+    if k1[1] <= 2 * k1[2]:
+        return None, None, (f"the k = {k1[0]} branch gained {k1[1]:.3g} (standard error {k1[2]:.3g}) in the window: no "
+                            "resolved progress to compare; lengthen the window (steps=) or probe earlier in the run")
+    kmax = max(k for k, *_ in pts)
+    grid = [kmax * batch * 2.0 ** (-6 + 20 * i / (_GRID - 1)) for i in range(_GRID)]
+    best = _best(batch, pts, [g for _, g, _ in pts], grid)
+    rng = random.Random(0)  # its own generator: the caller's random state is not drawn from
+    draws = sorted(_best(batch, pts, [g + s * rng.gauss(0.0, 1.0) for _, g, s in pts], grid) for _ in range(_DRAWS))
+    lo, hi = draws[int(0.05 * _DRAWS)], draws[int(0.95 * _DRAWS) - 1]
+    top, bottom = grid[-1], grid[0]
+    span = f"k x B spans {min(k for k, *_ in pts) * batch:.4g}..{kmax * batch:.4g}"
+    if best >= top:
+        return None, (lo, math.inf), (f"the gain per example did not fall with k ({span}): B_crit is above the "
+                                      "branches' reach; probe with larger k")
+    if best <= bottom:
+        return None, (0.0, hi), f"the gain per example fell at once ({span}): B_crit is below B; probe with smaller B"
+    where = "inside" if min(k for k, *_ in pts) * batch <= best <= kmax * batch else "outside (extrapolated)"
+    upper = math.inf if hi >= top else hi
+    return best, (lo, upper), (f"B_crit {best:.4g} examples, 90% interval {lo:.4g}..{upper:.4g} from the evaluation "
+                               f"sample only (one data order); {span}, the estimate {where} that range")
+
+
+def _best(batch: float, pts: list[tuple[int, float, float]], gains: list[float], grid: list[float]) -> float:
+    w = [1.0 / max(s, 1e-12) ** 2 for _, _, s in pts]
+    best, best_sse = grid[0], math.inf
+    for bc in grid:
+        f = [1.0 / (1.0 + k * batch / bc) for k, _, _ in pts]
+        a = sum(wi * g * fi for wi, g, fi in zip(w, gains, f)) / sum(wi * fi * fi for wi, fi in zip(w, f))
+        sse = sum(wi * (g - a * fi) ** 2 for wi, g, fi in zip(w, gains, f))
+        if sse < best_sse:
+            best, best_sse = bc, sse
+    return best
+
+
+class _Snapshot:
+    """Everything a branch changes, copied, and put back bit for bit (tensors in place: whatever holds
+    them, a DDP reducer or a fused optimizer, keeps holding the same tensors)."""
+
+    def __init__(self, module: Any, optimizer: Any, scheduler: Any):
+        import torch
+
+        self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
+        self.tensors = [(t, t.detach().clone()) for t in [*module.parameters(), *module.buffers()]]
+        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
+        self.training = [(m, m.training) for m in module.modules()]
+        self.state = {p: {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                          for k, v in s.items()} for p, s in optimizer.state.items()}
+        self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self.attrs = {k: v for k, v in vars(optimizer).items() if isinstance(v, (bool, int, float))}
+        self.sched = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
+        self.rng = _rng_state()
+
+    def restore(self, *, grads: bool = True) -> None:
+        import torch
+
+        with torch.no_grad():
+            for t, saved in self.tensors:
+                t.copy_(saved)
+            if grads:
+                for p, g in self.grads:
+                    if g is None:
+                        p.grad = None
+                    elif p.grad is not None and p.grad.shape == g.shape:
+                        p.grad.copy_(g)
+                    else:
+                        p.grad = g.clone()
+            for p in list(self.optimizer.state):
+                if p not in self.state:
+                    del self.optimizer.state[p]
+            for p, saved in self.state.items():
+                live = self.optimizer.state[p]
+                for k in list(live):
+                    if k not in saved:
+                        del live[k]
+                for k, v in saved.items():
+                    if isinstance(v, torch.Tensor) and isinstance(live.get(k), torch.Tensor) and live[k].shape == v.shape:
+                        live[k].copy_(v)
+                    else:
+                        live[k] = v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        for g, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
+            g.update(copy.deepcopy(saved))
+        for k, v in self.attrs.items():
+            setattr(self.optimizer, k, v)
+        if self.sched is not None:
+            self.scheduler.load_state_dict(copy.deepcopy(self.sched))
+        for m, mode in self.training:
+            m.training = mode
+        _set_rng_state(self.rng)
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if "numpy" in sys.modules:
+        state["numpy"] = sys.modules["numpy"].random.get_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        sys.modules["numpy"].random.set_state(state["numpy"])
+
+
+@contextlib.contextmanager
+def _quiet_steps(optimizer: Any, noise: Any) -> Iterator[None]:
+    """A branch's steps are not training steps: the job's step hooks (its checks, the noise fold) and
+    the noise estimator's gradient hooks do not see them."""
+    saved = {}
+    for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks"):
+        if isinstance(getattr(optimizer, name, None), dict):
+            saved[name] = getattr(optimizer, name)
+            setattr(optimizer, name, type(saved[name])())
+    try:
+        with noise.paused() if noise is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for name, hooks in saved.items():
+            setattr(optimizer, name, hooks)
+
+
+class BranchProbing:
+    """:meth:`branch_probe` (mixed into :class:`~largebatch.client.Job`)."""
+
+    optimizer: Any
+    scheduler: Any
+    noise: Any
+    world_size: int
+
+    if TYPE_CHECKING:
+        from largebatch.scaling_rules.models import Recipe
+
+        recipe: Recipe
+
+    def branch_probe(self, model: Any, batches: Callable[[], Iterable[Any]],
+                     loss_fn: Callable[[Any, Any], Any], *, ks: Sequence[int] = (1, 2, 4, 8),
+                     steps: int | None = None, micro_batches: int = 1, batch_size: int | None = None,
+                     eval_micro_batches: int | None = None) -> BranchProbe:
+        """Measure the critical batch here by branching (module docstring); training state is restored.
+
+        Args:
+            model: what the training loop trains (under DDP the ``DistributedDataParallel`` wrapper:
+                the branches sync with ``no_sync`` around all but the last micro-batch of a step).
+            batches: called once per branch (and once for the starting loss), returns this rank's
+                micro-batches in the same order each time (e.g. a seeded sampler from this point on).
+            loss_fn: ``loss_fn(model, batch)``, the mean loss over one micro-batch.
+            ks: the batch multiples; branch k trains ``steps / k`` steps of k x B.
+            steps: the window in k = 1 steps (default ``8 x max(ks)``); a multiple of every k.
+            micro_batches: micro-batches per rank in one k = 1 step.
+            batch_size: B, the global examples per k = 1 step (default: the recipe's batch).
+            eval_micro_batches: the held-out micro-batches per rank every loss is read on: those that
+                follow the window in ``batches()`` (default ``8 x micro_batches``).
+        """
+        ks = tuple(ks)
+        if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) != len(ks):
+            raise ValueError(f"ks must be distinct ints >= 1, got {ks!r}")
+        if len(ks) < 2:
+            raise ValueError(f"ks needs at least two batch multiples to compare, got {ks!r}")
+        steps = 8 * max(ks) if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1 or any(steps % k for k in ks):
+            raise ValueError(f"steps must be a positive multiple of every k in {ks}, got {steps!r}")
+        for name, v in (("micro_batches", micro_batches), ("eval_micro_batches", eval_micro_batches),
+                        ("batch_size", batch_size)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not callable(batches):
+            raise TypeError("batches must be a callable that returns the micro-batches, the same each call")
+        if self.optimizer is None:
+            raise ValueError("branch_probe needs the job's optimizer")
+        n_eval = 8 * micro_batches if eval_micro_batches is None else eval_micro_batches
+        if batch_size is None:
+            sizes = sorted({s.batch_size for s in self.recipe.stages})
+            if len(sizes) > 1:
+                raise ValueError(f"the recipe has stages at batch sizes {sizes}: pass batch_size (this stage's)")
+            batch_size = sizes[0]
+        _, world = _dist.world()
+        factors = {k: _lr_factor(self.recipe.optimizer.name, k * batch_size, batch_size, self.noise) for k in ks}
+        window = steps * batch_size
+        cost_steps = sum(steps // k for k in ks)
+        log.info("largebatch: branch probe: %d branches (k = %s) of %d examples each at B = %d: %d training examples "
+                 "in %d optimizer steps, plus %d evaluation micro-batches per rank x %d; the state is restored after",
+                 len(ks), ", ".join(map(str, ks)), window, batch_size, window * len(ks), cost_steps, n_eval,
+                 len(ks) + 1)
+        module = getattr(model, "module", model)
+        snap = _Snapshot(module, self.optimizer, self.scheduler)
+        per_k: dict[int, list[float]] = {}
+        try:
+            with _quiet_steps(self.optimizer, self.noise):
+                base = _evaluate(module, loss_fn, _skip(batches(), steps * micro_batches), n_eval)
+                for k in ks:
+                    snap.restore(grads=False)
+                    for p in module.parameters():
+                        p.grad = None
+                    for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=True):
+                        g["lr"] = saved["lr"] * factors[k]
+                    it = iter(batches())
+                    _train(model, self.optimizer, loss_fn, it, steps // k, k * micro_batches)
+                    per_k[k] = _evaluate(module, loss_fn, it, n_eval)
+        finally:
+            snap.restore()
+        return _summarise(batch_size, window * len(ks), cost_steps, window, base, per_k, factors, world)
+
+
+def _lr_factor(optimizer: str, batch: float, ref: float, noise: Any) -> float:
+    from largebatch.scaling_rules._lr import regime_factor
+    from largebatch.scaling_rules._plan import _default_rule
+
+    value = getattr(noise, "value", None) if noise is not None else None
+    return regime_factor(batch, ref, value, _default_rule(optimizer))
+
+
+def _skip(it: Iterable[Any], n: int) -> Iterator[Any]:
+    it = iter(it)
+    for _ in range(n):
+        if next(it, _END) is _END:
+            raise ValueError(f"batches() ran out within the window ({n} micro-batches): give a longer stream")
+    return it
+
+
+_END = object()
+
+
+def _take(it: Iterator[Any]) -> Any:
+    batch = next(it, _END)
+    if batch is _END:
+        raise ValueError("batches() ran out: it must yield the window's and the evaluation's micro-batches")
+    return batch
+
+
+def _train(model: Any, optimizer: Any, loss_fn: Callable[[Any, Any], Any], it: Iterator[Any], steps: int,
+           per_step: int) -> None:
+    sync = getattr(model, "no_sync", None)
+    for _ in range(steps):
+        for j in range(per_step):
+            batch = _take(it)
+            with sync() if sync is not None and j < per_step - 1 else contextlib.nullcontext():
+                (loss_fn(model, batch) / per_step).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _evaluate(module: Any, loss_fn: Callable[[Any, Any], Any], it: Iterator[Any], n: int) -> list[float]:
+    import torch
+
+    module.eval()
+    with torch.no_grad():
+        return [float(loss_fn(module, _take(it))) for _ in range(n)]
+
+
+def _summarise(batch: int, cost_examples: int, cost_steps: int, window: int, base: list[float],
+               per_k: dict[int, list[float]], factors: dict[int, float], world: int) -> BranchProbe:
+    ks = sorted(per_k)
+    # Per rank: sums over the evaluation micro-batches of the loss before and of each paired difference.
+    local = [sum(base), float(len(base))]
+    for k in ks:
+        d = [b - a for b, a in zip(base, per_k[k], strict=True)]
+        local += [sum(per_k[k]), sum(d), sum(x * x for x in d)]
+    totals = _dist.total(local) if world > 1 else local
+    n = totals[1]
+    losses, gains, ses = {}, {}, {}
+    for i, k in enumerate(ks):
+        s_loss, s_d, s_d2 = totals[2 + 3 * i: 5 + 3 * i]
+        losses[k], gains[k] = s_loss / n, s_d / n
+        var = max(s_d2 / n - gains[k] ** 2, 0.0) * n / max(n - 1, 1)
+        ses[k] = math.sqrt(var / n) if math.isfinite(var) else math.nan
+    bc, interval, note = fit_critical_batch(batch, ks, [gains[k] for k in ks], [ses[k] for k in ks])
+    return BranchProbe(batch_size=batch, window_examples=window, loss_before=totals[0] / n, losses=losses,
+                       gains=gains, gain_se=ses, lr_factors=dict(factors), critical_batch=bc, interval=interval,
+                       note=note, cost_examples=cost_examples, cost_steps=cost_steps)
