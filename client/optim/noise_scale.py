@@ -127,6 +127,7 @@ class GradientNoiseScale:
         self._ddp: DDPReader | None = None
         self._accumulation: AccumulationReader | None = None
         self._paused = False
+        self._skipped = 0  # by readers since detached
 
     # ----------------------------------------------------------------- the estimator
 
@@ -283,12 +284,13 @@ class GradientNoiseScale:
         """Remove the hooks of :meth:`attach_accumulation`."""
         if self._accumulation is not None:
             self._accumulation.remove()
+            self._skipped += self._accumulation.skipped
             self._accumulation = None
 
     @property
     def skipped_steps(self) -> int:
         """Steps left out because they did not train what the plan says (warned about once)."""
-        return self._accumulation.skipped if self._accumulation is not None else 0
+        return self._skipped + (self._accumulation.skipped if self._accumulation is not None else 0)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

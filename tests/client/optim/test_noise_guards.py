@@ -1,0 +1,131 @@
+"""Nothing read silently wrong: a loop that does more than the plan (a diagnostic gradient, a zeroed
+gradient, another micro-batch count, undivided losses) is read right, or warned about and not measured;
+the smoothing's memory is counted in examples."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+from largebatch.client.optim import GradientNoiseScale  # noqa: E402
+from largebatch.client.optim.noise_scale import DEFAULT_MEMORY_STEPS  # noqa: E402
+
+MICRO, N_MICRO, STEPS = 8, 4, 40
+
+
+def train(extra: str | None = None, *, micro_batches: int | None = N_MICRO, divided: bool = True,
+          **kwargs) -> tuple[GradientNoiseScale, list[float | None]]:
+    """SGD on a noisy linear regression, N_MICRO micro-batches of MICRO per step, the same data and
+    parameters whatever ``extra`` does (a diagnostic that leaves .grad as training needs it)."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1).double()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    est = GradientNoiseScale(**kwargs)
+    est.attach_accumulation(model.parameters(), MICRO, grad_scale=N_MICRO if divided else 1.0,
+                            micro_batches=micro_batches)
+    values = []
+    for _ in range(STEPS):
+        x = torch.randn(N_MICRO * MICRO, 6, generator=g, dtype=torch.float64)
+        y = x @ w + torch.randn(N_MICRO * MICRO, 1, generator=g, dtype=torch.float64)
+        if extra == "backward-then-zero":  # a diagnostic gradient through .grad, zeroed before training
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.zero_grad()
+        for i in range(N_MICRO):
+            sl = slice(i * MICRO, (i + 1) * MICRO)
+            loss = nn.functional.mse_loss(model(x[sl]), y[sl])
+            (loss / N_MICRO if divided else loss).backward()
+            if extra == "autograd.grad" and i == 1:  # a diagnostic gradient mid-step, never in .grad
+                torch.autograd.grad(nn.functional.mse_loss(model(x), y), list(model.parameters()))
+        if extra == "extra-backward":  # one more pass into .grad: not what the plan trains
+            (nn.functional.mse_loss(model(x[:MICRO]), y[:MICRO]) / N_MICRO).backward()
+        values.append(est.step())
+        if not divided:  # the same step as the divided run's
+            for p in model.parameters():
+                p.grad.div_(N_MICRO)
+        if extra == "extra-backward":
+            opt.zero_grad()  # the parameters follow the clean run's
+            for i in range(N_MICRO):
+                sl = slice(i * MICRO, (i + 1) * MICRO)
+                (nn.functional.mse_loss(model(x[sl]), y[sl]) / N_MICRO).backward()
+        opt.step()
+        opt.zero_grad()
+    est.detach()
+    return est, values
+
+
+def test_a_diagnostic_gradient_is_not_a_micro_batch():
+    clean, expected = train()
+    assert clean.n_updates == STEPS and expected[-1] is not None and expected[-1] > 0
+    for extra in ("autograd.grad", "backward-then-zero"):
+        est, values = train(extra)
+        assert values == expected, extra  # the same numbers, bit for bit
+        assert est.n_updates == STEPS and est.skipped_steps == 0
+
+
+def test_a_step_off_the_plan_is_warned_about_and_not_measured():
+    with pytest.warns(RuntimeWarning, match="5] backward pass.*plan trains 4 micro-batch"):
+        est, values = train("extra-backward")
+    assert est.n_updates == 0 and est.skipped_steps == STEPS and all(v is None for v in values)
+    # without a plan the count is what the step had, and the extra pass is read as a micro-batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est, _ = train("extra-backward", micro_batches=None)
+    assert est.n_updates == STEPS
+
+
+def test_undivided_losses_read_the_same_as_divided_ones():
+    _, divided = train()
+    _, undivided = train(divided=False)
+    assert all(a == pytest.approx(b, rel=1e-9) for a, b in zip(divided, undivided, strict=True))
+
+
+def test_memory_in_examples():
+    est, default = train()
+    assert est.ema is None and est.memory_examples == DEFAULT_MEMORY_STEPS * N_MICRO * MICRO
+    assert est.examples == STEPS * N_MICRO * MICRO and est.batch_sizes == (MICRO, N_MICRO * MICRO)
+    # the same memory given in examples, or per step at this batch
+    same, values = train(memory_examples=DEFAULT_MEMORY_STEPS * N_MICRO * MICRO)
+    assert values == default
+    _, per_step = train(ema=math.exp(-1 / DEFAULT_MEMORY_STEPS))
+    assert all(a == pytest.approx(b, rel=1e-12) for a, b in zip(default, per_step, strict=True))
+    # a twice longer memory in examples is a twice longer memory at this batch
+    _, longer = train(memory_examples=2 * DEFAULT_MEMORY_STEPS * N_MICRO * MICRO)
+    assert longer != default
+    again = GradientNoiseScale()
+    again.load_state_dict(est.state_dict())
+    assert again.value == est.value and again.memory_examples == est.memory_examples
+    old = {"ema": 0.95, "trace_sum": 1.0, "grad_sq_sum": 0.5, "weight": 0.5, "n_updates": 3}  # saved before
+    again.load_state_dict(old)
+    assert again.ema == 0.95 and again.memory_examples is None and again.value == 2.0
+
+
+def test_bad_smoothing_arguments():
+    with pytest.raises(ValueError, match="not both"):
+        GradientNoiseScale(ema=0.9, memory_examples=100)
+    with pytest.raises(ValueError, match="memory_examples"):
+        GradientNoiseScale(memory_examples=0)
+    with pytest.raises(ValueError, match="micro_batches"):
+        GradientNoiseScale().attach_accumulation(nn.Linear(2, 1).parameters(), 4, micro_batches=0)
+
+
+def test_paused_reads_nothing():
+    model = nn.Linear(3, 1)
+    est = GradientNoiseScale()
+    est.attach_accumulation(model.parameters(), 2, grad_scale=2, micro_batches=2)
+    with est.paused():
+        for _ in range(2):
+            (model(torch.randn(2, 3)).pow(2).mean() / 2).backward()
+        est.step()
+    assert est.n_updates == 0
+    model.zero_grad()
+    for _ in range(2):
+        (model(torch.randn(2, 3)).pow(2).mean() / 2).backward()
+    est.step()
+    assert est.n_updates == 1
