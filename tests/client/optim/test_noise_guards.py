@@ -129,3 +129,38 @@ def test_paused_reads_nothing():
         (model(torch.randn(2, 3)).pow(2).mean() / 2).backward()
     est.step()
     assert est.n_updates == 1
+
+
+@pytest.mark.slow  # two gloo processes
+def test_ddp_bare_module_unsynced_gradients_and_no_no_sync(tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    import multiprocessing as mp
+
+    from noise_dist_worker import STEPS, train_single
+    from noise_guard_worker import worker
+
+    init_file, out_file = str(tmp_path / "init"), str(tmp_path / "out.pt")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(rank, 2, init_file, out_file)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a DDP worker hung")
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    out = torch.load(out_file, weights_only=False)
+    # the bare module reads what one process accumulating both ranks' micro-batches reads
+    single = train_single()
+    assert all(v is not None for v in single[5:])
+    for at in range(5, STEPS):
+        assert out["bare"][at] == pytest.approx(single[at], rel=1e-6), at
+    assert "differs between ranks" in out["unsynced"] and "DistributedDataParallel" in out["unsynced"]
+    values, expected, caught = out["no_sync"]
+    assert any("no no_sync" in m for m in caught) and len(caught) == 1
+    assert all(v is not None for v in expected[5:])
+    for at in range(5, STEPS):
+        assert values[at] == pytest.approx(expected[at], rel=1e-6), at
