@@ -1,0 +1,113 @@
+"""``job.branch_probe``: branches at k x B from the job's state, then training goes on exactly as if no
+probe had run (parameters, optimizer state, the next losses and every RNG, bit for bit)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from largebatch.client import Client  # noqa: E402
+from largebatch.client._probe import fit_critical_batch  # noqa: E402
+
+from ._training import BATCH, IN, REFERENCE, Data, train  # noqa: E402
+
+FAST = {"flush_interval": 0.1, "heartbeat_interval": 30.0, "close_timeout": 30.0}
+
+
+@pytest.fixture
+def client(service):
+    with Client(service.url) as c:
+        yield c
+
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)  # dropout: the branches draw from the RNG the probe must give back
+    return torch.nn.Sequential(torch.nn.Linear(IN, 32), torch.nn.Tanh(), torch.nn.Dropout(0.1), torch.nn.Linear(32, 1))
+
+
+def stream():
+    data = Data(7)
+    while True:
+        yield data.batch(BATCH // 2)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    x = x * (1 + 0.01 * random.random())  # an augmentation that draws from python's RNG
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def run(client, study: str, probe: bool):
+    model = make_model()
+    job = client.autoconfigure(model, study=study, reference=REFERENCE, target_batch_size=BATCH, job_options=FAST)
+    data = Data(1)
+    result = None
+    with job:
+        _, losses = train(job, model, 20, data)
+        if probe:
+            rng = (torch.get_rng_state(), random.getstate())
+            result = job.branch_probe(model, stream, loss_fn, ks=(1, 2, 4), steps=8, micro_batches=2)
+            assert torch.equal(rng[0], torch.get_rng_state()) and rng[1] == random.getstate()
+        _, more = train(job, model, 30, data, start=20)
+        job.complete(0.0)
+    state = job.optimizer.state_dict()["state"]
+    return {"params": [p.detach().clone() for p in model.parameters()], "losses": losses + more,
+            "opt": [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in state.values()],
+            "lr": [g["lr"] for g in job.optimizer.param_groups], "sched": job.scheduler.last_epoch,
+            "rng": torch.rand(3)}, result
+
+
+def test_branch_probe_restores_everything_bit_for_bit(service, client, caplog):
+    caplog.set_level(logging.INFO, logger="largebatch.client")
+    plain, _ = run(client, "probe-none", probe=False)
+    probed, result = run(client, "probe", probe=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain["params"], probed["params"], strict=True))
+    assert plain["losses"] == probed["losses"]
+    for a, b in zip(plain["opt"], probed["opt"], strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    assert plain["lr"] == probed["lr"] and plain["sched"] == probed["sched"]
+    assert torch.equal(plain["rng"], probed["rng"])
+    # what it measured: the same examples per branch, the LR by LAMB's sqrt rule (no B_noise known)
+    assert sorted(result.losses) == [1, 2, 4] and result.batch_size == BATCH
+    assert result.window_examples == 8 * BATCH and result.cost_examples == 3 * 8 * BATCH
+    assert result.cost_steps == 8 + 4 + 2
+    assert result.lr_factors == {1: 1.0, 2: pytest.approx(math.sqrt(2)), 4: pytest.approx(2.0)}
+    assert result.gains[1] > 3 * result.gain_se[1] > 0  # early in training: the window's progress is resolved
+    assert all(result.loss_before - result.losses[k] == pytest.approx(result.gains[k]) for k in result.losses)
+    assert result.note
+    logged = [r.getMessage() for r in caplog.records if "branch probe" in r.getMessage()]
+    assert logged and "3 branches" in logged[0] and f"{3 * 8 * BATCH} training examples" in logged[0]
+
+
+def test_branch_probe_bad_input(service, client):
+    model = make_model()
+    job = client.autoconfigure(model, study="probe-bad", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    with job:
+        with pytest.raises(ValueError, match="ks"):
+            job.branch_probe(model, stream, loss_fn, ks=(1,))
+        with pytest.raises(ValueError, match="steps"):
+            job.branch_probe(model, stream, loss_fn, ks=(1, 2), steps=7)
+        with pytest.raises(ValueError, match="micro_batches"):
+            job.branch_probe(model, stream, loss_fn, micro_batches=0)
+        with pytest.raises(ValueError, match="ran out"):
+            job.branch_probe(model, lambda: [Data(7).batch(64)] * 3, loss_fn, ks=(1, 2), steps=2)
+        job.fail("test over")
+
+
+def test_fit_recovers_a_known_critical_batch():
+    batch, bc = 100.0, 300.0
+    ks = (1, 2, 4, 8, 16)
+    gains = [0.2 / (1 + k * batch / bc) for k in ks]
+    got, (lo, hi), note = fit_critical_batch(batch, ks, gains, [1e-4] * len(ks))
+    assert got == pytest.approx(bc, rel=0.03) and lo <= got <= hi and hi / lo < 1.3 and "inside" in note
+    # gains that do not fall: the critical batch is beyond the branches, not a number
+    got, interval, note = fit_critical_batch(batch, ks, [0.2] * len(ks), [1e-3] * len(ks))
+    assert got is None and interval[1] == math.inf and "above" in note
+    got, interval, note = fit_critical_batch(batch, ks, [1e-4] * len(ks), [1e-3] * len(ks))
+    assert got is None and interval is None and "lengthen the window" in note
