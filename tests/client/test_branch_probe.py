@@ -111,3 +111,30 @@ def test_fit_recovers_a_known_critical_batch():
     assert got is None and interval[1] == math.inf and "above" in note
     got, interval, note = fit_critical_batch(batch, ks, [1e-4] * len(ks), [1e-3] * len(ks))
     assert got is None and interval is None and "lengthen the window" in note
+
+
+@pytest.mark.slow  # two gloo processes
+def test_branch_probe_under_ddp_restores_and_agrees(service, tmp_path):
+    import multiprocessing as mp
+
+    from .probe_ddp_worker import worker
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, service.url, str(tmp_path / "init"), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            pytest.fail("a DDP worker hung")
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for out in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(out["plain"]["params"], out["probed"]["params"], strict=True))
+        assert out["plain"]["losses"] == out["probed"]["losses"]
+    # one result for the run: the losses are read over both ranks' evaluation micro-batches
+    assert ranks[0]["probed"]["result"] == ranks[1]["probed"]["result"]
+    losses, gains, before = ranks[0]["probed"]["result"]
+    assert sorted(losses) == [1, 2] and gains[1] > 0
