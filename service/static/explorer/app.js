@@ -248,12 +248,14 @@ async function refreshStudy() {
   const q = new URLSearchParams();
   if (target) q.set("batch_size", target);
   if (req.use_family_evidence) q.set("family", "true");
-  const [evidence, runs] = await Promise.all([
+  const [evidence, runs, critical] = await Promise.all([
     api(`v1/studies/${encodeURIComponent(name)}/evidence?${q}`),
     api(`v1/studies/${encodeURIComponent(name)}/runs?limit=1000`),
+    api(`v1/studies/${encodeURIComponent(name)}/critical-batch`),
   ]);
   if (state.study !== name) return; // another study was picked meanwhile
   renderEvidence(evidence);
+  renderCritical(critical);
   renderRuns(runs.items);
   await renderCurves(runs.items);
   const live = runs.items.some((r) => r.state === "running");
@@ -303,6 +305,30 @@ function renderEvidence(ev) {
       + `data weight ${ev.fit.data_weight.toFixed(2)}).`
     : "No fitted curve yet: it needs completed runs at three or more LRs that show a minimum.";
   $("#fit").textContent = [fit, ...ev.conflicts].join(" ");
+}
+
+function renderCritical(cb) {
+  const fit = cb.fit;
+  const series = [
+    { name: "95% band", color: "#2f6fdb", kind: "band", legend: false,
+      points: fit ? fit.points.map((p) => [p.examples_seen, p.noise_scale_low, p.noise_scale_high]) : [] },
+    { name: "runs, pooled by examples seen", color: "#868e96", kind: "points", radius: 3,
+      points: cb.points.map((p) => [p.examples_seen, p.noise_scale,
+        `B_noise ${fmt(p.noise_scale)} at ${fmt(p.examples_seen)} examples (${p.runs} runs, ${p.reports} reports)`]) },
+    { name: "fitted critical batch", color: "#2f6fdb", kind: "line",
+      points: fit ? fit.points.map((p) => [p.examples_seen, p.noise_scale,
+        `${fmt(p.noise_scale)} (${fmt(p.noise_scale_low)}–${fmt(p.noise_scale_high)})`]) : [] },
+  ];
+  chart("#critical-chart", { xLabel: "examples seen", yLabel: "B_noise (examples)", xLog: true, yLog: true,
+    height: 240, series });
+  const how = fit && fit.interval === "run_bootstrap" ? "bootstrap over runs"
+    : "t-interval over the points of fewer than 5 runs, optimistic";
+  $("#critical-fit").textContent = fit
+    ? `B_noise ≈ ${fmt(fit.coefficient)} × examples^${fit.exponent.toFixed(3)} (95%: ${fit.exponent_low.toFixed(3)}`
+      + `–${fit.exponent_high.toFixed(3)}; ${how}), from ${cb.runs} runs; log residual RMS `
+      + `${fit.residual_rms.toFixed(2)}; calibration ×${fmt(cb.calibration.factor)}`
+      + ` (${cb.calibration.measured} measured critical batches).`
+    : `No fitted critical batch: ${cb.reason}`;
 }
 
 function renderRuns(runs) {

@@ -65,8 +65,9 @@ function scale(lo, hi, a, b, log) {
   return s;
 }
 
-// opts: {series: [{name, color, points: [[x, y, label?]], kind: "line"|"step"|"points", marker: "dot"|"cross",
+// opts: {series: [{name, color, points: [[x, y, label?]], kind: "line"|"step"|"points"|"band", marker: "dot"|"cross",
 //        dash, hidden}], xLog, yLog, xLabel, yLabel, xMin, xMax, yMin, xTicks: [x], vlines: [x], height}
+// A "band" series' points are [x, low, high]: the area between, shaded.
 export class Chart {
   constructor(container, opts) {
     this.container = container;
@@ -96,7 +97,8 @@ export class Chart {
     const series = this.visible();
     const pts = series.flatMap((s) => s.points);
     let [x0, x1] = extent(pts.map((p) => p[0]).concat(o.xExtra || []), o.xLog);
-    let [y0, y1] = extent(pts.map((p) => p[1]).concat(o.yExtra || []), o.yLog);
+    const highs = series.filter((s) => s.kind === "band").flatMap((s) => s.points.map((p) => p[2]));
+    let [y0, y1] = extent(pts.map((p) => p[1]).concat(highs, o.yExtra || []), o.yLog);
     if (o.xMin !== undefined) x0 = o.xMin;
     if (o.xMax !== undefined) x1 = o.xMax;
     if (o.yMin !== undefined) y0 = o.yMin;
@@ -134,6 +136,15 @@ export class Chart {
     for (const s of series) {
       const g = el("g", { class: `series ${s.kind || "line"}`, "data-name": s.name }, plot);
       const p = s.points.filter(ok);
+      if (s.kind === "band") {
+        const q = p.filter((b) => Number.isFinite(b[2]) && (!o.yLog || b[2] > 0));
+        const edge = (pts, i) => pts.map((b, j) => `${j ? "L" : ""}${X(b[0])},${Y(b[i])}`).join("");
+        if (q.length > 1) {
+          el("path", { d: `M${edge(q, 1)}L${edge(q.slice().reverse(), 2)}Z`, fill: s.color, "fill-opacity": 0.18,
+            stroke: "none" }, g);
+        }
+        continue;
+      }
       if (s.kind === "line" || s.kind === "step" || !s.kind) {
         let d = "";
         p.forEach(([x, y], i) => {
@@ -155,7 +166,8 @@ export class Chart {
       }
     }
     this.legend();
-    this.interact(svg, series.map((s) => ({ s, p: s.points.filter(ok) })), width, height);
+    this.interact(svg, series.filter((s) => s.kind !== "band").map((s) => ({ s, p: s.points.filter(ok) })), width,
+      height);
   }
 
   legend() {
