@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import random
@@ -40,6 +41,7 @@ class BranchProbe:
     """What :meth:`BranchProbing.branch_probe` measured at one checkpoint (losses on the same held-out
     micro-batches; B in examples, the global batch)."""
 
+    step: int | None  # the job's last reported step when the probe ran (where along the run it measured)
     batch_size: int  # B: the k = 1 branch's examples per optimizer step, over all ranks
     window_examples: int  # what every branch trained on
     loss_before: float
@@ -271,7 +273,8 @@ class BranchProbing:
                     per_k[k] = _evaluate(module, loss_fn, it, n_eval)
         finally:
             snap.restore()
-        return _summarise(batch_size, window * len(ks), cost_steps, window, base, per_k, factors, world)
+        result = _summarise(batch_size, window * len(ks), cost_steps, window, base, per_k, factors, world)
+        return dataclasses.replace(result, step=getattr(self, "last_step", None))
 
 
 def _lr_factor(optimizer: str, batch: float, ref: float, noise: Any) -> float:
@@ -337,6 +340,6 @@ def _summarise(batch: int, cost_examples: int, cost_steps: int, window: int, bas
         var = max(s_d2 / n - gains[k] ** 2, 0.0) * n / max(n - 1, 1)
         ses[k] = math.sqrt(var / n) if math.isfinite(var) else math.nan
     bc, interval, note = fit_critical_batch(batch, ks, [gains[k] for k in ks], [ses[k] for k in ks])
-    return BranchProbe(batch_size=batch, window_examples=window, loss_before=totals[0] / n, losses=losses,
+    return BranchProbe(step=None, batch_size=batch, window_examples=window, loss_before=totals[0] / n, losses=losses,
                        gains=gains, gain_se=ses, lr_factors=dict(factors), critical_batch=bc, interval=interval,
                        note=note, cost_examples=cost_examples, cost_steps=cost_steps)

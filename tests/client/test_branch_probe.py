@@ -73,7 +73,7 @@ def test_branch_probe_restores_everything_bit_for_bit(service, client, caplog):
     assert plain["lr"] == probed["lr"] and plain["sched"] == probed["sched"]
     assert torch.equal(plain["rng"], probed["rng"])
     # what it measured: the same examples per branch, the LR by LAMB's sqrt rule (no B_noise known)
-    assert sorted(result.losses) == [1, 2, 4] and result.batch_size == BATCH
+    assert sorted(result.losses) == [1, 2, 4] and result.batch_size == BATCH and result.step == 19
     assert result.window_examples == 8 * BATCH and result.cost_examples == 3 * 8 * BATCH
     assert result.cost_steps == 8 + 4 + 2
     assert result.lr_factors == {1: 1.0, 2: pytest.approx(math.sqrt(2)), 4: pytest.approx(2.0)}
@@ -82,6 +82,34 @@ def test_branch_probe_restores_everything_bit_for_bit(service, client, caplog):
     assert result.note
     logged = [r.getMessage() for r in caplog.records if "branch probe" in r.getMessage()]
     assert logged and "3 branches" in logged[0] and f"{3 * 8 * BATCH} training examples" in logged[0]
+
+
+def run_measuring(client, study: str, probe: bool):
+    """Two micro-batches per step with job.measure_noise: the probe's steps must not reach the estimator."""
+    model = make_model()
+    job = client.autoconfigure(model, study=study, reference=REFERENCE, target_batch_size=BATCH, job_options=FAST)
+    noise = job.measure_noise(model, job.batch_plan(per_device_batch_size=BATCH // 2))
+    data = Data(1)
+    with job:
+        for step in range(30):
+            if probe and step == 15:
+                job.branch_probe(model, stream, loss_fn, ks=(1, 2), steps=4, micro_batches=2)
+            for _ in range(2):
+                x, y = data.batch(BATCH // 2)
+                (torch.nn.functional.mse_loss(model(x), y) / 2).backward()
+            job.optimizer.step()
+            job.scheduler.step()
+            job.optimizer.zero_grad()
+            job.report(step, 0.0)
+        job.complete(0.0)
+    return noise.state_dict(), [p.detach().clone() for p in model.parameters()]
+
+
+def test_branch_probe_is_not_seen_by_the_noise_estimator(service, client):
+    plain, plain_params = run_measuring(client, "probe-noise-none", probe=False)
+    probed, probed_params = run_measuring(client, "probe-noise", probe=True)
+    assert plain["n_updates"] == 30 and probed == plain
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, probed_params, strict=True))
 
 
 def test_branch_probe_bad_input(service, client):
