@@ -10,6 +10,7 @@ import httpx
 
 from largebatch.scaling_rules.models import Recipe, RecommendationRequest, Reference
 from largebatch.scaling_rules.wire import (
+    CriticalBatchOut,
     FinalOutcome,
     HealthOut,
     HeartbeatOut,
@@ -160,6 +161,11 @@ class AsyncClient(BaseClient):
 
     async def get_study(self, name: str) -> Study:
         return await self._request(self._get_study(name))
+
+    async def critical_batch(self, study: str) -> CriticalBatchOut:
+        """The study's critical batch along the examples seen: fitted from its runs' noise trajectories, with
+        a 95% band; ``fit.points`` is in the form ``reference.noise_trajectory`` takes."""
+        return await self._request(self._critical_batch(study))
 
     async def delete_study(self, name: str, *, idempotency_key: str | None = None) -> None:
         """Delete a study and all its runs."""

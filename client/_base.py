@@ -37,6 +37,7 @@ from largebatch.scaling_rules.models import Recipe, RecommendationRequest
 from largebatch.scaling_rules.wire import (
     NAME_PATTERN,
     CompleteIn,
+    CriticalBatchOut,
     FinalOutcome,
     HealthOut,
     HeartbeatOut,
@@ -187,6 +188,7 @@ def _parse_text(response: httpx.Response) -> str:
 
 _parse_study = _parse_model(Study)
 _parse_study_page = _parse_model(Page[Study])
+_parse_critical_batch = _parse_model(CriticalBatchOut)
 _parse_run = _parse_model(Run)
 _parse_run_page = _parse_model(Page[Run])
 _parse_report_out = _parse_model(ReportOut)
@@ -359,6 +361,9 @@ class BaseClient:
 
     def _get_study(self, name: str) -> Call[Study]:
         return Call("GET", f"/v1/studies/{_segment(name)}", _parse_study)
+
+    def _critical_batch(self, name: str) -> Call[CriticalBatchOut]:
+        return Call("GET", f"/v1/studies/{_segment(name)}/critical-batch", _parse_critical_batch)
 
     def _delete_study(self, name: str, *, idempotency_key: str | None) -> Call[None]:
         return Call("DELETE", f"/v1/studies/{_segment(name)}", _parse_none, idempotency_key=idempotency_key)

@@ -103,6 +103,70 @@ class Page(_Out, Generic[T]):
     offset: int
 
 
+# ----- the critical batch along the run -----
+
+
+class CriticalBatchPoint(_Out):
+    """The fitted critical batch at one point (the field names of ``reference.noise_trajectory``)."""
+
+    examples_seen: float
+    tokens_seen: float | None = Field(default=None, description="When every pooled point gave tokens seen.")
+    noise_scale: float = Field(description="CriticalBatchCalibration factor x the fitted B_noise (examples).")
+    noise_scale_low: float = Field(description="Lower end of the 95% band.")
+    noise_scale_high: float = Field(description="Upper end of the 95% band.")
+
+
+class PooledNoisePoint(_Out):
+    """The runs' trajectory points that fell in one bin of examples seen, pooled."""
+
+    examples_seen: float = Field(description="Mean over the runs' points.")
+    tokens_seen: float | None = None
+    noise_scale: float = Field(description="Geometric mean of the runs' B_noise (uncalibrated).")
+    runs: int
+    reports: int
+
+
+class CriticalBatchCalibration(_Out):
+    """Streaming statistic to measured critical batch, for one study: 1.0 until measured critical batches
+    (branches from checkpoints) are its evidence; then the geometric mean of measured / fitted B_noise at
+    their examples seen."""
+
+    factor: float = Field(default=1.0, description="Measured critical batch / streaming B_noise; multiplies "
+                                                   "the fitted curve.")
+    measured: int = Field(default=0, description="Measured critical batches behind the factor.")
+    detail: str
+
+
+class CriticalBatchFit(_Out):
+    """B_noise along the examples seen: a power law, least squares in log-log, with a 95% band."""
+
+    model: Literal["power_law"] = "power_law"
+    formula: str = "noise_scale = factor * coefficient * examples_seen ** exponent"
+    coefficient: float
+    exponent: float
+    exponent_low: float
+    exponent_high: float
+    confidence: float = 0.95
+    interval: Literal["run_bootstrap", "t_points"] = Field(description=(
+        "run_bootstrap: percentile bootstrap over runs; t_points: t-interval over the points of fewer than "
+        "5 runs, optimistic (a run's smoothed points are correlated)"))
+    residual_rms: float = Field(description="RMS of the log residuals (0.1: the points sit ~10% off the curve).")
+    points: list[CriticalBatchPoint]
+
+
+class CriticalBatchOut(_Out):
+    """``GET /v1/studies/{name}/critical-batch``."""
+
+    study: str
+    unit: Literal["examples"] = "examples"
+    runs: int = Field(description="Runs whose trajectories were pooled (the newest, at most 64).")
+    runs_with_trajectory: int
+    fit: CriticalBatchFit | None = None
+    reason: str | None = Field(default=None, description="Why there is no fit, when there is none.")
+    calibration: CriticalBatchCalibration
+    points: list[PooledNoisePoint] = Field(default_factory=list)
+
+
 # ----- runs -----
 
 

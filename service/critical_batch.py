@@ -15,82 +15,27 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from largebatch.scaling_rules.wire import (
+    CriticalBatchCalibration,
+    CriticalBatchFit,
+    CriticalBatchOut,
+    CriticalBatchPoint,
+    PooledNoisePoint,
+)
 from largebatch.service.storage import StudyStore
 from largebatch.service.storage.records import RunTrajectory
 from largebatch.service.storage.trajectory import bucket_of
 
-__all__ = ["CONFIDENCE", "CriticalBatchOut", "critical_batch", "fit_power_law"]
+__all__ = ["BOOTSTRAP_RUNS", "CriticalBatchOut", "critical_batch", "fit_power_law"]
 
-CONFIDENCE = 0.95
 CURVE_POINTS = 32  # the fitted curve, log-spaced over the examples the runs covered (never beyond)
 MAX_RUNS = 64  # the newest runs with a trajectory that one answer pools
-BOOTSTRAP_RUNS = 5  # fewer runs than this: a bootstrap over runs has too few distinct resamples
+BOOTSTRAP_RUNS = 5  # fewer runs: too few distinct resamples for a bootstrap over runs (the wire's text says 5)
 BOOTSTRAP_RESAMPLES = 400
 _SEED = 0  # the bootstrap is seeded: the same data always answers the same band
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class CurvePoint(_Out):
-    """The fitted critical batch at one point (the field names of ``reference.noise_trajectory``)."""
-
-    examples_seen: float
-    tokens_seen: float | None = Field(default=None, description="When every pooled point gave tokens seen.")
-    noise_scale: float = Field(description="Calibration factor x the fitted B_noise (examples).")
-    noise_scale_low: float = Field(description="Lower end of the 95% band.")
-    noise_scale_high: float = Field(description="Upper end of the 95% band.")
-
-
-class PooledPoint(_Out):
-    """The runs' trajectory points that fell in one bin of examples seen, pooled."""
-
-    examples_seen: float = Field(description="Mean over the runs' points.")
-    tokens_seen: float | None = None
-    noise_scale: float = Field(description="Geometric mean of the runs' B_noise (uncalibrated).")
-    runs: int
-    reports: int
-
-
-class Calibration(_Out):
-    factor: float = Field(default=1.0, description="Measured critical batch / streaming B_noise; multiplies "
-                                                   "the fitted curve.")
-    measured: int = Field(default=0, description="Measured critical batches behind the factor.")
-    detail: str
-
-
-class PowerLawFit(_Out):
-    model: Literal["power_law"] = "power_law"
-    formula: str = "noise_scale = factor * coefficient * examples_seen ** exponent"
-    coefficient: float
-    exponent: float
-    exponent_low: float
-    exponent_high: float
-    confidence: float = CONFIDENCE
-    interval: Literal["run_bootstrap", "t_points"] = Field(description=(
-        "run_bootstrap: percentile bootstrap over runs; t_points: t-interval over the points of fewer than "
-        f"{BOOTSTRAP_RUNS} runs, optimistic (a run's smoothed points are correlated)"))
-    residual_rms: float = Field(description="RMS of the log residuals (0.1: the points sit ~10% off the curve).")
-    points: list[CurvePoint]
-
-
-class CriticalBatchOut(_Out):
-    """``GET /v1/studies/{name}/critical-batch``."""
-
-    study: str
-    unit: Literal["examples"] = "examples"
-    runs: int = Field(description="Runs whose trajectories were pooled (the newest, at most 64).")
-    runs_with_trajectory: int
-    fit: PowerLawFit | None = None
-    reason: str | None = Field(default=None, description="Why there is no fit, when there is none.")
-    calibration: Calibration
-    points: list[PooledPoint] = Field(default_factory=list)
 
 
 def _t_quantile(p: float, df: int) -> float:
@@ -114,7 +59,7 @@ def _line(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return sy / n - slope * su / n, slope, sxx
 
 
-def fit_power_law(runs: list[list[tuple[float, float]]], *, factor: float = 1.0) -> PowerLawFit | str:
+def fit_power_law(runs: list[list[tuple[float, float]]], *, factor: float = 1.0) -> CriticalBatchFit | str:
     """Fit B = c x^b to every run's ``(examples_seen, noise_scale)`` points; a reason string when the
     points cannot determine it."""
     per_run = []
@@ -135,7 +80,7 @@ def fit_power_law(runs: list[list[tuple[float, float]]], *, factor: float = 1.0)
     a0, b0, sxx = (float(v) for v in _line(stats.sum(axis=0)))
     resid = y - (a0 + b0 * u)
     grid = np.linspace(float(u.min()), float(u.max()), CURVE_POINTS)
-    alpha = (1 - CONFIDENCE) / 2
+    alpha = (1 - CriticalBatchFit.model_fields["confidence"].default) / 2
     if len(per_run) >= BOOTSTRAP_RUNS:
         rng = np.random.default_rng(_SEED)
         counts = rng.multinomial(len(per_run), np.full(len(per_run), 1 / len(per_run)), size=BOOTSTRAP_RESAMPLES)
@@ -153,14 +98,14 @@ def fit_power_law(runs: list[list[tuple[float, float]]], *, factor: float = 1.0)
         b_lo, b_hi = b0 - t * s / math.sqrt(sxx), b0 + t * s / math.sqrt(sxx)
         interval = "t_points"
     mid = a0 + b0 * grid
-    points = [CurvePoint(examples_seen=float(math.exp(g)), noise_scale=factor * math.exp(m),
+    points = [CriticalBatchPoint(examples_seen=float(math.exp(g)), noise_scale=factor * math.exp(m),
                          noise_scale_low=factor * math.exp(min(lw, m)), noise_scale_high=factor * math.exp(max(h, m)))
               for g, m, lw, h in zip(grid, mid, lo, hi, strict=True)]
-    return PowerLawFit(coefficient=math.exp(a0), exponent=b0, exponent_low=float(b_lo), exponent_high=float(b_hi),
+    return CriticalBatchFit(coefficient=math.exp(a0), exponent=b0, exponent_low=float(b_lo), exponent_high=float(b_hi),
                        interval=interval, residual_rms=float(np.sqrt(np.mean(resid ** 2))), points=points)
 
 
-def _pooled(trajectories: list[RunTrajectory]) -> list[PooledPoint]:
+def _pooled(trajectories: list[RunTrajectory]) -> list[PooledNoisePoint]:
     bins: dict[int, list] = {}
     for run in trajectories:
         for p in run.points:
@@ -169,7 +114,7 @@ def _pooled(trajectories: list[RunTrajectory]) -> list[PooledPoint]:
     for b in sorted(bins):
         ps = bins[b]
         tokens = [p.tokens_seen for p in ps]
-        out.append(PooledPoint(
+        out.append(PooledNoisePoint(
             examples_seen=sum(p.examples_seen for p in ps) / len(ps),
             tokens_seen=None if None in tokens else sum(tokens) / len(ps),  # type: ignore[arg-type]
             noise_scale=math.exp(sum(math.log(p.noise_scale) for p in ps) / len(ps)),
@@ -177,8 +122,8 @@ def _pooled(trajectories: list[RunTrajectory]) -> list[PooledPoint]:
     return out
 
 
-def _calibration() -> Calibration:
-    return Calibration(detail="no measured critical batch in this study yet: the factor is 1.0. Branch "
+def _calibration() -> CriticalBatchCalibration:
+    return CriticalBatchCalibration(detail="no measured critical batch in this study yet: the factor is 1.0. Branch "
                               "probes' measured critical batches, once study evidence, set it to the geometric "
                               "mean of measured / fitted B_noise at their examples seen.")
 

@@ -3,12 +3,14 @@ report; the study's critical batch is fitted from them (real torch training, a r
 
 from __future__ import annotations
 
-import httpx
+import asyncio
+
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from largebatch.client import Client  # noqa: E402
+from largebatch.client import AsyncClient, Client  # noqa: E402
+from largebatch.client.errors import NotFoundError  # noqa: E402
 from largebatch.client._reporter import seen  # noqa: E402
 from largebatch.scaling_rules.recipe import Recipe  # noqa: E402
 
@@ -42,10 +44,18 @@ def test_a_measured_run_sends_its_trajectory_and_the_study_fits_it(service):
     assert last.noise_scale == pytest.approx(noise.value, rel=1e-9)
     assert (last.grad_sq, last.trace_sigma) == pytest.approx((noise.grad_sq, noise.trace_sigma), rel=1e-9)
     assert sum(p.reports for p in traj.points) <= steps + 1
-    r = httpx.get(f"{service.url}/v1/studies/noise-trajectory/critical-batch")
-    assert r.status_code == 200, r.text
-    out = r.json()
-    assert out["runs"] == 1 and out["fit"] is not None and out["fit"]["points"][-1]["noise_scale"] > 0
+    with Client(service.url) as client:
+        out = client.critical_batch("noise-trajectory")
+        with pytest.raises(NotFoundError):
+            client.critical_batch("no-such-study")
+
+    async def read_async():
+        async with AsyncClient(service.url) as ac:
+            return await ac.critical_batch("noise-trajectory")
+
+    assert asyncio.run(read_async()) == out
+    assert out.runs == 1 and out.fit is not None and out.fit.points[-1].noise_scale > 0
+    assert sum(p.reports for p in out.points) == sum(p.reports for p in traj.points)
 
 
 def test_examples_and_tokens_seen_follow_the_recipes_stages():
