@@ -92,8 +92,8 @@ def _best(batch: float, pts: list[tuple[int, float, float]], gains: list[float],
     best, best_sse = grid[0], math.inf
     for bc in grid:
         f = [1.0 / (1.0 + k * batch / bc) for k, _, _ in pts]
-        a = sum(wi * g * fi for wi, g, fi in zip(w, gains, f)) / sum(wi * fi * fi for wi, fi in zip(w, f))
-        sse = sum(wi * (g - a * fi) ** 2 for wi, g, fi in zip(w, gains, f))
+        a = sum(wi * g * fi for wi, g, fi in zip(w, gains, f, strict=True)) / sum(wi * fi * fi for wi, fi in zip(w, f, strict=True))
+        sse = sum(wi * (g - a * fi) ** 2 for wi, g, fi in zip(w, gains, f, strict=True))
         if sse < best_sse:
             best, best_sse = bc, sse
     return best

@@ -4,16 +4,13 @@ a probe in the middle; both runs' parameters, losses and the probe's result are 
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.client._training import BATCH, REFERENCE, Data  # noqa: E402
-from tests.client.test_branch_probe import loss_fn, make_model  # noqa: E402
-
-from largebatch.client import Client  # noqa: E402
+from largebatch.client import Client
+from tests.client._training import BATCH, REFERENCE, Data
+from tests.client.test_branch_probe import loss_fn, make_model
 
 FAST = {"flush_interval": 0.1, "heartbeat_interval": 30.0, "close_timeout": 30.0}
 

@@ -164,5 +164,5 @@ def test_branch_probe_under_ddp_restores_and_agrees(service, tmp_path):
         assert out["plain"]["losses"] == out["probed"]["losses"]
     # one result for the run: the losses are read over both ranks' evaluation micro-batches
     assert ranks[0]["probed"]["result"] == ranks[1]["probed"]["result"]
-    losses, gains, before = ranks[0]["probed"]["result"]
+    losses, gains, _ = ranks[0]["probed"]["result"]
     assert sorted(losses) == [1, 2] and gains[1] > 0

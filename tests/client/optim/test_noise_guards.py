@@ -91,7 +91,7 @@ def test_memory_in_examples():
     assert est.ema is None and est.memory_examples == DEFAULT_MEMORY_STEPS * N_MICRO * MICRO
     assert est.examples == STEPS * N_MICRO * MICRO and est.batch_sizes == (MICRO, N_MICRO * MICRO)
     # the same memory given in examples, or per step at this batch
-    same, values = train(memory_examples=DEFAULT_MEMORY_STEPS * N_MICRO * MICRO)
+    _, values = train(memory_examples=DEFAULT_MEMORY_STEPS * N_MICRO * MICRO)
     assert values == default
     _, per_step = train(ema=math.exp(-1 / DEFAULT_MEMORY_STEPS))
     assert all(a == pytest.approx(b, rel=1e-12) for a, b in zip(default, per_step, strict=True))
