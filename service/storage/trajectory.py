@@ -49,11 +49,21 @@ def _seen(argument: str, value: object) -> float:
     return v
 
 
+def _fine(p: NoisePoint) -> bool:
+    # What the wire gives (checked floats): one comparison chain each, no conversion; NaN fails them all.
+    e, t, g, s = p
+    return (type(e) is float and 0 <= e <= MAX_SEEN and (t is None or (type(t) is float and 0 <= t <= MAX_SEEN))
+            and ((g is None and s is None) or (type(g) is float and type(s) is float and 0 < g < math.inf
+                                               and 0 < s < math.inf)))
+
+
 def checked_point(point: object) -> NoisePoint | None:
     if point is None:
         return None
     if not isinstance(point, tuple) or len(point) != 4:
         raise InvalidArgument(f"a report's trajectory point must be a NoisePoint, got {point!r}")
+    if isinstance(point, NoisePoint) and _fine(point):
+        return point
     examples, tokens, grad_sq, trace = point
     if (grad_sq is None) != (trace is None):
         raise InvalidArgument("grad_sq and trace_sigma come together")
@@ -62,12 +72,22 @@ def checked_point(point: object) -> NoisePoint | None:
                       None if trace is None else _float("trace_sigma", trace, positive=True))
 
 
-def _sums(step: int, noise: float, p: NoisePoint) -> dict[str, Any]:
-    parts = p.grad_sq is not None
-    return {"n": 1, "first_step": step, "last_step": step, "sum_examples": p.examples_seen,
-            "sum_log_noise": math.log(noise), "n_tokens": int(p.tokens_seen is not None),
-            "sum_tokens": p.tokens_seen or 0.0, "n_components": int(parts),
-            "sum_grad_sq": p.grad_sq if parts else 0.0, "sum_trace_sigma": p.trace_sigma if parts else 0.0}
+def _bins(rows: list[tuple[int, float, NoisePoint, int]]) -> dict[int, dict[str, Any]]:
+    """The sums each bin adds, from ``(step, noise_scale, point, bin)`` in step order."""
+    by_bin: dict[int, list[tuple[int, float, NoisePoint, int]]] = {}
+    for row in rows:
+        by_bin.setdefault(row[3], []).append(row)
+    out = {}
+    for b, rs in by_bin.items():
+        tokens = [p.tokens_seen for _, _, p, _ in rs if p.tokens_seen is not None]
+        parts = [p for _, _, p, _ in rs if p.grad_sq is not None]
+        out[b] = {"n": len(rs), "first_step": rs[0][0], "last_step": rs[-1][0],
+                  "sum_examples": math.fsum(p.examples_seen for _, _, p, _ in rs),
+                  "sum_log_noise": math.fsum(map(math.log, (noise for _, noise, _, _ in rs))),
+                  "n_tokens": len(tokens), "sum_tokens": math.fsum(tokens), "n_components": len(parts),
+                  "sum_grad_sq": math.fsum(p.grad_sq for p in parts),
+                  "sum_trace_sigma": math.fsum(p.trace_sigma for p in parts)}
+    return out
 
 
 _ADDED = ("n", "sum_examples", "sum_log_noise", "n_tokens", "sum_tokens", "n_components", "sum_grad_sq",
@@ -80,34 +100,21 @@ class TrajectoryOps:
 
     def _add_to_trajectory(self, conn: Connection, run_id: int,
                            rows: Sequence[tuple[int, float | None, NoisePoint | None]]) -> None:
-        """Add ``(step, noise_scale, point)`` (in step order) to the run's bins. A step a bin already
-        counted (a batch resent after a lost answer, steps trained again after a resume) is not
-        counted twice: bins fill in step order, so a bin's last step tells what it holds."""
+        """Add ``(step, noise_scale, point)`` (in step order) to the run's bins, in one statement. A bin
+        takes a batch's reports only when they all come after the last step it counted: bins fill in step
+        order, so a batch resent after a lost answer is not counted twice (nor are steps trained again after
+        a resume; a batch that mixes those with new steps of the same bin leaves that bin as it was)."""
         t = sch.lb_noise_trajectory
-        kept = [(step, noise, point, bucket_of(point.examples_seen)) for step, noise, point in rows
-                if noise is not None and point is not None]
-        if not kept:
-            return
-        counted = dict(conn.execute(select(t.c.bucket, t.c.last_step).where(
-            t.c.run_id == run_id, t.c.bucket.in_(sorted({k[3] for k in kept})))).all())
-        added: dict[int, dict[str, Any]] = {}
-        for step, noise, point, b in kept:
-            if b in counted and step <= counted[b]:
-                continue
-            sums = _sums(step, noise, point)
-            if b in added:
-                for k in _ADDED:
-                    added[b][k] += sums[k]
-                added[b]["last_step"] = step
-            else:
-                added[b] = sums
+        added = _bins([(step, noise, point, bucket_of(point.examples_seen)) for step, noise, point in rows
+                       if noise is not None and point is not None])
         if not added:
             return
         ins = self._insert(t)  # type: ignore[attr-defined]
         conn.execute(ins.on_conflict_do_update(
             index_elements=["run_id", "bucket"],
             set_={**{k: getattr(t.c, k) + getattr(ins.excluded, k) for k in _ADDED},
-                  "last_step": ins.excluded.last_step}),
+                  "last_step": ins.excluded.last_step},
+            where=t.c.last_step < ins.excluded.first_step),
             [{"run_id": run_id, "bucket": b, **sums} for b, sums in sorted(added.items())])
 
     def noise_trajectories(self, namespace: str, study: str, *, max_runs: int = MAX_TRAJECTORY_RUNS

@@ -59,6 +59,13 @@ def test_a_step_is_counted_once_and_components_and_tokens_are_means(store):
     # Reports without examples_seen or without noise_scale add no point.
     store.report_batch(run.id, [(300, 1.0, None, 5.0), (301, 1.0, None, None, NoisePoint(1e9))])
     assert store.noise_trajectories("team", "bert") == before
+    # A resent batch with new steps after the counted ones: the bin that counted some of them stays as it
+    # was; the bins after it take theirs.
+    last_bin = bucket_of(300 * 64)
+    _report(store, run.id, range(280, 400))
+    [after] = store.noise_trajectories("team", "bert")[1]
+    assert after.points[:len(before[1][0].points)] == before[1][0].points
+    assert sum(p.reports for p in after.points) == 300 + sum(bucket_of((s + 1) * 64) > last_bin for s in range(300, 400))
     other = _run(store, batch_size=8)
     store.report_batch(other.id, [(s, 1.0, None, 2.0, NoisePoint(1000.0 + s, 512_000.0 + 512 * s, 0.5, 1.0))
                                   for s in range(3)])
