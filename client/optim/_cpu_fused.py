@@ -11,7 +11,15 @@ a cache folder, and called through :mod:`ctypes` with tables of tensor addresses
   ``||c||^2``) per tensor;
 * pass 2 recomputes the update from ``p, m, v`` (LANS also ``g``) and writes ``p``, scaled by the trust
   ratio, computed between the passes in float64 by :func:`._tensors.trust_ratios` (the foreach
-  path's own function).
+  path's own function; in C, the same float64 operations, for unsharded parameters).
+
+Unsharded parameters take both passes in one call: consecutive tensors in batches of up to
+``_BATCH`` elements (a bigger tensor alone), each batch's pass 2 right after its pass 1 on the same
+threads, walking its blocks backwards, so that it reads ``p, m, v`` from cache where they still are.
+On CPU the step is bound by memory reads, not arithmetic: fused AdamW reads 4 words per parameter;
+LAMB reads 8 (the gradient-norm prologue 1, pass 1 4, pass 2 3) for a tensor bigger than the cache,
+LANS 9 (its pass 2 also reads ``g``). Sharded parameters keep the two calls, their norms summed over
+the ranks in between.
 
 The tensors are cut into blocks of ``_BLOCK`` elements that the threads share; each block's sums are
 kept apart and added per tensor in block order, in float64, so the result does not depend on the
@@ -42,6 +50,8 @@ from torch import Tensor
 from ._tensors import trust_ratios
 
 _BLOCK = 1 << 14  # elements per work item: 64 KB of fp32 per operand, a few operands fit in L2
+# elements per batch of small tensors (pass 2 follows each batch's pass 1; p, g, m, v of a batch stay in L3)
+_BATCH = 1 << 18
 
 _SOURCE_FILE = "_cpu_kernels.c"  # package data, beside this module
 
@@ -86,7 +96,7 @@ def _build(cc: str | None) -> tuple[ctypes.CDLL | None, str | None]:
         return None, ("no C compiler found (set CC, or install gcc: the CPU kernels are compiled on first use, "
                       "as torch.compile's are)")
     source = (importlib.resources.files(__package__) / _SOURCE_FILE).read_text()
-    flags = [*_FLAGS, f"-DBLOCK={_BLOCK}"]
+    flags = [*_FLAGS, f"-DBLOCK={_BLOCK}", f"-DBATCH_NUMEL={_BATCH}"]
     digest = hashlib.sha256("\0".join([source, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     folder = _cache_dir()
     target = folder / f"largebatch_cpu_{digest}.so"
@@ -166,6 +176,12 @@ def _ratio(sq: Tensor, row: int, adapt: bool, phi_bounds: tuple[float, float] | 
     return trust_ratios(sq[0], sq[row], phi_bounds)
 
 
+def _lr_phi(lr: float | Tensor, phi_bounds: tuple[float, float] | None) -> Tensor:
+    lo, hi = phi_bounds if phi_bounds is not None else (0.0, 0.0)
+    return torch.cat([_lr(lr).reshape(1), torch.tensor([float(phi_bounds is not None), lo, hi],
+                                                        dtype=torch.float64)])
+
+
 def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
          bc1: Tensor, bc2: Tensor, ok: Tensor | None, clip: Tensor | None, lr: float | Tensor, beta1: float,
          beta2: float, eps: float, weight_decay: float, bias_correction: bool, adapt: bool,
@@ -179,15 +195,19 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     ones = torch.ones(n, dtype=torch.float64)
     c1, c2 = (_f64(bc1), _f64(bc2)) if bias_correction else (ones, ones)
     hp = _hp(beta1, beta2, eps, weight_decay, 1.0 if clip is None else float(clip))
+    tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
+              _addr(c1), _addr(c2), _addr(hp), ctypes.c_int(int(adapt)))
+    if reduce is None:  # one call: pass 2 of each batch right after its pass 1, from cache
+        lr_phi, scale = _lr_phi(lr, phi_bounds), torch.empty(n, dtype=torch.float64)
+        _call("lb_lamb_step", dtype, *tables, _addr(lr_phi), _addr(scale))
+        return
     sq = torch.zeros(2, n, dtype=torch.float64)
-    args = (ctypes.c_int64(n), _ptrs(params))
-    _call("lb_lamb_pass1", dtype, *args, _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
-          _addr(c1), _addr(c2), _addr(hp), ctypes.c_int(int(adapt)), _addr(sq))
-    if adapt and reduce is not None:
+    _call("lb_lamb_pass1", dtype, *tables, _addr(sq))
+    if adapt:
         reduce(sq)
     scale = (-_lr(lr) * _ratio(sq, 1, adapt, phi_bounds)).contiguous()
-    _call("lb_lamb_pass2", dtype, *args, _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel), _addr(c1),
-          _addr(c2), _addr(hp), _addr(scale))
+    _call("lb_lamb_pass2", dtype, ctypes.c_int64(n), _ptrs(params), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
+          _addr(numel), _addr(c1), _addr(c2), _addr(hp), _addr(scale))
 
 
 def lans(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
@@ -204,11 +224,15 @@ def lans(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     c1, c2 = (_f64(bc1), _f64(bc2)) if bias_correction else (ones, ones)
     gn = _f64(g_norm)
     hp = _hp(beta1, beta2, eps, weight_decay)
-    sq = torch.zeros(3, n, dtype=torch.float64)
     tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
               _addr(c1), _addr(c2), _addr(gn), _addr(hp))
+    if reduce is None:
+        lr_phi, scales = _lr_phi(lr, phi_bounds), torch.empty(2, n, dtype=torch.float64)
+        _call("lb_lans_step", dtype, *tables, ctypes.c_int(int(adapt)), _addr(lr_phi), _addr(scales))
+        return
+    sq = torch.zeros(3, n, dtype=torch.float64)
     _call("lb_lans_pass1", dtype, *tables, ctypes.c_int(int(adapt)), _addr(sq))
-    if adapt and reduce is not None:
+    if adapt:
         reduce(sq)
     lr64 = _lr(lr)
     scale_r = (-beta1 * lr64 * _ratio(sq, 1, adapt, phi_bounds)).contiguous()

@@ -1,13 +1,24 @@
-/* The fused path of LAMB and LANS on CPU: the two passes of each optimizer as OpenMP loops over
-   every tensor of a group (see _cpu_fused.py, which compiles this file on first use and calls it
-   through ctypes). Each block's sums are kept apart and added per tensor in block order, in float64,
-   so the result does not depend on the thread count or schedule. */
+/* The fused path of LAMB and LANS on CPU (see _cpu_fused.py, which compiles this file on first use and
+   calls it through ctypes). Each block's sums are kept apart and added per tensor in block order, in
+   float64, so the result does not depend on the thread count or schedule.
+
+   Two drivers share the per-block bodies:
+   - lb_*_step: the whole update in one call. Consecutive tensors are taken in batches of at most
+     BATCH_NUMEL elements (a bigger tensor alone); per batch, pass 1, the trust ratios, then pass 2 over
+     the same blocks on the same threads in reverse order, so that pass 2 reads what pass 1 left in cache
+     instead of memory (a step is bound by memory reads on CPU: this is what brings LAMB near AdamW).
+   - lb_*_pass1 / lb_*_pass2: pass 1 over every tensor, then pass 2, for sharded parameters whose norms
+     are summed over the ranks in between (by the caller, in Python). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 
 #ifndef BLOCK
 #define BLOCK 16384  /* elements per work item; the build passes _cpu_fused._BLOCK */
+#endif
+#ifndef BATCH_NUMEL
+#define BATCH_NUMEL (1 << 20)  /* elements per batch of small tensors; the build passes _cpu_fused._BATCH */
 #endif
 
 /* Work items: tensor t owns items first[t] .. first[t+1]-1; item k covers elements
@@ -27,13 +38,23 @@ static int64_t owner(int64_t k, int64_t n, const int64_t *first) {
     return lo;
 }
 
-static void fold(int64_t n, const int64_t *first, int kinds, int64_t items, const double *part, double *out) {
+/* out[c * n + t] for tensors t0 .. t1-1: their blocks' sums of kind c, in block order */
+static void fold(int64_t n, int64_t t0, int64_t t1, const int64_t *first, int kinds, int64_t items,
+                 const double *part, double *out) {
     for (int c = 0; c < kinds; c++)
-        for (int64_t t = 0; t < n; t++) {
+        for (int64_t t = t0; t < t1; t++) {
             double s = 0.0;
             for (int64_t k = first[t]; k < first[t + 1]; k++) s += part[c * items + k];
             out[c * n + t] = s;
         }
+}
+
+/* The trust ratio of torch's _tensors.trust_ratios (float64): phi(||x||) / ||u||, 1 where a norm is 0 */
+static double ratio(double x_sq, double u_sq, int adapt, const double *phi) {
+    if (!adapt) return 1.0;
+    double x = sqrt(x_sq), u = sqrt(u_sq);
+    double f = phi[0] != 0 ? fmin(fmax(x, phi[1]), phi[2]) : x;
+    return (x > 0 && u > 0) ? f / u : 1.0;
 }
 
 /* The work items of a call (first[], freed by the caller, and their number), and item k's range. */
@@ -41,7 +62,93 @@ static void fold(int64_t n, const int64_t *first, int kinds, int64_t items, cons
 #define ITEM_RANGE(k) int64_t t = owner(k, n, first);                                                   \
     int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];
 
+/* One element of pass 1 (j; sums sx, su / sr, sc in float64, by fma: the squares are exact). */
+#define LAMB_UPDATE(T, SQRT)                                                                         \
+    T gj = gp[j] * inv_clip;                                                                         \
+    T mj = mp[j] * b1 + gj * omb1;                                                                   \
+    T vj = vp[j] * b2 + gj * gj * omb2;                                                              \
+    mp[j] = mj; vp[j] = vj;                                                                          \
+    T u = mj * r1 / (SQRT(vj) * rs2 + eps) + wd * pp[j];                                             \
+    sx = fma((double)pp[j], (double)pp[j], sx);                                                      \
+    su = fma((double)u, (double)u, su);
+#define LANS_UPDATE(T, SQRT)                                                                         \
+    T gh = gp[j] * rgn;                                                                              \
+    T mj = mp[j] * b1 + gh * omb1;                                                                   \
+    T vj = vp[j] * b2 + gh * gh * omb2;                                                              \
+    mp[j] = mj; vp[j] = vj;                                                                          \
+    T inv = (T)1 / (SQRT(vj) * rs2 + eps);                                                           \
+    T r = mj * r1 * inv + wd * pp[j];                                                                \
+    T c = gh * inv + wd * pp[j];                                                                     \
+    sx = fma((double)pp[j], (double)pp[j], sx);                                                      \
+    sr = fma((double)r, (double)r, sr);                                                              \
+    sc = fma((double)c, (double)c, sc);
+
+/* The per-block bodies of one dtype. hp: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay,
+   clip factor (1: none). LANS: g_hat = g / gnorm[t]; r = m_hat/denom + wd p, c = g_hat/denom + wd p. */
+#define BODIES(T, SUFFIX, SQRT)                                                                          \
+static inline void lamb1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, int64_t hi, T r1, T rs2,  \
+                                  const double *hp, double *sx_out, double *su_out) {                \
+    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
+    const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                              \
+    double sx = 0.0, su = 0.0;                                                                       \
+    _Pragma("omp simd reduction(+:sx,su)")                                                           \
+    for (int64_t j = lo; j < hi; j++) {                                                              \
+        LAMB_UPDATE(T, SQRT)                                                                         \
+    }                                                                                                \
+    *sx_out = sx; *su_out = su;                                                                      \
+}                                                                                                    \
+                                                                                                     \
+static inline void lamb2_##SUFFIX(T *pp, const T *mp, const T *vp, int64_t lo, int64_t hi, T r1, T rs2,   \
+                                  const double *hp, T s) {                                           \
+    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
+    _Pragma("omp simd")                                                                              \
+    for (int64_t j = lo; j < hi; j++) {                                                              \
+        T u = mp[j] * r1 / (SQRT(vp[j]) * rs2 + eps) + wd * pp[j];                                   \
+        pp[j] = pp[j] + u * s;                                                                       \
+    }                                                                                                \
+}                                                                                                    \
+                                                                                                     \
+static inline void lans1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, int64_t hi, T r1, T rs2,  \
+                                  T rgn, const double *hp, double *sums) {                           \
+    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
+    const T wd = (T)hp[5];                                                                           \
+    double sx = 0.0, sr = 0.0, sc = 0.0;                                                             \
+    _Pragma("omp simd reduction(+:sx,sr,sc)")                                                        \
+    for (int64_t j = lo; j < hi; j++) {                                                              \
+        LANS_UPDATE(T, SQRT)                                                                         \
+    }                                                                                                \
+    sums[0] = sx; sums[1] = sr; sums[2] = sc;                                                        \
+}                                                                                                    \
+                                                                                                     \
+static inline void lans2_##SUFFIX(T *pp, const T *gp, const T *mp, const T *vp, int64_t lo, int64_t hi,   \
+                                  T r1, T rs2, T rgn, const double *hp, T s_r, T s_c) {              \
+    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
+    _Pragma("omp simd")                                                                              \
+    for (int64_t j = lo; j < hi; j++) {                                                              \
+        T gh = gp[j] * rgn;                                                                          \
+        T inv = (T)1 / (SQRT(vp[j]) * rs2 + eps);                                                    \
+        T r = mp[j] * r1 * inv + wd * pp[j];                                                         \
+        T c = gh * inv + wd * pp[j];                                                                 \
+        pp[j] = pp[j] + r * s_r + c * s_c;                                                           \
+    }                                                                                                \
+}
+
+/* The thread's share [*a, *b) of the items k0 .. k1-1 (static: the same blocks in both passes). */
+static void share(int64_t k0, int64_t k1, int64_t *a, int64_t *b) {
+    int id = omp_get_thread_num(), count = omp_get_num_threads();
+    *a = k0 + (k1 - k0) * id / count;
+    *b = k0 + (k1 - k0) * (id + 1) / count;
+}
+
+/* Batches: tensors t0 .. t1-1, consecutive, at most BATCH_NUMEL elements (or one bigger tensor). */
+static int64_t batch_end(int64_t n, int64_t t0, const int64_t *numel) {
+    int64_t t1 = t0 + 1, total = numel[t0];
+    while (t1 < n && total + numel[t1] <= BATCH_NUMEL) total += numel[t1++];
+    return t1;
+}
+
 #define KERNELS(T, SUFFIX, SQRT)                                                                          \
+BODIES(T, SUFFIX, SQRT)                                                                              \
 void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int threads) {           \
     ITEMS                                                                                            \
     double *part = malloc((items ? items : 1) * sizeof(double));                                     \
@@ -54,37 +161,22 @@ void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int 
         for (int64_t j = lo; j < hi; j++) s += (double)gp[j] * (double)gp[j];                        \
         part[k] = s;                                                                                 \
     }                                                                                                \
-    fold(n, first, 1, items, part, out);                                                             \
+    fold(n, 0, n, first, 1, items, part, out);                                                       \
     free(part); free(first);                                                                         \
 }                                                                                                    \
                                                                                                      \
-/* hp: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay, clip factor (1: none) */                      \
 void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
                             const double *bc1, const double *bc2, const double *hp, int adapt,       \
                             double *out, int threads) {                                              \
     ITEMS                                                                                            \
     double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
-    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
-    const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                                      \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t]));                               \
-        double sx = 0.0, su = 0.0;                                                                   \
-        _Pragma("omp simd reduction(+:sx,su)")                                                       \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T gj = gp[j] * inv_clip;                                                                 \
-            T mj = mp[j] * b1 + gj * omb1;                                                           \
-            T vj = vp[j] * b2 + gj * gj * omb2;                                                      \
-            mp[j] = mj; vp[j] = vj;                                                                  \
-            T u = mj * r1 / (SQRT(vj) * rs2 + eps) + wd * pp[j];                                     \
-            sx += (double)pp[j] * (double)pp[j];                                                     \
-            su += (double)u * (double)u;                                                             \
-        }                                                                                            \
-        part[k] = sx; part[items + k] = su;                                                          \
+        lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, \
+                       &part[k], &part[items + k]);                                                  \
     }                                                                                                \
-    if (adapt) fold(n, first, 2, items, part, out);                                                  \
+    if (adapt) fold(n, 0, n, first, 2, items, part, out);                                            \
     free(part); free(first);                                                                         \
 }                                                                                                    \
                                                                                                      \
@@ -92,51 +184,62 @@ void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel
                             const double *bc1, const double *bc2, const double *hp,                  \
                             const double *scale, int threads) {                                      \
     ITEMS                                                                                            \
-    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *mp = m[t], *vp = v[t];                                                        \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), s = (T)scale[t];              \
-        _Pragma("omp simd")                                                                          \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T u = mp[j] * r1 / (SQRT(vp[j]) * rs2 + eps) + wd * pp[j];                               \
-            pp[j] = pp[j] + u * s;                                                                   \
-        }                                                                                            \
+        lamb2_##SUFFIX(p[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp,     \
+                       (T)scale[t]);                                                                 \
     }                                                                                                \
     free(first);                                                                                     \
 }                                                                                                    \
                                                                                                      \
-/* LANS: g_hat = g / gnorm[t]; r = m_hat/denom + wd p, c = g_hat/denom + wd p */                    \
+/* lr_phi: lr, then 1 and phi's bounds (or 0: none); scale: the step's -lr * ratio per tensor */    \
+void lb_lamb_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,             \
+                           const double *bc1, const double *bc2, const double *hp, int adapt,        \
+                           const double *lr_phi, double *scale, int threads) {                       \
+    ITEMS                                                                                            \
+    double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
+    double *sq = malloc((n ? 2 * n : 1) * sizeof(double));                                           \
+    _Pragma("omp parallel num_threads(threads)")                                                     \
+    for (int64_t t0 = 0; t0 < n;) {                                                                  \
+        int64_t t1 = batch_end(n, t0, numel), a, b;                                                  \
+        share(first[t0], first[t1], &a, &b);                                                         \
+        for (int64_t k = a; k < b; k++) {                                                            \
+            ITEM_RANGE(k)                                                                            \
+            lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
+                           hp, &part[k], &part[items + k]);                                          \
+        }                                                                                            \
+        _Pragma("omp barrier")                                                                       \
+        _Pragma("omp single")                                                                        \
+        {                                                                                            \
+            fold(n, t0, t1, first, 2, items, part, sq);                                              \
+            for (int64_t t = t0; t < t1; t++)                                                        \
+                scale[t] = -lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);                  \
+        }                                                                                            \
+        for (int64_t k = b - 1; k >= a; k--) {                                                       \
+            ITEM_RANGE(k)                                                                            \
+            lamb2_##SUFFIX(p[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, \
+                           (T)scale[t]);                                                             \
+        }                                                                                            \
+        t0 = t1;                                                                                     \
+    }                                                                                                \
+    free(sq); free(part); free(first);                                                               \
+}                                                                                                    \
+                                                                                                     \
 void lb_lans_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,            \
                             const double *bc1, const double *bc2, const double *gnorm,               \
                             const double *hp, int adapt, double *out, int threads) {                 \
     ITEMS                                                                                            \
     double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
-    const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
-    const T wd = (T)hp[5];                                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
-        double sx = 0.0, sr = 0.0, sc = 0.0;                                                         \
-        _Pragma("omp simd reduction(+:sx,sr,sc)")                                                    \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T gh = gp[j] * rgn;                                                                      \
-            T mj = mp[j] * b1 + gh * omb1;                                                           \
-            T vj = vp[j] * b2 + gh * gh * omb2;                                                      \
-            mp[j] = mj; vp[j] = vj;                                                                  \
-            T inv = (T)1 / (SQRT(vj) * rs2 + eps);                                                   \
-            T r = mj * r1 * inv + wd * pp[j];                                                        \
-            T c = gh * inv + wd * pp[j];                                                             \
-            sx += (double)pp[j] * (double)pp[j];                                                     \
-            sr += (double)r * (double)r;                                                             \
-            sc += (double)c * (double)c;                                                             \
-        }                                                                                            \
-        part[k] = sx; part[items + k] = sr; part[2 * items + k] = sc;                                \
+        double sums[3];                                                                              \
+        lans1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])),   \
+                       (T)(1.0 / gnorm[t]), hp, sums);                                               \
+        part[k] = sums[0]; part[items + k] = sums[1]; part[2 * items + k] = sums[2];                 \
     }                                                                                                \
-    if (adapt) fold(n, first, 3, items, part, out);                                                  \
+    if (adapt) fold(n, 0, n, first, 3, items, part, out);                                            \
     free(part); free(first);                                                                         \
 }                                                                                                    \
                                                                                                      \
@@ -145,23 +248,51 @@ void lb_lans_pass2_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
                             const double *hp, const double *scale_r, const double *scale_c,          \
                             int threads) {                                                           \
     ITEMS                                                                                            \
-    const T eps = (T)hp[4], wd = (T)hp[5];                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
-        T *pp = p[t], *gp = g[t], *mp = m[t], *vp = v[t];                                            \
-        const T r1 = (T)(1.0 / bc1[t]), rs2 = (T)(1.0 / sqrt(bc2[t])), rgn = (T)(1.0 / gnorm[t]);    \
-        const T s_r = (T)scale_r[t], s_c = (T)scale_c[t];                                            \
-        _Pragma("omp simd")                                                                          \
-        for (int64_t j = lo; j < hi; j++) {                                                          \
-            T gh = gp[j] * rgn;                                                                      \
-            T inv = (T)1 / (SQRT(vp[j]) * rs2 + eps);                                                \
-            T r = mp[j] * r1 * inv + wd * pp[j];                                                     \
-            T c = gh * inv + wd * pp[j];                                                             \
-            pp[j] = pp[j] + r * s_r + c * s_c;                                                       \
-        }                                                                                            \
+        lans2_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])),   \
+                       (T)(1.0 / gnorm[t]), hp, (T)scale_r[t], (T)scale_c[t]);                       \
     }                                                                                                \
     free(first);                                                                                     \
+}                                                                                                    \
+                                                                                                     \
+/* lr_phi as for LAMB; scale: -beta1 lr ratio_r per tensor, then -(1-beta1) lr ratio_c */            \
+void lb_lans_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,             \
+                           const double *bc1, const double *bc2, const double *gnorm,                \
+                           const double *hp, int adapt, const double *lr_phi, double *scale,         \
+                           int threads) {                                                            \
+    ITEMS                                                                                            \
+    double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
+    double *sq = malloc((n ? 3 * n : 1) * sizeof(double));                                           \
+    _Pragma("omp parallel num_threads(threads)")                                                     \
+    for (int64_t t0 = 0; t0 < n;) {                                                                  \
+        int64_t t1 = batch_end(n, t0, numel), a, b;                                                  \
+        share(first[t0], first[t1], &a, &b);                                                         \
+        for (int64_t k = a; k < b; k++) {                                                            \
+            ITEM_RANGE(k)                                                                            \
+            double sums[3];                                                                          \
+            lans1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]),                        \
+                           (T)(1.0 / sqrt(bc2[t])), (T)(1.0 / gnorm[t]), hp, sums);                  \
+            part[k] = sums[0]; part[items + k] = sums[1]; part[2 * items + k] = sums[2];             \
+        }                                                                                            \
+        _Pragma("omp barrier")                                                                       \
+        _Pragma("omp single")                                                                        \
+        {                                                                                            \
+            fold(n, t0, t1, first, 3, items, part, sq);                                              \
+            for (int64_t t = t0; t < t1; t++) {                                                      \
+                scale[t] = -hp[0] * lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);          \
+                scale[n + t] = -hp[1] * lr_phi[0] * ratio(sq[t], sq[2 * n + t], adapt, lr_phi + 1);  \
+            }                                                                                        \
+        }                                                                                            \
+        for (int64_t k = b - 1; k >= a; k--) {                                                       \
+            ITEM_RANGE(k)                                                                            \
+            lans2_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
+                           (T)(1.0 / gnorm[t]), hp, (T)scale[t], (T)scale[n + t]);                   \
+        }                                                                                            \
+        t0 = t1;                                                                                     \
+    }                                                                                                \
+    free(sq); free(part); free(first);                                                               \
 }
 
 KERNELS(double, f64, sqrt)
