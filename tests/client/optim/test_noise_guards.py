@@ -45,7 +45,13 @@ def train(extra: str | None = None, *, micro_batches: int | None = N_MICRO, divi
                 torch.autograd.grad(nn.functional.mse_loss(model(x), y), list(model.parameters()))
         if extra == "extra-backward":  # one more pass into .grad: not what the plan trains
             (nn.functional.mse_loss(model(x[:MICRO]), y[:MICRO]) / N_MICRO).backward()
+        if extra == "clip":  # clipped before the step (HF's Trainer does), then put back for the same update
+            saved = [p.grad.clone() for p in model.parameters()]
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         values.append(est.step())
+        if extra == "clip":
+            for p, grad in zip(model.parameters(), saved, strict=True):
+                p.grad.copy_(grad)
         if not divided:  # the same step as the divided run's
             for p in model.parameters():
                 p.grad.div_(N_MICRO)
@@ -60,10 +66,10 @@ def train(extra: str | None = None, *, micro_batches: int | None = N_MICRO, divi
     return est, values
 
 
-def test_a_diagnostic_gradient_is_not_a_micro_batch():
+def test_a_diagnostic_gradient_or_clipping_changes_nothing():
     clean, expected = train()
     assert clean.n_updates == STEPS and expected[-1] is not None and expected[-1] > 0
-    for extra in ("autograd.grad", "backward-then-zero"):
+    for extra in ("autograd.grad", "backward-then-zero", "clip"):
         est, values = train(extra)
         assert values == expected, extra  # the same numbers, bit for bit
         assert est.n_updates == STEPS and est.skipped_steps == 0
