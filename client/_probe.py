@@ -340,6 +340,12 @@ def _summarise(batch: int, cost_examples: int, cost_steps: int, window: int, bas
         var = max(s_d2 / n - gains[k] ** 2, 0.0) * n / max(n - 1, 1)
         ses[k] = math.sqrt(var / n) if math.isfinite(var) else math.nan
     bc, interval, note = fit_critical_batch(batch, ks, [gains[k] for k in ks], [ses[k] for k in ks])
-    return BranchProbe(step=None, batch_size=batch, window_examples=window, loss_before=totals[0] / n, losses=losses,
+    before = totals[0] / n
+    if before > 0 and gains[ks[0]] > 0.5 * before:
+        # The fit linearises progress in the examples; a window that takes most of the loss away saturates,
+        # and every branch then looks alike whatever its batch.
+        note += (f"; the window gained {gains[ks[0]] / before:.0%} of the loss, too much for progress to be linear "
+                 "in the examples: a shorter window (steps=) reads the local critical batch")
+    return BranchProbe(step=None, batch_size=batch, window_examples=window, loss_before=before, losses=losses,
                        gains=gains, gain_se=ses, lr_factors=dict(factors), critical_batch=bc, interval=interval,
                        note=note, cost_examples=cost_examples, cost_steps=cost_steps)
