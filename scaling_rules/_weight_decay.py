@@ -7,11 +7,9 @@ is tau in epochs (or tokens). Keeping it fixed gives wd' = wd x (B' / B) x (lr /
 
 from __future__ import annotations
 
-from . import priors
+from . import optimizers, priors
 from ._plan import _fmt, _Plan
 from .models import RecommendationRequest
-
-_DECOUPLED = ("adamw", "lamb", "lans")
 
 
 def weight_decay(default: float, name: str, req: RecommendationRequest, plan: _Plan, notes: list[str]) -> float:
@@ -27,7 +25,7 @@ def weight_decay(default: float, name: str, req: RecommendationRequest, plan: _P
     move = (plan.batch_x / plan.ref_batch_x) * (ref.lr / plan.lr)
     if move == 1.0:
         return wd
-    if req.weight_decay_rule == "timescale" and name in _DECOUPLED:
+    if req.weight_decay_rule == "timescale" and optimizers.info(name).decoupled_weight_decay:
         new = wd * move
         notes.append(f"weight decay {_fmt(wd)} -> {_fmt(new)}: keeps AdamW's timescale tau = B/(lr x wd) fixed in "
                      f"examples (Wang & Aitchison 2024): x (batch {_fmt(plan.batch_x)}/{_fmt(plan.ref_batch_x)}) x "

@@ -19,6 +19,7 @@ from typing import get_args
 
 from pydantic import ValidationError
 
+from . import optimizers
 from .engine import RecipeError, recommend
 from .models import DecayShape, Recipe, RecommendationRequest, WeightDecayRule
 
@@ -93,7 +94,7 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
                    help="model family: picks the priors (\"other\" has no cap prior)")
     p.add_argument("--ref-batch", type=parse_count, help="reference batch size, e.g. 512")
     p.add_argument("--ref-lr", type=float, help="reference peak LR, e.g. 6.25e-4")
-    p.add_argument("--ref-optimizer", default="lamb", choices=["lamb", "lans", "adamw", "adam", "lars", "sgd"],
+    p.add_argument("--ref-optimizer", default="lamb", choices=optimizers.REFERENCE_NAMES,
                    help="optimizer of the reference run")
     p.add_argument("--ref-warmup", type=float, help="reference warmup ratio, e.g. 0.003125")
     p.add_argument("--ref-warmup-steps", type=parse_count, help="reference warmup steps (instead of a ratio)")
@@ -127,7 +128,7 @@ def _add_recommend(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget", choices=["same-epochs", "same-steps", "same-loss"], default="same-epochs",
                    help="same examples, same steps, or the examples B_noise predicts for the same loss")
     p.add_argument("--lr-cap", type=float, help="largest stable LR, if known")
-    p.add_argument("--optimizer", choices=["lamb", "lans", "adamw", "lars", "sgd"], help="force an optimizer")
+    p.add_argument("--optimizer", choices=optimizers.RECIPE_NAMES, help="force an optimizer")
     p.add_argument("--json", action="store_true", help="print the recipe as JSON")
     p.add_argument("--plot", type=Path, help="write the LR-over-steps plot (.png, .svg or .pdf, by the suffix)")
     p.set_defaults(func=_cmd_recommend)

@@ -59,7 +59,7 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from . import priors
+from . import optimizers, priors
 from ._choice import choose_optimizer
 from ._critical import prior_trajectory
 from ._lr import _plan_lr
@@ -89,11 +89,12 @@ __all__ = ["RecipeError", "area_gaps", "auto_batch_size", "examples_ratio", "rec
 def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _Plan,
                       notes: list[str], warns: list[str]) -> OptimizerConfig:
     ref = plan.ref
-    own = priors.same_units(name, ref.optimizer) or (name in ("lamb", "lans", "adamw")
-                                                      and ref.optimizer in ("lamb", "lans", "adamw", "adam"))
-    if name in ("lamb", "lans", "adamw"):
+    about, ref_about = optimizers.info(name), optimizers.info(ref.optimizer)  # the optimizer table
+    # Adam's betas and eps carry over between optimizers that both have them, whatever their LR units
+    own = priors.same_units(name, ref.optimizer) or (about.betas and ref_about.betas)
+    if about.betas:
         betas = ref.betas if (own and ref.betas is not None) else (0.9, 0.999)
-        eps = ref.eps if (own and ref.eps is not None) else (1e-6 if name != "adamw" else 1e-8)
+        eps = ref.eps if (own and ref.eps is not None) else about.default_eps
         if own and (ref.betas is not None or ref.eps is not None):
             notes.append(f"betas {betas} and eps {eps:g}: the reference's, passed through")
         if req.adam_hparams == "sde":
@@ -102,15 +103,15 @@ def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _P
             name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay(0.01, name, req, plan, notes),
             exclude_from_weight_decay=["bias", "LayerNorm", "layer_norm", "norm"],
         )
-    momentum = ref.momentum if (ref.momentum is not None and ref.optimizer in ("sgd", "lars")) else 0.9
-    if name == "lars":
+    momentum = ref.momentum if (ref.momentum is not None and ref_about.momentum) else 0.9
+    if about.trust_coefficient:
         return OptimizerConfig(
-            name=name, lr=lr, betas=None, eps=1e-9, weight_decay=weight_decay(5e-5, name, req, plan, notes), momentum=momentum,
-            trust_coefficient=0.001, exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
+            name=name, lr=lr, betas=None, eps=about.default_eps, weight_decay=weight_decay(5e-5, name, req, plan, notes),
+            momentum=momentum, trust_coefficient=0.001, exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
         )
     return OptimizerConfig(
-        name="sgd", lr=lr, betas=None, eps=0.0, weight_decay=weight_decay(1e-4, name, req, plan, notes), momentum=momentum,
-        exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
+        name=name, lr=lr, betas=None, eps=about.default_eps, weight_decay=weight_decay(1e-4, name, req, plan, notes),
+        momentum=momentum, exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
     )
 
 
@@ -266,7 +267,7 @@ def recommend(
         rationale += plan.rationale
         warnings += plan.warnings
     warnings += warns
-    if req.rule == "linear" and name in ("lamb", "lans", "adamw"):
+    if req.rule == "linear" and optimizers.info(name).betas:
         warnings.append("linear LR scaling with an adaptive optimizer: the LAMB paper found sqrt scaling right")
     if n > 1:
         rationale.append("stages that change the sequence length re-warm from zero (LAMB section 4.1, mixed-batch "

@@ -15,10 +15,13 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
 )
+
+from .optimizers import HYPERPARAMETER_BOUNDS, REFERENCE_NAMES
 
 # The answer's models live in .recipe; importing them from here, as callers always have, still works.
 from .recipe import DecayShape, RecipeOptimizerName
@@ -28,7 +31,7 @@ from .recipe import Stage as Stage
 
 Family = Literal["transformer", "cnn", "other"]
 # What a reference run may have used: anything we know how to scale from.
-ReferenceOptimizerName = Literal["lamb", "lans", "adamw", "adam", "lars", "sgd"]
+ReferenceOptimizerName = Literal[REFERENCE_NAMES]  # the optimizer table's (scaling_rules.optimizers)
 Rule = Literal["sqrt", "linear"]
 Budget = Literal["same-epochs", "same-steps", "same-loss"]
 WeightDecayRule = Literal["keep", "timescale"]
@@ -241,32 +244,20 @@ class Reference(_DecaySpec):
             raise ValueError(f"warmup_ratio must be in [0, 1), got {v!r}")
         return v
 
-    @field_validator("weight_decay")
+    @field_validator("weight_decay", "eps", "momentum")
     @classmethod
-    def _wd(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or not 0 <= v <= 10):
-            raise ValueError(f"weight_decay must be a finite number in [0, 10], got {v!r}")
+    def _bounded(cls, v: float | None, info: ValidationInfo) -> float | None:
+        bounds = HYPERPARAMETER_BOUNDS[info.field_name]  # (the optimizer table's ranges)
+        if v is not None and not bounds.holds(v):
+            raise ValueError(f"{info.field_name} must be a finite number in {bounds}, got {v!r}")
         return v
 
     @field_validator("betas")
     @classmethod
     def _betas(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in v):
-            raise ValueError(f"betas must each be in [0, 1), got {v!r}")
-        return v
-
-    @field_validator("eps")
-    @classmethod
-    def _eps(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or not 0 <= v <= 1):
-            raise ValueError(f"eps must be a finite number in [0, 1], got {v!r}")
-        return v
-
-    @field_validator("momentum")
-    @classmethod
-    def _momentum(cls, v: float | None) -> float | None:
-        if v is not None and (not math.isfinite(v) or not 0 <= v < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {v!r}")
+        bounds = HYPERPARAMETER_BOUNDS["betas"]
+        if v is not None and not all(bounds.holds(b) for b in v):
+            raise ValueError(f"betas must each be in {bounds}, got {v!r}")
         return v
 
     @model_validator(mode="after")

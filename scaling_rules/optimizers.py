@@ -8,9 +8,11 @@ Pure Python (no torch): the science and the service read it without the optimize
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "OptimInfo", "info", "same_units"]
+__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "RECIPE_NAMES", "REFERENCE_NAMES", "Bounds", "OptimInfo", "info",
+           "same_units"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,8 @@ class OptimInfo:
         default_eps: the ``eps`` a recipe gets when the reference names none.
         options: the extra recipe fields passed to the optimizer as keyword arguments.
         recipe: can be a recipe's optimizer (Adam is only a reference: it is run as AdamW).
+        decoupled_weight_decay: decays the weights apart from the gradient (AdamW-style), so that its
+            timescale 1/(lr x weight_decay) is what a recipe keeps (``weight_decay_rule="timescale"``).
     """
 
     name: str
@@ -46,6 +50,7 @@ class OptimInfo:
     default_eps: float
     options: frozenset[str]
     recipe: bool = True
+    decoupled_weight_decay: bool = False
 
 
 _LAYERWISE_OPTIONS = frozenset({"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "capturable"})
@@ -53,33 +58,54 @@ _LAYERWISE_OPTIONS = frozenset({"layer_adaptation", "phi_bounds", "nonfinite", "
 OPTIMIZERS: dict[str, OptimInfo] = {i.name: i for i in (
     OptimInfo("lamb", "largebatch.client.optim.LAMB", "layerwise-adam", betas=True, momentum=False,
               layerwise=True, clipping=True, trust_coefficient=False, optional_bias_correction=True,
-              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"skip_adaptation_without_decay", "fused"}),
+              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"skip_adaptation_without_decay", "fused"},
+              decoupled_weight_decay=True),
     OptimInfo("lans", "largebatch.client.optim.LANS", "layerwise-adam", betas=True, momentum=False,
               layerwise=True, clipping=False, trust_coefficient=False, optional_bias_correction=True,
-              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"fused"}),
-    OptimInfo("lars", "largebatch.client.optim.LARS", "lars", betas=False, momentum=True, layerwise=True,
-              clipping=False, trust_coefficient=True, optional_bias_correction=False, default_eps=1e-9,
-              options=_LAYERWISE_OPTIONS),
+              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"fused"}, decoupled_weight_decay=True),
     OptimInfo("adamw", "torch.optim.AdamW", "adam", betas=True, momentum=False, layerwise=False, clipping=False,
               trust_coefficient=False, optional_bias_correction=False, default_eps=1e-8,
-              options=frozenset({"foreach", "fused", "amsgrad"})),
+              options=frozenset({"foreach", "fused", "amsgrad"}), decoupled_weight_decay=True),
     OptimInfo("adam", "torch.optim.AdamW", "adam", betas=True, momentum=False, layerwise=False, clipping=False,
               trust_coefficient=False, optional_bias_correction=False, default_eps=1e-8,
               options=frozenset({"foreach", "fused", "amsgrad"}), recipe=False),
+    OptimInfo("lars", "largebatch.client.optim.LARS", "lars", betas=False, momentum=True, layerwise=True,
+              clipping=False, trust_coefficient=True, optional_bias_correction=False, default_eps=1e-9,
+              options=_LAYERWISE_OPTIONS),
     OptimInfo("sgd", "torch.optim.SGD", "sgd", betas=False, momentum=True, layerwise=False, clipping=False,
               trust_coefficient=False, optional_bias_correction=False, default_eps=0.0,
               options=frozenset({"foreach", "fused", "nesterov", "dampening"})),
 )}
 
-# The range of each hyperparameter a request, a recipe or a posted recipe may hold (inclusive; betas:
-# each in [0, 1), the upper end excluded).
-HYPERPARAMETER_BOUNDS: dict[str, tuple[float, float]] = {
-    "weight_decay": (0.0, 10.0),
-    "eps": (0.0, 1.0),
-    "momentum": (0.0, 1.0),
-    "trust_coefficient": (0.0, 1e4),
-    "max_grad_norm": (0.0, 1e15),
-    "betas": (0.0, 1.0),
+# The names a request's reference may hold, and a recipe's optimizer (the order of the API's schemas).
+REFERENCE_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
+RECIPE_NAMES: tuple[str, ...] = tuple(name for name, row in OPTIMIZERS.items() if row.recipe)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """A closed range, or open at the top (``hi_open``)."""
+
+    lo: float
+    hi: float
+    hi_open: bool = False
+
+    def holds(self, v: float) -> bool:
+        return math.isfinite(v) and self.lo <= v and (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        return f"[{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+# The range of each hyperparameter a request's reference, a computed recipe or a posted recipe may
+# hold (betas: each of the two). A momentum or beta of 1 would never forget: no optimizer trains so.
+HYPERPARAMETER_BOUNDS: dict[str, Bounds] = {
+    "weight_decay": Bounds(0.0, 10.0),
+    "eps": Bounds(0.0, 1.0),
+    "momentum": Bounds(0.0, 1.0, hi_open=True),
+    "trust_coefficient": Bounds(0.0, 1e4),
+    "max_grad_norm": Bounds(0.0, 1e15),
+    "betas": Bounds(0.0, 1.0, hi_open=True),
 }
 
 

@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-RecipeOptimizerName = Literal["lamb", "lans", "adamw", "lars", "sgd"]
+from .optimizers import RECIPE_NAMES
+
+RecipeOptimizerName = Literal[RECIPE_NAMES]  # the optimizer table's (scaling_rules.optimizers)
 # linear: LAMB/BERT's eta0 (1 - t/T); cosine; polynomial: power `decay_power` (2 in the LARS TPU
 # reference); step: x `decay_factor` at each of `decay_milestones` (Goyal et al.: x0.1 at 30/60/80 of 90).
 # multistep: step decay with DeepSeek LLM's defaults (x0.316 at 80% and 90%: 31.6% then 10%);

@@ -53,13 +53,13 @@ def check_recipe(recipe: Recipe, loc: list[str | int], *, computed: bool = False
         raise bad(["optimizer", "lr"], f"must be a number in (0, {MAX_LR:g}]")
     opt = recipe.optimizer
     # The request's own bounds (models.Reference), so a posted recipe is no more absurd than a computed one.
-    for name, (lo, hi) in HYPERPARAMETER_BOUNDS.items():
+    for name, bounds in HYPERPARAMETER_BOUNDS.items():
         v = getattr(opt, name)
         if name == "betas":
-            if v is not None and not all(math.isfinite(b) and lo <= b < hi for b in v):
-                raise bad(["optimizer", name], f"each must be in [{lo:g}, {hi:g})")
-        elif v is not None and not (math.isfinite(v) and lo <= v <= hi):
-            raise bad(["optimizer", name], f"must be a number in [{lo:g}, {hi:g}]")
+            if v is not None and not all(bounds.holds(b) for b in v):
+                raise bad(["optimizer", name], f"each must be in {bounds}")
+        elif v is not None and not bounds.holds(v):
+            raise bad(["optimizer", name], f"must be a number in {bounds}")
     if not 0 < recipe.total_steps <= MAX_INT:
         raise bad(["total_steps"], f"must be in 1..{MAX_INT}")
     for i, s in enumerate(recipe.stages):
