@@ -6,8 +6,8 @@ loop, and the checks that keep a loop it does not understand from being read sil
   post-accumulate hook confirms that it did. A gradient taken with ``torch.autograd.grad`` (a
   diagnostic) fires the first and never the second, so it is not a micro-batch; one that was zeroed
   away (``zero_grad()`` before the step's micro-batches) is dropped when the next one finds ``.grad``
-  None. In one process |G_big|^2 is read when the plan's last micro-batch reaches ``.grad``, before
-  any clipping. Under several ranks the accumulated ``.grad`` is the all-reduced one: B_big counts every rank's
+  None. |G_big|^2 is read at the end of the plan's last backward pass, before any clipping. Under
+  several ranks the accumulated ``.grad`` is the all-reduced one: B_big counts every rank's
   examples, and each step checks that ``.grad`` is the same on every rank (else nothing all-reduced it).
 * :class:`DDPReader` (a ``DistributedDataParallel`` model): a communication hook reads the local and
   the all-reduced bucket. A loop without ``no_sync`` all-reduces every micro-batch; only the first
@@ -46,7 +46,8 @@ class AccumulationReader:
         self._pending: dict[int, torch.Tensor | None] = {}  # this backward pass's norm, until accumulated
         self._sum: dict[int, torch.Tensor] = {}
         self._count: dict[int, int] = {}
-        self._last: dict[int, torch.Tensor] = {}  # |.grad|^2 once the plan's micro-batches are in (one process)
+        self._big: torch.Tensor | None = None  # |.grad|^2 at the end of the last backward pass
+        self._queued = False
         self._missing = False
         self.handles = []
         for p in params:
@@ -60,7 +61,6 @@ class AccumulationReader:
         if p.grad is None and self._count.get(key):
             # .grad was set to None since the last backward: what that pass accumulated is gone
             self._sum.pop(key, None)
-            self._last.pop(key, None)
             self._count[key] = 0
         g = _local(grad)
         if self.weights is None:
@@ -80,24 +80,31 @@ class AccumulationReader:
             return
         s = self._sum.get(key)
         self._sum[key] = sq if s is None else s + sq.to(s.device)
-        if self.world == 1 and self._count[key] == self.expected:
-            # The step's gradient as backward left it: a clip_grad_norm_ before the optimizer step (HF's
-            # Trainer clips by default) would otherwise be read as a smaller |G_big|^2.
-            last = self.norm([p], 1.0)
-            if last is not None:
-                self._last[key] = last
+        if not self._queued and (self.expected is None or self._count[key] == self.expected):
+            # |G_big|^2 from .grad as this backward pass leaves it, before a clip_grad_norm_ ahead of the
+            # optimizer step (HF's Trainer clips by default) makes it smaller. Under DDP the reducer fills
+            # .grad with the all-reduced gradient in a callback queued during the pass: a callback queued
+            # from ours runs after it.
+            self._queued = True
+            engine = torch.autograd.Variable._execution_engine
+            engine.queue_callback(lambda: engine.queue_callback(self._pass_done))
+
+    def _pass_done(self) -> None:
+        self._queued = False
+        if not self.paused:
+            self._big = self.norm(self.params, 1.0)
 
     def clear(self) -> None:
         self._pending.clear()
         self._sum.clear()
         self._count.clear()
-        self._last.clear()
+        self._big = None
         self._missing = False
 
     def fold(self, update: Fold) -> None:
         counts = {c for c in self._count.values() if c}
         sums, missing = list(self._sum.values()), self._missing
-        last = list(self._last.values()) if set(self._last) == {k for k, c in self._count.items() if c} else None
+        read = self._big
         self.clear()
         if not counts:
             return
@@ -112,10 +119,7 @@ class AccumulationReader:
             return
         if missing or not sums or (n < 2 and self.world < 2):
             return
-        if last:
-            big = sum(x.to(last[0].device) for x in last) * (self.scale / n) ** 2
-        else:
-            big = self.norm(self.params, self.scale / n)
+        big = self.norm(self.params, self.scale / n) if read is None else read * (self.scale / n) ** 2
         if big is None:
             return
         small = sum(s.to(sums[0].device) for s in sums) * (self.scale * self.scale) / n

@@ -18,8 +18,9 @@ from largebatch.client.optim.noise_scale import GradientNoiseScale
 WORLD = 2
 
 
-def bare(rank: int) -> list[float | None]:
-    """DDP trains; measure_noise's road is given the module the wrapper wraps."""
+def bare(rank: int, clip: bool = False) -> list[float | None]:
+    """DDP trains; measure_noise's road is given the module the wrapper wraps. ``clip``: the gradient
+    is clipped before the step (then put back, for the same update)."""
     model = nn.parallel.DistributedDataParallel(make_model())
     noise = attach_noise(model.module, BatchPlan(WORLD * LOCAL_BATCH, WORLD, LOCAL_BATCH, 1), ema=None,
                          grad_scale=None)
@@ -28,7 +29,13 @@ def bare(rank: int) -> list[float | None]:
     for x, y in batches():
         lo = rank * LOCAL_BATCH
         nn.functional.mse_loss(model(x[lo:lo + LOCAL_BATCH]), y[lo:lo + LOCAL_BATCH]).backward()
+        if clip:
+            saved = [p.grad.clone() for p in model.parameters()]
+            nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
         values.append(noise.step())
+        if clip:
+            for p, grad in zip(model.parameters(), saved, strict=True):
+                p.grad.copy_(grad)
         opt.step()
         opt.zero_grad()
     return values
@@ -85,7 +92,7 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        out = {"bare": bare(rank), "unsynced": unsynced(rank), "no_sync": without_no_sync(rank)}
+        out = {"bare": bare(rank), "clipped": bare(rank, clip=True), "unsynced": unsynced(rank), "no_sync": without_no_sync(rank)}
         if rank == 0:
             torch.save(out, out_file)
     finally:

@@ -138,7 +138,7 @@ def test_paused_reads_nothing():
 
 
 @pytest.mark.slow  # two gloo processes
-def test_ddp_bare_module_unsynced_gradients_and_no_no_sync(tmp_path):
+def test_ddp_bare_module_clipping_unsynced_gradients_and_no_no_sync(tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available")
     import multiprocessing as mp
@@ -164,6 +164,7 @@ def test_ddp_bare_module_unsynced_gradients_and_no_no_sync(tmp_path):
     assert all(v is not None for v in single[5:])
     for at in range(5, STEPS):
         assert out["bare"][at] == pytest.approx(single[at], rel=1e-6), at
+        assert out["clipped"][at] == pytest.approx(single[at], rel=1e-6), at  # read before the clipping
     assert "differs between ranks" in out["unsynced"] and "DistributedDataParallel" in out["unsynced"]
     values, expected, caught = out["no_sync"]
     assert any("no no_sync" in m for m in caught) and len(caught) == 1
