@@ -32,8 +32,8 @@ from ._checks import (
     check_nonnegative,
 )
 from ._paths import (
+    fused_slow,
     fused_subgroups,
-    fused_takes,
     group_by_device_dtype,
     increment_steps,
     pick_path,
@@ -83,8 +83,8 @@ __all__ = [
     "compute_dtype",
     "fused_kernel_ok",
     "fused_layout_ok",
+    "fused_slow",
     "fused_subgroups",
-    "fused_takes",
     "group_by_device_dtype",
     "increment_steps",
     "is_dense",

@@ -29,6 +29,7 @@ before this module is first imported), which is how it is tested without a GPU.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -113,10 +114,15 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
 def _cpu_kernels(device: torch.device):
     """The C kernels' module where they serve ``device`` (CPU, not interpreted), else None."""
     if device.type == "cpu" and cpu_is_c():
-        from . import _cpu_fused
-
-        return _cpu_fused
+        return _cpu_module()
     return None
+
+
+@functools.cache  # (asked per tensor on every step: an import statement each time costs more than the test)
+def _cpu_module():
+    from . import _cpu_fused
+
+    return _cpu_fused
 
 
 def kernel_takes(device: torch.device, *operands: Tensor) -> bool:

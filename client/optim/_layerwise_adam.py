@@ -42,8 +42,8 @@ from ._core import (
     compute_dtype,
     fused_kernel_ok,
     fused_layout_ok,
+    fused_slow,
     fused_subgroups,
-    fused_takes,
     group_by_device_dtype,
     increment_steps,
     is_dtensor,
@@ -384,8 +384,7 @@ def _fused(
     hyper = dict(clip=clip, ok=ok, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                  bias_correction=bias_correction, adapt=adapt, phi_bounds=phi_bounds, nesterov=nesterov)
     for (device, _), idx in fused_subgroups(params, grads).items():
-        slow = [i for i in idx if not fused_takes(device, local(params[i]), local(grads[i]), local(exp_avgs[i]),
-                                                   local(exp_avg_sqs[i]))]
+        slow = [idx[k] for k in fused_slow(device, [[local(values[i]) for i in idx] for values in tensors[:4]])]
         if slow:  # the kernels walk memory linearly: other layouts (and dtypes they lack) take the reference
             _reference_for(slow, tensors, g_norm, hyper)
             idx = [i for i in idx if i not in set(slow)]

@@ -101,13 +101,22 @@ def pick_path(foreach: bool | None, fused: bool | None, tensors: Sequence[Tensor
 
 
 
-def fused_takes(device: torch.device, *operands: Tensor) -> bool:
-    """Whether one parameter's operands (local tensors) can go to the fused kernels: one dense layout,
-    and dtypes the kernels of ``device`` have."""
+def fused_slow(device: torch.device, operands: Sequence[Sequence[Tensor]]) -> list[int]:
+    """Positions whose operands (local tensors, one list per operand: parameters, gradients, moments)
+    the fused kernels of ``device`` cannot take: a layout other than one dense layout, or a dtype they
+    lack. (Asked on every step: the dtype answer is looked up once per combination.)"""
     from ._fused import kernel_takes
 
-    return fused_layout_ok(*operands) and kernel_takes(device, *operands)
-
+    known: dict[tuple[torch.dtype, ...], bool] = {}
+    slow = []
+    for k, ops in enumerate(zip(*operands, strict=True)):
+        dtypes = tuple(t.dtype for t in ops)
+        takes = known.get(dtypes)
+        if takes is None:
+            takes = known[dtypes] = kernel_takes(device, *ops)
+        if not (takes and fused_layout_ok(*ops)):
+            slow.append(k)
+    return slow
 
 
 def group_by_device_dtype(n: int, tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
