@@ -10,7 +10,8 @@ answer (or thrown its error). :func:`autoconfigure` runs the plan with a sync cl
 torch is imported (through ``largebatch.client.optim``) only when a job is built.
 
 Under several ranks only rank 0 runs the plan; a rank > 0 makes a job that waits for rank 0's recipe
-(:meth:`Job.sync`). Rank 0 also leaves the recipe in its environment (``LARGEBATCH_JOB``), so that
+(:meth:`Job.sync`); when rank 0 cannot make its job (a refused resume, a bad argument, the service
+refusing), the others get its error instead of the recipe. Rank 0 also leaves the recipe in its environment (``LARGEBATCH_JOB``), so that
 ranks a launcher starts from it later (Lightning's DDP launcher re-runs the script) have the recipe
 before the process group exists: they can size their ``Trainer`` from it at once.
 """
@@ -231,15 +232,19 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
             "autoconfigure(..., resume=state) (new_attempt=True for a run that ended), or drop the key for a new run")
     recipe = Recipe.model_validate(out.model_dump(exclude={"run", "variants", "variant_runs"}))
     optimizer, scheduler = _build(model, recipe)
-    job = Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
-              open_run=open_run, model=model, **dict(job_options or {}))
+    return Job(client, out.run, recipe, optimizer, scheduler, study=req.study, study_info=answer.study_info,
+               open_run=open_run, model=model, **dict(job_options or {}))
+
+
+HANDOVER_ENV = "LARGEBATCH_JOB"
+
+
+def _hand_over(job: Job) -> Job:
+    """Rank 0's job, its recipe and run left in the environment and handed to the other ranks."""
     os.environ[HANDOVER_ENV] = json.dumps({"parent": os.getpid(), **job.handover()}, separators=(",", ":"))
     if _dist.ensure_group():
         job.sync()
     return job
-
-
-HANDOVER_ENV = "LARGEBATCH_JOB"
 
 
 def _resumed_job(client: BaseClient, model: Any, study: str, state: Any, new_attempt: bool,
@@ -256,9 +261,6 @@ def _resumed_job(client: BaseClient, model: Any, study: str, state: Any, new_att
     job = Job(client, run, run.recipe, optimizer, scheduler, study=study, model=model, **dict(job_options or {}))
     if run.id == state["run"]:  # a new attempt starts after them; they belong to the run that ended
         job.resend(saved_reports(state))
-    os.environ[HANDOVER_ENV] = json.dumps({"parent": os.getpid(), **job.handover()}, separators=(",", ":"))
-    if _dist.ensure_group():
-        job.sync()
     return job
 
 
@@ -291,16 +293,22 @@ def autoconfigure(client: BaseClient, model: Any, *, study: str, reference: Refe
     resume, new_attempt = request_fields.pop("resume", None), bool(request_fields.pop("new_attempt", False))
     if _dist.identity().follower:
         return _follower_job(client, model, study, job_options)
-    if resume is not None:
-        return _resumed_job(client, model, study, resume, new_attempt, environment, job_options)
-    req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
-                        target_steps=target_steps, model_params=model_params, model_family=model_family,
-                        environment=environment, **request_fields)
-    key = idempotency_key or _new_idempotency_key()
-    plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
-                 offline_fallback=offline_fallback)
-    return _make_job(client, model, req, _run_sync(plan, client), key=key, create_study=create_study,
-                     metric=metric, direction=direction, job_options=job_options)
+    try:
+        if resume is not None:
+            job = _resumed_job(client, model, study, resume, new_attempt, environment, job_options)
+        else:
+            req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
+                                target_steps=target_steps, model_params=model_params, model_family=model_family,
+                                environment=environment, **request_fields)
+            key = idempotency_key or _new_idempotency_key()
+            plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
+                         offline_fallback=offline_fallback)
+            job = _make_job(client, model, req, _run_sync(plan, client), key=key, create_study=create_study,
+                            metric=metric, direction=direction, job_options=job_options)
+    except Exception as e:
+        Job.refuse(e)
+        raise
+    return _hand_over(job)
 
 
 async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
@@ -316,14 +324,20 @@ async def autoconfigure_async(client: BaseClient, model: Any, *, study: str,
     resume, new_attempt = request_fields.pop("resume", None), bool(request_fields.pop("new_attempt", False))
     if _dist.identity().follower:
         return _follower_job(client, model, study, job_options)
-    if resume is not None:
-        return _resumed_job(client, model, study, resume, new_attempt, environment, job_options)
-    req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
-                        target_steps=target_steps, model_params=model_params, model_family=model_family,
-                        environment=environment, **request_fields)
-    key = idempotency_key or _new_idempotency_key()
-    plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
-                 offline_fallback=offline_fallback)
-    answer = await _run_async(plan, client)
-    return _make_job(client, model, req, answer, key=key, create_study=create_study, metric=metric,
-                     direction=direction, job_options=job_options)
+    try:
+        if resume is not None:
+            job = _resumed_job(client, model, study, resume, new_attempt, environment, job_options)
+        else:
+            req = build_request(model, study=study, reference=reference, target_batch_size=target_batch_size,
+                                target_steps=target_steps, model_params=model_params, model_family=model_family,
+                                environment=environment, **request_fields)
+            key = idempotency_key or _new_idempotency_key()
+            plan = _plan(client, req, key, create_study=create_study, metric=metric, direction=direction,
+                         offline_fallback=offline_fallback)
+            answer = await _run_async(plan, client)
+            job = _make_job(client, model, req, answer, key=key, create_study=create_study, metric=metric,
+                            direction=direction, job_options=job_options)
+    except Exception as e:
+        Job.refuse(e)
+        raise
+    return _hand_over(job)

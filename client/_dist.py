@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["BatchPlan", "Identity", "agree", "broadcast", "ensure_group", "identity", "plan_batch", "total", "world"]
+__all__ = ["PREEMPTED", "BatchPlan", "Identity", "agree", "broadcast", "ensure_group", "identity", "plan_batch", "total", "world"]
 
 _ENV_COMPLETE = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -159,11 +159,15 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def agree(loss: Any, grad_norm: Any, stop: bool, skipped: int,
-          examples: Any = None) -> tuple[float, float | None, bool, int]:
+PREEMPTED = 2  # the stop vote of a rank that got SIGTERM (1: any other stop)
+
+
+def agree(loss: Any, grad_norm: Any, stop: int, skipped: int,
+          examples: Any = None) -> tuple[float, float | None, int, int]:
     """One all-reduce per report: the loss over ranks (the mean, or weighted by ``examples``: what each
     rank's loss averages over), the mean gradient norm, whether any rank says stop (rank 0 knows what
-    the service said), and the most steps skipped on any rank."""
+    the service said; :data:`PREEMPTED` if any rank was preempted, else 1 or 0), and the most steps
+    skipped on any rank."""
     import torch
     import torch.distributed as dist
 
@@ -174,13 +178,15 @@ def agree(loss: Any, grad_norm: Any, stop: bool, skipped: int,
     g = num(grad_norm) if grad_norm is not None else math.nan
     w = 1.0 if examples is None else num(examples)
     # Slots: weighted loss, weight, norm, stop votes, skipped steps (the same count on every rank under
-    # DDP: the optimizer decides from the all-reduced gradient), ranks that gave a norm.
+    # DDP: the optimizer decides from the all-reduced gradient), ranks that gave a norm, preempted ranks.
     t = torch.tensor([num(loss) * w if w else 0.0, w, 0.0 if math.isnan(g) else g, 1.0 if stop else 0.0,
-                      float(skipped), 1.0 if grad_norm is not None else 0.0], dtype=torch.float64, device=_device())
+                      float(skipped), 1.0 if grad_norm is not None else 0.0, 1.0 if stop == PREEMPTED else 0.0],
+                     dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     s = t.tolist()
     mean_norm = s[2] / world_size if s[5] == world_size else None
-    return s[0] / s[1] if s[1] else math.nan, mean_norm, s[3] > 0, round(s[4] / world_size)
+    verdict = PREEMPTED if s[6] > 0 else int(s[3] > 0)
+    return s[0] / s[1] if s[1] else math.nan, mean_norm, verdict, round(s[4] / world_size)
 
 
 def total(values: list[Any]) -> list[float]:

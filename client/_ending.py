@@ -25,20 +25,23 @@ log = logging.getLogger("largebatch.client")
 
 
 class Preempted(SystemExit):
-    """Raised in the training loop by SIGTERM (what SLURM and Kubernetes send on preemption) inside
-    ``with job:``: the block delivers the reports and records the run ``preempted`` at the last
-    reported step, then the process exits with 143 (128 + SIGTERM), without a traceback."""
+    """SIGTERM (what SLURM and Kubernetes send on preemption) inside ``with job:``: the block
+    delivers the reports and records the run ``preempted`` at the last reported step, then the
+    process exits with 143 (128 + SIGTERM), without a traceback.
+
+    In one process it is raised in the training loop at once. Under several ranks it cannot be: the
+    other ranks would wait in their next collective for good. The rank that got the signal votes it
+    at the next :meth:`~largebatch.client.Job.report`, every rank sees ``should_stop`` at that same
+    step, and leaving ``with job:`` raises it on every rank (rank 0 records the run)."""
 
     def __init__(self) -> None:
         super().__init__(128 + signal.SIGTERM)
 
 
-def _preempt(signum: int, frame: Any) -> None:
-    raise Preempted()
-
-
 class Ending:
     """The end of a job's run (mixed into :class:`~largebatch.client.Job`)."""
+
+    _preempted = False  # SIGTERM arrived (one rank) or was voted (all ranks) inside `with job:`
 
     def complete(self, metric: float | None = None, *, outcome: FinalOutcome = "completed",
                  reason: str | None = None, step: int | None = None, timeout: float | None = None) -> Run:
@@ -114,8 +117,17 @@ class Ending:
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # only there can a handler be set
-            self._sigterm = signal.signal(signal.SIGTERM, _preempt)
+            self._sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        if self.world_size < 2:
+            raise Preempted()
+        # Several ranks: voted at the next report (see Preempted). Meanwhile what is buffered leaves now,
+        # in case that report never comes before the launcher's SIGKILL.
+        self._preempted = True
+        if self._reporter is not None:
+            self._reporter.flush(0)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
         try:
@@ -124,6 +136,8 @@ class Ending:
             if self._sigterm is not None:
                 signal.signal(signal.SIGTERM, self._sigterm)
                 self._sigterm = None
+        if self._preempted and exc_type is None:
+            raise Preempted()
 
     def abort(self, exc: BaseException | None = None) -> None:
         """End the job without :meth:`complete`, as leaving the ``with`` block would: the run is
@@ -183,6 +197,8 @@ class Ending:
             finish(self.run.state, self.run.diverged_step, self.run.reason)  # type: ignore[arg-type]
         elif self.diverged_step is not None:
             finish("diverged", self.diverged_step, f"loss was not finite at step {self.diverged_step}")
+        elif self._preempted and exc_type is None:
+            finish("preempted", self.last_step, "SIGTERM (preempted)")
         elif exc_type is None:
             if self._stop_seen:
                 finish("pruned", self.last_step, self.stop_reason or "stopped early")

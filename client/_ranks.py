@@ -33,6 +33,7 @@ class Ranks:
     stop_reason: str | None
     _stop_seen: bool
     _agreed_stop: bool
+    _preempted: bool
     _build: Callable[[Recipe], tuple[Any, Any]] | None
 
     if TYPE_CHECKING:  # what Job defines
@@ -65,12 +66,21 @@ class Ranks:
                     "run": self.run.model_dump(mode="json") if self.run is not None else None}
         theirs = _dist.broadcast(mine)
         if self.follower:
+            if "refused" in theirs:
+                raise errors.JobError(theirs["refused"])
             recipe = Recipe.model_validate(theirs["recipe"])
             if self._recipe is not None and self._recipe != recipe:
                 raise errors.JobError("rank 0 trains another recipe than the one this rank was handed")
             self._adopt(recipe, theirs["run"], theirs["study"])
         self.world_size = world
         return self
+
+    @staticmethod
+    def refuse(error: BaseException) -> None:
+        """Rank 0 could not make its job: hand the error to the other ranks, which wait in :meth:`sync`
+        for a recipe that will not come (they raise :class:`JobError` with it instead of hanging)."""
+        if _dist.ensure_group():
+            _dist.broadcast({"refused": f"rank 0 could not configure the job: {type(error).__name__}: {error}"})
 
     def _adopt(self, recipe: Recipe, run: Any, study: str | None) -> None:
         self._recipe = recipe
@@ -107,8 +117,12 @@ class Ranks:
         skipped = self._skipped_now()
         if self.world_size > 1:
             # Every rank is here at this step: one all-reduce gives each the same numbers and verdict.
-            loss, grad_norm, stop, skipped = _dist.agree(loss, grad_norm, self._stop_seen, skipped, examples)
-            if stop and not self._stop_seen and self.stop_reason is None:
+            vote = _dist.PREEMPTED if self._preempted else int(self._stop_seen)
+            loss, grad_norm, stop, skipped = _dist.agree(loss, grad_norm, vote, skipped, examples)
+            if stop == _dist.PREEMPTED:  # every rank leaves at this step, and exits as preempted
+                self._preempted = True
+                self.stop_reason = self.stop_reason or "preempted (SIGTERM)"
+            elif stop and not self._stop_seen and self.stop_reason is None:
                 self.stop_reason = "rank 0 says stop"
         nonfinite = False  # decided from the agreed numbers: the same on every rank
         if skipped > self.skipped_steps:
