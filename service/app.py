@@ -25,7 +25,6 @@ from largebatch.service.divergence import DivergenceRule
 from largebatch.service.errors import install_error_handlers
 from largebatch.service.metrics import Metrics, MetricsMiddleware
 from largebatch.service.middleware import (
-    BodyLimitMiddleware,
     InternalErrorMiddleware,
     RateLimitMiddleware,
     StrictJsonMiddleware,
@@ -94,12 +93,12 @@ def create_app(settings: Settings | None = None, *, store: StudyStore | None = N
     holder = StoreHolder(settings, store)
     metrics = Metrics(lambda: holder.store)
     middleware = [Middleware(BrowserGuardMiddleware, allowed_hosts=settings.allowed_hosts),
-                  Middleware(MetricsMiddleware, metrics=metrics), Middleware(InternalErrorMiddleware),
-                  Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)]
+                  Middleware(MetricsMiddleware, metrics=metrics), Middleware(InternalErrorMiddleware)]
     if settings.rate_limit_per_s:
         middleware.append(Middleware(RateLimitMiddleware, rate=settings.rate_limit_per_s,
                                      burst=settings.rate_limit_burst))
-    middleware.append(Middleware(StrictJsonMiddleware))  # innermost: a limited client's body is never read
+    # Innermost: a limited client's body is never read.
+    middleware.append(Middleware(StrictJsonMiddleware, max_bytes=settings.max_body_bytes))
     app = FastAPI(
         title="largebatch",
         version="1",

@@ -80,11 +80,13 @@ def check_body(body: bytes) -> None:
         raise BodyProblem(415, "unsupported_media_type", "request bodies must be JSON encoded as UTF-8 (no BOM, "
                                                           "no UTF-16/32)")
     try:
-        body.decode("utf-8")
+        if not body.isascii():  # ASCII is UTF-8: most bodies need no decoding
+            body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BodyProblem(415, "unsupported_media_type",
                           f"request bodies must be JSON encoded as UTF-8: invalid byte at {e.start}") from None
-    depth = _depth(body)
+    # Each level needs an opening bracket (those inside strings only add): a usual body has too few to matter.
+    depth = _depth(body) if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH else 0
     if depth > MAX_JSON_DEPTH:
         raise BodyProblem(422, "validation_error", [{
             "loc": ["body"], "msg": f"JSON nested {depth} deep: at most {MAX_JSON_DEPTH} levels", "type": "too_deep"}])
