@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import math
 import statistics
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from largebatch.service.lru import Lru
 from largebatch.service.storage.base import Conflict, RunRecord, StudyStore
 from largebatch.service.storage.records import noise_point
 
@@ -55,9 +54,8 @@ class DivergenceRule:
         self.factor = factor
         self.window = window
         self.max_runs = max_runs
-        self._early: OrderedDict[int, float] = OrderedDict()
-        self._seen: OrderedDict[int, int] = OrderedDict()  # reports this process received, per run
-        self._lock = threading.Lock()
+        self._early: Lru[int, float] = Lru(max_runs)
+        self._seen: Lru[int, int] = Lru(max_runs)  # reports this process received, per run
 
     def note_reports(self, run_id: int, n: int) -> bool:
         """Count ``n`` reports received here; True once the run may have ``window`` reports in all.
@@ -66,16 +64,10 @@ class DivergenceRule:
         spread over several replicas only delay this (each counts its own), never make it wrong: the
         early loss itself always comes from the store's full list.
         """
-        with self._lock:
-            count = self._seen.pop(run_id, 0) + n
-            self._seen[run_id] = count
-            while len(self._seen) > self.max_runs:
-                self._seen.popitem(last=False)
-        return count >= self.window
+        return self._seen.update(run_id, lambda count: (count or 0) + n) >= self.window
 
     def early_loss(self, run_id: int) -> float | None:
-        with self._lock:
-            return self._early.get(run_id)
+        return self._early.get(run_id)
 
     def learn(self, run_id: int, losses_by_step: Iterable[tuple[int, float]]) -> float | None:
         """Work out the early loss from the run's reports, once ``window`` finite ones exist."""
@@ -86,10 +78,7 @@ class DivergenceRule:
         if len(first) < self.window:
             return None
         value = statistics.median(first)
-        with self._lock:
-            self._early[run_id] = value
-            while len(self._early) > self.max_runs:
-                self._early.popitem(last=False)
+        self._early.put(run_id, value)
         return value
 
     def judge(self, step: int, loss: float, grad_norm: float | None, early: float | None) -> Verdict:
@@ -103,9 +92,8 @@ class DivergenceRule:
         return Verdict(False)
 
     def forget(self, run_id: int) -> None:
-        with self._lock:
-            self._early.pop(run_id, None)
-            self._seen.pop(run_id, None)
+        self._early.pop(run_id)
+        self._seen.pop(run_id)
 
 
 class _Report(Protocol):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -17,6 +15,7 @@ from optuna.storages._rdb import models as om
 from sqlalchemy import and_, delete, func, select, update
 from sqlalchemy.engine import Connection
 
+from largebatch.service.lru import Lru
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._checks import (
     MAX_INT,
@@ -62,8 +61,7 @@ class ReportOps:
 
     def _init_report_counts(self) -> None:
         # (run_id, updated_at) -> number of reports: a finished run's count is read once.
-        self._report_counts: OrderedDict[tuple[int, datetime], int] = OrderedDict()
-        self._count_lock = threading.Lock()
+        self._report_counts: Lru[tuple[int, datetime], int] = Lru(_COUNT_CACHE)
 
     def report(self, run_id: int, step: int, loss: float, grad_norm: float | None = None,
                noise_scale: float | None = None) -> RunRecord:
@@ -172,16 +170,12 @@ class ReportOps:
         def tx(conn: Connection) -> int:
             updated = self._check_run(conn, run_id)
             key = (run_id, updated)
-            with self._count_lock:
-                if key in self._report_counts:
-                    return self._report_counts[key]
+            known = self._report_counts.get(key)
+            if known is not None:
+                return known
             n = conn.execute(select(func.count()).select_from(T_INTERMEDIATE)
                              .where(T_INTERMEDIATE.c.trial_id == run_id)).scalar_one()
-            with self._count_lock:
-                self._report_counts[key] = n
-                while len(self._report_counts) > _COUNT_CACHE:
-                    self._report_counts.popitem(last=False)
-            return n
+            return self._report_counts.put(key, n)
 
         return self._read(tx)  # type: ignore[attr-defined]
 

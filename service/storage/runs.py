@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +23,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 from largebatch.scaling_rules.models import Recipe
+from largebatch.service.lru import Lru
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._checks import (
     _aware,
@@ -157,9 +156,8 @@ class RunOps:
     def _init_cache(self) -> None:
         # (run_id, created_at) -> (recipe JSON, environment JSON); JSON text, so that no caller can
         # mutate what the next caller gets. Bounded in bytes: environments may be large.
-        self._attr_cache: OrderedDict[tuple[int, datetime], tuple[str, str]] = OrderedDict()
-        self._cache_bytes = 0
-        self._cache_lock = threading.Lock()
+        self._attr_cache: Lru[tuple[int, datetime], tuple[str, str]] = Lru(
+            max_cost=CACHE_BYTES, cost=lambda v: len(v[0]) + len(v[1]))
 
     def _run_records(self, conn: Connection, rows: Sequence[Any], *, listing: bool = False) -> list[RunRecord]:
         """Records from rows holding every ``lb_runs`` column plus ``namespace``/``study_name``.
@@ -208,25 +206,13 @@ class RunOps:
         return out
 
     def _cache_get(self, run_id: int, created_at: datetime) -> tuple[str, str] | None:
-        with self._cache_lock:
-            hit = self._attr_cache.get((run_id, created_at))
-            if hit is not None:
-                self._attr_cache.move_to_end((run_id, created_at))
-            return hit
+        return self._attr_cache.get((run_id, created_at))
 
     def _cache_put(self, run_id: int, created_at: datetime, recipe: str, environment: str) -> None:
         size = len(recipe) + len(environment)
         if size > CACHE_BYTES // 16:  # one huge environment does not flush everything else
             return
-        with self._cache_lock:
-            old = self._attr_cache.pop((run_id, created_at), None)
-            if old is not None:
-                self._cache_bytes -= len(old[0]) + len(old[1])
-            self._attr_cache[(run_id, created_at)] = (recipe, environment)
-            self._cache_bytes += size
-            while self._cache_bytes > CACHE_BYTES:
-                _, (r, e) = self._attr_cache.popitem(last=False)
-                self._cache_bytes -= len(r) + len(e)
+        self._attr_cache.put((run_id, created_at), (recipe, environment))
 
     def _load_run(self, conn: Connection, run_id: int) -> RunRecord:
         row = conn.execute(runs_join().where(sch.lb_runs.c.run_id == run_id)).first()
