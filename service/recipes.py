@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +13,7 @@ from largebatch.scaling_rules.evidence import BatchSummary
 from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
 from largebatch.scaling_rules.models import Recipe, RecommendationRequest
 from largebatch.service.convert import MAX_BIGINT, check_recipe
+from largebatch.service.lru import Lru
 from largebatch.service.storage.base import StudyStore
 
 __all__ = ["FAMILY_BAND", "Evidence", "EvidenceCache", "RecipeMemo", "compute_recipe", "fresh_serial",
@@ -50,7 +50,7 @@ class _Fitted:
     read: Any  # the store's last EvidenceRead of the study
     read_at: float
     generation: int  # the cache's write count when that read began
-    serial: int | None = None  # names this read (and so every answer computed from it), None: not cached
+    serial: int | None = None  # names what the engine sees (answers are memoised under it), None: not cached
 
 
 class EvidenceCache:
@@ -65,7 +65,7 @@ class EvidenceCache:
     def __init__(self, max_studies: int = 256, fresh_s: float = 0.0):
         self.max_studies = max_studies
         self.fresh_s = fresh_s
-        self._entries: OrderedDict[tuple, _Fitted] = OrderedDict()
+        self._entries: Lru[tuple, _Fitted] = Lru(max_studies)
         self._lock = threading.Lock()
         self._generation = 0
         self._serials = itertools.count()
@@ -77,11 +77,7 @@ class EvidenceCache:
             self._generation += 1
 
     def get(self, key: tuple) -> _Fitted | None:
-        with self._lock:
-            hit = self._entries.get(key)
-            if hit is not None:
-                self._entries.move_to_end(key)
-            return hit
+        return self._entries.get(key)
 
     def fresh(self, hit: _Fitted) -> bool:
         return hit.generation == self._generation and time.monotonic() - hit.read_at < self.fresh_s
@@ -91,12 +87,9 @@ class EvidenceCache:
         return self._generation, time.monotonic()
 
     def put(self, key: tuple, entry: _Fitted) -> None:
-        with self._lock:
-            entry.serial = next(self._serials)
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_studies:
-                self._entries.popitem(last=False)
+        if entry.serial is None:
+            entry.serial = next(self._serials)  # itertools.count: atomic
+        self._entries.put(key, entry)
 
 
 class RecipeMemo:
@@ -108,23 +101,14 @@ class RecipeMemo:
     def __init__(self, max_entries: int = 256, max_body: int = 8192):
         self.max_entries = max_entries
         self.max_body = max_body
-        self._answers: OrderedDict[tuple, bytes] = OrderedDict()
-        self._lock = threading.Lock()
+        self._answers: Lru[tuple, bytes] = Lru(max_entries)
 
     def get(self, body: bytes, context: tuple = ()) -> bytes | None:
-        with self._lock:
-            key = (body, *context)
-            answer = self._answers.get(key)
-            if answer is not None:
-                self._answers.move_to_end(key)
-            return answer
+        return self._answers.get((body, *context))
 
     def put(self, body: bytes, answer: bytes, context: tuple = ()) -> bytes:
         if len(body) <= self.max_body:
-            with self._lock:
-                self._answers[(body, *context)] = answer
-                if len(self._answers) > self.max_entries:
-                    self._answers.popitem(last=False)
+            self._answers.put((body, *context), answer)
         return answer
 
 
@@ -137,15 +121,25 @@ def _fitted(store: StudyStore, namespace: str, study: str, band: tuple[str, int,
     began = cache.begin() if cache is not None else (0, 0.0)
     read = store.read_evidence(namespace, study, limit=EVIDENCE_LIMIT, family_band=band,
                                known_version=cached.version if cached else None)
+    serial = None
     if read.runs is None and cached is not None:
         runs, model = cached.runs, cached.model
+        if _same_inputs(read, cached.read):  # the engine would see the same evidence: its answers still hold
+            serial = cached.serial
     else:
         runs = read.runs or []
         model = EvidenceModel.from_runs(runs, direction=read.study.direction)
-    entry = _Fitted(read.version, runs, model, read, began[1], began[0])
+    entry = _Fitted(read.version, runs, model, read, began[1], began[0], serial)
     if cache is not None:
         cache.put(key, entry)
     return entry
+
+
+def _same_inputs(read: Any, before: Any) -> bool:
+    """Whether two reads of a study give the engine the same inputs (the runs aside: same version, same runs)."""
+    return (read.version == before.version and read.noise_scale == before.noise_scale
+            and read.history == before.history and read.family_history == before.family_history
+            and read.study == before.study)
 
 
 def fitted_evidence(store: StudyStore, namespace: str, study: str, band: tuple[str, int, int] | None,

@@ -24,6 +24,8 @@ from largebatch.service.storage.summaries import _summary, merge_family
 __all__ = ["EvidenceOps", "EvidenceRead"]
 
 FamilyBand = tuple[str, int, int]
+# The study's noise scale is the median of its newest runs' measurements: a bounded read at any study size.
+NOISE_RUNS = 200
 
 
 @dataclass(frozen=True)
@@ -69,19 +71,23 @@ class EvidenceOps:
             version = (own.study_id, own.created_at, family_band,
                        tuple(sorted((x.study_id, x.batch_size, x.n_runs, x.n_completed, x.n_diverged)
                                     for x in [*rows, *family_rows])))
+            # The noise scale of the study's newest runs: by (study, number), bounded whatever the study's size.
+            newest = (select(r.c.run_id).where(r.c.study_id == own.study_id)
+                      .order_by(r.c.number.desc()).limit(NOISE_RUNS).subquery())
             noise = [json.loads(v) for (v,) in conn.execute(
                 select(T_TRIAL_USER.c.value_json)
-                .select_from(r.join(T_TRIAL_USER, and_(T_TRIAL_USER.c.trial_id == r.c.run_id,
-                                                       T_TRIAL_USER.c.key == NOISE_KEY)))
-                .where(r.c.study_id == own.study_id))]
+                .select_from(newest.join(T_TRIAL_USER, and_(T_TRIAL_USER.c.trial_id == newest.c.run_id,
+                                                            T_TRIAL_USER.c.key == NOISE_KEY))))]
             runs = None
             if version != known_version:
+                # Within one study the number orders runs as their ids do, along the (study, number) index.
+                newest_first = r.c.run_id.desc() if family_band is not None else r.c.number.desc()
                 found = conn.execute(
                     select(r.c.run_id, r.c.batch_size, r.c.peak_lr, r.c.warmup_ratio, r.c.optimizer, r.c.state,
                            r.c.metric, s.c.model_params, s.c.name)
                     .join(s, s.c.study_id == r.c.study_id)
                     .where(scope, r.c.state.in_(("completed", "diverged")))
-                    .order_by(r.c.run_id.desc()).limit(limit)).all()
+                    .order_by(newest_first).limit(limit)).all()
                 runs = [RunEvidence(batch_size=x.batch_size, lr=x.peak_lr, warmup_ratio=x.warmup_ratio,
                                     optimizer=x.optimizer, outcome=x.state, metric=x.metric,
                                     model_params=x.model_params, run_id=x.run_id, study=x.name) for x in found]
