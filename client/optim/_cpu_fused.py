@@ -11,11 +11,13 @@ a cache folder, and called through :mod:`ctypes` with tables of tensor addresses
   ``||c||^2``) per tensor;
 * pass 2 recomputes the update from ``p, m, v`` (LANS also ``g``) and writes ``p``, scaled by the trust
   ratio, computed between the passes in float64 by :func:`._tensors.trust_ratios` (the foreach
-  path's own function; in C, the same float64 operations, for unsharded parameters).
+  path's own function; in C, the same float64 operations, in the one-call path below).
 
-Unsharded parameters take both passes in one call: consecutive tensors in batches of up to
-``_BATCH`` elements (a bigger tensor alone), each batch's pass 2 right after its pass 1 on the same
-threads, walking its blocks backwards, so that it reads ``p, m, v`` from cache where they still are.
+On one thread (``torch.get_num_threads()``), unsharded parameters take both passes in one call:
+consecutive tensors in batches of up to ``_BATCH`` elements (a bigger tensor alone), each batch's pass 2
+right after its pass 1, walking its blocks backwards, so that it reads ``p, m, v`` from cache where they
+still are. With more threads, two calls, the blocks handed to the threads dynamically: a barrier per
+batch would stall on every descheduled thread of a busy machine.
 On CPU the step is bound by memory reads, not arithmetic: fused AdamW reads 4 words per parameter;
 LAMB reads 8 (the gradient-norm prologue 1, pass 1 4, pass 2 3) for a tensor bigger than the cache,
 LANS 9 (its pass 2 also reads ``g``). Sharded parameters keep the two calls, their norms summed over
@@ -197,13 +199,13 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     hp = _hp(beta1, beta2, eps, weight_decay, 1.0 if clip is None else float(clip))
     tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
               _addr(c1), _addr(c2), _addr(hp), ctypes.c_int(int(adapt)))
-    if reduce is None:  # one call: pass 2 of each batch right after its pass 1, from cache
+    if reduce is None and torch.get_num_threads() == 1:  # one call, pass 2 of each batch after its pass 1
         lr_phi, scale = _lr_phi(lr, phi_bounds), torch.empty(n, dtype=torch.float64)
         _call("lb_lamb_step", dtype, *tables, _addr(lr_phi), _addr(scale))
         return
     sq = torch.zeros(2, n, dtype=torch.float64)
     _call("lb_lamb_pass1", dtype, *tables, _addr(sq))
-    if adapt:
+    if adapt and reduce is not None:
         reduce(sq)
     scale = (-_lr(lr) * _ratio(sq, 1, adapt, phi_bounds)).contiguous()
     _call("lb_lamb_pass2", dtype, ctypes.c_int64(n), _ptrs(params), _ptrs(exp_avgs), _ptrs(exp_avg_sqs),
@@ -226,13 +228,13 @@ def lans(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     hp = _hp(beta1, beta2, eps, weight_decay)
     tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
               _addr(c1), _addr(c2), _addr(gn), _addr(hp))
-    if reduce is None:
+    if reduce is None and torch.get_num_threads() == 1:
         lr_phi, scales = _lr_phi(lr, phi_bounds), torch.empty(2, n, dtype=torch.float64)
         _call("lb_lans_step", dtype, *tables, ctypes.c_int(int(adapt)), _addr(lr_phi), _addr(scales))
         return
     sq = torch.zeros(3, n, dtype=torch.float64)
     _call("lb_lans_pass1", dtype, *tables, ctypes.c_int(int(adapt)), _addr(sq))
-    if adapt:
+    if adapt and reduce is not None:
         reduce(sq)
     lr64 = _lr(lr)
     scale_r = (-beta1 * lr64 * _ratio(sq, 1, adapt, phi_bounds)).contiguous()

@@ -3,12 +3,14 @@
    float64, so the result does not depend on the thread count or schedule.
 
    Two drivers share the per-block bodies:
-   - lb_*_step: the whole update in one call. Consecutive tensors are taken in batches of at most
-     BATCH_NUMEL elements (a bigger tensor alone); per batch, pass 1, the trust ratios, then pass 2 over
-     the same blocks on the same threads in reverse order, so that pass 2 reads what pass 1 left in cache
-     instead of memory (a step is bound by memory reads on CPU: this is what brings LAMB near AdamW).
-   - lb_*_pass1 / lb_*_pass2: pass 1 over every tensor, then pass 2, for sharded parameters whose norms
-     are summed over the ranks in between (by the caller, in Python). */
+   - lb_*_step: the whole update in one call, on one thread. Consecutive tensors are taken in batches
+     of at most BATCH_NUMEL elements (a bigger tensor alone); per batch, pass 1, the trust ratios, then
+     pass 2 backwards, so that pass 2 reads what pass 1 left in cache instead of memory where the batch
+     fits in cache (a step is bound by memory reads on CPU). It also runs threaded, but a barrier per
+     batch stalls whenever the machine is busier than its cores (measured: 3x slower at 2 threads).
+   - lb_*_pass1 / lb_*_pass2: pass 1 over every tensor, then pass 2, with threads (blocks handed out
+     dynamically: a descheduled thread holds up nobody), and for sharded parameters, whose norms are
+     summed over the ranks in between (by the caller, in Python). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -152,7 +154,7 @@ BODIES(T, SUFFIX, SQRT)                                                         
 void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int threads) {           \
     ITEMS                                                                                            \
     double *part = malloc((items ? items : 1) * sizeof(double));                                     \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         const T *gp = g[t];                                                                          \
@@ -170,7 +172,7 @@ void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
                             double *out, int threads) {                                              \
     ITEMS                                                                                            \
     double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, \
@@ -184,7 +186,7 @@ void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel
                             const double *bc1, const double *bc2, const double *hp,                  \
                             const double *scale, int threads) {                                      \
     ITEMS                                                                                            \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         lamb2_##SUFFIX(p[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp,     \
@@ -231,7 +233,7 @@ void lb_lans_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
                             const double *hp, int adapt, double *out, int threads) {                 \
     ITEMS                                                                                            \
     double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         double sums[3];                                                                              \
@@ -248,7 +250,7 @@ void lb_lans_pass2_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
                             const double *hp, const double *scale_r, const double *scale_c,          \
                             int threads) {                                                           \
     ITEMS                                                                                            \
-    _Pragma("omp parallel for schedule(static) num_threads(threads)")                                \
+    _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         lans2_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])),   \
