@@ -168,14 +168,37 @@ def parse_json_body(model: type[M], raw: bytes, *, strict: bool = False) -> M:
         raise ApiError("validation_error", validation_details(errors, ("body",))) from None
 
 
-def strict_body(model: type[BaseModel]):
-    """A dependency that refuses a body the route's (lax) model would coerce: a recipe posted by a client
-    says what it means, numbers as numbers."""
+def strict_body(model: type[M]):
+    """A route's JSON body, parsed once from its bytes and strictly: a recipe posted by a client says what it
+    means, numbers as numbers (``true`` or ``"512"`` is 422). Declare it after the caller's dependencies (they
+    answer first) and document it with :func:`body_doc` (FastAPI no longer sees a body to describe)."""
 
-    async def check(request: Request) -> None:
-        parse_json_body(model, await request.body(), strict=True)
+    async def parse(request: Request) -> M:
+        return parse_json_body(model, await request.body(), strict=True)
 
-    return Depends(check)
+    return Depends(parse)
+
+
+_BODY_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def body_doc(model: type[BaseModel]) -> dict:
+    """The ``openapi_extra`` that documents a :func:`strict_body`; :func:`add_body_schemas` puts its model
+    in the document's components."""
+    _BODY_MODELS[model.__name__] = model
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def add_body_schemas(schema: dict) -> None:
+    """The models of :func:`body_doc` (and those they refer to) in the OpenAPI document's components, where
+    FastAPI, which sees no body param to collect, did not put them."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, model in _BODY_MODELS.items():
+        own = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for sub, sub_schema in own.pop("$defs", {}).items():
+            components.setdefault(sub, sub_schema)
+        components.setdefault(name, own)
 
 
 StoreDep = Annotated[StudyStore, Depends(get_store)]

@@ -29,7 +29,7 @@ from largebatch.scaling_rules.wire import (
     RunCreate,
 )
 from largebatch.service.convert import MAX_INT, check_recipe, to_run
-from largebatch.service.deps import IdempotencyKey, Reader, StoreDep, Writer, strict_body
+from largebatch.service.deps import IdempotencyKey, Reader, StoreDep, Writer, body_doc, strict_body
 from largebatch.service.divergence import record_reports
 from largebatch.service.errors import ERROR_RESPONSES, ApiError, field_error
 from largebatch.service.recipes import compute_recipe, gather_history
@@ -91,9 +91,10 @@ def _owned_run(store: StudyStore, namespace: str, run_id: int) -> RunRecord:
     summary="Open a run in a study, from a recipe or from a request",
     description="Give `recipe` (one you have) or `request` (the service computes the recipe, with the "
                 "study's history). 201 when opened, 200 when the `Idempotency-Key` was seen before.",
+    openapi_extra=body_doc(RunCreate),
 )
-def create_run(name: StudyName, body: RunCreate, principal: Writer, store: StoreDep, request: Request,
-               idempotency_key: IdempotencyKey, _strict: Annotated[None, strict_body(RunCreate)]) -> Response:
+def create_run(name: StudyName, principal: Writer, store: StoreDep, request: Request,
+               idempotency_key: IdempotencyKey, body: Annotated[RunCreate, strict_body(RunCreate)]) -> Response:
     if (body.recipe is None) == (body.request is None):
         raise field_error(["body"], "give exactly one of recipe or request", "value_error")
     if body.recipe is not None:

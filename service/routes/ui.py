@@ -16,6 +16,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from largebatch.service.deps import add_body_schemas
 from largebatch.service.examples import add_body_examples
 
 __all__ = ["BEARER_SCHEME", "install"]
@@ -64,6 +65,7 @@ def install(app: FastAPI, *, docs_url: str = "/docs", redoc_url: str = "/redoc")
         if app.openapi_schema is None:
             schema = generate()  # FastAPI's own schema, cached on the app: amended once
             _add_bearer_scheme(schema)
+            add_body_schemas(schema)
             add_body_examples(schema)
         return app.openapi_schema
 

@@ -21,7 +21,7 @@ from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.schedule import lr_curve, stage_boundaries
 from largebatch.scaling_rules.wire import NAME_PATTERN, ReportPage, ReportPoint
 from largebatch.service.convert import MAX_BIGINT, MAX_INT, check_recipe
-from largebatch.service.deps import Reader, strict_body
+from largebatch.service.deps import Reader, body_doc, strict_body
 from largebatch.service.errors import ERROR_RESPONSES
 from largebatch.service.recipes import FAMILY_BAND, fitted_evidence, summarise_warnings
 from largebatch.service.storage.base import NotFound, StudyStore
@@ -235,11 +235,11 @@ def study_evidence(
              summary="A recipe's LR schedule as points to draw",
              description="Body: a recipe (as `POST /v1/recommendations` returns it). The answer samples the "
                          "schedule at `points` evenly spaced steps plus every phase boundary, so a chart drawn "
-                         "through them is exact for linear phases.")
+                         "through them is exact for linear phases.",
+             openapi_extra=body_doc(Recipe))
 def schedule_points(
-    body: Recipe,
     principal: Reader,
-    _strict: Annotated[None, strict_body(Recipe)],
+    body: Annotated[Recipe, strict_body(Recipe)],
     points: Annotated[int, Query(ge=2, le=5000, description="Evenly spaced samples")] = 400,
 ) -> Response:
     recipe = check_recipe(body, ["body"])
