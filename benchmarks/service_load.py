@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
@@ -114,6 +115,16 @@ class Server:
                 self.proc.wait()
 
 
+def server_cpu_s(server: Server) -> float:
+    """The server process's CPU seconds so far (Linux; 0 elsewhere): what a request costs it, whatever the
+    load generator and the rest of the machine take."""
+    try:
+        fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def largebatch_cmd() -> list[str]:
     exe = Path(sys.executable).with_name("largebatch")
     return [str(exe)] if exe.exists() else [sys.executable, "-c",
@@ -170,6 +181,7 @@ class Result:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     cycles: int = 0
+    served: int = 0  # every answer, warm-up included (what the server's CPU time was spent on)
     by_kind: dict[str, list[float]] = field(default_factory=dict)
 
     def row(self) -> dict:
@@ -195,6 +207,7 @@ async def _drive(port: int, clients: int, seconds: float, warmup: float, headers
         t0 = time.perf_counter()
         status, data = await conn.request(method, path, body)
         t1 = time.perf_counter()
+        result.served += 1
         if t0 >= measure_from and t1 <= stop_at:
             result.latencies.append(t1 - t0)
             result.by_kind.setdefault(path.rsplit("/", 1)[-1], []).append(t1 - t0)
@@ -372,10 +385,14 @@ def main(argv: list[str] | None = None) -> int:
                                          "--store", url, "--require-keys", "--no-access-log", "--log-level",
                                          "warning"], port)
         totals: dict[str, Result] = {}
+        per_round: dict[str, list[tuple[float, float]]] = {}  # (requests/s, server CPU s/request) per slice
         for _ in range(args.rounds):
             for name in names:
                 server = servers["ceiling" if name in _BARE else "service"]
+                cpu0 = server_cpu_s(server)
                 res = run_scenario(name, server.port, args.clients, args.seconds / args.rounds, args.warmup, auth)
+                cpu = server_cpu_s(server) - cpu0
+                per_round.setdefault(name, []).append((len(res.latencies) / res.seconds, cpu / max(1, res.served)))
                 acc = totals.setdefault(name, Result(name, 0.0))
                 acc.seconds += res.seconds
                 acc.latencies += res.latencies
@@ -410,7 +427,13 @@ def main(argv: list[str] | None = None) -> int:
                            ("recommend-study", "recommend", 0.5)):
         if num in by and den in by:
             share = by[num]["req_per_s"] / by[den]["req_per_s"]
-            print(f"{num} / {den}: {share:.2f}x requests/s (goal >= {goal:.0%})")
+            # Paired by slice (taken one after the other), so a change in the machine's load cancels out.
+            paired = sorted(a[0] / b[0] for a, b in zip(per_round[num], per_round[den], strict=True))
+            mine = statistics.median(a[1] for a in per_round[num])
+            cpu = statistics.median(b[1] for b in per_round[den]) / mine if mine > 0 else math.nan
+            print(f"{num} / {den}: {share:.2f}x requests/s (goal >= {goal:.0%}); per slice median "
+                  f"{statistics.median(paired):.2f}x (range {paired[0]:.2f}-{paired[-1]:.2f}, {len(paired)} slices); "
+                  f"server CPU per request {cpu:.2f}x as few")
     if "ceiling" in by and "recommend" in by:
         share = by["recommend"]["req_per_s"] / by["ceiling"]["req_per_s"]
         p99 = by["recommend"]["p99_ms"]
