@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             cpu = statistics.median(b[1] for b in per_round[den]) / mine if mine > 0 else math.nan
             print(f"{num} / {den}: {share:.2f}x requests/s (goal >= {goal:.0%}); per slice median "
                   f"{statistics.median(paired):.2f}x (range {paired[0]:.2f}-{paired[-1]:.2f}, {len(paired)} slices); "
-                  f"server CPU per request {cpu:.2f}x as few")
+                  f"requests per second of server CPU {cpu:.2f}x")
     if "ceiling" in by and "recommend" in by:
         share = by["recommend"]["req_per_s"] / by["ceiling"]["req_per_s"]
         p99 = by["recommend"]["p99_ms"]
