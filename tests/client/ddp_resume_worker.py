@@ -99,6 +99,7 @@ def main(url: str, study: str, out: str, mode: str) -> None:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     if mode == "fail":
+        dist.barrier()  # rank 0 has written the checkpoint
         ckpt = torch.load(path)
         try:
             configure(url, study, make_model(), 1.0, resume=ckpt["job"])
