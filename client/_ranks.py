@@ -138,7 +138,7 @@ class Ranks:
             # Only what every rank knows. Not self._stop_seen: rank 0's reporter thread may have set it
             # (the service said stop) since the vote, and a rank that leaves the training loop alone
             # leaves the others waiting in a collective for good. It is voted at the next report.
-            self._agreed_stop = self._agreed_stop or stop or nonfinite
+            self._agreed_stop = self._agreed_stop or bool(stop) or nonfinite
         return loss, grad_norm
 
     def _skipped_now(self) -> int:
