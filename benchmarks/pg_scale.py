@@ -30,7 +30,7 @@ from urllib.parse import quote
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from service_load import BERT_32K  # noqa: E402
+from service_load import BERT_32K
 
 NAMESPACE = "bench"
 TEMPLATES = 8  # four batch sizes, one completed and one diverged run each
@@ -165,7 +165,7 @@ def _pct(xs: list[float], p: float) -> float:
 
 def explain(engine, schema: str, store, study: str) -> list[str]:
     """EXPLAIN ANALYZE of every statement the evidence read runs on ``study``."""
-    from sqlalchemy import event, text
+    from sqlalchemy import event
 
     statements: list[tuple[str, object]] = []
 

@@ -60,8 +60,8 @@ from largebatch.scaling_rules.wire import ReportIn, Run, Study
 from . import _dist, errors
 from ._base import BaseClient, RunChannel, is_transient, retry_delay
 from ._ending import Ending, Preempted
-from ._probe import BranchProbing
 from ._guards import guard_steps
+from ._probe import BranchProbing
 from ._ranks import Ranks
 from ._reporter import Reporter, detached, noise_point, report_point
 

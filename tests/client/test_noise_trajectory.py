@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from largebatch.client import AsyncClient, Client  # noqa: E402
-from largebatch.client.errors import NotFoundError  # noqa: E402
 from largebatch.client._reporter import seen  # noqa: E402
+from largebatch.client.errors import NotFoundError  # noqa: E402
 from largebatch.scaling_rules.recipe import Recipe  # noqa: E402
 
 from ._training import BATCH, REFERENCE, evaluate, make_model  # noqa: E402
