@@ -32,6 +32,7 @@ class _In(BaseModel):
 MAX_METRIC = 1e15  # a final metric's magnitude: any loss, accuracy or perplexity fits; its square stays finite
 MAX_LOSS = 3.4028234663852886e38  # a finite loss or gradient norm: anything float32 training can produce
 MAX_REPORT_BATCH = 1000  # reports per request (the client's default batch)
+MAX_SEEN = 1e18  # examples or tokens seen by one run: 10^4 x the largest corpora trained on
 
 
 def _bounded(name: str, v: float | None, bound: float, *, nonfinite: bool) -> float | None:
@@ -128,13 +129,83 @@ class PooledNoisePoint(_Out):
 
 class CriticalBatchCalibration(_Out):
     """Streaming statistic to measured critical batch, for one study: 1.0 until measured critical batches
-    (branches from checkpoints) are its evidence; then the geometric mean of measured / fitted B_noise at
-    their examples seen."""
+    (branches from checkpoints) are its evidence; then the geometric mean over them of measured B_crit /
+    the streaming B_noise at their point (the one the job sent with it, else the fitted curve's)."""
 
     factor: float = Field(default=1.0, description="Measured critical batch / streaming B_noise; multiplies "
                                                    "the fitted curve.")
     measured: int = Field(default=0, description="Measured critical batches behind the factor.")
+    factor_low: float | None = Field(default=None, description="Lower end of the factor's 95% t-interval "
+                                                               "(in log), from 2 measurements on.")
+    factor_high: float | None = None
+    geometric_sd: float | None = Field(default=None, description="Spread of the ratios (x/÷), from 2 on.")
     detail: str
+
+
+MAX_MEASURED_PER_RUN = 64  # measured critical batches one run may record
+MAX_KS = 16
+
+
+def _positive_finite(name: str, v: float | None) -> float | None:
+    if v is not None and not (math.isfinite(v) and 0 < v <= MAX_SEEN):
+        raise ValueError(f"{name} must be a finite number in (0, {MAX_SEEN:g}]")
+    return v
+
+
+class MeasuredCriticalBatchIn(_In):
+    """``POST /v1/runs/{id}/critical-batches``: a critical batch measured by branching at one point of the
+    run (``job.branch_probe`` sends it). B in examples."""
+
+    step: int = Field(ge=0, le=MAX_COUNT, description="The run's step where it was measured.")
+    examples_seen: float = Field(description="Examples trained on up to that step (> 0).")
+    tokens_seen: float | None = Field(default=None, ge=0, le=MAX_SEEN)
+    critical_batch: float = Field(description="The measured B_crit (examples).")
+    critical_batch_low: float = Field(description="Lower end of its interval (<= critical_batch).")
+    critical_batch_high: float | None = Field(default=None, description=(
+        "Upper end (>= critical_batch); null when the branches did not bound it from above."))
+    noise_scale: float | None = Field(default=None, description="The job's streaming B_noise at that point, if "
+                                                                "it measured one.")
+    batch_size: int = Field(ge=1, le=MAX_COUNT, description="B: the k = 1 branch's global batch.")
+    ks: list[int] = Field(min_length=2, max_length=MAX_KS, description="The batch multiples branched (k x B).")
+    window_examples: int | None = Field(default=None, ge=1, le=MAX_COUNT)
+
+    @field_validator("examples_seen", "critical_batch", "critical_batch_low", "critical_batch_high", "noise_scale")
+    @classmethod
+    def _finite(cls, v: float | None, info: Any) -> float | None:
+        return _positive_finite(info.field_name, v)
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= k <= 1024 for k in v) or len(set(v)) != len(v):
+            raise ValueError("ks must be distinct integers in [1, 1024]")
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MeasuredCriticalBatchIn:
+        if self.critical_batch_low > self.critical_batch:
+            raise ValueError("critical_batch_low must be <= critical_batch")
+        if self.critical_batch_high is not None and self.critical_batch_high < self.critical_batch:
+            raise ValueError("critical_batch_high must be >= critical_batch")
+        return self
+
+
+class MeasuredCriticalBatch(_Out):
+    """A stored measured critical batch."""
+
+    id: int
+    run_id: int
+    step: int
+    examples_seen: float
+    tokens_seen: float | None = None
+    critical_batch: float
+    critical_batch_low: float
+    critical_batch_high: float | None = None
+    noise_scale: float | None = None
+    batch_size: int
+    ks: list[int]
+    window_examples: int | None = None
+    created_at: datetime
 
 
 class CriticalBatchFit(_Out):
@@ -209,9 +280,6 @@ class RunCreate(_In):
     recipe: Recipe | None = None
     request: RecommendationRequest | None = None
     environment: dict[str, Any] = Field(default_factory=dict)
-
-
-MAX_SEEN = 1e18  # examples or tokens seen by one run: 10^4 x the largest corpora trained on
 
 
 class ReportIn(_In):

@@ -17,6 +17,8 @@ Tables:
   intermediate value).
 * ``lb_noise_trajectory``: each run's gradient noise scale along the examples it has seen, merged into
   at most ``trajectory.MAX_BUCKETS`` buckets per run (fixed log-spaced bins of examples seen).
+* ``lb_critical_batches``: critical batches measured by branching (``job.branch_probe``), at most
+  ``wire.MAX_MEASURED_PER_RUN`` per run, one per (run, step); read newest first per study.
 * ``lb_api_keys``: sha256 hashes of API keys.
 """
 
@@ -156,6 +158,27 @@ lb_noise_trajectory = Table(
     Column("sum_trace_sigma", Double, nullable=False),
 )
 
+lb_critical_batches = Table(
+    "lb_critical_batches",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("lb_runs.run_id", ondelete="CASCADE"), nullable=False),
+    Column("study_id", Integer, ForeignKey("lb_studies.study_id", ondelete="CASCADE"), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("examples_seen", Double, nullable=False),
+    Column("tokens_seen", Double, nullable=True),
+    Column("critical_batch", Double, nullable=False),
+    Column("critical_batch_low", Double, nullable=False),
+    Column("critical_batch_high", Double, nullable=True),
+    Column("noise_scale", Double, nullable=True),
+    Column("batch_size", BigInteger, nullable=False),
+    Column("ks", String(200), nullable=False),  # the batch multiples, comma separated
+    Column("window_examples", BigInteger, nullable=True),
+    Column("created_at", DateTime, nullable=False),
+    UniqueConstraint("run_id", "step", name="uq_lb_critical_batches_run_step"),
+    Index("ix_lb_critical_batches_study", "study_id", "id"),
+)
+
 lb_api_keys = Table(
     "lb_api_keys",
     metadata,
@@ -180,8 +203,12 @@ def _migrate_to_2(conn: Connection) -> None:
     lb_noise_trajectory.create(conn, checkfirst=True)  # version 1's create_all made it on a new database
 
 
+def _migrate_to_3(conn: Connection) -> None:
+    lb_critical_batches.create(conn, checkfirst=True)
+
+
 #: version -> migration that brings the schema from version-1 to version. Append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
 HEAD = max(MIGRATIONS)
 
 

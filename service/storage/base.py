@@ -15,36 +15,17 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from largebatch.scaling_rules import wire
 from largebatch.scaling_rules.evidence import BatchSummary, Direction, Outcome
 from largebatch.scaling_rules.learning import RunEvidence
 from largebatch.scaling_rules.models import Recipe
 from largebatch.scaling_rules.wire import NAME_PATTERN, FinalOutcome, Page, Scope
 
 __all__ = [
-    "DEFAULT_LEASE_SECONDS",
-    "FINAL_OUTCOMES",
-    "NAME_PATTERN",
-    "OUTCOMES",
-    "AlreadyExists",
-    "ApiKeyRecord",
-    "ApiKeyStore",
-    "BatchSummary",
-    "Conflict",
-    "Direction",
-    "FinalOutcome",
-    "InvalidArgument",
-    "NotFound",
-    "Outcome",
-    "Page",
-    "Report",
-    "RunRecord",
-    "Scope",
-    "StoreError",
-    "StoreUnavailable",
-    "StoredOutcome",
-    "StudyRecord",
-    "StudyStore",
-    "validate_name",
+    "DEFAULT_LEASE_SECONDS", "FINAL_OUTCOMES", "NAME_PATTERN", "OUTCOMES", "AlreadyExists", "ApiKeyRecord",
+    "ApiKeyStore", "BatchSummary", "Conflict", "Direction", "FinalOutcome", "InvalidArgument", "NotFound",
+    "Outcome", "Page", "Report", "RunRecord", "Scope", "StoreError", "StoreUnavailable", "StoredOutcome",
+    "StudyRecord", "StudyStore", "validate_name",
 ]
 
 # The records and errors live in .records; re-exported here, where the store's callers look for them.
@@ -327,6 +308,24 @@ class StudyStore(ApiKeyStore):
                            ) -> tuple[int, list[RunTrajectory]]:
         """The number of the study's runs with a noise trajectory, and those of the newest ``max_runs``
         (at most 256), each at most ``MAX_BUCKETS`` points. Raises NotFound: no such study."""
+
+    @abc.abstractmethod
+    def add_critical_batch(self, run_id: int, measurement: wire.MeasuredCriticalBatchIn
+                           ) -> tuple[wire.MeasuredCriticalBatch, bool]:
+        """Record a critical batch measured by branching on a running run (a swept one is revived);
+        (the stored one, created). The same measurement at the same step again is the stored one (False).
+
+        Raises:
+            NotFound: No such run.
+            Conflict: The run finished; another measurement at that step; the run has ``MAX_MEASURED_PER_RUN``.
+            InvalidArgument: ``measurement`` is not a valid ``MeasuredCriticalBatchIn`` (nothing stored).
+        """
+
+    @abc.abstractmethod
+    def measured_critical_batches(self, namespace: str, study: str, *, limit: int = 256
+                                  ) -> tuple[int, list[wire.MeasuredCriticalBatch]]:
+        """The number of the study's measured critical batches and the newest ``limit`` (at most 256),
+        newest first. Raises NotFound: no such study."""
 
     @abc.abstractmethod
     def reports(self, run_id: int, *, after_step: int | None = None, offset: int = 0,

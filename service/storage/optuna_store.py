@@ -23,6 +23,7 @@ preempted              FAIL, ``outcome="preempted"``, ``reason="lease expired"``
 pruned                 PRUNED, value = metric or last reported loss (as ``Study.tell`` does)
 report                 intermediate value (step, loss); grad norm in ``lb_grad_norms``
 noise trajectory       ``lb_noise_trajectory``: B_noise by examples seen, binned (:mod:`.trajectory`)
+measured B_crit        ``lb_critical_batches``: branch probes' critical batches (:mod:`.critical_batches`)
 =====================  ======================================================================
 
 Stock Optuna tools may *read* the store (``optuna.load_study``, ``optuna-dashboard`` behind
@@ -70,6 +71,7 @@ from largebatch.service.storage._queries import (  # noqa: F401
 )
 from largebatch.service.storage.api_keys import SqlApiKeyStore
 from largebatch.service.storage.base import ApiKeyRecord, Scope, StoreUnavailable, StudyStore
+from largebatch.service.storage.critical_batches import CriticalBatchOps
 from largebatch.service.storage.evidence import EvidenceOps
 from largebatch.service.storage.optuna_setup import initialize as _initialize
 from largebatch.service.storage.optuna_setup import initialize_schema, schema_is_current, versions
@@ -101,8 +103,8 @@ def open_store(url: str | None = None, *, initialize: bool = True, **options: An
     return OptunaStudyStore(url, initialize=initialize, **options)
 
 
-class OptunaStudyStore(StudyOps, RunOps, ReportOps, TrajectoryOps, OutcomeOps, SummaryOps, EvidenceOps,
-                       StudyStore):
+class OptunaStudyStore(StudyOps, RunOps, ReportOps, TrajectoryOps, CriticalBatchOps, OutcomeOps, SummaryOps,
+                       EvidenceOps, StudyStore):
     """:class:`StudyStore` on an Optuna RDB schema (SQLite file, PostgreSQL, or SQLite in memory).
 
     The operations come from one part per aggregate; this class owns what they share: the

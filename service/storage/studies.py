@@ -190,6 +190,7 @@ class StudyOps:
             runs = select(sch.lb_runs.c.run_id).where(sch.lb_runs.c.study_id == sid).scalar_subquery()
             conn.execute(delete(sch.lb_grad_norms).where(sch.lb_grad_norms.c.run_id.in_(runs)))
             conn.execute(delete(sch.lb_noise_trajectory).where(sch.lb_noise_trajectory.c.run_id.in_(runs)))
+            conn.execute(delete(sch.lb_critical_batches).where(sch.lb_critical_batches.c.study_id == sid))
             conn.execute(delete(sch.lb_batch_summary).where(sch.lb_batch_summary.c.study_id == sid))
             conn.execute(delete(sch.lb_runs).where(sch.lb_runs.c.study_id == sid))
             conn.execute(delete(sch.lb_studies).where(sch.lb_studies.c.study_id == sid))

@@ -729,7 +729,7 @@ def test_api_keys(store):
 def test_ping_and_versions(store):
     assert store.ping() is True
     v = store.schema_versions()
-    assert v["optuna"] == v["optuna_head"] and v["largebatch"] == v["largebatch_head"] == "2"
+    assert v["optuna"] == v["optuna_head"] and v["largebatch"] == v["largebatch_head"] == "3"
 
 
 def test_records_are_immutable(store):
