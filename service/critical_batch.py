@@ -6,9 +6,11 @@ every run's trajectory points (each point one log-spaced bin of examples seen, s
 run weighs the same). Its band is a 95% confidence band of the fitted curve: with 5 runs or more a
 bootstrap over runs (a run's points are correlated, runs are not); below that, the t-interval of the
 regression over the points, which treats a run's smoothed points as independent and so is optimistic
-(the answer says which one it gave). The curve is scaled by the study's calibration factor, the ratio
-of measured critical batches (branching from checkpoints) to the streaming statistic; 1.0 until
-such measurements are study evidence.
+(the answer says which one it gave). The curve is scaled by the study's calibration factor: the geometric
+mean, over the critical batches measured by branching (``job.branch_probe``, ``lb_critical_batches``;
+the study's newest :data:`MAX_MEASURED`), of measured B_crit / the streaming statistic at that point (the
+B_noise the job sent with the measurement, else the uncalibrated fitted curve at its examples seen), with
+a 95% t-interval in log from 2 measurements on; 1.0 until there is one.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from largebatch.scaling_rules.wire import (
     CriticalBatchFit,
     CriticalBatchOut,
     CriticalBatchPoint,
+    MeasuredCriticalBatch,
     PooledNoisePoint,
 )
 from largebatch.service.storage import StudyStore
 from largebatch.service.storage.records import RunTrajectory
 from largebatch.service.storage.trajectory import bucket_of
 
-__all__ = ["BOOTSTRAP_RUNS", "CriticalBatchOut", "critical_batch", "fit_power_law"]
+__all__ = ["BOOTSTRAP_RUNS", "MAX_MEASURED", "CriticalBatchOut", "calibrate", "critical_batch", "fit_power_law"]
 
 CURVE_POINTS = 32  # the fitted curve, log-spaced over the examples the runs covered (never beyond)
 MAX_RUNS = 64  # the newest runs with a trajectory that one answer pools
+MAX_MEASURED = 256  # the newest measured critical batches that one calibration takes
 BOOTSTRAP_RUNS = 5  # fewer runs: too few distinct resamples for a bootstrap over runs (the wire's text says 5)
 BOOTSTRAP_RESAMPLES = 400
 _SEED = 0  # the bootstrap is seeded: the same data always answers the same band
@@ -122,30 +126,63 @@ def _pooled(trajectories: list[RunTrajectory]) -> list[PooledNoisePoint]:
     return out
 
 
-def _calibration() -> CriticalBatchCalibration:
-    return CriticalBatchCalibration(detail="no measured critical batch in this study yet: the factor is 1.0. Branch "
-                              "probes' measured critical batches, once study evidence, set it to the geometric "
-                              "mean of measured / fitted B_noise at their examples seen.")
+def calibrate(measured: list[MeasuredCriticalBatch], total: int, fit: CriticalBatchFit | None
+              ) -> CriticalBatchCalibration:
+    """The calibration factor from the measured critical batches (module docstring); ``fit`` uncalibrated."""
+    logs, sent, fitted = [], 0, 0
+    for m in measured:
+        if m.noise_scale is not None:
+            ref, sent = m.noise_scale, sent + 1
+        elif fit is not None:
+            ref, fitted = fit.coefficient * m.examples_seen ** fit.exponent, fitted + 1
+        else:
+            continue
+        logs.append(math.log(m.critical_batch / ref))
+    if not logs:
+        if not measured:
+            return CriticalBatchCalibration(detail=(
+                "no measured critical batch in this study yet: the factor is 1.0. Branch probes' measured critical "
+                "batches (job.branch_probe sends them) set it to the geometric mean of measured B_crit / streaming "
+                "B_noise at their point."))
+        return CriticalBatchCalibration(detail=(
+            f"{len(measured)} measured critical batch(es), none with the job's streaming B_noise and no fitted "
+            "curve to compare them with: the factor is 1.0"))
+    n, mean = len(logs), math.fsum(logs) / len(logs)
+    out = CriticalBatchCalibration(factor=math.exp(mean), measured=n, detail=(
+        f"geometric mean of measured B_crit / streaming B_noise over {n} measured critical batch(es) (the newest "
+        f"{len(measured)} of {total}): {sent} against the B_noise the job sent with it, {fitted} against the fitted "
+        f"curve at its examples seen" + (f", {len(measured) - n} without either left out" if len(measured) > n else "")))
+    if n >= 2:
+        sd = math.sqrt(math.fsum((x - mean) ** 2 for x in logs) / (n - 1))
+        half = _t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+        out.factor_low, out.factor_high, out.geometric_sd = math.exp(mean - half), math.exp(mean + half), math.exp(sd)
+        out.detail += "; factor_low..factor_high: 95% t-interval of the mean log ratio"
+    return out
 
 
 def critical_batch(store: StudyStore, namespace: str, study: str) -> CriticalBatchOut:
-    """The study's fitted critical batch along the examples seen, and the pooled points behind it.
+    """The study's fitted critical batch along the examples seen, calibrated by its measured critical batches,
+    and the pooled points behind it.
 
     Raises NotFound (no such study in ``namespace``)."""
     total, trajectories = store.noise_trajectories(namespace, study, max_runs=MAX_RUNS)
-    calibration = _calibration()
+    n_measured, measured = store.measured_critical_batches(namespace, study, limit=MAX_MEASURED)
     pooled = _pooled(trajectories)
+    fit = fit_power_law([[(p.examples_seen, p.noise_scale) for p in run.points] for run in trajectories]) \
+        if trajectories else None
+    calibration = calibrate(measured, n_measured, fit if isinstance(fit, CriticalBatchFit) else None)
     out = CriticalBatchOut(study=study, runs=len(trajectories), runs_with_trajectory=total,
                            calibration=calibration, points=pooled)
-    if not trajectories:
+    if fit is None:
         out.reason = ("no run of this study has reported a noise trajectory yet (reports with noise_scale "
                       "and examples_seen; job.measure_noise sends them)")
         return out
-    fit = fit_power_law([[(p.examples_seen, p.noise_scale) for p in run.points] for run in trajectories],
-                        factor=calibration.factor)
     if isinstance(fit, str):
         out.reason = fit
         return out
+    for c in fit.points:
+        c.noise_scale, c.noise_scale_low, c.noise_scale_high = (calibration.factor * v for v in (
+            c.noise_scale, c.noise_scale_low, c.noise_scale_high))
     if pooled and all(p.tokens_seen is not None for p in pooled):
         per_example = sum(p.tokens_seen for p in pooled) / sum(p.examples_seen for p in pooled)  # type: ignore[misc]
         for c in fit.points:

@@ -33,6 +33,10 @@ def body_examples() -> dict[tuple[str, str], dict[str, Any]]:
         ("post", "/v1/runs/{id}/reports"): {"reports": [{"step": 100, "loss": 7.9, "grad_norm": 1.2},
                                                         {"step": 200, "loss": 6.8, "grad_norm": 1.1}]},
         ("post", "/v1/runs/{id}/complete"): {"outcome": "completed", "metric": 1.62},
+        ("post", "/v1/runs/{id}/critical-batches"): {
+            "step": 2000, "examples_seen": 1_024_000, "tokens_seen": 131_072_000, "critical_batch": 1800.0,
+            "critical_batch_low": 1200.0, "critical_batch_high": 2600.0, "noise_scale": 1500.0, "batch_size": 512,
+            "ks": [1, 2, 4, 8], "window_examples": 32768},
         ("post", "/v1/schedule"): _table_4_recipe(),
     }
 

@@ -1,4 +1,4 @@
-"""Runs: open (in a study), read, heartbeat, report, complete."""
+"""Runs: open (in a study), read, heartbeat, report, record a measured critical batch, complete."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from largebatch.scaling_rules.wire import (
     NAME_PATTERN,
     CompleteIn,
     HeartbeatOut,
+    MeasuredCriticalBatch,
+    MeasuredCriticalBatchIn,
     Page,
     ReportBatchIn,
     ReportIn,
@@ -294,6 +296,30 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer, st
             return _json(ReportOut(run=to_run(run), should_stop=True, reason=run.reason or f"run is {run.state}"))
         raise _not_running(run)
     return _json(_report(request, store, run, reports))
+
+
+@router.post(
+    "/runs/{id}/critical-batches",
+    response_model=MeasuredCriticalBatch,
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": MeasuredCriticalBatch, "description": "The same measurement at that step was "
+                                                                       "stored before: the stored one"},
+               **ERROR_RESPONSES},
+    summary="Record a critical batch measured by branching (study evidence: it calibrates the streaming B_noise)",
+    description="What `job.branch_probe` measured at one step of a running run: B_crit (examples) with its "
+                "interval, the batch and multiples branched, and the job's streaming B_noise there if it had "
+                "one. 201 when stored, 200 when the same measurement at that step was stored before; 409 for "
+                "another measurement at that step, on a run no longer running, or past 64 per run. "
+                "`GET /v1/studies/{name}/critical-batch` calibrates its curve with them.",
+    openapi_extra=body_doc(MeasuredCriticalBatchIn),
+)
+def record_critical_batch(id: RunId, principal: Writer, store: StoreDep,
+                          body: Annotated[MeasuredCriticalBatchIn, strict_body(MeasuredCriticalBatchIn)]) -> Response:
+    _owned_run(store, principal.namespace, id)
+    stored, created = store.add_critical_batch(id, body)
+    resp = _json(stored)
+    resp.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
+    return resp
 
 
 @router.post(
