@@ -41,6 +41,8 @@ from largebatch.scaling_rules.wire import (
     FinalOutcome,
     HealthOut,
     HeartbeatOut,
+    MeasuredCriticalBatch,
+    MeasuredCriticalBatchIn,
     Page,
     ReadyOut,
     RecommendationIn,
@@ -194,6 +196,7 @@ _parse_run_page = _parse_model(Page[Run])
 _parse_report_out = _parse_model(ReportOut)
 _parse_report_page = _parse_model(ReportPage)
 _parse_heartbeat = _parse_model(HeartbeatOut)
+_parse_measured = _parse_model(MeasuredCriticalBatch)
 _parse_recommendation = _parse_model(RecommendationOut)
 _parse_health = _parse_model(HealthOut)
 _parse_ready = _parse_model(ReadyOut)
@@ -238,6 +241,9 @@ class RunChannel(Protocol):
     def report_batch(self, run_id: int, reports: Iterable[ReportIn | Mapping[str, Any] | tuple]) -> ReportOut: ...
 
     def heartbeat(self, run_id: int) -> HeartbeatOut: ...
+
+    def report_critical_batch(self, run_id: int, measurement: MeasuredCriticalBatchIn | Mapping[str, Any]
+                              ) -> MeasuredCriticalBatch: ...
 
     def complete_run(self, run_id: int, *, outcome: FinalOutcome = ..., metric: float | None = None,
                      reason: str | None = None, step: int | None = None) -> Run: ...
@@ -415,6 +421,12 @@ class BaseClient:
     def _report_batch(self, run_id: int, reports: Iterable[ReportIn | Mapping[str, Any] | tuple]) -> Call[ReportOut]:
         body = ReportBatchIn(reports=[_report(r) for r in reports])
         return Call("POST", f"/v1/runs/{_run_id(run_id)}/reports", _parse_report_out, body=_dump(body))
+
+    def _report_critical_batch(self, run_id: int, measurement: MeasuredCriticalBatchIn | Mapping[str, Any]
+                               ) -> Call[MeasuredCriticalBatch]:
+        body = measurement if isinstance(measurement, MeasuredCriticalBatchIn) else \
+            MeasuredCriticalBatchIn.model_validate(measurement)
+        return Call("POST", f"/v1/runs/{_run_id(run_id)}/critical-batches", _parse_measured, body=_dump(body))
 
     def _complete_run(self, run_id: int, *, outcome: FinalOutcome, metric: float | None, reason: str | None,
                       step: int | None) -> Call[Run]:

@@ -14,6 +14,8 @@ from largebatch.scaling_rules.wire import (
     FinalOutcome,
     HealthOut,
     HeartbeatOut,
+    MeasuredCriticalBatch,
+    MeasuredCriticalBatchIn,
     Page,
     ReadyOut,
     RecommendationIn,
@@ -229,6 +231,12 @@ class Client(BaseClient):
     def report_batch(self, run_id: int, reports: Iterable[ReportIn | Mapping[str, Any] | tuple]) -> ReportOut:
         """Several reports in one request; the service is idempotent per step."""
         return self._request(self._report_batch(run_id, reports))
+
+    def report_critical_batch(self, run_id: int, measurement: MeasuredCriticalBatchIn | Mapping[str, Any]
+                              ) -> MeasuredCriticalBatch:
+        """Record a critical batch measured by branching (``job.branch_probe`` sends its own); a resend of the
+        same measurement at the same step answers the stored one."""
+        return self._request(self._report_critical_batch(run_id, measurement))
 
     def complete_run(self, run_id: int, *, outcome: FinalOutcome = "completed", metric: float | None = None,
                      reason: str | None = None, step: int | None = None) -> Run:

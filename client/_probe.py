@@ -10,6 +10,10 @@ The fit: in a short window, progress at batch B is the progress of E / (1 + B/B_
 B_crit is where the gain per example halves. It is identified only where k B spans it; its interval
 comes from the evaluation sample (paired over the same micro-batches), not from another data order.
 
+The measurement is study evidence: the job sends it (``POST /v1/runs/{id}/critical-batches``, rank 0, once
+the run is open) with the examples seen at its step and the job's streaming B_noise there, and the study's
+``GET .../critical-batch`` calibrates the streaming statistic by it.
+
 A mixin of :class:`~largebatch.client.Job`; torch is imported only when a probe runs.
 """
 
@@ -22,11 +26,17 @@ import logging
 import math
 import random
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import _dist
+from pydantic import ValidationError
+
+from largebatch.scaling_rules.wire import MeasuredCriticalBatch, MeasuredCriticalBatchIn
+
+from . import _dist, errors
+from ._reporter import seen
 
 __all__ = ["BranchProbe", "BranchProbing", "fit_critical_batch"]
 
@@ -54,6 +64,10 @@ class BranchProbe:
     note: str
     cost_examples: int  # training examples over all branches (plus the evaluations' forward passes)
     cost_steps: int
+    examples_seen: float | None = None  # examples trained on up to ``step`` (None: no step reported yet)
+    tokens_seen: float | None = None
+    noise_scale: float | None = None  # the job's streaming B_noise when the probe ran, if it measures one
+    stored: MeasuredCriticalBatch | None = None  # what the service stored (None: not sent, the log says why)
 
 
 def fit_critical_batch(batch: float, ks: Sequence[int], gains: Sequence[float],
@@ -201,6 +215,9 @@ class BranchProbing:
     scheduler: Any
     noise: Any
     world_size: int
+    follower: bool
+    run: Any
+    complete_timeout: float
 
     if TYPE_CHECKING:
         from largebatch.scaling_rules.models import Recipe
@@ -210,7 +227,7 @@ class BranchProbing:
     def branch_probe(self, model: Any, batches: Callable[[], Iterable[Any]],
                      loss_fn: Callable[[Any, Any], Any], *, ks: Sequence[int] = (1, 2, 4, 8),
                      steps: int | None = None, micro_batches: int = 1, batch_size: int | None = None,
-                     eval_micro_batches: int | None = None) -> BranchProbe:
+                     eval_micro_batches: int | None = None, send: bool = True) -> BranchProbe:
         """Measure the critical batch here by branching (module docstring); training state is restored.
 
         Args:
@@ -225,6 +242,7 @@ class BranchProbing:
             batch_size: B, the global examples per k = 1 step (default: the recipe's batch).
             eval_micro_batches: the held-out micro-batches per rank every loss is read on: those that
                 follow the window in ``batches()`` (default ``8 x micro_batches``).
+            send: send a measured B_crit to the service as study evidence (rank 0; ``stored`` is the answer).
         """
         ks = tuple(ks)
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks) or len(set(ks)) != len(ks):
@@ -274,7 +292,45 @@ class BranchProbing:
         finally:
             snap.restore()
         result = _summarise(batch_size, window * len(ks), cost_steps, window, base, per_k, factors, world)
-        return dataclasses.replace(result, step=getattr(self, "last_step", None))
+        step = getattr(self, "last_step", None)
+        examples, tokens = seen(self.recipe.stages, step) if step is not None else (None, None)
+        noise = getattr(self.noise, "value", None) if self.noise is not None else None
+        result = dataclasses.replace(result, step=step, examples_seen=examples, tokens_seen=tokens,
+                                     noise_scale=noise if noise is not None and math.isfinite(noise) and noise > 0
+                                     else None)
+        return dataclasses.replace(result, stored=self._send_probe(result)) if send else result
+
+    def _send_probe(self, probe: BranchProbe) -> MeasuredCriticalBatch | None:
+        """The measurement sent as study evidence, retried on transient errors for up to ``complete_timeout``;
+        None (logged) when there is nothing to send or the service refused it: the probe's result stands."""
+        why = None
+        if probe.critical_batch is None or probe.interval is None:
+            why = "the losses did not identify B_crit"
+        elif getattr(self, "follower", False):
+            return None  # rank 0 sends
+        elif self.run is None:
+            why = "the run is not open (the service was unreachable)"
+        elif probe.step is None or not probe.examples_seen:
+            why = "no step was reported before it: where along the run it measured is unknown"
+        if why is not None:
+            log.info("largebatch: branch probe not sent as study evidence: %s", why)
+            return None
+        assert probe.critical_batch is not None and probe.interval is not None and probe.step is not None
+        lo, hi = probe.interval
+        try:
+            body = MeasuredCriticalBatchIn(
+                step=probe.step, examples_seen=probe.examples_seen, tokens_seen=probe.tokens_seen,
+                # the interval comes from redrawn gains and may miss the estimate at an edge: stretched to hold it
+                critical_batch=probe.critical_batch, critical_batch_low=min(lo, probe.critical_batch),
+                critical_batch_high=None if not math.isfinite(hi) else max(hi, probe.critical_batch),
+                noise_scale=probe.noise_scale, batch_size=probe.batch_size, ks=sorted(probe.losses),
+                window_examples=probe.window_examples)
+            run_id = self.run.id
+            return self._retrying(lambda c: c.report_critical_batch(run_id, body),  # type: ignore[attr-defined]
+                                  deadline=time.monotonic() + self.complete_timeout)
+        except (errors.APIError, ValidationError) as e:
+            log.warning("largebatch: the branch probe's critical batch was not recorded: %s", e)
+            return None
 
 
 def _lr_factor(optimizer: str, batch: float, ref: float, noise: Any) -> float:
