@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from largebatch.scaling_rules.wire import MAX_MEASURED_PER_RUN, MeasuredCriticalBatch, MeasuredCriticalBatchIn
 from largebatch.service.storage import _schema as sch
-from largebatch.service.storage._checks import _int, _now
+from largebatch.service.storage._checks import _aware, _int, _now
 from largebatch.service.storage._queries import find_study
 from largebatch.service.storage.records import Conflict, InvalidArgument, validate_name
 
@@ -41,7 +41,7 @@ def checked(measurement: object) -> MeasuredCriticalBatchIn:
 def _record(row: Any) -> MeasuredCriticalBatch:
     m = row._mapping
     return MeasuredCriticalBatch(id=m["id"], run_id=m["run_id"], ks=[int(k) for k in m["ks"].split(",")],
-                                 created_at=m["created_at"], **{f: m[f] for f in _FIELDS})
+                                 created_at=_aware(m["created_at"]), **{f: m[f] for f in _FIELDS})
 
 
 class CriticalBatchOps:
@@ -66,10 +66,11 @@ class CriticalBatchOps:
             if n >= MAX_MEASURED_PER_RUN:
                 raise Conflict(f"run {run_id} already has {n} measured critical batches, the most a run keeps "
                                f"({MAX_MEASURED_PER_RUN})")
-            values = {**{f: getattr(m, f) for f in _FIELDS}, "ks": ",".join(map(str, m.ks)), "run_id": run_id,
-                      "study_id": run["study_id"], "created_at": _now()}
-            new_id = conn.execute(t.insert().values(**values)).inserted_primary_key[0]
-            return MeasuredCriticalBatch(id=new_id, **{**values, "ks": m.ks}), True
+            fields = {f: getattr(m, f) for f in _FIELDS}
+            now = _now()
+            new_id = conn.execute(t.insert().values(**fields, ks=",".join(map(str, m.ks)), run_id=run_id,
+                                                    study_id=run["study_id"], created_at=now)).inserted_primary_key[0]
+            return MeasuredCriticalBatch(id=new_id, run_id=run_id, ks=m.ks, created_at=_aware(now), **fields), True
 
         return self._write(tx)  # type: ignore[attr-defined]
 

@@ -419,6 +419,7 @@ def test_openapi_documents_every_route_and_the_recommendation_body(api):
     for path in ("/v1/recommendations", "/v1/recommendations/schedule.png", "/v1/recommendations/schedule.svg",
                  "/v1/studies", "/v1/studies/{name}", "/v1/studies/{name}/runs", "/v1/runs/{id}",
                  "/v1/runs/{id}/heartbeat", "/v1/runs/{id}/reports", "/v1/runs/{id}/complete",
+                 "/v1/runs/{id}/critical-batches",
                  "/healthz", "/readyz", "/metrics"):
         assert path in paths, path
     rec = paths["/v1/recommendations"]["post"]
