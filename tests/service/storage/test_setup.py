@@ -17,6 +17,7 @@ from largebatch.service.storage import (
     initialize_schema,
     open_store,
 )
+from largebatch.service.storage import _schema as sch
 
 
 def test_default_url_honours_xdg_data_home(monkeypatch, tmp_path):
@@ -84,12 +85,12 @@ def test_unreachable_postgres_is_store_unavailable():
 def test_schema_versions_are_kept_apart(tmp_path):
     url = f"sqlite:///{tmp_path / 'v.db'}"
     versions = initialize_schema(url)
-    assert versions["optuna"] == versions["optuna_head"] and versions["largebatch"] == "1"
+    assert versions["optuna"] == versions["optuna_head"] and versions["largebatch"] == str(sch.HEAD) == "3"
     assert initialize_schema(url) == versions  # idempotent
     store = open_store(url, initialize=False)
     with store.engine.connect() as conn:
         assert [r[0] for r in conn.execute(text("SELECT version_num FROM alembic_version"))] == [versions["optuna"]]
-        assert conn.execute(text("SELECT component, version FROM lb_schema_version")).all() == [("largebatch", 1)]
+        assert conn.execute(text("SELECT component, version FROM lb_schema_version")).all() == [("largebatch", sch.HEAD)]
     assert store.schema_versions() == versions
     store.close()
 
