@@ -8,7 +8,7 @@ import math
 from collections.abc import Sequence
 
 from . import priors
-from ._plan import _a, _default_rule, _fmt, _Plan, _prefix, _ratio_text
+from ._plan import _a, _default_rule, _fmt, _Plan, _ratio_text
 from .evidence import BatchSummary
 from .learning import EvidenceModel
 from .models import RecommendationRequest
@@ -116,7 +116,7 @@ def _size_factor(req: RecommendationRequest, from_params: int, from_width: int |
 
 def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> None:
     """The ideal LR before caps: the reference moved along the regime curve, or the new optimizer's prior."""
-    p, ref, s = _prefix(plan, n), plan.ref, plan.req
+    p, ref, s = plan.prefix, plan.ref, plan.req
     family = req.model.family
     if s.lr is not None:
         plan.ideal_lr = s.lr
@@ -193,7 +193,7 @@ def _prior_cap(req: RecommendationRequest, name: str, plan: _Plan) -> tuple[floa
 
 def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequence[BatchSummary],
              evidence: EvidenceModel | None, n: int) -> None:
-    p, ref, s = _prefix(plan, n), plan.ref, plan.req
+    p, ref, s = plan.prefix, plan.ref, plan.req
     _scaled_lr(plan, req, name, n)
     if s.lr is None and evidence is not None:
         _apply_evidence(plan, evidence, p)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import math
 
 from . import priors
-from ._plan import RecipeError, _fmt, _Plan, _prefix
+from ._plan import RecipeError, _fmt, _Plan
 from .learning import EvidenceModel
 from .models import RecommendationRequest, Stage
-from .schedule import DEFAULT_DECAY_POWER, schedule_area
+from .recipe import validated
+from .schedule import DEFAULT_DECAY_POWER, StageShape, schedule_area
 
 __all__ = ["area_gaps"]
 
@@ -48,7 +49,7 @@ def warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int,
     reference family's rule up to where the recipe left it (``plan.switch_at``), the recipe
     optimizer's rule beyond, so a switch keeps the warmup in samples; then the study's evidence
     and the clamp."""
-    p, ref, s, T = _prefix(plan, n), plan.ref, plan.req, plan.steps
+    p, ref, s, T = plan.prefix, plan.ref, plan.req, plan.steps
     if plan.ramp:
         plan.rationale.append(f"{p}no warmup: a batch ramp at the same seq_len continues the previous stage's "
                               "schedule (re-warming is for stages that change the sequence length, LAMB section 4.1)")
@@ -74,7 +75,9 @@ def warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int,
     old, b = ref.optimizer, plan.batch_x
     sw = plan.switch_at if plan.switch_at is not None else b
     edge = min(b, sw)
-    grow = _growth(old, edge, plan) * _growth(name, b, plan) / _growth(name, edge, plan)
+    grow = _growth(old, edge, plan)
+    if edge != b:  # past a switch the recipe optimizer's rule takes over (x/x is exactly 1: skipped otherwise)
+        grow = grow * _growth(name, b, plan) / _growth(name, edge, plan)
     # Constant-sample families keep the warmup's examples when the stage's examples change (an explicit
     # step budget); the LAMB tables state their rule as a ratio of the run.
     same_samples = 1.0 if (name in _LAYERWISE or T * b == ref_total * plan.ref_batch_x) \
@@ -154,7 +157,7 @@ def _learned(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p: str) 
 
 def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int,
                    evidence: EvidenceModel | None = None) -> Stage:
-    p, s, T = _prefix(plan, n), plan.req, plan.steps
+    p, s, T = plan.prefix, plan.req, plan.steps
     ratio = plan.warmup_ratio
     warmup = math.floor(ratio * T + 1e-9)
     if plan.k > 1 and warmup == 0 and T > 1 and not plan.ramp:
@@ -194,17 +197,16 @@ def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int,
             f"equal area needs {_fmt(ideal_const)} steps, limited to keep a {priors.MIN_DECAY_TAIL:.0%} decay tail"
         )
         if const < round(ideal_const):
-            flat = Stage(batch_size=plan.batch, steps=T, peak_lr=plan.lr, warmup_steps=warmup, const_steps=const,
-                         decay_steps=T - warmup - const, warmup_ratio=0, const_ratio=0, **decay)
-            ideal = flat.model_copy(update={"peak_lr": plan.ideal_lr, "const_steps": 0,
-                                            "decay_steps": T - warmup})
+            flat = StageShape(peak_lr=plan.lr, end_lr=0.0, warmup_steps=warmup, const_steps=const, steps=T, **decay)
+            ideal = StageShape(peak_lr=plan.ideal_lr, end_lr=0.0, warmup_steps=warmup, const_steps=0, steps=T, **decay)
             ideal_area = schedule_area(ideal)
             if ideal_area > 0:
                 plan.warnings.append(
                     f"{p}the cap costs {(ideal_area - schedule_area(flat)) / ideal_area:.1%} of the area under the "
                     "LR curve even with the constant phase"
                 )
-    stage = Stage(
+    stage = validated(
+        Stage,
         batch_size=plan.batch,
         steps=T,
         peak_lr=plan.lr,
@@ -239,10 +241,12 @@ def area_gaps(stage: Stage) -> tuple[float, float]:
     """
     if stage.ideal_lr is None:
         raise ValueError("stage has no ideal_lr")
-    ideal = stage.model_copy(update={"peak_lr": stage.ideal_lr, "const_steps": 0,
-                                     "decay_steps": stage.steps - stage.warmup_steps,
-                                     "end_lr": min(stage.end_lr, stage.ideal_lr)})
-    flat = stage.model_copy(update={"const_steps": 0, "decay_steps": stage.steps - stage.warmup_steps})
+    decay = {"decay": stage.decay, "decay_power": stage.decay_power, "decay_milestones": stage.decay_milestones,
+             "decay_factor": stage.decay_factor}
+    ideal = StageShape(peak_lr=stage.ideal_lr, end_lr=min(stage.end_lr, stage.ideal_lr),
+                       warmup_steps=stage.warmup_steps, const_steps=0, steps=stage.steps, **decay)
+    flat = StageShape(peak_lr=stage.peak_lr, end_lr=stage.end_lr, warmup_steps=stage.warmup_steps, const_steps=0,
+                      steps=stage.steps, **decay)
     ideal_area = schedule_area(ideal)
     return ideal_area - schedule_area(stage), ideal_area - schedule_area(flat)
 

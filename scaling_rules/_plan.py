@@ -10,6 +10,7 @@ from . import priors
 from ._critical import Trajectory, ramp_batches
 from .models import DEFAULT_MAX_OVERHEAD, RecommendationRequest, Reference, StageRequest
 from .priors import Prior
+from .recipe import validated
 
 __all__ = ["RecipeError", "auto_batch_size", "examples_ratio"]
 
@@ -18,13 +19,14 @@ class RecipeError(ValueError):
     """A request that is well-formed but cannot be turned into a recipe; names the field."""
 
 
-@dataclass
+@dataclass(slots=True)  # slots: each step reads and sets the plan's fields dozens of times per recipe
 class _Plan:
     """One stage being worked out, with the notes that explain it."""
 
     index: int
     req: StageRequest
     ref: Reference
+    prefix: str = ""  # "stage i: " before the stage's notes where there are several stages (see _prefix)
     batch: int = 0  # sequences
     tokens: int | None = None
     seq_len: int | None = None
@@ -63,8 +65,9 @@ def _a(family: str) -> str:
     return "an unlisted-family" if family == "other" else f"a {family}"
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.6g}"
+# A number in the rationale (6 significant digits). The bound ``str.format`` is called in C: a recipe
+# formats a dozen numbers or more, and a Python-level wrapper per number showed in the engine's profile.
+_fmt = "{:.6g}".format
 
 
 def _default_rule(optimizer: str) -> str:
@@ -146,7 +149,7 @@ def _stage_requests(req: RecommendationRequest) -> list[StageRequest]:
         else:
             raise RecipeError('target.batch_size "auto" needs reference.noise_scale or reference.noise_trajectory '
                               "(a measured gradient noise scale) or a budget (target.tokens or target.compute)")
-    return [StageRequest(batch_size=batch, batch_tokens=t.batch_tokens, seq_len=t.seq_len, steps=t.steps)]
+    return [validated(StageRequest, batch_size=batch, batch_tokens=t.batch_tokens, seq_len=t.seq_len, steps=t.steps)]
 
 
 def noise_of(ref: Reference) -> float | None:
@@ -181,13 +184,14 @@ def _ramp_requests(req: RecommendationRequest) -> list[StageRequest]:
     return out
 
 
-def _prefix(plan: _Plan, n_stages: int) -> str:
-    return f"stage {plan.index + 1}: " if n_stages > 1 else ""
+def _prefix(index: int, n_stages: int) -> str:
+    """What starts a stage's notes: set once on each plan (``plan.prefix``), read by every step."""
+    return f"stage {index + 1}: " if n_stages > 1 else ""
 
 
 def _resolve_batches(plan: _Plan, n: int) -> None:
     """Sequences and tokens of the stage and of its reference, and the batch ratio k."""
-    p, ref, s = _prefix(plan, n), plan.ref, plan.req
+    p, ref, s = plan.prefix, plan.ref, plan.req
     where = f"stages[{plan.index}]" if n > 1 else "target"
     plan.seq_len = s.seq_len or ref.seq_len
     if s.batch_tokens is not None:
@@ -227,7 +231,7 @@ def _resolve_batches(plan: _Plan, n: int) -> None:
 
 
 def _plan_steps(plan: _Plan, req: RecommendationRequest, n: int) -> None:
-    p, ref, s = _prefix(plan, n), plan.ref, plan.req
+    p, ref, s = plan.prefix, plan.ref, plan.req
     if ref.steps is not None:
         plan.ref_steps = s.share * ref.steps if (s.share is not None and s.reference is None) else ref.steps
     if s.steps is not None:
@@ -286,7 +290,7 @@ def _ratio_text(plan: _Plan, *, inverse: bool = False) -> str:
 def _plan_noise(plan: _Plan, req: RecommendationRequest, n: int, noise_scale: float | None) -> None:
     """The critical batch: the reference's measured B_noise, the study's, or a prior from the token
     budget; and what the examples cost at the target batch (McCandlish et al. 2018, eq. 2.11)."""
-    p = _prefix(plan, n)
+    p = plan.prefix
     tokens = req.target.tokens if req.target is not None else None
     traj = Trajectory.of(plan.ref)
     if traj is not None:

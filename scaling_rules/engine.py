@@ -82,6 +82,7 @@ from ._weight_decay import weight_decay
 from .evidence import BatchSummary
 from .learning import EvidenceModel, RunEvidence
 from .models import OptimizerConfig, Recipe, RecommendationRequest
+from .recipe import validated
 
 __all__ = ["RecipeError", "area_gaps", "auto_batch_size", "examples_ratio", "recommend"]
 
@@ -99,17 +100,20 @@ def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _P
             notes.append(f"betas {betas} and eps {eps:g}: the reference's, passed through")
         if req.adam_hparams == "sde":
             betas, eps = _sde(plan, betas, eps, notes, warns)
-        return OptimizerConfig(
+        return validated(
+            OptimizerConfig,
             name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay(0.01, name, req, plan, notes),
             exclude_from_weight_decay=["bias", "LayerNorm", "layer_norm", "norm"],
         )
     momentum = ref.momentum if (ref.momentum is not None and ref_about.momentum) else 0.9
     if about.trust_coefficient:
-        return OptimizerConfig(
+        return validated(
+            OptimizerConfig,
             name=name, lr=lr, betas=None, eps=about.default_eps, weight_decay=weight_decay(5e-5, name, req, plan, notes),
             momentum=momentum, trust_coefficient=0.001, exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
         )
-    return OptimizerConfig(
+    return validated(
+        OptimizerConfig,
         name=name, lr=lr, betas=None, eps=about.default_eps, weight_decay=weight_decay(1e-4, name, req, plan, notes),
         momentum=momentum, exclude_from_weight_decay=["bias", "bn", "BatchNorm", "norm"],
     )
@@ -198,13 +202,13 @@ def recommend(
         evidence_model = EvidenceModel.from_runs(evidence, direction=direction) if evidence else None  # type: ignore[arg-type]
     plans: list[_Plan] = []
     done = 0.0  # the share of the top-level reference run before this stage
+    n = len(stage_reqs)
     for i, s in enumerate(stage_reqs):
         ref = s.reference or req.reference
         assert ref is not None
         span = (done, done + s.share) if (s.share is not None and s.reference is None) else None
         done += s.share or 0.0
-        plans.append(_Plan(index=i, req=s, ref=ref, span=span))
-    n = len(plans)
+        plans.append(_Plan(index=i, req=s, ref=ref, span=span, prefix=_prefix(i, n)))
     rationale: list[str] = []
     warnings: list[str] = []
     if req.target is not None and req.target.batch_size == "ramp":
@@ -237,7 +241,7 @@ def recommend(
         _resolve_batches(plan, n)
         _plan_noise(plan, req, n, noise_scale)
         _plan_steps(plan, req, n)
-        p = _prefix(plan, n)
+        p = plan.prefix
         if plan.k < 1:
             plan.warnings.append(f"{p}the target batch is smaller than the reference's (ratio {_fmt(plan.k)}): this "
                                  "scales down, and the papers' rules were measured scaling up")
@@ -278,7 +282,8 @@ def recommend(
     opt_notes: list[str] = []
     config = _optimizer_config(name, stages[0].peak_lr, req, plans[0], opt_notes, warnings)
     rationale += opt_notes
-    return Recipe(
+    return validated(
+        Recipe,
         optimizer=config,
         stages=stages,
         total_steps=total,

@@ -117,6 +117,14 @@ def info(name: str) -> OptimInfo:
         raise ValueError(f"unknown optimizer name: {name!r} (known: {', '.join(OPTIMIZERS)})") from None
 
 
+# Each optimizer's LR units by name: same_units is asked several times per recipe, and a dict lookup
+# is the cheapest way to ask (the table is fixed at import).
+_UNITS: dict[str, str] = {name: row.units for name, row in OPTIMIZERS.items()}
+
+
 def same_units(a: str, b: str) -> bool:
     """Whether LRs of ``a`` and ``b`` are in the same units."""
-    return info(a).units == info(b).units
+    try:
+        return _UNITS[a] == _UNITS[b]
+    except KeyError:
+        return info(a).units == info(b).units  # raises the ValueError that names the unknown one

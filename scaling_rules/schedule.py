@@ -24,12 +24,13 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from .models import Recipe, Stage
 
-__all__ = ["lr_at", "lr_curve", "schedule_area", "stage_area", "stage_boundaries", "stage_lr"]
+__all__ = ["StageShape", "lr_at", "lr_curve", "schedule_area", "stage_area", "stage_boundaries", "stage_lr"]
 
 
 # Goyal et al. 2017: x0.1 at epochs 30, 60 and 80 of 90.
@@ -43,7 +44,7 @@ _STEPPED = ("step", "multistep")
 DEFAULT_DECAY_POWER = 2.0
 
 
-def _milestone_steps(stage: Stage) -> list[int]:
+def _milestone_steps(stage: Stage | StageShape) -> list[int]:
     """Stage-local step counts t (1-based) after which each drop of a step decay applies."""
     ms = stage.decay_milestones or (MULTISTEP_MILESTONES if stage.decay == "multistep" else DEFAULT_MILESTONES)
     return [math.floor(m * stage.steps + 1e-9) for m in ms]
@@ -58,7 +59,7 @@ def _decay_frac(stage: Stage, frac: float) -> float:
     return frac
 
 
-def _factor(stage: Stage) -> float:
+def _factor(stage: Stage | StageShape) -> float:
     return stage.decay_factor or (MULTISTEP_FACTOR if stage.decay == "multistep" else DEFAULT_DECAY_FACTOR)
 
 
@@ -162,7 +163,24 @@ def _power_sum(d: int, p: float) -> float:
     return d / (p + 1) - 0.5 + p / (12 * d)
 
 
-def stage_area(stage: Stage) -> float:
+@dataclass(frozen=True, slots=True)
+class StageShape:
+    """The fields of a :class:`Stage` that :func:`stage_area` reads. The engine's what-if schedules
+    (the uncapped LR, no constant phase) are these rather than copies of the pydantic Stage: a copy
+    cost more than the area itself, several times per capped recipe."""
+
+    peak_lr: float
+    end_lr: float
+    warmup_steps: int
+    const_steps: int
+    steps: int
+    decay: str = "linear"
+    decay_power: float | None = None
+    decay_milestones: list[float] | None = None
+    decay_factor: float | None = None
+
+
+def stage_area(stage: Stage | StageShape) -> float:
     """Sum of one stage's LR over its steps, in closed form (O(1), whatever the step count).
 
     Warmup t = 1..W gives eta (W + 1) / 2; the plateau eta C; a linear (or cosine) decay over D steps
@@ -191,7 +209,7 @@ def stage_area(stage: Stage) -> float:
     return area + end * d + (eta - end) * shape
 
 
-def schedule_area(recipe_or_stage: Recipe | Stage) -> float:
+def schedule_area(recipe_or_stage: Recipe | Stage | StageShape) -> float:
     """Sum of the LR over every step: the "area under the LR curve" of LANS section 3.3 (closed form)."""
-    stages = [recipe_or_stage] if isinstance(recipe_or_stage, Stage) else recipe_or_stage.stages
+    stages = [recipe_or_stage] if isinstance(recipe_or_stage, Stage | StageShape) else recipe_or_stage.stages
     return math.fsum(stage_area(s) for s in stages)
