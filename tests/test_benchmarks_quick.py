@@ -97,3 +97,18 @@ def test_scaling_fidelity_seeds_table(tmp_path):
         # the regret of the means: one row per scale, the best mean's own column at +0.00%
         (line,) = [line for line in means if line.startswith(f"| mlp | {scale}x | ")]
         assert "+0.00%" in line or "oracle-grid" in line, line
+
+
+
+@pytest.mark.slow
+def test_engine_versions_quick(tmp_path):
+    """The engine timed beside engine v2, exported from this repository's history (a clone without that
+    commit, e.g. a shallow one, cannot run the comparison)."""
+    peer = "240fcbe"
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{peer}^{{commit}}"]).returncode:
+        pytest.skip(f"this clone lacks commit {peer}")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "engine_versions.py"), "--quick", "--peer", peer],
+                          capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " us | " in line]
+    assert len(rows) == 2 and all(line.endswith("x |") for line in rows), proc.stdout
