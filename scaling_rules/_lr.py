@@ -5,7 +5,7 @@ the study's evidence, then capped (see :mod:`.engine`)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import priors
 from ._plan import _a, _default_rule, _fmt, _Plan, _ratio_text
@@ -128,7 +128,8 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
                               "optimizer its law was fitted with); the reference LR is not used")
         return
     prior = priors.prior_for(family, name)
-    if not priors.same_units(name, ref.optimizer) and prior is not None:
+    own = priors.same_units(name, ref.optimizer)  # the reference's LR is in the recipe optimizer's units
+    if not own and prior is not None:
         plan.prior = prior
         lr = prior.lr * regime_factor(plan.batch_x, prior.batch, plan.noise, prior.rule)
         if family == "transformer":
@@ -159,7 +160,7 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
                              name)
     elif req.model.shared_weights and req.model.width is None:
         _size_factor(req, req.model.params, None, "the reference", plan, p, name)
-    if not priors.same_units(name, ref.optimizer):
+    if not own:
         plan.warnings.append(
             f"{p}no published {name} prior for {_a(family)} model: the {ref.optimizer} LR is reused in {name}'s units "
             "(they differ); sweep it with \"explore\""
@@ -176,8 +177,9 @@ def _scaled_lr(plan: _Plan, req: RecommendationRequest, name: str, n: int) -> No
     )
 
 
-def _prior_cap(req: RecommendationRequest, name: str, plan: _Plan) -> tuple[float, str] | None:
-    """The model-size (and, for AdamW, warmup- and batch-aware) cap prior, continuous in its inputs."""
+def _prior_cap(req: RecommendationRequest, name: str, plan: _Plan) -> tuple[float, Callable[[], str]] | None:
+    """The model-size (and, for AdamW, warmup- and batch-aware) cap prior, continuous in its inputs, and
+    what gives its source's text (called only where the cap binds, see _plan_lr)."""
     prior = priors.prior_for(req.model.family, name)
     if prior is None or prior.cap is None:
         return None
@@ -186,9 +188,9 @@ def _prior_cap(req: RecommendationRequest, name: str, plan: _Plan) -> tuple[floa
     if name in ("adamw", "adam") and req.model.family == "transformer":
         size = cap / prior.cap
         cap = priors.adamw_table8_cap(plan.batch_x, plan.run_warmup_ratio) * size
-        return cap, (f"{prior.cap_source}; at warmup ratio {_fmt(plan.run_warmup_ratio)} and batch {plan.batch}: "
-                     f"{_fmt(cap)}")
-    return cap, prior.cap_source
+        warmup, batch = plan.run_warmup_ratio, plan.batch
+        return cap, lambda: f"{prior.cap_source}; at warmup ratio {_fmt(warmup)} and batch {batch}: {_fmt(cap)}"
+    return cap, lambda: prior.cap_source
 
 
 def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequence[BatchSummary],
@@ -198,14 +200,16 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
     if s.lr is None and evidence is not None:
         _apply_evidence(plan, evidence, p)
 
-    caps: list[tuple[float, str]] = []
+    # (cap, why): the why of a cap that does not bind is never shown, so the prior's (on every recipe
+    # that has one) is a callable, formatted only for the binding cap.
+    caps: list[tuple[float, str | Callable[[], str]]] = []
     explicit = s.lr_cap if s.lr_cap is not None else req.lr_cap
     if explicit is not None:
         caps.append((explicit, f"the LR cap {_fmt(explicit)} given in the request"))
         if explicit < ref.lr and plan.batch <= plan.ref_batch and priors.same_units(name, ref.optimizer):
             plan.warnings.append(f"{p}lr_cap {_fmt(explicit)} is below the reference LR {_fmt(ref.lr)}, which trained "
                                  f"stably at batch {plan.ref_batch} >= {plan.batch}: check the cap")
-    diverged = [h for h in history if h.min_diverged_lr is not None and h.batch_size <= plan.batch]
+    diverged = [h for h in history if h.min_diverged_lr is not None and h.batch_size <= plan.batch] if history else []
     if diverged:
         worst = min(diverged, key=lambda h: h.min_diverged_lr)  # type: ignore[arg-type, return-value]
         assert worst.min_diverged_lr is not None
@@ -225,7 +229,7 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
                               f"{worst_run.batch_size} (<= {plan.batch}), so the cap is "
                               f"{priors.DIVERGENCE_MARGIN} x that = {_fmt(cap)}"))
     found = _prior_cap(req, name, plan)
-    prior_cap, cap_source = found if found is not None else (None, "")
+    prior_cap, cap_source = found if found is not None else (None, None)
     if s.lr is not None:
         boundary = min(plan.divergence_caps + ([prior_cap] if prior_cap is not None else []), default=None)
         if boundary is not None and s.lr > boundary:
@@ -247,8 +251,9 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
                     "which trained stably: the cap is raised to the reference LR"
                 )
                 prior_cap = ref.lr
-            caps.append((prior_cap, f"the model-size prior for {name} at {req.model.params:,} parameters "
-                                    f"({_fmt(prior_cap)}; {cap_source}, GPT-3 size trend)"))
+            caps.append((prior_cap, lambda value=prior_cap, source=cap_source: (
+                f"the model-size prior for {name} at {req.model.params:,} parameters ({_fmt(value)}; {source()}, "
+                "GPT-3 size trend)")))
             lo, hi = priors.SIZE_LAW_RANGE
             if req.model.family == "transformer" and not lo <= req.model.params <= hi and plan.ideal_lr > prior_cap / 4:
                 plan.warnings.append(
@@ -257,10 +262,12 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
                 )
     plan.lr = plan.ideal_lr
     if caps:
-        cap, why = min(caps, key=lambda c: c[0])
+        cap, why = caps[0] if len(caps) == 1 else min(caps, key=lambda c: c[0])
         plan.cap = cap
         if plan.ideal_lr > cap:
             plan.lr, plan.capped = cap, True
+            if not isinstance(why, str):
+                why = why()
             plan.rationale.append(f"{p}LR capped at {_fmt(cap)} (LANS section 3.3, LR <= ~1/L): {why}")
             plan.warnings.append(f"{p}LR capped: the scaled LR {_fmt(plan.ideal_lr)} exceeds {_fmt(cap)}")
 

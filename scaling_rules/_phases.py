@@ -10,7 +10,7 @@ from ._plan import RecipeError, _fmt, _Plan
 from .learning import EvidenceModel
 from .models import RecommendationRequest, Stage
 from .recipe import validated
-from .schedule import DEFAULT_DECAY_POWER, StageShape, schedule_area
+from .schedule import DEFAULT_DECAY_POWER, StageShape, stage_area
 
 __all__ = ["area_gaps"]
 
@@ -199,10 +199,10 @@ def _plan_schedule(plan: _Plan, req: RecommendationRequest, name: str, n: int,
         if const < round(ideal_const):
             flat = StageShape(peak_lr=plan.lr, end_lr=0.0, warmup_steps=warmup, const_steps=const, steps=T, **decay)
             ideal = StageShape(peak_lr=plan.ideal_lr, end_lr=0.0, warmup_steps=warmup, const_steps=0, steps=T, **decay)
-            ideal_area = schedule_area(ideal)
+            ideal_area = stage_area(ideal)
             if ideal_area > 0:
                 plan.warnings.append(
-                    f"{p}the cap costs {(ideal_area - schedule_area(flat)) / ideal_area:.1%} of the area under the "
+                    f"{p}the cap costs {(ideal_area - stage_area(flat)) / ideal_area:.1%} of the area under the "
                     "LR curve even with the constant phase"
                 )
     stage = validated(
@@ -247,7 +247,8 @@ def area_gaps(stage: Stage) -> tuple[float, float]:
                        warmup_steps=stage.warmup_steps, const_steps=0, steps=stage.steps, **decay)
     flat = StageShape(peak_lr=stage.peak_lr, end_lr=stage.end_lr, warmup_steps=stage.warmup_steps, const_steps=0,
                       steps=stage.steps, **decay)
-    ideal_area = schedule_area(ideal)
-    return ideal_area - schedule_area(stage), ideal_area - schedule_area(flat)
+    # One stage each: stage_area is schedule_area's one term (fsum of one number is that number).
+    ideal_area = stage_area(ideal)
+    return ideal_area - stage_area(stage), ideal_area - stage_area(flat)
 
 

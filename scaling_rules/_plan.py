@@ -192,10 +192,10 @@ def _prefix(index: int, n_stages: int) -> str:
 def _resolve_batches(plan: _Plan, n: int) -> None:
     """Sequences and tokens of the stage and of its reference, and the batch ratio k."""
     p, ref, s = plan.prefix, plan.ref, plan.req
-    where = f"stages[{plan.index}]" if n > 1 else "target"
     plan.seq_len = s.seq_len or ref.seq_len
     if s.batch_tokens is not None:
         if plan.seq_len is None:
+            where = f"stages[{plan.index}]" if n > 1 else "target"
             raise RecipeError(f"{where}.batch_tokens needs a seq_len ({where}.seq_len or reference.seq_len) "
                               "to give the recipe's batch in sequences")
         plan.batch_x = s.batch_tokens / plan.seq_len

@@ -184,7 +184,9 @@ def recommend(
         pydantic.ValidationError: a malformed request (names the field).
         RecipeError: a request that is valid but contradicts itself (names the field).
     """
-    req = request if isinstance(request, RecommendationRequest) else RecommendationRequest.model_validate(request)
+    # The model's pydantic-core validator directly: what model_validate calls, less its Python layer.
+    req = request if isinstance(request, RecommendationRequest) else \
+        RecommendationRequest.__pydantic_validator__.validate_python(request)
     if req.target is not None and req.target.batch_size == "auto" and req.reference is not None \
             and req.reference.noise_scale is None and req.reference.noise_trajectory is None \
             and noise_scale is not None:
@@ -258,7 +260,7 @@ def recommend(
         # A ramp stage is not warmed up again: it trains on the warmup its run had (LAMB Table 8's cap).
         plan.run_warmup_ratio = plans[i - 1].run_warmup_ratio if plan.ramp else plan.warmup_ratio
         _plan_lr(plan, req, name, history, evidence_model, n)
-    if name == "lamb" and req.optimizer is None and any(p.capped for p in plans):
+    if name == "lamb" and req.optimizer is None and any([p.capped for p in plans]):
         name = "lans"
         notes = [n_ for n_ in notes if not n_.startswith("optimizer lamb")]
         notes.append("optimizer lans: the LR cap binds; LANS (Nesterov + per-block normalised gradients) trained "
@@ -278,7 +280,7 @@ def recommend(
                          "training); a batch ramp at the same length continues the schedule")
     if evidence_model is not None:
         warnings += [f"evidence conflict: {c}" for c in evidence_model.conflicts]
-    total = sum(s.steps for s in stages)
+    total = sum([s.steps for s in stages])
     opt_notes: list[str] = []
     config = _optimizer_config(name, stages[0].peak_lr, req, plans[0], opt_notes, warnings)
     rationale += opt_notes

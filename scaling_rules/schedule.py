@@ -163,11 +163,12 @@ def _power_sum(d: int, p: float) -> float:
     return d / (p + 1) - 0.5 + p / (12 * d)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StageShape:
     """The fields of a :class:`Stage` that :func:`stage_area` reads. The engine's what-if schedules
     (the uncapped LR, no constant phase) are these rather than copies of the pydantic Stage: a copy
-    cost more than the area itself, several times per capped recipe."""
+    cost more than the area itself, several times per capped recipe. Not frozen: a frozen dataclass
+    sets each field through object.__setattr__, which made one of these cost twice an area."""
 
     peak_lr: float
     end_lr: float
