@@ -19,6 +19,11 @@ def _trajectory(c: httpx.Client, study: str, seed: int) -> None:
     reports = [{"step": s, "loss": 3.0, "noise_scale": 3.0 * ((s + 1) * 1024) ** 0.5 * (1 + 0.05 * ((s + seed) % 3)),
                 "examples_seen": (s + 1) * 1024} for s in range(0, 1000, 5)]
     assert c.post(f"/v1/runs/{run.json()['id']}/reports", json={"reports": reports}).status_code == 200
+    # a critical batch measured by branching at step 500, twice the streaming value there (x 0.9 or x 1.1)
+    measured = {"step": 500, "examples_seen": 501 * 1024, "critical_batch": 2.0 * (0.9 + 0.2 * seed) * 2000.0,
+                "critical_batch_low": 1000.0, "critical_batch_high": 10000.0, "noise_scale": 2000.0,
+                "batch_size": 1024, "ks": [1, 2, 4, 8]}
+    assert c.post(f"/v1/runs/{run.json()['id']}/critical-batches", json=measured).status_code == 201
 
 
 def test_the_study_panel_plots_the_critical_batch_with_its_band(browser, keyed_server):  # noqa: F811
@@ -50,6 +55,10 @@ def test_the_study_panel_plots_the_critical_batch_with_its_band(browser, keyed_s
         assert len(band) == 1 and band[0].endswith("Z") and band[0].count("L") >= 2 * len(expected["fit"]["points"]) - 1
         assert drawn["fitted critical batch"]["paths"][0].count("L") == len(expected["fit"]["points"]) - 1
         assert drawn["runs, pooled by examples seen"]["circles"] == len(expected["points"]) > 5
-        assert "from 2 runs" in _text(drv, "#critical-fit") and "calibration ×1" in _text(drv, "#critical-fit")
+        cal = expected["calibration"]
+        assert cal["measured"] == 2 and cal["factor"] == pytest.approx(2 * (0.9 * 1.1) ** 0.5)
+        assert "from 2 runs" in _text(drv, "#critical-fit")
+        assert (f"calibration ×{cal['factor']:.4g} (95%: {cal['factor_low']:.4g}–{cal['factor_high']:.4g}) "
+                "(2 measured critical batches)") in _text(drv, "#critical-fit")
         Select(drv.find_element("id", "study")).select_by_value("unmeasured")
         _wait(drv, lambda d: "No fitted critical batch: no run" in _text(d, "#critical-fit"), "the empty state")

@@ -327,6 +327,8 @@ function renderCritical(cb) {
     ? `B_noise ≈ ${fmt(fit.coefficient)} × examples^${fit.exponent.toFixed(3)} (95%: ${fit.exponent_low.toFixed(3)}`
       + `–${fit.exponent_high.toFixed(3)}; ${how}), from ${cb.runs} runs; log residual RMS `
       + `${fit.residual_rms.toFixed(2)}; calibration ×${fmt(cb.calibration.factor)}`
+      + (cb.calibration.factor_low != null
+        ? ` (95%: ${fmt(cb.calibration.factor_low)}–${fmt(cb.calibration.factor_high)})` : "")
       + ` (${cb.calibration.measured} measured critical batches).`
     : `No fitted critical batch: ${cb.reason}`;
 }
