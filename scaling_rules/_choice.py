@@ -9,6 +9,8 @@ carried over in samples by :func:`._phases.warmup_ratio`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from . import priors
 from ._plan import _a, _Plan
 from .models import RecommendationRequest
@@ -18,42 +20,35 @@ _NADO = ("counter-evidence: Nado et al. 2021 matched LAMB's BERT results with a 
          "\"optimizer\": \"adamw\" to keep it")
 
 
-def _limit(ref_opt: str, family: str, mixed: bool) -> tuple[float, str] | None:
-    """(batch from which the family is left, the new optimizer) for a free choice; :func:`_why` says why.
-    Split from the text: most recipes keep their optimizer and never show the why (it was built for
-    every recipe and thrown away)."""
+def _limit(ref_opt: str, family: str, mixed: bool) -> tuple[float, str, Callable[[], str]] | None:
+    """(batch from which the family is left, the new optimizer, what says why) for a free choice. The
+    why is built only where it is shown (a switch, or a fixed optimizer past its limit): most recipes
+    keep their optimizer."""
     if ref_opt in ("adamw", "adam"):
-        return priors.ADAMW_FAILS_AT, "lamb"
+        return priors.ADAMW_FAILS_AT, "lamb", lambda: (
+            "LAMB Table 8: AdamW stops scaling at 16K on BERT-Large (F1 target 90.5): with 5% warmup every "
+            "LR diverged, with 10% the best was 88.54 (2e-4), with 20% warmup 3e-4 trained but reached "
+            f"85.65; LAMB reached 91.35 there (Table 4). {_NADO}"
+            + ("" if family == "transformer" else
+               f"; the evidence is from BERT, this is {_a(family)} model (LAMB appendix H: tuned Adam/AdamW "
+               "stayed near 73% on ResNet-50 where LAMB reached 76%)"))
     if ref_opt == "sgd":
-        return priors.SGD_MAX_BATCH + 1, "lars" if family == "cnn" else "lamb"
+        return priors.SGD_MAX_BATCH + 1, "lars" if family == "cnn" else "lamb", lambda: (
+            "Goyal et al. 2017: linear scaling with warmup holds to 8K on ImageNet and loses accuracy beyond; "
+            + ("LARS's layer-wise trust ratio trains ResNet-50 to 32K and beyond (You et al. 2017; the TPU "
+               "reference)" if family == "cnn" else
+               "LAMB is the layer-wise optimizer with evidence off CNNs (LAMB Tables 4, 5)")
+            + "; counter-evidence: Nado et al. 2021 report tuned Nesterov momentum matching LARS at 32K")
     if ref_opt == "lars" and family != "cnn":
-        return priors.LARS_FAILS_AT_ATTENTION, "lamb"
+        return (priors.LARS_FAILS_AT_ATTENTION, "lamb",
+                lambda: "LAMB Table 2: LARS stops scaling at 16K on BERT, where LAMB reaches 32K")
     if ref_opt == "lamb":
-        return (priors.LAMB_MAX_BATCH_MIXED if mixed else priors.LAMB_MAX_BATCH) + 1, "lans"
-    return None
-
-
-def _why(ref_opt: str, family: str, mixed: bool) -> str:
-    """Why :func:`_limit` leaves ``ref_opt`` (only for a ``ref_opt`` it gives a limit for)."""
-    if ref_opt in ("adamw", "adam"):
-        return ("LAMB Table 8: AdamW stops scaling at 16K on BERT-Large (F1 target 90.5): with 5% warmup every "
-                "LR diverged, with 10% the best was 88.54 (2e-4), with 20% warmup 3e-4 trained but reached "
-                f"85.65; LAMB reached 91.35 there (Table 4). {_NADO}"
-                + ("" if family == "transformer" else
-                   f"; the evidence is from BERT, this is {_a(family)} model (LAMB appendix H: tuned Adam/AdamW "
-                   "stayed near 73% on ResNet-50 where LAMB reached 76%)"))
-    if ref_opt == "sgd":
-        return ("Goyal et al. 2017: linear scaling with warmup holds to 8K on ImageNet and loses accuracy beyond; "
-                + ("LARS's layer-wise trust ratio trains ResNet-50 to 32K and beyond (You et al. 2017; the TPU "
-                   "reference)" if family == "cnn" else
-                   "LAMB is the layer-wise optimizer with evidence off CNNs (LAMB Tables 4, 5)")
-                + "; counter-evidence: Nado et al. 2021 report tuned Nesterov momentum matching LARS at 32K")
-    if ref_opt == "lars" and family != "cnn":
-        return "LAMB Table 2: LARS stops scaling at 16K on BERT, where LAMB reaches 32K"
-    limit = priors.LAMB_MAX_BATCH_MIXED if mixed else priors.LAMB_MAX_BATCH
-    return (f"LAMB was tested to {limit:,} ({'mixed-batch, LAMB section 4.1' if mixed else 'LAMB Table 4'}); "
+        limit = priors.LAMB_MAX_BATCH_MIXED if mixed else priors.LAMB_MAX_BATCH
+        return limit + 1, "lans", lambda: (
+            f"LAMB was tested to {limit:,} ({'mixed-batch, LAMB section 4.1' if mixed else 'LAMB Table 4'}); "
             "LANS (Nesterov + per-block normalised gradients, same LR units) trained BERT-Large at 96K/33K "
             "(LANS Table 1)")
+    return None
 
 
 def choose_optimizer(req: RecommendationRequest, plans: list[_Plan]) -> tuple[str, list[str], list[str]]:
@@ -67,10 +62,9 @@ def choose_optimizer(req: RecommendationRequest, plans: list[_Plan]) -> tuple[st
     if req.optimizer is not None:
         name = req.optimizer
         notes.append(f"optimizer {name}: fixed by the request, kept")
-        fixed = name if name != "adamw" else "adam"
-        free = _limit(fixed, family, mixed)
+        free = _limit(name if name != "adamw" else "adam", family, mixed)
         if free is not None and max_batch >= free[0] and name != "lamb":
-            warns.append(f"{name} at batch {max_batch}: {_why(fixed, family, mixed)}")
+            warns.append(f"{name} at batch {max_batch}: {free[2]()}")
         if name == "lamb" and max_batch >= (free[0] if free else 0):
             warns.append(f"LAMB at batch {max_batch}: the LAMB paper scaled to 32K (64K only mixed-batch)")
         if name != priors.canonical(ref_opt):
@@ -81,8 +75,8 @@ def choose_optimizer(req: RecommendationRequest, plans: list[_Plan]) -> tuple[st
         found = _limit(ref_opt, family, mixed)
         ref_max = max([p.ref_batch_x for p in plans])
         if found is not None and max_batch >= found[0] and max_batch > ref_max:
-            at, name = found
-            why = _why(ref_opt, family, mixed)
+            at, name, why_of = found
+            why = why_of()
             notes.append(f"optimizer {name} instead of the reference's {ref_opt}: batch {max_batch} is past where "
                          f"{ref_opt} is shown to fail ({why}). Switched with hysteresis: only past both that batch "
                          f"and the reference's own batch {ref_max:g}")
