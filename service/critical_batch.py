@@ -16,10 +16,10 @@ a 95% t-interval in log from 2 measurements on; 1.0 until there is one.
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 
 import numpy as np
 
+from largebatch.scaling_rules.stats import t_quantile
 from largebatch.scaling_rules.wire import (
     CriticalBatchCalibration,
     CriticalBatchFit,
@@ -40,19 +40,6 @@ MAX_MEASURED = 256  # the newest measured critical batches that one calibration 
 BOOTSTRAP_RUNS = 5  # fewer runs: too few distinct resamples for a bootstrap over runs (the wire's text says 5)
 BOOTSTRAP_RESAMPLES = 400
 _SEED = 0  # the bootstrap is seeded: the same data always answers the same band
-
-
-def _t_quantile(p: float, df: int) -> float:
-    """Student's t quantile: exact for 1 and 2 degrees of freedom, else the Cornish-Fisher series
-    (within 0.2% at df 3 and p 0.975, better above)."""
-    if df == 1:
-        return math.tan(math.pi * (p - 0.5))
-    if df == 2:
-        return (2 * p - 1) / math.sqrt(2 * p * (1 - p))
-    z = NormalDist().inv_cdf(p)
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3)
-            + (79 * z ** 9 + 776 * z ** 7 + 1482 * z ** 5 - 1920 * z ** 3 - 945 * z) / (92160 * df ** 4))
 
 
 def _line(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,7 +82,7 @@ def fit_power_law(runs: list[list[tuple[float, float]]], *, factor: float = 1.0)
         b_lo, b_hi = np.quantile(b_s[ok], [alpha, 1 - alpha])
         interval = "run_bootstrap"
     else:
-        t = _t_quantile(1 - alpha, n - 2)
+        t = t_quantile(1 - alpha, n - 2)
         s = math.sqrt(float(resid @ resid) / (n - 2))
         half = t * s * np.sqrt(1 / n + (grid - u.mean()) ** 2 / sxx)
         lo, hi = a0 + b0 * grid - half, a0 + b0 * grid + half
@@ -154,7 +141,7 @@ def calibrate(measured: list[MeasuredCriticalBatch], total: int, fit: CriticalBa
         f"curve at its examples seen" + (f", {len(measured) - n} without either left out" if len(measured) > n else "")))
     if n >= 2:
         sd = math.sqrt(math.fsum((x - mean) ** 2 for x in logs) / (n - 1))
-        half = _t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+        half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
         out.factor_low, out.factor_high, out.geometric_sd = math.exp(mean - half), math.exp(mean + half), math.exp(sd)
         out.detail += "; factor_low..factor_high: 95% t-interval of the mean log ratio"
     return out
