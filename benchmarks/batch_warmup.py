@@ -1,0 +1,473 @@
+"""The critical batch along a real run, measured by branching, and the engine's batch warmup end to end.
+
+Real CPU training on the two tasks of ``scaling_fidelity.py`` (a tiny LM, an MLP), AdamW:
+
+1. **Ground truth along the run.** A reference run at B0 (the engine's recipe at the reference batch)
+   stops at checkpoints log-spaced in the examples seen; at each, the critical batch is measured by
+   branching (Merrill et al. 2025), with the client's own ``job.branch_probe`` code driven without a
+   service (:class:`OfflineProbe`): short branches at k x B0 (k = 1, 2, 4, ...) on the same examples in
+   the same order, the LR moved by the engine's regime rule, every loss on the same held-out examples,
+   the state restored afterwards. Scored against it: the streaming statistic (the run's
+   ``GradientNoiseScale``, micro-batches of B0/2, read there), the probe (``probe_noise_scale`` at the
+   checkpoint's parameters) and the engine's token-budget prior (``prior_trajectory``; for the MLP an
+   example counts as one token).
+2. **End to end.** The streaming statistic along that run, 4 points per doubling of the examples, is
+   the reference's ``noise_trajectory``; the engine's recipe for ``"batch_size": "ramp"`` (up to 64 B0,
+   budget ``same-loss``) is trained against the engine's recipes at fixed B0 and fixed 64 B0, every arm
+   on the ramp's examples (the same examples in the same order, the same initialisation, per seed).
+   Paired relative final validation loss: the ramp must be non-inferior to B0 (margin: MLP 0.5%, LM 1%)
+   with >= 30% fewer optimizer steps, and better than 64 B0 (margin 0); one-sided 95% bounds
+   (``stats.non_inferiority``), Holm over a task's two comparisons. A 3-seed pilot's paired sd sets the
+   seeds (``stats.seeds_for_margin``, true difference 0 for B0, the pilot's mean for 64 B0).
+
+Usage: ``python benchmarks/batch_warmup.py [--quick] [--out DIR] [--tasks lm,mlp] [--max-seeds N]``.
+Writes ``batch_warmup.md`` (the tables) and ``batch_warmup.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import scaling_fidelity as sf  # the tasks are shared with the fidelity and critical-batch benchmarks
+
+from largebatch.client._probe import BranchProbing
+from largebatch.client.optim import GradientNoiseScale, build, probe_noise_scale
+from largebatch.scaling_rules import Recipe, recommend, stats
+from largebatch.scaling_rules._critical import Trajectory, prior_trajectory
+from largebatch.scaling_rules.models import Reference
+from largebatch.service.critical_batch import fit_power_law
+
+# AdamW at B0: critical_batch.py's Adam LRs (a little below the fidelity sweep's edge), so the ramp's
+# LR, up to ~4x at 64 B0 by the regime rule, stays where AdamW trains these tasks.
+BASE_LR = {"lm": 3e-3, "mlp": 2e-3}
+WARMUP_RATIO = 0.005  # the fidelity benchmark's reference warmup
+TOP = 64  # the ramp's ceiling and the large fixed batch, in B0
+MARGIN = {"lm": 0.01, "mlp": 0.005}
+MIN_SAVED = 0.30  # the ramp's optimizer steps must be at least this much fewer than fixed B0's
+REFERENCE_SEED = 1000  # the run the trajectory is read on is not one of the compared seeds
+PILOT_SEEDS = 3
+QUICK_STEPS_AT_TOP = 32  # the quick run's examples: 32 steps at 64 B0 (the fidelity benchmark's quick: 40)
+
+
+@dataclass(frozen=True)
+class Setup:
+    quick: bool
+    fractions: tuple[float, ...]  # checkpoints, as shares of the reference run's examples
+    kmax: int  # the largest branch multiple (fewer where the run has seen too little for its window)
+    eval_examples: dict[str, int]  # held-out examples every branch loss is read on (micro-batches of B0)
+    probe_examples: int
+    min_seeds: int
+    max_seeds: int
+
+
+def setup(quick: bool, max_seeds: int | None) -> Setup:
+    if quick:
+        return Setup(True, (0.1, 0.625), 16, {"lm": 512, "mlp": 2048}, 512, 3, max_seeds or 3)
+    # Log-spaced by 2.5x; the last at 62.5%: near the end the decayed LR leaves a branch nothing to gain.
+    return Setup(False, (0.04, 0.1, 0.25, 0.625), 128, {"lm": 1024, "mlp": 8192}, 4096, 5, max_seeds or 10)
+
+
+def within(ratio: float, factor: float) -> bool:
+    return math.isfinite(ratio) and 1 / factor <= ratio <= factor
+
+
+def window_multiple(kmax: int, examples_seen: float, b0: int) -> int:
+    """The largest branch multiple (a power of 2, <= kmax, >= 2) whose window, 8 x k steps of B0, is at
+    most half the examples the run has seen: a longer branch measures a later point of the run."""
+    k = kmax
+    while k > 2 and 8 * k * b0 > examples_seen / 2:
+        k //= 2
+    return k
+
+
+def verdict(test: stats.NonInferiority, rejected: bool, alpha: float, tests: int) -> str:
+    """The computed word for one comparison after Holm (``rejected``: Holm rejects H0, i.e. worse by the
+    margin or more)."""
+    if rejected:
+        return "non-inferior"
+    if test.lower > test.margin:
+        return "inferior"
+    if test.upper < test.margin:
+        return f"undecided (the 95% bound is below the margin but p {test.p:.3g} misses Holm's {alpha / tests:.3g})"
+    return (f"undecided (one-sided 95% upper bound {test.upper:+.2%} >= margin {test.margin:+.2%}, lower bound "
+            f"{test.lower:+.2%} <= it, {test.n} seeds)")
+
+
+def power(pilot_a: list[float], pilot_b: list[float], margin: float, s: Setup) -> tuple[int, str]:
+    """Seeds for both comparisons from the pilot's paired differences (Holm's worst case: 2 tests)."""
+    sd_a = stats.non_inferiority(pilot_a, margin).sd
+    test_b = stats.non_inferiority(pilot_b, 0.0)
+    n_a = stats.seeds_for_margin(sd_a, margin, tests=2, minimum=s.min_seeds, maximum=64)
+    n_b = stats.seeds_for_margin(test_b.sd, 0.0, true_difference=test_b.mean, tests=2, minimum=s.min_seeds, maximum=64)
+    n = min(max(n_a, n_b), s.max_seeds)
+    text = (f"power (80%, one-sided 5% with Holm's worst case 2.5%): pilot of {len(pilot_a)} seeds, sd of ramp/B0 - 1 "
+            f"{sd_a:.3%} at margin {margin:.1%} (true difference 0) -> {n_a} seeds; sd of ramp/64B0 - 1 {test_b.sd:.3%} "
+            f"at margin 0 (true difference the pilot's mean {test_b.mean:+.3%}) -> {n_b} seeds; ran {n}"
+            + (f" (capped at --max-seeds {s.max_seeds})" if n < max(n_a, n_b) else ""))
+    if s.quick:
+        text += "; quick mode: 3 seeds, below the full run's minimum of 5"
+    return n, text
+
+
+# ---------------------------------------------------------------- training
+
+
+class OfflineProbe(BranchProbing):
+    """The client's branch probe on a bare optimizer, scheduler and estimator: what a Job holds, less the
+    service (``send=False``: nothing to send the measurement to)."""
+
+    def __init__(self, optimizer: Any, scheduler: Any, noise: GradientNoiseScale | None, recipe: Recipe):
+        self.optimizer, self.scheduler, self.noise, self.recipe = optimizer, scheduler, noise, recipe
+        self.world_size, self.follower, self.run, self.complete_timeout = 1, False, None, 0.0
+
+
+def examples_of(task: sf.Task, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One seed's data order: n examples drawn once, which every arm reads in the same order."""
+    return task.batch(torch.Generator().manual_seed(10_000 + seed), n)
+
+
+def stream(task: sf.Task, seed: int, size: int) -> Callable[[], Iterator[Any]]:
+    """Micro-batches of ``size`` from a fixed seed: the same ones on every call (a branch's examples)."""
+    def batches() -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(seed)
+        while True:
+            yield task.batch(gen, size)
+    return batches
+
+
+def train(task: sf.Task, recipe: Recipe, seed: int, data: tuple[torch.Tensor, torch.Tensor], *,
+          noise: GradientNoiseScale | None = None,
+          at_step: Callable[[int, int, Any, Any, Any], None] | None = None) -> tuple[float, bool]:
+    """Follow ``recipe`` (every stage at its batch) on ``data`` from initialisation ``seed``; with
+    ``noise``, each step is two micro-batches of half the batch, read by the client's estimator.
+    ``at_step(step, examples, model, optimizer, scheduler)`` runs after each step. (val loss, diverged)"""
+    torch.manual_seed(seed)
+    model = task.make_model()
+    optimizer, scheduler = build(model, recipe)
+    halves = 2 if noise is not None else 1
+    if noise is not None:
+        noise.attach_accumulation(model.parameters(), recipe.stages[0].batch_size // 2, grad_scale=2)
+    x, y = data
+    pos, step, first = 0, 0, None
+    try:
+        for stage in recipe.stages:
+            b = stage.batch_size
+            for _ in range(stage.steps):
+                value = 0.0
+                for i in range(halves):
+                    lo, hi = pos + i * b // halves, pos + (i + 1) * b // halves
+                    loss = task.loss(model, x[lo:hi], y[lo:hi]) / halves
+                    value += float(loss.detach())
+                    loss.backward()
+                first = value if first is None else first
+                if not math.isfinite(value) or value > sf.DIVERGENCE_FACTOR * first:
+                    return float("nan"), True
+                if noise is not None:
+                    noise.step()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                pos, step = pos + b, step + 1
+                if at_step is not None:
+                    at_step(step, pos, model, optimizer, scheduler)
+    finally:
+        if noise is not None:
+            noise.detach()
+    val = task.val_loss(model)
+    return val, not math.isfinite(val)
+
+
+# ---------------------------------------------------------------- part 1: the critical batch along the run
+
+
+@dataclass
+class Checkpoint:
+    fraction: float
+    step: int
+    examples: int
+    val_loss: float
+    lr: float
+    branched: float | None
+    interval: tuple[float, float] | None
+    ks: list[int]
+    note: str
+    streaming: float
+    probe: float
+    prior: float
+    seconds: float
+
+
+@dataclass
+class TaskResult:
+    task: str
+    b0: int
+    ref_steps: int
+    ref_val: float
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    trajectory: list[tuple[float, float]] = field(default_factory=list)  # (examples seen, streaming B_noise)
+    fit: str = ""  # the power law the ramp was planned on
+    ramp: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, steps, peak LR) per stage
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> batch, steps, examples, losses
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    power: str = ""
+    steps_saved: float = float("nan")
+    seconds: float = 0.0
+
+
+def reference_of(task: sf.Task, steps: int) -> dict[str, Any]:
+    return {"batch_size": task.b0, "lr": BASE_LR[task.name], "optimizer": "adamw", "steps": steps,
+            "warmup_ratio": WARMUP_RATIO}
+
+
+def request(task: sf.Task, reference: dict[str, Any], target: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    model = {"params": task.params, "family": "transformer" if task.name == "lm" else "other"}
+    return {"model": model, "reference": reference, "target": target, **extra}
+
+
+def prior_at(task: sf.Task, steps: int, examples: float) -> float:
+    """The engine's token-budget prior at ``examples`` of the reference run (the MLP: one token per example)."""
+    seq = task.seq or 1
+    ref = Reference(batch_size=task.b0, lr=BASE_LR[task.name], steps=steps, seq_len=seq)
+    pts = prior_trajectory(ref, float(steps * task.b0 * seq))
+    traj = Trajectory.of(ref.model_copy(update={"noise_trajectory": pts}))
+    assert traj is not None
+    return traj.at(examples)
+
+
+def reference_run(task: sf.Task, s: Setup, res: TaskResult) -> None:
+    steps = res.ref_steps
+    recipe = recommend(request(task, reference_of(task, steps), {"batch_size": task.b0, "steps": steps}))
+    noise = GradientNoiseScale()
+    marks = {max(1, round(f * steps)): f for f in s.fractions}
+    bins: dict[int, list[float]] = {}  # the store's bins, 4 per doubling: examples, reads, tr(Sigma), |G|^2 summed
+    loss_fn = lambda m, batch: task.loss(m, *batch)  # noqa: E731
+
+    def at_step(step: int, seen: int, model: Any, optimizer: Any, scheduler: Any) -> None:
+        if noise.grad_sq is not None and noise.trace_sigma is not None:
+            acc = bins.setdefault(math.floor(4 * math.log2(seen)), [0.0, 0.0, 0.0, 0.0])
+            for i, v in enumerate((seen, 1.0, noise.trace_sigma, noise.grad_sq)):
+                acc[i] += v
+        if step not in marks:
+            return
+        t0 = time.perf_counter()
+        kmax = window_multiple(s.kmax, seen, task.b0)
+        ks = [2 ** i for i in range(int(math.log2(kmax)) + 1)]
+        probe = OfflineProbe(optimizer, scheduler, noise, recipe).branch_probe(
+            model, stream(task, 20_000 + step, task.b0), loss_fn, ks=ks, batch_size=task.b0,
+            eval_micro_batches=s.eval_examples[task.name] // task.b0, send=False)
+        gen = torch.Generator().manual_seed(30_000 + step)
+        local = probe_noise_scale(model, loss_fn, (task.batch(gen, 32) for _ in range(s.probe_examples // 32)), 32)
+        model.eval()
+        val = task.val_loss(model)
+        model.train()
+        cp = Checkpoint(marks[step], step, seen, val, optimizer.param_groups[0]["lr"], probe.critical_batch,
+                        probe.interval, ks, probe.note, noise.value or math.nan,
+                        local.value if local.value is not None else math.inf, prior_at(task, steps, seen),
+                        time.perf_counter() - t0)
+        res.checkpoints.append(cp)
+        print(f"  {task.name} checkpoint {cp.fraction:.3g} (step {step}, {seen} examples, val {val:.4f}): branched "
+              f"{_num(cp.branched)}; streaming {cp.streaming:.4g}, probe {cp.probe:.4g}, prior {cp.prior:.4g} "
+              f"({cp.seconds:.1f}s) [{probe.note}]", flush=True)
+
+    data = examples_of(task, REFERENCE_SEED, steps * task.b0)
+    res.ref_val, _ = train(task, recipe, REFERENCE_SEED, data, noise=noise, at_step=at_step)
+    res.trajectory = [(x / n, tr / g2) for _, (x, n, tr, g2) in sorted(bins.items()) if g2 > 0 and tr > 0]
+
+
+# ---------------------------------------------------------------- part 2: the ramp end to end
+
+
+def measured_trajectory(res: TaskResult) -> list[dict[str, float]]:
+    """What a user passes as ``reference.noise_trajectory``: the study's fit of the run's binned streaming
+    points (the service's power law, ``fit.points``, uncalibrated: no branch probe sent), else the points."""
+    fit = fit_power_law([res.trajectory])
+    if isinstance(fit, str):
+        res.fit = f"no fit ({fit}): the binned points themselves"
+        return [{"examples_seen": x, "noise_scale": b} for x, b in res.trajectory]
+    res.fit = (f"B_noise = {fit.coefficient:.4g} x examples^{fit.exponent:.3f} (95% {fit.exponent_low:.3f}.."
+               f"{fit.exponent_high:.3f}, {fit.interval}; log residual rms {fit.residual_rms:.2f}) over "
+               f"{len(res.trajectory)} binned points")
+    return [{"examples_seen": p.examples_seen, "noise_scale": p.noise_scale, "noise_scale_low": p.noise_scale_low}
+            for p in fit.points]
+
+
+def end_to_end(task: sf.Task, s: Setup, res: TaskResult) -> None:
+    ref = reference_of(task, res.ref_steps)
+    ref["noise_trajectory"] = measured_trajectory(res)
+    ramp = recommend(request(task, ref, {"batch_size": "ramp", "max_batch_size": TOP * task.b0}, budget="same-loss"))
+    examples = sum(st.batch_size * st.steps for st in ramp.stages)
+    recipes = {"ramp": ramp,
+               "B0": recommend(request(task, ref, {"batch_size": task.b0, "steps": examples // task.b0})),
+               f"{TOP}B0": recommend(request(task, ref, {"batch_size": TOP * task.b0,
+                                                         "steps": max(1, round(examples / (TOP * task.b0)))}))}
+    res.ramp = [(st.batch_size, st.steps, st.peak_lr) for st in ramp.stages]
+    print(f"  {task.name} ramp {' -> '.join(str(b) for b, *_ in res.ramp)}: {ramp.total_steps} steps, {examples} "
+          f"examples; B0 {recipes['B0'].total_steps} steps, {TOP}B0 {recipes[f'{TOP}B0'].total_steps}", flush=True)
+    for name, r in recipes.items():
+        res.arms[name] = {"batches": sorted({st.batch_size for st in r.stages}), "steps": r.total_steps,
+                          "examples": sum(st.batch_size * st.steps for st in r.stages),
+                          "peak_lr": max(st.peak_lr for st in r.stages), "losses": [], "diverged": []}
+
+    def run_seed(seed: int) -> None:
+        data = examples_of(task, seed, max(a["examples"] for a in res.arms.values()))
+        for name, r in recipes.items():
+            t0 = time.perf_counter()
+            val, diverged = train(task, r, seed, data)
+            res.arms[name]["losses"].append(val)
+            res.arms[name]["diverged"].append(diverged)
+            print(f"    seed {seed} {name:>5}: val {val:.4f}{' DIVERGED' if diverged else ''} "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+
+    for seed in range(PILOT_SEEDS):
+        run_seed(seed)
+    rel_b0, rel_top = paired(res, "B0"), paired(res, f"{TOP}B0")
+    n, res.power = power(rel_b0, rel_top, MARGIN[task.name], s) if len(rel_b0) >= 2 and len(rel_top) >= 2 else (
+        PILOT_SEEDS, "power: a pilot run diverged, no sd to plan from")
+    print(f"  {task.name} {res.power}", flush=True)
+    for seed in range(PILOT_SEEDS, n):
+        run_seed(seed)
+    res.steps_saved = 1 - res.arms["ramp"]["steps"] / res.arms["B0"]["steps"]
+    compare(res)
+
+
+def paired(res: TaskResult, peer: str) -> list[float]:
+    """ramp / peer - 1 per seed, where neither diverged."""
+    a, b = res.arms["ramp"], res.arms[peer]
+    return [x / y - 1 for x, y, dx, dy in zip(a["losses"], b["losses"], a["diverged"], b["diverged"], strict=True)
+            if not (dx or dy)]
+
+
+def compare(res: TaskResult, alpha: float = 0.05) -> None:
+    peers = [("B0", MARGIN[res.task]), (f"{TOP}B0", 0.0)]
+    ramp_diverged = [i for i, d in enumerate(res.arms["ramp"]["diverged"]) if d]
+    diffs = [paired(res, p) for p, _ in peers]
+    tests = [stats.non_inferiority(d, m, alpha) if len(d) >= 2 else None for d, (_, m) in zip(diffs, peers, strict=True)]
+    rejected = stats.holm([t.p if t is not None else 1.0 for t in tests], alpha)
+    for (peer, margin), d, t, rej in zip(peers, diffs, tests, rejected, strict=True):
+        if ramp_diverged:
+            word = f"inferior (the ramp diverged at seed(s) {ramp_diverged})"
+        elif t is None:
+            word = "undecided (fewer than 2 seeds where both arms trained)"
+        else:
+            word = verdict(t, rej, alpha, len(peers))
+        res.tests.append({"peer": peer, "margin": margin, "differences": d, "verdict": word,
+                          **({k: getattr(t, k) for k in ("n", "mean", "sd", "upper", "lower", "p")} if t else {})})
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _num(v: float | None, fmt: str = ".4g") -> str:
+    return "-" if v is None or not math.isfinite(v) else format(v, fmt)
+
+
+def _ratio(est: float, truth: float | None) -> tuple[str, str, str]:
+    if truth is None or not math.isfinite(est):
+        return "-", "-", "-"
+    r = est / truth
+    return f"{r:.2f}", "yes" if within(r, 3) else "**no**", "yes" if within(r, 2) else "**no**"
+
+
+ESTIMATES = (("streaming", "streaming B_noise"), ("probe", "probe B_simple"), ("prior", "token-budget prior"))
+
+
+def report(results: list[TaskResult], quick: bool) -> str:
+    mode = "quick mode (--quick: small models, 3 seeds, fewer checkpoints)" if quick else "full run"
+    head = ["| task | checkpoint (share of run) | examples seen | val loss | branched B_crit (90%) | k x B0 |"]
+    for _, label in ESTIMATES:
+        head.append(f" {label} | / B_crit | within 3x | within 2x |")
+    lines = [f"Critical batch along the reference run at B0 ({mode}); B in examples (LM: sequences)", "",
+             "".join(head), "|---" * (6 + 4 * len(ESTIMATES)) + "|"]
+    for r in results:
+        for c in r.checkpoints:
+            iv = "" if c.interval is None else f" ({_num(c.interval[0])}..{_num(c.interval[1])})"
+            row = (f"| {r.task} | {c.fraction:.3g} | {c.examples} | {c.val_loss:.4f} | {_num(c.branched)}{iv} | "
+                   f"{c.ks[0] * r.b0}..{c.ks[-1] * r.b0} |")
+            for key, _ in ESTIMATES:
+                est = getattr(c, key)
+                row += f" {_num(est)} | {' | '.join(_ratio(est, c.branched))} |"
+            lines.append(row)
+    lines += ["", "| task | estimate | checkpoints within 3x | within 2x | geometric mean of estimate / B_crit |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        for key, label in ESTIMATES:
+            rs = [getattr(c, key) / c.branched for c in r.checkpoints if c.branched and math.isfinite(getattr(c, key))]
+            gm = math.exp(sum(math.log(x) for x in rs) / len(rs)) if rs else math.nan
+            lines.append(f"| {r.task} | {label} | {sum(within(x, 3) for x in rs)}/{len(r.checkpoints)} | "
+                         f"{sum(within(x, 2) for x in rs)}/{len(r.checkpoints)} | {_num(gm, '.2f')} |")
+    lines += ["", f"Batch warmup end to end ({mode}): every arm on the ramp's examples, paired by seed", "",
+              "| task | arm | batch | optimizer steps | examples | peak LR | seeds | val loss per seed | mean |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for name, a in r.arms.items():
+            batches = " -> ".join(map(str, a["batches"]))
+            losses = ", ".join(_num(x, ".4f") for x in a["losses"])
+            ok = [x for x in a["losses"] if math.isfinite(x)]
+            lines.append(f"| {r.task} | {name} | {batches} | {a['steps']} | {a['examples']} | {a['peak_lr']:.4g} | "
+                         f"{len(a['losses'])} | {losses} | {_num(sum(ok) / len(ok) if ok else None, '.4f')} |")
+    lines += ["", "| task | comparison | margin | seeds | mean ramp/peer - 1 | sd | one-sided 95% upper bound | p | "
+              "verdict (Holm over the task's 2) | steps: ramp / B0 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for t in r.tests:
+            saved = (f"{r.arms['ramp']['steps']} / {r.arms['B0']['steps']}: {r.steps_saved:.0%} fewer "
+                     f"(>= {MIN_SAVED:.0%}: {'yes' if r.steps_saved >= MIN_SAVED else '**no**'})") if t["peer"] == "B0" else "-"
+            stat = (f"{t['n']} | {t['mean']:+.3%} | {t['sd']:.3%} | {t['upper']:+.3%} | {t['p']:.3g}" if "n" in t
+                    else "- | - | - | - | -")
+            lines.append(f"| {r.task} | ramp vs {t['peer']} | {t['margin']:.1%} | {stat} | {t['verdict']} | {saved} |")
+    lines.append("")
+    for r in results:
+        lines.append(f"- {r.task}: ramp {' -> '.join(f'{b} x {n}' for b, n, _ in r.ramp)} (batch x steps), planned on "
+                     f"{r.fit}; {r.power}")
+    return "\n".join(lines)
+
+
+def benchmark_task(name: str, s: Setup) -> TaskResult:
+    task = {"lm": sf.lm_task, "mlp": sf.mlp_task}[name](s.quick)
+    if s.quick:
+        task.examples = TOP * task.b0 * QUICK_STEPS_AT_TOP
+    task.params = sum(p.numel() for p in task.make_model().parameters())
+    t0 = time.perf_counter()
+    res = TaskResult(name, task.b0, task.examples // task.b0, math.nan)
+    print(f"task {name}: {task.params:,} parameters, B0 {task.b0}, reference {res.ref_steps} steps", flush=True)
+    reference_run(task, s, res)
+    end_to_end(task, s, res)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small models, 2 checkpoints, 3 seeds (CI)")
+    parser.add_argument("--tasks", default="lm,mlp")
+    parser.add_argument("--max-seeds", type=int, default=None, help="cap on the power calculation (default 10; quick 3)")
+    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and the timings comparable
+    s = setup(args.quick, args.max_seeds)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results = [benchmark_task(name, s) for name in args.tasks.split(",")]
+    table = report(results, args.quick)
+    elapsed = time.perf_counter() - t0
+    (args.out / "batch_warmup.md").write_text(table + "\n")
+    (args.out / "batch_warmup.json").write_text(json.dumps(
+        {"quick": args.quick, "seconds": elapsed, "setup": asdict(s), "tasks": [asdict(r) for r in results]},
+        indent=1, default=str))
+    print(table)
+    print(f"elapsed {elapsed:.1f}s; wrote {args.out}/batch_warmup.{{md,json}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

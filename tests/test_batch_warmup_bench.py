@@ -1,0 +1,108 @@
+"""benchmarks/batch_warmup.py: its pure helpers, and its --quick run's output (both tasks, both parts, verdicts
+that are computed words)."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "batch_warmup.py"
+# As in test_benchmarks_quick.py: an inherited TRITON_INTERPRET turns CPU optimizer steps into interpreter runs.
+ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+VERDICT = re.compile(r"^(non-inferior|inferior( \(.+\))?|undecided \(.+\))$")
+
+
+def _module():
+    pytest.importorskip("torch")
+    spec = importlib.util.spec_from_file_location("batch_warmup", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["batch_warmup"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_within_a_factor_is_symmetric_and_closed():
+    bw = _module()
+    assert bw.within(3.0, 3) and bw.within(1 / 3, 3) and bw.within(1.0, 2)
+    assert not bw.within(3.01, 3) and not bw.within(0.33, 3) and not bw.within(2.5, 2)
+    assert not bw.within(float("nan"), 3) and not bw.within(float("inf"), 3)
+
+
+def test_the_branch_window_is_at_most_half_the_examples_seen():
+    bw = _module()
+    assert bw.window_multiple(128, 1e9, 4) == 128
+    for seen in (100, 1000, 5000, 40_000):
+        k = bw.window_multiple(128, seen, 4)
+        assert k >= 2 and k & (k - 1) == 0
+        assert 8 * k * 4 <= seen / 2 or k == 2
+        assert k == 128 or 8 * (2 * k) * 4 > seen / 2  # the largest that fits
+    assert bw.window_multiple(128, 10, 4) == 2  # never fewer than two branches
+
+
+def test_verdicts_follow_the_bounds_and_holm():
+    bw = _module()
+    from largebatch.scaling_rules import stats
+
+    better = stats.non_inferiority([-0.02, -0.03, -0.025, -0.021, -0.028], 0.005)
+    assert bw.verdict(better, True, 0.05, 2) == "non-inferior"
+    worse = stats.non_inferiority([0.03, 0.032, 0.029, 0.031, 0.035], 0.005)
+    assert bw.verdict(worse, False, 0.05, 2) == "inferior"
+    straddle = stats.non_inferiority([0.01, -0.01, 0.004, -0.002, 0.012], 0.005)
+    word = bw.verdict(straddle, False, 0.05, 2)
+    assert word.startswith("undecided (") and "upper bound" in word
+    # below the margin at 5% but not at Holm's 2.5%: undecided, and it says why
+    edge = stats.non_inferiority([0.002 + 0.003 * z / 2.5 ** 0.5 for z in (-2, -1, 0, 1, 2)], 0.005)
+    assert edge.upper < edge.margin and edge.p > 0.025
+    assert "Holm" in bw.verdict(edge, False, 0.05, 2)
+
+
+def test_compare_pairs_by_seed_and_applies_holm_over_the_two_peers():
+    bw = _module()
+    res = bw.TaskResult("mlp", 4, 100, 1.0)
+    ramp = [1.000, 1.002, 0.999, 1.001, 1.000]
+    res.arms = {"ramp": {"losses": ramp, "diverged": [False] * 5},
+                "B0": {"losses": [x * 1.0005 for x in ramp], "diverged": [False] * 5},
+                "64B0": {"losses": [x * 1.05 for x in ramp], "diverged": [False] * 5}}
+    bw.compare(res)
+    assert [t["peer"] for t in res.tests] == ["B0", "64B0"]
+    assert all(t["verdict"] == "non-inferior" for t in res.tests), res.tests
+    assert res.tests[0]["differences"] == pytest.approx([1 / 1.0005 - 1] * 5)
+    res.arms["ramp"]["diverged"][2] = True
+    res.tests = []
+    bw.compare(res)
+    assert all(t["verdict"].startswith("inferior (the ramp diverged") for t in res.tests)
+
+
+@pytest.mark.slow
+def test_quick_run_writes_both_parts_for_both_tasks(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"elapsed \d+\.\ds", proc.stdout)
+    table = (tmp_path / "batch_warmup.md").read_text()
+    assert "Critical batch along the reference run at B0 (quick mode" in table
+    assert "Batch warmup end to end (quick mode" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| lm |") or line.startswith("| mlp |")]
+    for task in ("lm", "mlp"):
+        mine = [r for r in rows if r[0] == f"| {task}"]
+        assert sum(len(r) == 18 for r in mine) == 2, mine  # the quick run's two checkpoints, every estimate's columns
+        assert {r[1] for r in mine if len(r) == 9} == {"ramp", "B0", "64B0"}
+        tests = [r for r in mine if len(r) == 10]
+        assert [r[1] for r in tests] == ["ramp vs B0", "ramp vs 64B0"]
+        for r in tests:
+            assert VERDICT.match(r[8]), r[8]
+        assert re.search(r"\d+ / \d+: -?\d+% fewer \(>= 30%: (yes|\*\*no\*\*)\)", tests[0][9]), tests[0][9]
+        assert f"- {task}: ramp " in table and "power (80%" in table and "quick mode: 3 seeds" in table
+    data = json.loads((tmp_path / "batch_warmup.json").read_text())
+    assert data["quick"] is True and [t["task"] for t in data["tasks"]] == ["lm", "mlp"]
+    for t in data["tasks"]:
+        assert len(t["checkpoints"]) == 2 and len(t["tests"]) == 2
+        assert all(len(a["losses"]) == 3 for a in t["arms"].values())
+        assert t["arms"]["ramp"]["examples"] == t["arms"]["B0"]["examples"]
