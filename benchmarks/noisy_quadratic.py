@@ -26,14 +26,13 @@ What is checked, each within 10%:
    the H-weighted squared norms of sampled small and large batch gradients (its preconditioned form
    with P = H: tr(PC)/G^T P G is B_noise for plain SGD), recovers the analytic B_noise there; and fed
    the plain norms, the analytic B_simple = tr(C)/|G|^2;
-5. the branch protocol (``job.branch_probe``'s fit, :func:`largebatch.client._probe.fit_critical_batch`)
-   at the same points: branches at k x B (k = 1, 2, 4, 8, B ~ B_noise/4) over a window of equal examples
-   (the largest branch takes one step), in the exact dynamics, against the analytic B_noise there and
-   against the window's own critical batch (steps-to-target from that point to the loss the k = 1
-   branch reaches, at the branches' batches, fitted as in 2). Reported beside its equal-loss reading
-   (each branch's loss converted to the examples the k = 1 branch needed for it, read off its per-step
-   curve, and r_k = (1 + kB/B_crit)/(1 + B/B_crit) solved), which the probe does not use: it reads each
-   branch once, at the window's end. Not a pass/fail check: the table says how far each lands.
+5. the branch protocol (``job.branch_probe``'s reading, :func:`largebatch.client._probe.fit_critical_batch`,
+   fed the exact expected losses) at the same points: branches at k x B (k = 1, 2, 4, 8, B ~ B_noise/4) over
+   a window of equal examples (the largest branch takes one step) recover the window's own critical
+   batch: steps-to-target from that point to the loss the k = 1 branch reaches, at the branches'
+   batches, fitted as in 2. The analytic one-step B_noise is printed beside it: over a window that
+   takes 7-16% of the loss, the window's critical batch is 5-35% above it (the sharp directions
+   converge within the window, so the smaller batch's later steps gain less).
 
 Run: ``python benchmarks/noisy_quadratic.py [--quick]`` (prints a table; exits 1 if a check fails).
 """
@@ -185,35 +184,35 @@ def _steps_to(q: NQM, m: np.ndarray, batch: float, target: float) -> float:
 
 
 def branch_protocol(q: NQM, m0: np.ndarray, ks: tuple[int, ...] = (1, 2, 4, 8)) -> dict[str, float]:
-    """The branch probe's fit at state ``m0`` (exact expected losses), the equal-loss reading, the window's
-    own steps-to-target critical batch and the analytic B_noise there."""
-    from largebatch.client._probe import fit_critical_batch
+    """The branch probe's reading (the client's own fit, on exact expected losses) at state ``m0``, the
+    window's own steps-to-target critical batch and the analytic B_noise there."""
+    from largebatch.client._probe import curve_steps, fit_critical_batch
 
     b_noise = q.b_noise(m0)
     batch = 2.0 ** round(math.log2(b_noise / 4))
     steps = max(ks)  # the largest branch takes one step: the shortest window the protocol allows
-    curve, m = [q.loss(m0)], m0
-    for _ in range(steps):
-        m = _sgd(q, m, batch)
-        curve.append(q.loss(m))
-    gains, equal_loss = [], []
+    kmin, points = min(ks), curve_steps(max(ks), ks)
+    curve, m, done = [], m0, 0
+    for n in points:
+        for _ in range(n - done):
+            m = _sgd(q, m, kmin * batch)
+        curve.append((n, q.loss(m0) - q.loss(m), 0.0))
+        done = n
+    gains = []
     for k in ks:
         m = m0
         for _ in range(steps // k):
             m = _sgd(q, m, k * batch)
-        loss = q.loss(m)
-        gains.append(curve[0] - loss)
-        if k > 1:
-            j = next(i for i in range(1, len(curve)) if curve[i] <= loss)
-            s = j - 1 + (curve[j - 1] - loss) / (curve[j - 1] - curve[j])
-            r = steps / s
-            equal_loss.append(batch * (k - r) / (r - 1))
-    fit, _, _ = fit_critical_batch(batch, ks, gains, [g * 1e-6 for g in gains])  # exact: no sampling error
+        gains.append(q.loss(m0) - q.loss(m))
+    # exact expectations: no sampling error (a tiny one keeps the fit's redraws defined)
+    fit, _, _, _ = fit_critical_batch(batch, ks, steps, [(n, g, g * 1e-9) for n, g, _ in curve], gains,
+                                      [g * 1e-9 for g in gains])
     batches = np.array([k * batch for k in ks])
-    examples = np.array([_steps_to(q, m0, b, curve[-1]) * b for b in batches])
+    final = q.loss(m0) - curve[-1][1]
+    examples = np.array([_steps_to(q, m0, b, final) * b for b in batches])
     s_min, e_min = np.polyfit(batches, examples, 1, w=1 / examples)
     return {"batch": batch, "b_noise": b_noise, "window": e_min / s_min, "fit": math.nan if fit is None else fit,
-            "equal_loss": float(np.exp(np.mean(np.log(equal_loss)))), "drop": 1 - curve[-1] / curve[0]}
+            "drop": curve[-1][1] / q.loss(m0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,15 +284,16 @@ def main(argv: list[str] | None = None) -> int:
             if abs(e) > TOLERANCE:
                 fails.append(f"streaming {name} at step {step}: {e:+.1%}")
     print("\n| step | B | window's loss drop | analytic B_noise | window's critical batch (steps-to-target) | "
-          "branch fit (client) | vs analytic | vs window | equal-loss reading | vs analytic | vs window |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "branch probe (client) | vs analytic | vs window |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for frac in (0.1, 0.5, 0.9):
         step = int(frac * ref_steps)
         b = branch_protocol(q, states[step])
         print(f"| {step} | {b['batch']:.0f} | {b['drop']:.0%} | {b['b_noise']:.4g} | {b['window']:.4g} | "
-              f"{b['fit']:.4g} | {b['fit'] / b['b_noise'] - 1:+.1%} | {b['fit'] / b['window'] - 1:+.1%} | "
-              f"{b['equal_loss']:.4g} | {b['equal_loss'] / b['b_noise'] - 1:+.1%} | "
-              f"{b['equal_loss'] / b['window'] - 1:+.1%} |")
+              f"{b['fit']:.4g} | {b['fit'] / b['b_noise'] - 1:+.1%} | {b['fit'] / b['window'] - 1:+.1%} |")
+        err = b["fit"] / b["window"] - 1
+        if not abs(err) <= TOLERANCE:
+            fails.append(f"branch probe at step {step}: {err:+.1%} from the window's critical batch")
     print(f"\n{'PASS' if not fails else 'FAIL: ' + '; '.join(fails)} (tolerance {TOLERANCE:.0%}; "
           f"{time.perf_counter() - t0:.1f} s)")
     return 1 if fails else 0

@@ -5,10 +5,15 @@ regime rule for the recipe's optimizer; the loss each reaches on the same held-o
 how much a bigger batch loses per example. The model, optimizer, scheduler and RNG state are put back
 bit for bit afterwards, so training goes on as if no probe had run.
 
-The fit: in a short window, progress at batch B is the progress of E / (1 + B/B_crit) examples
-(McCandlish et al. 2018, eq. 2.11), so the loss gained at equal examples is gain_k = a / (1 + k B/B_crit):
-B_crit is where the gain per example halves. It is identified only where k B spans it; its interval
-comes from the evaluation sample (paired over the same micro-batches), not from another data order.
+The reading is at equal loss, as steps-to-target is (McCandlish et al. 2018, eq. 2.11: reaching a loss
+at batch B takes E_min (1 + B/B_crit) examples): the smallest-k branch's loss is also read along its
+window (:func:`curve_steps`), each bigger branch's final loss is matched on that curve, and the examples
+the smallest batch needed for it give r_k = E(kB)/E(kmin B) = (1 + kB/B_crit)/(1 + kmin B/B_crit), fitted
+for B_crit. (Reading the gains at equal examples as proportional to the examples' progress, as this
+probe first did, assumes the loss falls linearly in the examples over the window; on the noisy quadratic
+model, where the truth is known, that read the window's critical batch 6-44% high and the equal-loss
+reading within 4%: ``benchmarks/noisy_quadratic.py``.) B_crit is identified only where k B spans it; its
+interval comes from the evaluation sample (paired over the same micro-batches), not from another data order.
 
 The measurement is study evidence: the job sends it (``POST /v1/runs/{id}/critical-batches``, rank 0, once
 the run is open) with the examples seen at its step and the job's streaming B_noise there, and the study's
@@ -22,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -31,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import ValidationError
 
 from largebatch.scaling_rules.wire import MeasuredCriticalBatch, MeasuredCriticalBatchIn
@@ -68,49 +75,94 @@ class BranchProbe:
     tokens_seen: float | None = None
     noise_scale: float | None = None  # the job's streaming B_noise when the probe ran, if it measures one
     stored: MeasuredCriticalBatch | None = None  # what the service stored (None: not sent, the log says why)
+    curve: dict[int, float] = dataclasses.field(default_factory=dict)  # the smallest-k branch: its steps -> loss
+    examples_ratios: dict[int, float] = dataclasses.field(default_factory=dict)  # k -> E(kB)/E(kmin B) read
 
 
-def fit_critical_batch(batch: float, ks: Sequence[int], gains: Sequence[float],
-                       ses: Sequence[float]) -> tuple[float | None, tuple[float, float] | None, str]:
-    """(B_crit, its 5%..95% interval, a note) from the gains at equal examples of branches k x ``batch``
-    (module docstring): weighted least squares over a log grid, and the same fit on gains redrawn
-    within their standard errors for the interval."""
-    pts = [(k, g, s) for k, g, s in zip(ks, gains, ses, strict=True) if math.isfinite(g) and math.isfinite(s)]
-    if len(pts) < 2 or len({k for k, *_ in pts}) < 2:
-        return None, None, "fewer than two branches with a finite loss: no fit"
-    k1 = min(pts)
-    if k1[1] <= 2 * k1[2]:
-        return None, None, (f"the k = {k1[0]} branch gained {k1[1]:.3g} (standard error {k1[2]:.3g}) in the window: no "
-                            "resolved progress to compare; lengthen the window (steps=) or probe earlier in the run")
+def curve_steps(steps: int, ks: Sequence[int]) -> list[int]:
+    """The smallest-k branch's step counts its loss is read at: every step of its window when that is at
+    most 16 steps, else 4 per octave from the largest branch's step count up (the examples any branch's
+    loss can be matched at lie in that range), always both ends."""
+    lo, hi = steps // max(ks), steps // min(ks)
+    if hi <= 16:
+        return list(range(1, hi + 1))
+    out = {lo, hi}
+    n = float(lo)
+    while n < hi:
+        out.add(min(hi, round(n)))
+        n *= 2 ** 0.25
+    return sorted(out)
+
+
+def _examples_ratio(k: int, gain: float, kmin: int, steps: int, curve: Sequence[tuple[int, float]]) -> float:
+    """E(k B) / E(kmin B) at the loss branch k reached: the window's examples over the examples the smallest-k
+    branch needed for the same gain (read off its curve, linear between its points; (0, 0) its start),
+    kept within [1, k/kmin], perfect and no scaling."""
+    top = k / kmin
+    if gain >= curve[-1][1]:
+        return 1.0  # as far as the smallest batch with the same examples: no cost seen
+    n = None
+    path = [(0, 0.0), *curve]
+    for (n0, g0), (n1, g1) in itertools.pairwise(path):
+        if g0 <= gain <= g1:  # the first stretch of the curve that reaches the gain
+            n = n0 + (gain - g0) / (g1 - g0) * (n1 - n0) if g1 > g0 else n1
+            break
+    if n is None or n <= 0:
+        return top
+    return min(max(steps / (kmin * n), 1.0), top)
+
+
+def _best(batch: float, kmin: int, ks: Sequence[int], ratios: list[list[float]], grid: np.ndarray) -> np.ndarray:
+    """For each row of examples ratios (one per k in ``ks``), the grid's B_crit whose r_k fit it best in log."""
+    k = np.asarray(ks, dtype=float)
+    model = np.log((1 + k[None, :] * batch / grid[:, None]) / (1 + kmin * batch / grid[:, None]))
+    sse = ((np.log(np.asarray(ratios))[:, None, :] - model[None, :, :]) ** 2).sum(axis=2)
+    return grid[sse.argmin(axis=1)]
+
+
+def fit_critical_batch(batch: float, ks: Sequence[int], steps: int, curve: Sequence[tuple[int, float, float]],
+                       gains: Sequence[float], ses: Sequence[float]) -> tuple[float | None, tuple[float, float] | None,
+                                                                             str, dict[int, float]]:
+    """(B_crit, its 5%..95% interval, a note, each branch's examples ratio) from branches k x ``batch`` of
+    ``steps // k`` steps (module docstring): each branch's gain is matched on the smallest-k branch's
+    ``curve`` of (its steps, gain, standard error), giving the examples ratio r_k = E(kB)/E(kmin B) at that
+    loss, and r_k = (1 + kB/B_crit)/(1 + kmin B/B_crit) is fitted in log over a log grid; the interval
+    from the same reading of gains redrawn within their standard errors."""
+    kmin = min(ks)
+    pts = [(k, g, s) for k, g, s in zip(ks, gains, ses, strict=True) if k != kmin and math.isfinite(g) and math.isfinite(s)]
+    line = [(n, g, s) for n, g, s in curve if math.isfinite(g) and math.isfinite(s)]
+    if not pts or not line:
+        return None, None, "fewer than two branches with a finite loss: no fit", {}
+    final = line[-1]
+    if final[1] <= 2 * final[2]:
+        return None, None, (f"the k = {kmin} branch gained {final[1]:.3g} (standard error {final[2]:.3g}) in the "
+                            "window: no resolved progress to compare; lengthen the window (steps=) or probe earlier "
+                            "in the run"), {}
     kmax = max(k for k, *_ in pts)
-    grid = [kmax * batch * 2.0 ** (-6 + 20 * i / (_GRID - 1)) for i in range(_GRID)]
-    best = _best(batch, pts, [g for _, g, _ in pts], grid)
+    grid = kmax * batch * 2.0 ** (-6 + 20 * np.arange(_GRID) / (_GRID - 1))
+
+    def read(gain_of: Callable[[float, float], float]) -> list[float]:
+        c = [(n, gain_of(g, s)) for n, g, s in line]
+        return [_examples_ratio(k, gain_of(g, s), kmin, steps, c) for k, g, s in pts]
+
+    ratios = read(lambda g, s: g)
     rng = random.Random(0)  # its own generator: the caller's random state is not drawn from
-    draws = sorted(_best(batch, pts, [g + s * rng.gauss(0.0, 1.0) for _, g, s in pts], grid) for _ in range(_DRAWS))
+    drawn = [read(lambda g, s: g + s * rng.gauss(0.0, 1.0)) for _ in range(_DRAWS)]
+    fits = _best(batch, kmin, [k for k, *_ in pts], [ratios, *drawn], grid).tolist()
+    best, draws = fits[0], sorted(fits[1:])
     lo, hi = draws[int(0.05 * _DRAWS)], draws[int(0.95 * _DRAWS) - 1]
-    top, bottom = grid[-1], grid[0]
-    span = f"k x B spans {min(k for k, *_ in pts) * batch:.4g}..{kmax * batch:.4g}"
+    by_k = {k: r for (k, *_), r in zip(pts, ratios, strict=True)}
+    top, bottom = float(grid[-1]), float(grid[0])
+    span = f"k x B spans {kmin * batch:.4g}..{kmax * batch:.4g}"
     if best >= top:
-        return None, (lo, math.inf), (f"the gain per example did not fall with k ({span}): B_crit is above the "
-                                      "branches' reach; probe with larger k")
+        return None, (lo, math.inf), (f"the bigger batches cost no examples ({span}): B_crit is above the "
+                                      "branches' reach; probe with larger k"), by_k
     if best <= bottom:
-        return None, (0.0, hi), f"the gain per example fell at once ({span}): B_crit is below B; probe with smaller B"
-    where = "inside" if min(k for k, *_ in pts) * batch <= best <= kmax * batch else "outside (extrapolated)"
+        return None, (0.0, hi), f"the bigger batches gained nothing ({span}): B_crit is below B; probe with smaller B", by_k
+    where = "inside" if kmin * batch <= best <= kmax * batch else "outside (extrapolated)"
     upper = math.inf if hi >= top else hi
     return best, (lo, upper), (f"B_crit {best:.4g} examples, 90% interval {lo:.4g}..{upper:.4g} from the evaluation "
-                               f"sample only (one data order); {span}, the estimate {where} that range")
-
-
-def _best(batch: float, pts: list[tuple[int, float, float]], gains: list[float], grid: list[float]) -> float:
-    w = [1.0 / max(s, 1e-12) ** 2 for _, _, s in pts]
-    best, best_sse = grid[0], math.inf
-    for bc in grid:
-        f = [1.0 / (1.0 + k * batch / bc) for k, _, _ in pts]
-        a = sum(wi * g * fi for wi, g, fi in zip(w, gains, f, strict=True)) / sum(wi * fi * fi for wi, fi in zip(w, f, strict=True))
-        sse = sum(wi * (g - a * fi) ** 2 for wi, g, fi in zip(w, gains, f, strict=True))
-        if sse < best_sse:
-            best, best_sse = bc, sse
-    return best
+                               f"sample only (one data order); {span}, the estimate {where} that range"), by_k
 
 
 class _Snapshot:
@@ -164,9 +216,13 @@ class _Snapshot:
             setattr(self.optimizer, k, v)
         if self.sched is not None:
             self.scheduler.load_state_dict(copy.deepcopy(self.sched))
+        self.train_modes()
+        _set_rng_state(self.rng)
+
+    def train_modes(self) -> None:
+        """Each module's train/eval mode as it was (an evaluation inside a branch switches them)."""
         for m, mode in self.training:
             m.training = mode
-        _set_rng_state(self.rng)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -270,16 +326,19 @@ class BranchProbing:
         factors = {k: _lr_factor(self.recipe.optimizer.name, k * batch_size, batch_size, self.noise) for k in ks}
         window = steps * batch_size
         cost_steps = sum(steps // k for k in ks)
+        kmin, points = min(ks), curve_steps(steps, ks)
         log.info("largebatch: branch probe: %d branches (k = %s) of %d examples each at B = %d: %d training examples "
-                 "in %d optimizer steps, plus %d evaluation micro-batches per rank x %d; the state is restored after",
-                 len(ks), ", ".join(map(str, ks)), window, batch_size, window * len(ks), cost_steps, n_eval,
-                 len(ks) + 1)
+                 "in %d optimizer steps, plus %d evaluation micro-batches per rank x %d (the k = %d branch read at %d "
+                 "points); the state is restored after", len(ks), ", ".join(map(str, ks)), window, batch_size,
+                 window * len(ks), cost_steps, n_eval, len(ks) + len(points), kmin, len(points))
         module = getattr(model, "module", model)
         snap = _Snapshot(module, self.optimizer, self.scheduler)
         per_k: dict[int, list[float]] = {}
+        curve: dict[int, list[float]] = {}
         try:
             with _quiet_steps(self.optimizer, self.noise):
-                base = _evaluate(module, loss_fn, _skip(batches(), steps * micro_batches), n_eval)
+                held = _held_out(_skip(batches(), steps * micro_batches), n_eval)
+                base = _evaluate(module, loss_fn, held)
                 for k in ks:
                     snap.restore(grads=False)
                     for p in module.parameters():
@@ -287,11 +346,17 @@ class BranchProbing:
                     for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=True):
                         g["lr"] = saved["lr"] * factors[k]
                     it = iter(batches())
-                    _train(model, self.optimizer, loss_fn, it, steps // k, k * micro_batches)
-                    per_k[k] = _evaluate(module, loss_fn, it, n_eval)
+                    done = 0
+                    for n in points if k == kmin else [steps // k]:
+                        snap.train_modes()
+                        _train(model, self.optimizer, loss_fn, it, n - done, k * micro_batches)
+                        per_k[k] = _evaluate(module, loss_fn, held)
+                        if k == kmin:
+                            curve[n] = per_k[k]
+                        done = n
         finally:
             snap.restore()
-        result = _summarise(batch_size, window * len(ks), cost_steps, window, base, per_k, factors, world)
+        result = _summarise(batch_size, steps, window * len(ks), cost_steps, base, per_k, curve, factors, world)
         step = getattr(self, "last_step", None)
         examples, tokens = seen(self.recipe.stages, step) if step is not None else (None, None)
         noise = getattr(self.noise, "value", None) if self.noise is not None else None
@@ -371,37 +436,48 @@ def _train(model: Any, optimizer: Any, loss_fn: Callable[[Any, Any], Any], it: I
         optimizer.zero_grad(set_to_none=True)
 
 
-def _evaluate(module: Any, loss_fn: Callable[[Any, Any], Any], it: Iterator[Any], n: int) -> list[float]:
+def _held_out(it: Iterator[Any], n: int) -> list[Any]:
+    return [_take(it) for _ in range(n)]
+
+
+def _evaluate(module: Any, loss_fn: Callable[[Any, Any], Any], held: list[Any]) -> list[float]:
     import torch
 
     module.eval()
     with torch.no_grad():
-        return [float(loss_fn(module, _take(it))) for _ in range(n)]
+        return [float(loss_fn(module, batch)) for batch in held]
 
 
-def _summarise(batch: int, cost_examples: int, cost_steps: int, window: int, base: list[float],
-               per_k: dict[int, list[float]], factors: dict[int, float], world: int) -> BranchProbe:
-    ks = sorted(per_k)
+def _summarise(batch: int, steps: int, cost_examples: int, cost_steps: int, base: list[float],
+               per_k: dict[int, list[float]], curve: dict[int, list[float]], factors: dict[int, float],
+               world: int) -> BranchProbe:
+    ks, points = sorted(per_k), sorted(curve)
     # Per rank: sums over the evaluation micro-batches of the loss before and of each paired difference.
     local = [sum(base), float(len(base))]
-    for k in ks:
-        d = [b - a for b, a in zip(base, per_k[k], strict=True)]
-        local += [sum(per_k[k]), sum(d), sum(x * x for x in d)]
+    for losses in [*(per_k[k] for k in ks), *(curve[n] for n in points)]:
+        d = [b - a for b, a in zip(base, losses, strict=True)]
+        local += [sum(losses), sum(d), sum(x * x for x in d)]
     totals = _dist.total(local) if world > 1 else local
     n = totals[1]
-    losses, gains, ses = {}, {}, {}
-    for i, k in enumerate(ks):
+    read = []  # (mean loss, gain, its standard error) per branch, then per curve point
+    for i in range(len(ks) + len(points)):
         s_loss, s_d, s_d2 = totals[2 + 3 * i: 5 + 3 * i]
-        losses[k], gains[k] = s_loss / n, s_d / n
-        var = max(s_d2 / n - gains[k] ** 2, 0.0) * n / max(n - 1, 1)
-        ses[k] = math.sqrt(var / n) if math.isfinite(var) else math.nan
-    bc, interval, note = fit_critical_batch(batch, ks, [gains[k] for k in ks], [ses[k] for k in ks])
+        gain = s_d / n
+        var = max(s_d2 / n - gain ** 2, 0.0) * n / max(n - 1, 1)
+        read.append((s_loss / n, gain, math.sqrt(var / n) if math.isfinite(var) else math.nan))
+    losses = {k: read[i][0] for i, k in enumerate(ks)}
+    gains = {k: read[i][1] for i, k in enumerate(ks)}
+    ses = {k: read[i][2] for i, k in enumerate(ks)}
+    line = [(p, *read[len(ks) + j][1:]) for j, p in enumerate(points)]
+    bc, interval, note, ratios = fit_critical_batch(batch, ks, steps, line, [gains[k] for k in ks],
+                                                    [ses[k] for k in ks])
     before = totals[0] / n
     if before > 0 and gains[ks[0]] > 0.5 * before:
-        # The fit linearises progress in the examples; a window that takes most of the loss away saturates,
-        # and every branch then looks alike whatever its batch.
-        note += (f"; the window gained {gains[ks[0]] / before:.0%} of the loss, too much for progress to be linear "
-                 "in the examples: a shorter window (steps=) reads the local critical batch")
-    return BranchProbe(step=None, batch_size=batch, window_examples=window, loss_before=before, losses=losses,
+        # Most of the loss gone in the window: every branch ends near the floor whatever its batch, and
+        # the loss no longer tells the examples apart.
+        note += (f"; the window gained {gains[ks[0]] / before:.0%} of the loss, near its floor: a shorter window "
+                 "(steps=) reads the local critical batch")
+    return BranchProbe(step=None, batch_size=batch, window_examples=steps * batch, loss_before=before, losses=losses,
                        gains=gains, gain_se=ses, lr_factors=dict(factors), critical_batch=bc, interval=interval,
-                       note=note, cost_examples=cost_examples, cost_steps=cost_steps)
+                       note=note, cost_examples=cost_examples, cost_steps=cost_steps,
+                       curve={p: read[len(ks) + j][0] for j, p in enumerate(points)}, examples_ratios=ratios)

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from largebatch.client import Client  # noqa: E402
-from largebatch.client._probe import fit_critical_batch  # noqa: E402
+from largebatch.client._probe import curve_steps, fit_critical_batch  # noqa: E402
 
 from ._training import BATCH, IN, REFERENCE, Data, train  # noqa: E402
 
@@ -78,6 +78,9 @@ def test_branch_probe_restores_everything_bit_for_bit(service, client, caplog):
     assert result.cost_steps == 8 + 4 + 2
     assert result.lr_factors == {1: 1.0, 2: pytest.approx(math.sqrt(2)), 4: pytest.approx(2.0)}
     assert result.gains[1] > 3 * result.gain_se[1] > 0  # early in training: the window's progress is resolved
+    # the k = 1 branch read at each of its 8 steps, its last point the window's end
+    assert sorted(result.curve) == list(range(1, 9)) and result.curve[8] == result.losses[1]
+    assert set(result.examples_ratios) == {2, 4} and all(1 <= r <= k for k, r in result.examples_ratios.items())
     assert all(result.loss_before - result.losses[k] == pytest.approx(result.gains[k]) for k in result.losses)
     assert result.note
     logged = [r.getMessage() for r in caplog.records if "branch probe" in r.getMessage()]
@@ -128,16 +131,36 @@ def test_branch_probe_bad_input(service, client):
         job.fail("test over")
 
 
-def test_fit_recovers_a_known_critical_batch():
-    batch, bc = 100.0, 300.0
-    ks = (1, 2, 4, 8, 16)
-    gains = [0.2 / (1 + k * batch / bc) for k in ks]
-    got, (lo, hi), note = fit_critical_batch(batch, ks, gains, [1e-4] * len(ks))
-    assert got == pytest.approx(bc, rel=0.03) and lo <= got <= hi and hi / lo < 1.3 and "inside" in note
-    # gains that do not fall: the critical batch is beyond the branches, not a number
-    got, interval, note = fit_critical_batch(batch, ks, [0.2] * len(ks), [1e-3] * len(ks))
-    assert got is None and interval[1] == math.inf and "above" in note
-    got, interval, note = fit_critical_batch(batch, ks, [1e-4] * len(ks), [1e-3] * len(ks))
+def _synthetic(batch: float, bc: float, ks: tuple[int, ...], steps: int, tau: float = 3000.0):
+    """The smallest branch's gain along its window and each branch's final gain where reaching a loss at
+    batch b takes E_min (1 + b/B_crit) examples: branch k's window counts as W (1 + B/B_crit) / (1 + kB/B_crit)
+    examples at B; the loss falls in the examples as 1 - exp(-e/tau), so not linearly."""
+    def gain(examples):
+        return 0.5 * (1 - math.exp(-examples / tau))
+    kmin = min(ks)
+    window = steps * batch
+    curve = [(n, gain(n * kmin * batch), 1e-5) for n in curve_steps(steps, ks)]
+    gains = [gain(window * (1 + kmin * batch / bc) / (1 + k * batch / bc)) for k in ks]
+    return curve, gains
+
+
+def test_fit_recovers_a_known_critical_batch_at_equal_loss():
+    batch, ks, steps = 100.0, (1, 2, 4, 8, 16), 64
+    assert curve_steps(steps, ks) == [4, 5, 6, 7, 8, 10, 11, 13, 16, 19, 23, 27, 32, 38, 45, 54, 64]
+    assert curve_steps(8, (1, 2, 4, 8)) == list(range(1, 9))
+    for bc in (300.0, 1000.0):
+        curve, gains = _synthetic(batch, bc, ks, steps)
+        got, (lo, hi), note, ratios = fit_critical_batch(batch, ks, steps, curve, gains, [1e-5] * len(ks))
+        assert got == pytest.approx(bc, rel=0.03) and lo <= got <= hi and hi / lo < 1.3 and "inside" in note
+        for k in ks[1:]:
+            assert ratios[k] == pytest.approx((1 + k * batch / bc) / (1 + batch / bc), rel=0.03)
+    # every branch as far as the smallest at equal examples: the critical batch is beyond the branches
+    flat = [(n, 0.2 * n / 64, 1e-3) for n in curve_steps(steps, ks)]
+    got, interval, note, ratios = fit_critical_batch(batch, ks, steps, flat, [0.2] * len(ks), [1e-3] * len(ks))
+    assert got is None and interval[1] == math.inf and "above" in note and set(ratios.values()) == {1.0}
+    # no resolved progress in the window: nothing to compare
+    tiny = [(n, 1e-4, 1e-3) for n in curve_steps(steps, ks)]
+    got, interval, note, _ = fit_critical_batch(batch, ks, steps, tiny, [1e-4] * len(ks), [1e-3] * len(ks))
     assert got is None and interval is None and "lengthen the window" in note
 
 

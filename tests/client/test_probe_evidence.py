@@ -18,6 +18,12 @@ from ._training import BATCH, REFERENCE, Data  # noqa: E402
 from .test_branch_probe import FAST, loss_fn, make_model, stream  # noqa: E402
 
 
+def small_stream():
+    data = Data(7)
+    while True:
+        yield data.batch(8)
+
+
 def _train(job, model, data, steps: range) -> None:
     for step in steps:
         for _ in range(2):
@@ -40,16 +46,18 @@ def test_the_probe_is_sent_stored_and_calibrates_the_study(service, caplog):
         data = Data(1)
         with job:
             _train(job, model, data, range(20))
-            result = job.branch_probe(model, stream, loss_fn, ks=(1, 2, 4, 8), steps=16, micro_batches=2)
+            # this model's critical batch is ~10-20 examples (far below its batch of 128): branches from B = 8 span it
+            result = job.branch_probe(model, small_stream, loss_fn, ks=(1, 2, 4, 8), steps=16, micro_batches=1,
+                                      batch_size=8)
             _train(job, model, data, range(20, 24))
             job.complete(0.0)
-        assert result.critical_batch is not None, result.note
+        assert result.critical_batch is not None, (result.note, result.examples_ratios)
         assert result.step == 19 and result.examples_seen == seen(job.recipe.stages, 19)[0] == 20 * BATCH
         assert result.noise_scale == pytest.approx(noise.value, rel=0.5) and result.noise_scale > 0
         stored = result.stored
         assert stored is not None and stored.run_id == job.run.id and stored.step == 19
         assert stored.critical_batch == result.critical_batch and stored.noise_scale == result.noise_scale
-        assert stored.ks == [1, 2, 4, 8] and stored.batch_size == BATCH and stored.window_examples == 16 * BATCH
+        assert stored.ks == [1, 2, 4, 8] and stored.batch_size == 8 and stored.window_examples == 16 * 8
         assert stored.critical_batch_low <= stored.critical_batch
         out = client.critical_batch(study)
         assert out.calibration.measured == 1
