@@ -18,7 +18,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydantic import ValidationError
 
+from largebatch.scaling_rules.models import NoisePoint, Reference
 from largebatch.scaling_rules.stats import t_quantile
 from largebatch.scaling_rules.wire import (
     CriticalBatchCalibration,
@@ -32,7 +34,8 @@ from largebatch.service.storage import StudyStore
 from largebatch.service.storage.records import RunTrajectory
 from largebatch.service.storage.trajectory import bucket_of
 
-__all__ = ["BOOTSTRAP_RUNS", "MAX_MEASURED", "CriticalBatchOut", "calibrate", "critical_batch", "fit_power_law"]
+__all__ = ["BOOTSTRAP_RUNS", "MAX_MEASURED", "CriticalBatchOut", "calibrate", "critical_batch", "fit_power_law",
+           "reference_trajectory"]
 
 CURVE_POINTS = 32  # the fitted curve, log-spaced over the examples the runs covered (never beyond)
 MAX_RUNS = 64  # the newest runs with a trajectory that one answer pools
@@ -176,3 +179,39 @@ def critical_batch(store: StudyStore, namespace: str, study: str) -> CriticalBat
             c.tokens_seen = c.examples_seen * per_example
     out.fit = fit
     return out
+
+
+def reference_trajectory(out: CriticalBatchOut, ref: Reference) -> tuple[list[NoisePoint] | None, str]:
+    """The study's calibrated curve as ``ref.noise_trajectory`` (None when it cannot be one), and what fed it.
+
+    The curve is in the runs' examples. Where the runs also counted tokens and the reference has a seq_len,
+    it goes over in tokens (B_noise is per token, so a reference with other sequences reads it in its own);
+    otherwise the reference's sequences are taken to be the runs'."""
+    cal = out.calibration
+    if out.fit is None:
+        return None, f"no fitted critical batch curve: {out.reason}"
+    fit = out.fit
+    measured = f"from {cal.measured} measured critical batch(es)" if cal.measured else "no measured critical batch"
+    what = (f"the study's critical batch along the run, B_noise = {fit.coefficient:.4g} x examples^{fit.exponent:.3g} "
+            f"fitted over {out.runs} run(s)' trajectories (of {out.runs_with_trajectory} with one), x calibration "
+            f"factor {cal.factor:.3g} ({measured})")
+    per_example = None
+    if ref.seq_len is not None and all(p.tokens_seen is not None for p in fit.points):
+        per_example = fit.points[0].tokens_seen / fit.points[0].examples_seen  # type: ignore[operator]
+    elif ref.batch_size is None:
+        return None, f"{what}; not used: the reference gives neither batch_size nor seq_len to read it in"
+    to_ref = 1.0 if per_example is None else per_example / ref.seq_len  # type: ignore[operator]
+    points: list[NoisePoint] = []
+    try:
+        for p in fit.points:
+            seen = p.examples_seen if per_example is None else p.tokens_seen
+            if points and seen <= points[-1].seen:  # type: ignore[operator]
+                continue  # a band that narrow in log collapses points: the engine takes strictly increasing ones
+            points.append(NoisePoint(**{"examples_seen" if per_example is None else "tokens_seen": seen},
+                                     noise_scale=p.noise_scale * to_ref, noise_scale_low=p.noise_scale_low * to_ref))
+    except ValidationError as e:
+        return None, f"{what}; not used: outside the engine's range ({e.errors()[0]['msg']})"
+    unit = "examples" if per_example is None else "tokens" + (
+        f" (B_noise x {to_ref:.4g}: per token, in the reference's sequences)" if to_ref != 1 else "")
+    return points, (f"{what}: given to the engine as reference.noise_trajectory, {len(points)} points over "
+                    f"{points[0].seen:.4g}..{points[-1].seen:.4g} {unit}, noise_scale_low the band's lower end")

@@ -12,7 +12,9 @@ from largebatch.scaling_rules.engine import recommend
 from largebatch.scaling_rules.evidence import BatchSummary
 from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
 from largebatch.scaling_rules.models import Recipe, RecommendationRequest
+from largebatch.scaling_rules.wire import CriticalBatchOut
 from largebatch.service.convert import MAX_BIGINT, check_recipe
+from largebatch.service.critical_batch import critical_batch, reference_trajectory
 from largebatch.service.lru import Lru
 from largebatch.service.storage.base import StudyStore
 
@@ -39,6 +41,7 @@ class Evidence:
         self.warnings: list[str] = []
         self.direction = "minimize"
         self.noise_scale: float | None = None  # the median B_noise the study's runs measured
+        self.critical: CriticalBatchOut | None = None  # the study's fitted critical batch along the run
         self.serial: int | None = None  # the cached read this came from (same serial, same evidence)
 
 
@@ -50,6 +53,7 @@ class _Fitted:
     read: Any  # the store's last EvidenceRead of the study
     read_at: float
     generation: int  # the cache's write count when that read began
+    critical: CriticalBatchOut
     serial: int | None = None  # names what the engine sees (answers are memoised under it), None: not cached
 
 
@@ -123,13 +127,16 @@ def _fitted(store: StudyStore, namespace: str, study: str, band: tuple[str, int,
                                known_version=cached.version if cached else None)
     serial = None
     if read.runs is None and cached is not None:
-        runs, model = cached.runs, cached.model
+        runs, model, critical = cached.runs, cached.model, cached.critical
         if _same_inputs(read, cached.read):  # the engine would see the same evidence: its answers still hold
             serial = cached.serial
     else:
         runs = read.runs or []
         model = EvidenceModel.from_runs(runs, direction=read.study.direction)
-    entry = _Fitted(read.version, runs, model, read, began[1], began[0], serial)
+        # The critical batch along the run is fitted with the runs, once per version of the study's evidence
+        # (a run opened or finished, a critical batch measured): bounded reads, the newest 64 trajectories.
+        critical = critical_batch(store, namespace, study)
+    entry = _Fitted(read.version, runs, model, read, began[1], began[0], critical, serial)
     if cache is not None:
         cache.put(key, entry)
     return entry
@@ -181,6 +188,7 @@ def gather_history(store: StudyStore, namespace: str, study: str | None, request
     ev.direction = record.direction
     ev.history = [*read.history, *read.family_history]
     ev.noise_scale = read.noise_scale
+    ev.critical = f.critical
     if record.model_family != request.model.family or record.model_params != request.model.params:
         ev.warnings.append(
             f"study {study!r} is for a {record.model_family} of {record.model_params:,} parameters; this request "
@@ -206,12 +214,31 @@ def summarise_warnings(warnings: list[str]) -> list[str]:
     return [*rest[:first], line, *rest[first:]]
 
 
+def _with_study_curve(request: RecommendationRequest, evidence: Evidence) -> tuple[RecommendationRequest, str | None]:
+    """The request with the study's critical batch curve as its reference's noise trajectory, where the
+    request measured none itself and the curve can be one; and the reason that says what fed the recipe."""
+    ref = request.reference
+    if ref is None or ref.noise_scale is not None or ref.noise_trajectory is not None or evidence.critical is None:
+        return request, None
+    points, why = reference_trajectory(evidence.critical, ref)
+    if points is not None:
+        update = {"reference": ref.model_copy(update={"noise_trajectory": points})}
+        return request.model_copy(update=update), why
+    if evidence.noise_scale is None:
+        return request, None
+    return request, (f"critical batch from the study: the median B_noise of its newest runs, "
+                     f"{evidence.noise_scale:.4g} examples, a constant along the run ({why})")
+
+
 def compute_recipe(request: RecommendationRequest, evidence: Evidence | None = None) -> Recipe:
     if evidence is None:
         recipe = recommend(request)
     else:
+        request, fed = _with_study_curve(request, evidence)
         recipe = recommend(request, history=evidence.history, evidence=evidence.model if evidence.runs else (),
                            direction=evidence.direction, noise_scale=evidence.noise_scale)
+        if fed is not None:
+            recipe.rationale.append(fed)
         if evidence.history:
             n = sum(h.n_runs for h in evidence.history)
             recipe.rationale.append(f"history: {n} past run(s) over "

@@ -313,10 +313,13 @@ def report(id: RunId, body: Annotated[ReportBody, Body()], principal: Writer, st
                 "`GET /v1/studies/{name}/critical-batch` calibrates its curve with them.",
     openapi_extra=body_doc(MeasuredCriticalBatchIn),
 )
-def record_critical_batch(id: RunId, principal: Writer, store: StoreDep,
+def record_critical_batch(id: RunId, principal: Writer, store: StoreDep, request: Request,
                           body: Annotated[MeasuredCriticalBatchIn, strict_body(MeasuredCriticalBatchIn)]) -> Response:
     _owned_run(store, principal.namespace, id)
-    stored, created = store.add_critical_batch(id, body)
+    stored, created, revived = store.add_critical_batch(id, body)
+    if revived:
+        request.app.state.metrics.revived.inc()
+    request.app.state.evidence_cache.written()  # the study's calibration moved: recipes see it at once
     resp = _json(stored)
     resp.status_code = status.HTTP_201_CREATED if created else status.HTTP_200_OK
     return resp

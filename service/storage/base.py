@@ -311,9 +311,9 @@ class StudyStore(ApiKeyStore):
 
     @abc.abstractmethod
     def add_critical_batch(self, run_id: int, measurement: wire.MeasuredCriticalBatchIn
-                           ) -> tuple[wire.MeasuredCriticalBatch, bool]:
+                           ) -> tuple[wire.MeasuredCriticalBatch, bool, bool]:
         """Record a critical batch measured by branching on a running run (a swept one is revived);
-        (the stored one, created). The same measurement at the same step again is the stored one (False).
+        (the stored one, created, revived). The same measurement at the same step again is the stored one.
 
         Raises:
             NotFound: No such run.
@@ -458,8 +458,9 @@ class StudyStore(ApiKeyStore):
                       family_band: tuple[str, int, int] | None = None, known_version: tuple | None = None) -> Any:
         """What a recommendation reads of a study, in one transaction (an ``EvidenceRead``): the study,
         its per-batch summaries (and, with ``family_band``, its family's), the median noise scale, a
-        ``version`` of its evidence that changes whenever one of those runs is opened or finishes, and
-        the finished runs as :meth:`evidence` gives them, or None when ``known_version`` is current.
+        ``version`` of its evidence that changes whenever one of those runs is opened or finishes or the study
+        records a measured critical batch, and the finished runs as :meth:`evidence` gives them, or None when
+        ``known_version`` is current.
 
         Raises:
             NotFound: No such study.

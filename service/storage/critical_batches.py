@@ -9,10 +9,11 @@ newest :data:`MAX_MEASURED_READ` by the ``(study_id, id)`` index.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Connection
 
 from largebatch.scaling_rules.wire import MAX_MEASURED_PER_RUN, MeasuredCriticalBatch, MeasuredCriticalBatchIn
@@ -49,18 +50,24 @@ class CriticalBatchOps:
     ``_write`` and the runs part's ``_lock_running``)."""
 
     def add_critical_batch(self, run_id: int, measurement: MeasuredCriticalBatchIn
-                           ) -> tuple[MeasuredCriticalBatch, bool]:
+                           ) -> tuple[MeasuredCriticalBatch, bool, bool]:
         _int("run_id", run_id, minimum=0)
         m = checked(measurement)
         t = sch.lb_critical_batches
 
-        def tx(conn: Connection) -> tuple[MeasuredCriticalBatch, bool]:
+        def tx(conn: Connection) -> tuple[MeasuredCriticalBatch, bool, bool]:
             run = self._lock_running(conn, run_id, "record a measured critical batch")  # type: ignore[attr-defined]
+            revived = run.get("revived", False)
+            if revived:  # the sweeper took its lease: a live run needs one again, or no sweep would ever see it
+                r = sch.lb_runs
+                now = _now()
+                conn.execute(update(r).where(r.c.run_id == run_id).values(
+                    updated_at=now, lease_expires_at=now + timedelta(seconds=run["lease_seconds"])))
             same_step = conn.execute(select(t).where(t.c.run_id == run_id, t.c.step == m.step)).first()
             if same_step is not None:
                 old = _record(same_step)
                 if old.model_dump(include={*_FIELDS, "ks"}) == m.model_dump():
-                    return old, False
+                    return old, False, revived
                 raise Conflict(f"run {run_id} already has a different measured critical batch at step {m.step}")
             n = conn.execute(select(func.count()).select_from(t).where(t.c.run_id == run_id)).scalar_one()
             if n >= MAX_MEASURED_PER_RUN:
@@ -70,7 +77,8 @@ class CriticalBatchOps:
             now = _now()
             new_id = conn.execute(t.insert().values(**fields, ks=",".join(map(str, m.ks)), run_id=run_id,
                                                     study_id=run["study_id"], created_at=now)).inserted_primary_key[0]
-            return MeasuredCriticalBatch(id=new_id, run_id=run_id, ks=m.ks, created_at=_aware(now), **fields), True
+            stored = MeasuredCriticalBatch(id=new_id, run_id=run_id, ks=m.ks, created_at=_aware(now), **fields)
+            return stored, True, revived
 
         return self._write(tx)  # type: ignore[attr-defined]
 

@@ -1,6 +1,6 @@
 """All a recommendation reads of a study, in one transaction: the study, its per-batch summaries (and its
-family's), the median noise scale, a version of its evidence, and its finished runs unless the caller's
-copy is of that version already.
+family's), the median noise scale, a version of its evidence (runs opened and finished, the newest measured
+critical batch), and its finished runs unless the caller's copy is of that version already.
 """
 
 from __future__ import annotations
@@ -68,7 +68,11 @@ class EvidenceOps:
                                         s.c.direction == own.direction))
             # The summaries count every run opened and finished, per batch size: their counts version the
             # evidence (a finished run never changes again; a deleted study's id comes with a new created_at).
-            version = (own.study_id, own.created_at, family_band,
+            # The newest measured critical batch (by the (study, id) index) versions the study's calibration.
+            c = sch.lb_critical_batches
+            measured = conn.execute(select(c.c.id).where(c.c.study_id == own.study_id)
+                                    .order_by(c.c.id.desc()).limit(1)).scalar()
+            version = (own.study_id, own.created_at, family_band, measured,
                        tuple(sorted((x.study_id, x.batch_size, x.n_runs, x.n_completed, x.n_diverged)
                                     for x in [*rows, *family_rows])))
             # The noise scale of the study's newest runs: by (study, number), bounded whatever the study's size.

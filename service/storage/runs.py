@@ -388,11 +388,11 @@ class RunOps:
         return self._read(tx)
 
     def _lock_running(self, conn: Connection, run_id: int, action: str) -> Any:
-        """The run's row (locked on PostgreSQL), revived if the sweeper preempted it; NotFound, or
-        Conflict if it finished."""
+        """The run's row (locked on PostgreSQL), revived if the sweeper preempted it (then its ``revived``
+        is True: the caller says so without reading the run again); NotFound, or Conflict if it finished."""
         row = locked_run(conn, run_id, lock=self._pg)
         if row["state"] == "preempted" and row["swept"]:
-            return self._revive(conn, row)
+            return {**self._revive(conn, row), "revived": True}
         if row["state"] != "running":
             raise Conflict(f"run {run_id} is {row['state']}, not running: cannot {action}")
         return row

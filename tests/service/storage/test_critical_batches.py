@@ -5,6 +5,8 @@ backend."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 from sqlalchemy import create_engine, func, inspect, select, text
 
@@ -31,13 +33,13 @@ def _rows(store) -> int:
 def test_a_measurement_is_stored_once_per_step_and_read_newest_first(store):
     _study(store)
     run = _run(store)
-    first, created = store.add_critical_batch(run.id, _m(10, tokens_seen=1e6, critical_batch_high=None))
+    first, created, _ = store.add_critical_batch(run.id, _m(10, tokens_seen=1e6, critical_batch_high=None))
     assert created and first.run_id == run.id and first.ks == [1, 2, 4, 8] and first.critical_batch_high is None
-    again, created = store.add_critical_batch(run.id, _m(10, tokens_seen=1e6, critical_batch_high=None))
+    again, created, _ = store.add_critical_batch(run.id, _m(10, tokens_seen=1e6, critical_batch_high=None))
     assert not created and again == first  # a resend after a lost answer
     with pytest.raises(Conflict, match="step 10"):
         store.add_critical_batch(run.id, _m(10, critical_batch=310.0))
-    second, _ = store.add_critical_batch(run.id, _m(20, noise_scale=None))
+    second, _, _ = store.add_critical_batch(run.id, _m(20, noise_scale=None))
     total, items = store.measured_critical_batches("team", "bert")
     assert total == 2 and items == [second, first] and items[0].noise_scale is None
     assert store.measured_critical_batches("team", "bert", limit=1) == (2, [second])
@@ -76,6 +78,22 @@ def test_bad_measurements_are_refused_naming_the_field_and_nothing_is_stored(sto
     with pytest.raises(InvalidArgument, match="MeasuredCriticalBatchIn"):
         store.add_critical_batch(run.id, dict(_m()))  # type: ignore[arg-type]
     assert _rows(store) == 0
+
+
+def test_a_measurement_revives_a_swept_run_says_so_and_gives_it_a_lease_again(store):
+    _study(store)
+    run = _run(store, lease_seconds=60)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    assert store.expire_leases(now=later) == [run.id]
+    stored, created, revived = store.add_critical_batch(run.id, _m(10))
+    assert created and revived
+    back = store.get_run(run.id)
+    assert back.state == "running" and back.lease_expires_at is not None
+    assert store.add_critical_batch(run.id, _m(10)) == (stored, False, False)  # running: nothing revived
+    assert store.add_critical_batch(run.id, _m(20))[1:] == (True, False)
+    assert store.expire_leases(now=later + timedelta(hours=1)) == [run.id]  # the sweeper sees it again
+    assert store.add_critical_batch(run.id, _m(10)) == (stored, False, True)  # a resend revives it too
+    assert store.get_run(run.id).state == "running"
 
 
 def test_deleting_the_study_deletes_its_measurements(store):
