@@ -99,7 +99,7 @@ def test_quick_run_writes_both_parts_for_both_tasks(tmp_path):
         for r in tests:
             assert VERDICT.match(r[8]), r[8]
         assert re.search(r"\d+ / \d+: -?\d+% fewer \(>= 30%: (yes|\*\*no\*\*)\)", tests[0][9]), tests[0][9]
-        assert f"- {task}: ramp " in table and "power (80%" in table and "quick mode: 3 seeds" in table
+        assert f"- {task}: reference run at B0 " in table and "power (80%" in table and "quick mode: 3 seeds" in table
     data = json.loads((tmp_path / "batch_warmup.json").read_text())
     assert data["quick"] is True and [t["task"] for t in data["tasks"]] == ["lm", "mlp"]
     for t in data["tasks"]:
