@@ -1,39 +1,36 @@
-"""The critical batch size of the benchmark tasks, fitted from steps-to-target, against the client's B_noise.
+"""The critical batch size of the benchmark tasks, from steps-to-target, against the client's B_noise.
 
-Real CPU training (issue #11) on the two tasks of ``scaling_fidelity.py`` (a tiny LM and an MLP):
+Real CPU training on the two tasks of ``scaling_fidelity.py`` (a tiny LM and an MLP), with the
+steps-to-target protocol of Shallue et al. 2019 (helpers in ``_steps_to_target.py``):
 
-1. a pilot at 8x the reference batch B0 fixes the target loss (where the pilot ends) and, on the
+1. a pilot at 8x the reference batch B0 fixes the target loss (97% of the pilot's gain) and, on the
    way, measures the gradient noise scale with the client's
-   :class:`~largebatch.client.optim.GradientNoiseScale` (gradient accumulation, micro-batches of
-   B0, every micro-batch's norm read by a tensor hook): the simple B_noise = tr(Sigma)/|G|^2 and,
-   from the same gradients, the Adam-preconditioned B_pre = tr(P Sigma)/(G^T P G),
-   P = diag(1/(sqrt(v_hat) + eps)) (``preconditioner=`` the pilot's Adam), both read at the pilot's end;
-2. at >= 5 batch sizes from B0 to 64 B0, the steps to reach that target, with Adam at a constant LR
-   (after a short warmup) tuned per batch on a small grid around sqrt scaling, extended upwards
-   while the best LR is the grid's largest;
-3. a fit of McCandlish et al. 2018 eq. 2.11, ``(S/S_min - 1)(E/E_min - 1) = 1``, i.e.
-   ``S = S_min + E_min / B`` (linear in 1/B; least squares in relative error), and
-   ``B_crit = E_min / S_min``;
-4. the examples ratio E(B)/E(B0) at 16x and 64x, measured and as B_noise (and B_pre) predicts it:
-   ``(1 + B/B_noise) / (1 + B0/B_noise)``, and the range of B_noise whose prediction is within 25%;
-5. the same fit at shallower targets (80, 90, 95% of the pilot's gain), read from the same runs,
-   against both estimators where the pilot first reached each target;
-6. over the pilot's last steps, B_simple at each step's own (frozen) parameters from thousands of
-   fresh examples (the client's ``probe_noise_scale``): how B_noise varies along the trajectory, against the
-   in-training EMA estimate, which is a ratio of means (|G|^2 averaged over the steps) and so reads
-   near the *harmonic* mean of the local values when |G| swings from step to step.
+   :class:`~largebatch.client.optim.GradientNoiseScale` (micro-batches of B0, a 100-step EMA, read at
+   the pilot's end): the simple B_noise = tr(Sigma)/|G|^2 and, from the same gradients, the
+   Adam-preconditioned B_pre = tr(P Sigma)/(G^T P G), P = diag(1/(sqrt(v_hat) + eps));
+2. at each batch size, Adam at a constant LR (after a 5-step warmup) re-tuned on a sqrt(2)-spaced grid
+   around sqrt scaling against the mean steps-to-target of the tuning seeds, widened past an edge
+   while the best LR sits there; then fresh seeds (never used for tuning) at the chosen LR. The loss is
+   that of exponentially averaged weights, and the step where it crosses the target is interpolated
+   (linearly in log step) between evaluation points 10% apart;
+3. McCandlish et al. 2018 eq. 2.11, S = S_min (1 + B_crit/B), fitted to the fresh seeds' mean steps
+   (least squares in relative error), with its own RMS relative residual: above 15% the hyperbola
+   does not describe the task, and the task is not scored on it;
+4. 95% bootstrap intervals (each batch's fresh seeds resampled on their own, refitted) on B_crit, on
+   B_noise/B_crit, on the measured examples ratio E(B)/E(B0) at 16x and 64x;
+5. dose-response: the MLP again with training labels replaced by random classes with probability q:
+   the ratio of measured critical batches between noise levels against the ratio of the pilots' B_noise;
+6. the same fit at shallower targets from the fresh seeds' curves, and, over the pilot's last steps,
+   B_simple at each step's frozen parameters from thousands of fresh examples (``probe_noise_scale``).
 
-With ``--seeds N`` (the full run: 3) each batch's tuned LR is run again at N - 1 more seeds (other
-initialisations and data orders); steps-to-target is their mean, and the fit and the examples ratios
-use that mean: on the MLP one batch's steps-to-target varied by up to 73% between seeds (README),
-more than the examples ratio the goal is about moves.
+Verdicts are computed from the intervals: "yes" when the interval lies inside the goal's band, "no"
+when outside it, "undecided" when it straddles an edge; "not scored" where the hyperbola does not fit.
 
-The goal is judged on the simple B_noise, the client's default: for Adam, the optimal-step noise
-scale is tr(PHP Sigma)/(G^T PHP G), which is B_pre only where PH ~ I and the simple one where
-PHP ~ I (P ~ diag(H)^(-1/2), Adam's second moment tracking a Fisher ~ H); B_pre is reported beside
-it to show which the data favour.
+The goals: B_noise within 3x of B_crit (2x the stretch); the examples ratio B_noise predicts within 25%
+of the measured one at 16x and 64x; the dose-response's predicted ratio within 1.5x of the measured one.
 
-Usage: ``python benchmarks/critical_batch.py [--quick] [--seeds N] [--out DIR] [--tasks lm,mlp]``.
+Usage: ``python benchmarks/critical_batch.py [--quick] [--seeds N] [--out DIR] [--tasks lm,mlp]`` (the
+full run: about 40 minutes on one quiet thread, most of it the LM's largest batches; ``--quick``: 75 s).
 Writes ``critical_batch.md`` (the README tables) and ``critical_batch.json``.
 """
 
@@ -45,190 +42,88 @@ import math
 import pathlib
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _steps_to_target as stt
 import scaling_fidelity as sf  # the tasks are shared with the fidelity benchmark
 
 from largebatch.client.optim import GradientNoiseScale, probe_noise_scale
 
-WARMUP_STEPS = 5  # Adam needs a few steps to settle its second moments; short next to every S here
 PILOT_SCALE = 8
 # A 100-step memory for the pilot's estimators (as in scaling_fidelity.py): at 8 B0 the MLP's batch is
-# far below B_noise near the target, where one step's |G|^2 estimate is mostly noise; with the
-# default 20-step EMA the value read at the pilot's end swung from 500 to 2300 (and to NaN, a
-# negative |G|^2) between runs and seeds.
+# far below B_noise near the target, where one step's |G|^2 estimate is mostly noise.
 PILOT_EMA = 0.99
-ADAM_LR = {"lm": 3e-3, "mlp": 2e-3}  # at B0; the grid spans 4x around sqrt scaling from here
+PILOT_SEED = 10_000
 TARGET_FRACTION = 0.97  # target = initial loss - 97% of what the pilot gained
-# Shallower targets read from the same runs (they stop at the deepest, so every shallower one has been
-# crossed by then): does B_noise track B_crit as the target moves? LRs are tuned for the 97% target.
-SHALLOW_FRACTIONS = (0.8, 0.9, 0.95)
-# The pilot's last PROBE_STEPS steps are each measured at their frozen parameters from PROBE_EXAMPLES
-# fresh examples (micro-batches of PROBE_MICRO): many times B_noise, so |G|^2 is resolved at one step.
+SHALLOW_FRACTIONS = (0.8, 0.9, 0.95)  # read from the same fresh runs: does B_noise track B_crit with depth?
 PROBE_STEPS = 25
-PROBE_EXAMPLES = {"lm": 2048, "mlp": 4096}
 PROBE_MICRO = 32
-
-
-@dataclass
-class Point:
-    batch: int
-    lr: float
-    steps: float | None  # steps to the target (the mean over seeds), None if a seed did not reach it
-    cap: int
-    seconds: float
-    seed_steps: list[int | None] = field(default_factory=list)  # per seed, seed 0 first (the LR was tuned on it)
+TUNE_SEEDS = (0, 1)
+# Fresh seeds are FRESH_SEED_BASE + 100 j + i at the j-th batch: disjoint from the tuning seeds and the
+# pilot's, and different at every batch, so the batches' steps are independent, as the bootstrap assumes.
+FRESH_SEED_BASE = 1000
+SCALES = (16, 64)  # the examples ratio's goal: within 25% at these multiples of B0
+CONFIG = {
+    # batch multiples of B0 per task, the LR grid (powers of sqrt 2 around sqrt scaling), pilot steps,
+    # probe examples, label-noise levels (the dose-response, on the MLP's multiples), fresh seeds
+    # Adam's LR at B0 centres the grid, times sqrt(B/B0); the quick LM, a smaller model, was best at
+    # twice the full one's at every batch.
+    True: dict(scales={"lm": (1, 4, 16, 64), "mlp": (1, 4, 16, 64, 256)}, grid=(0, 1), widen=1,
+               lr={"lm": 6e-3, "mlp": 2e-3},
+               pilot={"lm": 100, "mlp": 200}, probe={"lm": 256, "mlp": 512}, noise=(0.0, 0.3), fresh=3),
+    # The MLP's B_crit was ~200 B0 at the full size, and label noise raises it: its multiples reach
+    # 1024 B0 so that every noise level's B_crit lies inside the batches measured.
+    False: dict(scales={"lm": (1, 2, 4, 8, 16, 32, 64, 128, 256), "mlp": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)},
+                grid=(-1, 0, 1), widen=2, lr={"lm": 3e-3, "mlp": 2e-3}, pilot={"lm": 400, "mlp": 1600}, probe={"lm": 2048, "mlp": 4096},
+                noise=(0.0, 0.2, 0.4), fresh=5),
+}
+DOSE_SCALES = {True: (1, 4, 16, 64, 256), False: (1, 4, 16, 64, 256, 1024)}
 
 
 @dataclass
 class TaskResult:
-    task: str
+    task: str  # "lm", "mlp", or "mlp q=0.2" (label noise)
+    q: float
     b0: int
     target: float
     pilot_steps: int
     b_noise: float
-    b_noise_trace: list[tuple[int, float, float, float]] = field(default_factory=list)  # step, val, B_noise, B_pre
-    b_pre: float = float("nan")  # Adam-preconditioned, from the same pilot
-    points: list[Point] = field(default_factory=list)
+    b_pre: float
+    pilot_trace: list[tuple[int, float, float, float]] = field(default_factory=list)  # step, val, B_noise, B_pre
+    points: list[stt.Point] = field(default_factory=list)
     s_min: float = float("nan")
     e_min: float = float("nan")
     b_crit: float = float("nan")
-    by_depth: list[Depth] = field(default_factory=list)  # the shallower targets, and the main one, from the same runs
-    local_b: list[tuple[int, float]] = field(default_factory=list)  # (step, B_simple at that step's parameters)
-    b_noise_probe_start: float = float("nan")  # the EMA estimate when the probed steps begin
+    b_crit_ci: tuple[float, float] = (float("nan"), float("nan"))
+    rms: float = float("nan")  # the hyperbola's RMS relative residual
+    ratios: dict[int, tuple[float, float, float]] = field(default_factory=dict)  # scale -> E ratio, 95% interval
+    shallow: list[tuple[float, float]] = field(default_factory=list)  # (share of the pilot's gain, target)
+    # per target depth: share, target, B_crit, the pilot's step there, its B_noise and B_pre there
+    by_depth: list[tuple[float, float, float, float, float, float]] = field(default_factory=list)
+    local_b: list[tuple[int, float]] = field(default_factory=list)  # (pilot step, B_simple at its parameters)
+    b_noise_probe_start: float = float("nan")
+    seconds: float = 0.0
+
+    @property
+    def fits(self) -> bool:
+        return math.isfinite(self.rms) and self.rms <= stt.FIT_RMS_LIMIT
+
+    def fitted(self) -> tuple[list[int], list[list[float]]]:
+        """The batches whose fresh seeds all reached the target, and those seeds' steps."""
+        ok = [p for p in self.points if p.steps is not None]
+        return [p.batch for p in ok], [list(p.seed_steps) for p in ok]  # type: ignore[misc]
 
 
-@dataclass
-class Depth:
-    fraction: float
-    target: float
-    steps: list[int | None]  # per batch, the best over the LRs run there
-    s_min: float
-    e_min: float
-    b_crit: float
-    crossing_step: int | None  # the pilot's first evaluation at or below the target
-    b_noise: float  # both estimators' values there (their 100-step EMAs lag a rising B_noise)
-    b_pre: float
-
-
-def eval_steps(cap: int) -> list[int]:
-    """Evaluation points 4% apart (a geometric grid): steps-to-target to within 4% at any scale."""
-    out, s = [], 1.0
-    while s < cap:
-        out.append(round(s))
-        s = max(s * 1.04, s + 1)
-    return sorted({*out, cap})
-
-
-def train(task: sf.Task, batch: int, lr: float, cap: int, *, target: float | None = None,
-          noises: Callable[[torch.optim.Optimizer], list[GradientNoiseScale]] | None = None, micro: int = 0,
-          seed: int = 0, probe: Callable[[int, torch.nn.Module], None] | None = None, probe_from: int = 0):
-    """Adam at a constant LR; stops when the validation loss reaches ``target``. ``noises`` makes the
-    estimators (given the optimizer, for a preconditioned one); ``probe(step, model)`` is called at
-    every step from ``probe_from`` on, at the parameters that step's gradient was taken at. Returns
-    the step count at the target (or None), and the (step, val loss, each estimator's value) trace."""
-    torch.manual_seed(seed)
-    model = task.make_model()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS))
-    gen = torch.Generator().manual_seed(seed + 1)
-    checks = set(eval_steps(cap))
-    estimators = noises(opt) if noises is not None else []
-    n_micro = batch // micro if estimators else 1
-    for noise in estimators:
-        noise.attach_accumulation(model.parameters(), micro, grad_scale=n_micro)
-    trace, first = [], None
-    try:
-        for step in range(1, cap + 1):
-            x, y = task.batch(gen, batch)
-            for i in range(n_micro):
-                lo = i * (batch // n_micro)
-                loss = task.loss(model, x[lo:lo + batch // n_micro], y[lo:lo + batch // n_micro]) / n_micro
-                loss.backward()
-            value = float(loss.detach()) * n_micro
-            first = value if first is None else first
-            if not math.isfinite(value) or value > sf.DIVERGENCE_FACTOR * first:
-                return None, trace
-            values = [noise.step() for noise in estimators]  # before opt.step: P is Adam's v_{t-1}
-            if probe is not None and step >= probe_from:
-                probe(step, model)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            if step in checks:
-                val = task.val_loss(model)
-                trace.append((step, val, *(v if v is not None else float("nan") for v in values)))
-                if target is not None and val <= target:
-                    return step, trace
-    finally:
-        for noise in estimators:
-            noise.detach()
-    return None, trace
-
-
-def local_noise_scale(task: sf.Task, model: torch.nn.Module, examples: int, micro: int,
-                      gen: torch.Generator) -> float:
-    """B_simple at the model's current parameters from ``examples`` fresh examples, in micro-batches
-    of ``micro``: the client's :func:`~largebatch.client.optim.probe_noise_scale` (inf while |G|^2 is
-    not resolved)."""
-    batches = (task.batch(gen, micro) for _ in range(examples // micro))
-    probe = probe_noise_scale(model, lambda m, batch: task.loss(m, *batch), batches, micro)
+def local_noise_scale(task: sf.Task, model: torch.nn.Module, examples: int, gen: torch.Generator) -> float:
+    batches = (task.batch(gen, PROBE_MICRO) for _ in range(examples // PROBE_MICRO))
+    probe = probe_noise_scale(model, lambda m, batch: task.loss(m, *batch), batches, PROBE_MICRO)
     return probe.value if probe.value is not None else float("inf")
 
 
-def fit_eq_2_11(points: list[Point]) -> tuple[float, float]:
-    """S = S_min + E_min / B, least squares in relative error (each S weighs the same)."""
-    rows = [(p.batch, p.steps) for p in points if p.steps is not None]
-    if len(rows) < 2:
-        return float("nan"), float("nan")
-    a = torch.tensor([[1.0 / s, 1.0 / (b * s)] for b, s in rows], dtype=torch.float64)
-    y = torch.ones(len(rows), dtype=torch.float64)
-    s_min, e_min = torch.linalg.lstsq(a, y).solution.tolist()
-    return s_min, e_min
-
-
-def examples(res: TaskResult, batch: int) -> float | None:
-    p = next((p for p in res.points if p.batch == batch and p.steps is not None), None)
-    return None if p is None else p.steps * batch
-
-
-def predicted_ratio(b: float, b_ref: float, b_noise: float) -> float:
-    return (1 + b / b_noise) / (1 + b_ref / b_noise)
-
-
-def b_noise_range(scale: int, b0: int, measured: float, tol: float) -> tuple[float, float]:
-    """The B_noise whose predicted ratio (B + s B0)/(B + B0) lies within ``tol`` of ``measured``: the
-    prediction falls from s (B -> 0) to 1 (B -> inf), so a band below 1 needs B = inf."""
-    def b_for(r: float) -> float:  # the B predicting exactly r
-        return 0.0 if r >= scale else math.inf if r <= 1 else b0 * (scale - r) / (r - 1)
-    return b_for(measured * (1 + tol)), b_for(measured * (1 - tol))
-
-
-def depth(res: TaskResult, curves: list[tuple[int, list[tuple[int, float]]]], frac: float, target: float) -> Depth:
-    """Steps to ``target`` at each batch from the runs' traces, the eq. 2.11 fit, and the pilot's
-    B_noise and B_pre where its validation loss first reached the target."""
-    steps = []
-    for p in res.points:
-        found = [next((s for s, v in c if v <= target), None) for b, c in curves if b == p.batch]
-        steps.append(min((s for s in found if s is not None), default=None))
-    s_min, e_min = fit_eq_2_11([Point(p.batch, p.lr, s, p.cap, 0.0) for p, s in zip(res.points, steps, strict=True)])
-    cross = next((t for t in res.b_noise_trace if t[1] <= target), None)
-    return Depth(frac, target, steps, s_min, e_min, e_min / s_min if s_min > 0 else float("inf"),
-                 None if cross is None else cross[0], float("nan") if cross is None else cross[2],
-                 float("nan") if cross is None else cross[3])
-
-
-def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float, ...], pilot_steps: int,
-                   seeds: int = 1, probe_examples: int = 0) -> TaskResult:
-    base = ADAM_LR[task.name]
-    b0 = task.b0
-    print(f"task {task.name}: B0 {b0}, batches {[s * b0 for s in scales]}, LR grid x{lr_grid} around "
-          f"{base} x sqrt(B/B0)", flush=True)
-    t0 = time.perf_counter()
+def pilot(task: sf.Task, label: str, q: float, lr: float, steps: int, probe_examples: int) -> TaskResult:
     noise = GradientNoiseScale(ema=PILOT_EMA)
     made: list[GradientNoiseScale] = []
 
@@ -236,121 +131,177 @@ def benchmark_task(task: sf.Task, scales: tuple[int, ...], lr_grid: tuple[float,
         made.append(GradientNoiseScale(ema=PILOT_EMA, preconditioner=opt))
         return [noise, made[-1]]
 
-    b_pilot = PILOT_SCALE * b0
     local: list[tuple[int, float]] = []
-    probe_gen = torch.Generator().manual_seed(12345)
-    at_start: list[float] = []
+    gen, at_start = torch.Generator().manual_seed(12345), []
 
     def probe(step: int, model: torch.nn.Module) -> None:
         if not at_start:
             at_start.append(noise.value or float("nan"))
         if probe_examples:
-            local.append((step, local_noise_scale(task, model, probe_examples, PROBE_MICRO, probe_gen)))
+            local.append((step, local_noise_scale(task, model, probe_examples, gen)))
 
-    _, trace = train(task, b_pilot, base * math.sqrt(PILOT_SCALE), pilot_steps, noises=estimators, micro=b0,
-                     probe=probe, probe_from=pilot_steps - PROBE_STEPS + 1)
-    torch.manual_seed(0)
+    run = stt.train(task, PILOT_SCALE * task.b0, lr * math.sqrt(PILOT_SCALE), steps,
+                    seed=PILOT_SEED, noises=estimators, micro=task.b0, probe=probe, probe_from=steps - PROBE_STEPS + 1)
+    torch.manual_seed(PILOT_SEED)
     initial = task.val_loss(task.make_model())
-    final = min(t[1] for t in trace[-3:])
-    target = initial - TARGET_FRACTION * (initial - final)
-    b_noise, b_pre = noise.value or float("nan"), made[0].value or float("nan")
-    print(f"  pilot: batch {b_pilot}, {pilot_steps} steps, val {initial:.4f} -> {final:.4f}; target {target:.4f}; "
-          f"at the end B_noise {b_noise:.1f}, B_pre {b_pre:.1f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    res = TaskResult(task.name, b0, target, pilot_steps, b_noise, trace, b_pre=b_pre, local_b=local,
+    final = min(v for _, v in run.trace[-3:])
+    res = TaskResult(label, q, task.b0, initial - TARGET_FRACTION * (initial - final), steps,
+                     noise.value or float("nan"), made[0].value or float("nan"),
+                     [(s, v, *e) for (s, v), e in zip(run.trace, run.extra, strict=True)], local_b=local,
                      b_noise_probe_start=at_start[0] if at_start else float("nan"))
-    if local:
-        print(f"  local B_simple over the pilot's last {len(local)} steps: "
-              f"{', '.join(f'{b:.0f}' for _, b in local)}", flush=True)
-    s_p, e_p = pilot_steps, pilot_steps * b_pilot
-    curves: list[tuple[int, list[tuple[int, float]]]] = []  # every run's (step, val loss) trace, by batch
-    for scale in scales:
-        batch = scale * b0
-        # A tuned run needs at most the pilot's steps above its batch and its examples below: 2x slack.
-        cap = int(2 * max(s_p, e_p / batch))
-        best: Point | None = None
-        factors, best_f, i = list(lr_grid), 0.0, 0
-        while i < len(factors):
-            f, i = factors[i], i + 1
-            lr = base * math.sqrt(scale) * f
-            t1 = time.perf_counter()
-            steps, run_trace = train(task, batch, lr, cap if best is None or best.steps is None else min(cap, best.steps),
-                             target=target)
-            p = Point(batch, lr, steps, cap, time.perf_counter() - t1)
-            curves.append((batch, [(t[0], t[1]) for t in run_trace]))
-            print(f"  batch {batch:>5} LR {lr:.5f}: {steps if steps is not None else '-':>6} steps "
-                  f"({p.seconds:.1f}s)", flush=True)
-            if steps is not None and (best is None or best.steps is None or steps < best.steps):
-                best, best_f = p, f
-            # Best at an edge of the grid: the tuned LR may lie beyond it, so extend (2 more at most).
-            if i == len(factors) and best is not None and len(factors) < len(lr_grid) + 2:
-                if best_f == max(factors):
-                    factors.append(best_f * 2)
-                elif best_f == min(factors):
-                    factors.append(best_f / 2)
-        if best is None:
-            res.points.append(Point(batch, float("nan"), None, cap, 0.0))
-            continue
-        best.seed_steps = [best.steps]
-        for seed in range(1, seeds):  # the tuned LR again, other initialisations and data orders
-            steps, _ = train(task, batch, best.lr, cap, target=target, seed=seed)
-            best.seed_steps.append(steps)
-        if seeds > 1:
-            print(f"  batch {batch:>5} LR {best.lr:.5f} over {seeds} seeds: {best.seed_steps} steps", flush=True)
-            best.steps = None if None in best.seed_steps else sum(best.seed_steps) / seeds  # type: ignore[operator]
-        res.points.append(best)
-    res.s_min, res.e_min = fit_eq_2_11(res.points)
-    for frac in (*SHALLOW_FRACTIONS, TARGET_FRACTION):
-        res.by_depth.append(depth(res, curves, frac, initial - frac * (initial - final)))
-    # S_min <= 0: steps still fall as 1/B at the largest batch, so B_crit lies beyond it (inf).
-    res.b_crit = res.e_min / res.s_min if res.s_min > 0 else float("inf")
+    res.shallow = [(f, initial - f * (initial - final)) for f in SHALLOW_FRACTIONS]
+    print(f"  pilot: batch {PILOT_SCALE * task.b0}, {steps} steps, val {initial:.4f} -> {final:.4f}; target "
+          f"{res.target:.4f}; B_noise {res.b_noise:.1f}, B_pre {res.b_pre:.1f}", flush=True)
     return res
 
 
-def report(results: list[TaskResult]) -> str:
-    lines = ["| task | batch | tuned LR (Adam) | steps to target | per seed | examples | fit S_min(1 + B_crit/B) |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
+def analyse(res: TaskResult) -> None:
+    """The fit, its residual, the bootstrap intervals, the examples ratios and the shallower targets."""
+    batches, seeds = res.fitted()
+    if len(batches) < 3:
+        return
+    means = [stt.mean(s) for s in seeds]
+    res.s_min, res.e_min = stt.fit_hyperbola(batches, means)
+    res.b_crit = stt.b_crit_of(res.s_min, res.e_min)
+    res.rms = stt.fit_rms(batches, means, res.s_min, res.e_min)
+    res.b_crit_ci = stt.bootstrap_b_crit(batches, seeds)
+    by_batch = dict(zip(batches, seeds, strict=True))
+    for scale in SCALES:
+        b = scale * res.b0
+        if res.b0 in by_batch and b in by_batch:
+            s0, s = by_batch[res.b0], by_batch[b]
+            res.ratios[scale] = (b * stt.mean(s) / (res.b0 * stt.mean(s0)), *stt.examples_ratio_interval(res.b0, s0, b, s))
+    depth = []
+    for frac, target in res.shallow:
+        steps = [[stt.crossing(t, target) for t in p.traces] for p in res.points if p.steps is not None]
+        if any(None in s for s in steps):
+            continue
+        fit = stt.fit_hyperbola(batches, [stt.mean(s) for s in steps])  # type: ignore[arg-type]
+        cross = next((t for t in res.pilot_trace if t[1] <= target), None)
+        depth.append((frac, target, stt.b_crit_of(*fit), *((cross[0], cross[2], cross[3]) if cross else (math.nan,) * 3)))
+    pilot_cross = next((t for t in res.pilot_trace if t[1] <= res.target), None)
+    depth.append((TARGET_FRACTION, res.target, res.b_crit,
+                  *((pilot_cross[0], pilot_cross[2], pilot_cross[3]) if pilot_cross else (math.nan,) * 3)))
+    res.by_depth = depth
+
+
+def benchmark_task(task: sf.Task, cfg: dict, fresh: int, label: str | None = None, q: float = 0.0,
+                   scales: tuple[int, ...] | None = None) -> TaskResult:
+    label = label or task.name
+    scales = scales or cfg["scales"][task.name]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    print(f"task {label}: B0 {task.b0}, batches {[s * task.b0 for s in scales]}", flush=True)
+    name = task.name
+    res = pilot(task, label, q, cfg["lr"][name], cfg["pilot"][name], cfg["probe"][name] if not q else 0)
+    s_p, e_p = res.pilot_steps, res.pilot_steps * PILOT_SCALE * task.b0
+    for j, scale in enumerate(scales):
+        batch = scale * task.b0
+        # A tuned run needs at most the pilot's steps above its batch and its examples below: 2x slack.
+        cap = int(2 * max(s_p, e_p / batch))
+        res.points.append(stt.tune_and_measure(
+            task, batch, cfg["lr"][name] * math.sqrt(scale), cap, res.target, tune_seeds=TUNE_SEEDS,
+            fresh_seeds=[FRESH_SEED_BASE + 100 * j + i for i in range(fresh)], grid=cfg["grid"], widen=cfg["widen"],
+            log=lambda m: print(m, flush=True)))
+    analyse(res)
+    res.seconds = time.perf_counter() - t0
+    print(f"  B_crit {res.b_crit:.1f} [{res.b_crit_ci[0]:.1f}, {res.b_crit_ci[1]:.1f}], fit RMS {res.rms:.1%} "
+          f"({res.seconds:.0f}s; {time.process_time() - cpu0:.0f}s CPU)", flush=True)
+    return res
+
+
+# ---------------------------------------------------------------- verdicts and tables
+
+
+def fmt(x: float, digits: int = 1) -> str:
+    return "inf" if x == math.inf else "-inf" if x == -math.inf else "-" if not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def ci(lo: float, hi: float, digits: int = 1) -> str:
+    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def not_scored(r: TaskResult) -> str | None:
+    if not math.isfinite(r.rms):
+        return "not scored (too few batches reached the target)"
+    return None if r.fits else f"not scored (hyperbola RMS {r.rms:.0%} > {stt.FIT_RMS_LIMIT:.0%})"
+
+
+def verdict(lo: float, hi: float, band_lo: float, band_hi: float, why: str | None = None) -> str:
+    """The computed verdict; 'undecided' names the edge the interval straddles."""
+    if why:
+        return why
+    v = stt.within(lo, hi, band_lo, band_hi)
+    if v == "undecided":
+        return f"undecided (the CI straddles the band {fmt(band_lo, 2)} to {fmt(band_hi, 2)}: more seeds)"
+    return v if v == "yes" else "**no**"
+
+
+def b_noise_ratio_ci(r: TaskResult, b: float) -> tuple[float, float]:
+    lo, hi = r.b_crit_ci
+    return (b / hi if hi > 0 else 0.0), (b / lo if lo > 0 else math.inf)
+
+
+def report(results: list[TaskResult], dose: list[TaskResult]) -> str:
+    lines = ["| task | batch | chosen LR | tuning grid: LR (mean steps of the tuning seeds; -: cut once slower than "
+             "the best, or not reached) | fresh seeds: steps "
+             "to target | mean | examples | fit S_min(1 + B_crit/B) |", "|---|---|---|---|---|---|---|---|"]
+    for r in [*results, *dose[1:]]:
         for p in r.points:
-            fit = r.s_min + r.e_min / p.batch
-            per_seed = ", ".join("-" if s is None else str(s) for s in p.seed_steps) if len(p.seed_steps) > 1 else "-"
-            lines.append(f"| {r.task} | {p.batch} | {p.lr:.4g} | {f'{p.steps:.0f}' if p.steps is not None else f'> {p.cap}'}"
-                         f" | {per_seed} | {f'{p.steps * p.batch:.0f}' if p.steps is not None else '-'} | {fit:.0f} |")
-    lines += ["", "| task | target val loss | S_min | E_min | B_crit = E_min/S_min | B_noise (client) | "
-              "B_noise / B_crit | within 2x | B_pre (Adam-preconditioned) | B_pre / B_crit |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+            grid = ", ".join(f"{a:.3g} ({'-' if v is None else f'{v:.0f}'})" for a, v in p.grid)
+            seeds = ", ".join("-" if s is None else f"{s:.0f}" for s in p.seed_steps)
+            edge = " (grid edge)" if p.grid and p.lr in (p.grid[0][0], p.grid[-1][0]) else ""
+            lines.append(f"| {r.task} | {p.batch} | {p.lr:.4g}{edge} | {grid} | {seeds} | "
+                         f"{'not reached' if p.steps is None else f'{p.steps:.0f}'} | "
+                         f"{'-' if p.steps is None else f'{p.steps * p.batch:.0f}'} | "
+                         f"{fmt(r.s_min + r.e_min / p.batch, 0)} |")
+    lines += ["", "| task | target val loss | S_min | B_crit (95% CI) | fit RMS error | hyperbola fits (<= 15%) | "
+              "B_noise (client) | B_noise / B_crit (95% CI) | within 3x | within 2x | B_pre | B_pre / B_crit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in [*results, *dose[1:]]:
+        lo, hi = b_noise_ratio_ci(r, r.b_noise)
+        why = not_scored(r)
+        lines.append(f"| {r.task} | {r.target:.4f} | {fmt(r.s_min)} | {fmt(r.b_crit)} {ci(*r.b_crit_ci)} | "
+                     f"{r.rms:.1%} | {'yes' if r.fits else '**no**'} | {fmt(r.b_noise)} | "
+                     f"{fmt(r.b_noise / r.b_crit, 2)} {ci(lo, hi, 2)} | {verdict(lo, hi, 1 / 3, 3, why)} | "
+                     f"{verdict(lo, hi, 0.5, 2, why)} | {fmt(r.b_pre)} | {fmt(r.b_pre / r.b_crit, 2)} |")
+    lines += ["", "| task | scale | E(B)/E(B0) measured (95% CI) | predicted by B_noise | error | within 25% | "
+              "predicted by B_pre | predicted by fitted B_crit |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        ratio = r.b_noise / r.b_crit if r.b_crit > 0 else float("nan")
-        ok = "yes" if 0.5 <= ratio <= 2 else "**no**"
-        crit = f"{r.b_crit:.1f}" if math.isfinite(r.b_crit) else f"> {max(p.batch for p in r.points)} (S_min <= 0)"
-        pre_ratio = r.b_pre / r.b_crit if r.b_crit > 0 else float("nan")
-        lines.append(f"| {r.task} | {r.target:.4f} | {r.s_min:.1f} | {r.e_min:.0f} | {crit} | "
-                     f"{r.b_noise:.1f} | {ratio:.2f} | {ok} | {r.b_pre:.1f} | {pre_ratio:.2f} |")
-    lines += ["", "| task | scale | E(B)/E(B0) measured | predicted by B_noise | error | within 25% | "
-              "predicted by B_pre | error | predicted by fitted B_crit | B_noise within 25% |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        e0 = examples(r, r.b0)
-        for scale in (16, 64):
-            e = examples(r, scale * r.b0)
-            if e0 is None or e is None:
-                lines.append(f"| {r.task} | {scale}x | not reached | - | - | - | - | - | - | - |")
+        for scale in SCALES:
+            if scale not in r.ratios:
+                lines.append(f"| {r.task} | {scale}x | not reached | - | - | undecided (not reached) | - | - |")
                 continue
-            measured = e / e0
-            pred = predicted_ratio(scale * r.b0, r.b0, r.b_noise)
-            err = pred / measured - 1
-            pre = predicted_ratio(scale * r.b0, r.b0, r.b_pre)
-            lo, hi = b_noise_range(scale, r.b0, measured, 0.25)
-            lines.append(f"| {r.task} | {scale}x | {measured:.2f} | {pred:.2f} | {err:+.0%} | "
-                         f"{'yes' if abs(err) <= 0.25 else '**no**'} | {pre:.2f} | {pre / measured - 1:+.0%} | "
-                         f"{predicted_ratio(scale * r.b0, r.b0, r.b_crit):.2f} | "
-                         f"{lo:.0f} to {'inf' if math.isinf(hi) else f'{hi:.0f}'} |")
-    lines += ["", "| task | target: share of the pilot's gain | target val loss | B_crit (fit) | pilot step at target | "
-              "B_noise there | B_noise / B_crit | B_pre there | B_pre / B_crit |", "|---|---|---|---|---|---|---|---|---|"]
+            m, lo, hi = r.ratios[scale]
+            pred = sf.predicted_examples_ratio(scale * r.b0, r.b0, r.b_noise) or math.nan
+            # |pred/measured - 1| <= 25% <=> measured in [pred/1.25, pred/0.75]
+            lines.append(f"| {r.task} | {scale}x | {m:.2f} {ci(lo, hi, 2)} | {pred:.2f} | {pred / m - 1:+.0%} | "
+                         f"{verdict(lo, hi, pred / 1.25, pred / 0.75, not_scored(r))} | "
+                         f"{fmt(sf.predicted_examples_ratio(scale * r.b0, r.b0, r.b_pre) or math.nan, 2)} | "
+                         f"{fmt(sf.predicted_examples_ratio(scale * r.b0, r.b0, r.b_crit) or math.nan, 2)} |")
+    if len(dose) > 1:
+        lines += ["", "| label noise q | target val loss | B_crit (95% CI) | fit RMS | B_noise (pilot) | "
+                  "B_crit / B_crit(q=0) measured (95% CI) | B_noise / B_noise(q=0) predicted | predicted / measured | "
+                  "within 1.5x |", "|---|---|---|---|---|---|---|---|---|"]
+        base = dose[0]
+        for r in dose:
+            pred = r.b_noise / base.b_noise
+            if r is base:
+                lo = hi = m = 1.0
+            else:
+                m = r.b_crit / base.b_crit
+                num, den = r.fitted(), base.fitted()
+                lo, hi = stt.bootstrap_b_crit_ratio(num, den) if min(len(num[0]), len(den[0])) >= 3 else (math.nan,) * 2
+            why = not_scored(r) or not_scored(base)
+            lines.append(f"| {r.q:g} | {r.target:.4f} | {fmt(r.b_crit)} {ci(*r.b_crit_ci)} | {r.rms:.1%} | "
+                         f"{fmt(r.b_noise)} | {m:.2f} {ci(lo, hi, 2)} | {pred:.2f} | {pred / m:.2f} | "
+                         f"{'-' if r is base else verdict(lo, hi, pred / 1.5, pred * 1.5, why)} |")
+    lines += ["", "| task | target: share of the pilot's gain | target val loss | B_crit (fit, fresh seeds) | "
+              "pilot step at target | B_noise there | B_noise / B_crit | B_pre there | B_pre / B_crit |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        for d in r.by_depth:
-            crit = f"{d.b_crit:.1f}" if math.isfinite(d.b_crit) else "inf"
-            lines.append(f"| {r.task} | {d.fraction:.0%} | {d.target:.4f} | {crit} | {d.crossing_step} | {d.b_noise:.1f} | "
-                         f"{d.b_noise / d.b_crit:.2f} | {d.b_pre:.1f} | {d.b_pre / d.b_crit:.2f} |")
+        for frac, target, b_crit, step, bn, bp in r.by_depth:  # type: ignore[misc]
+            lines.append(f"| {r.task} | {frac:.0%} | {target:.4f} | {fmt(b_crit)} | {fmt(step, 0)} | {fmt(bn)} | "
+                         f"{fmt(bn / b_crit, 2)} | {fmt(bp)} | {fmt(bp / b_crit, 2)} |")
     if any(r.local_b for r in results):
         lines += ["", "| task | pilot steps probed | B_simple at each step's parameters: min | median | mean | "
                   "harmonic mean | EMA estimate (probes start / end) | B_crit (fit) | mean / B_crit | "
@@ -359,40 +310,54 @@ def report(results: list[TaskResult]) -> str:
             bs = sorted(b for _, b in r.local_b)
             if not bs:
                 continue
-            mean, harm = sum(bs) / len(bs), len(bs) / sum(1 / b for b in bs)
+            avg, harm = sum(bs) / len(bs), len(bs) / sum(1 / b for b in bs)
             lines.append(f"| {r.task} | {r.local_b[0][0]}-{r.local_b[-1][0]} | {bs[0]:.0f} | {bs[len(bs) // 2]:.0f} | "
-                         f"{mean:.0f} | {harm:.0f} | {r.b_noise_probe_start:.0f} / {r.b_noise:.0f} | {r.b_crit:.0f} | "
-                         f"{mean / r.b_crit:.2f} | {harm / r.b_crit:.2f} |")
+                         f"{avg:.0f} | {harm:.0f} | {r.b_noise_probe_start:.0f} / {r.b_noise:.0f} | {fmt(r.b_crit, 0)} | "
+                         f"{fmt(avg / r.b_crit, 2)} | {fmt(harm / r.b_crit, 2)} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 5 batch sizes, 2 LRs each (CI)")
-    parser.add_argument("--tasks", default="lm,mlp")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="seeds per batch at its tuned LR, steps-to-target averaged (default: 3; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="small tasks, 4-5 batch sizes, 2 LRs, 3 fresh seeds (CI)")
+    parser.add_argument("--tasks", default="lm,mlp", help="lm, mlp; the dose-response runs with mlp")
+    parser.add_argument("--seeds", type=int, default=None, help="fresh seeds per batch (default 5; --quick: 3)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: see scaling_fidelity.py
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.quick:
-        scales, grid, pilot, probe = (1, 2, 4, 16, 64), (0.7, 1.4), {"lm": 120, "mlp": 300}, {"lm": 256, "mlp": 512}
-    else:
-        # Up to 256x: the MLP still scales perfectly at 64x, so its B_crit lies beyond the issue's range.
-        scales, grid, pilot, probe = (1, 2, 4, 8, 16, 32, 64, 128, 256), (0.5, 1.0, 2.0), {"lm": 400, "mlp": 1600}, \
-            PROBE_EXAMPLES
-    seeds = args.seeds if args.seeds is not None else 1 if args.quick else 3
+    cfg = CONFIG[args.quick]
+    fresh = args.seeds or cfg["fresh"]
+    if fresh < 2:
+        parser.error("--seeds must be >= 2 (the bootstrap resamples the fresh seeds)")
     makers = {"lm": sf.lm_task, "mlp": sf.mlp_task}
-    t0 = time.perf_counter()
-    # The MLP trains fast: a longer pilot gives it a target loss deep enough for more than a few steps.
-    results = [benchmark_task(makers[name](args.quick), scales, grid, pilot[name], seeds, probe[name])
-               for name in args.tasks.split(",")]
-    table = report(results)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    results = [benchmark_task(makers[name](args.quick), cfg, fresh) for name in args.tasks.split(",")]
+    dose: list[TaskResult] = []
+    if "mlp" in args.tasks.split(","):
+        # q = 0 is the MLP's own runs, refitted on the batches the noisier levels run at
+        mlp = next(r for r in results if r.task == "mlp")
+        dose.append(replace(mlp, task="mlp q=0", points=[p for p in mlp.points if p.batch // mlp.b0 in DOSE_SCALES[args.quick]],
+                            ratios={}, by_depth=[], shallow=[]))
+        analyse(dose[0])
+        for q in cfg["noise"][1:]:
+            dose.append(benchmark_task(stt.label_noise_task(sf.mlp_task(args.quick), q), cfg, fresh, f"mlp q={q:g}",
+                                       q, DOSE_SCALES[args.quick]))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    table = report(results, dose)
+    runs = sum(len(p.seed_steps) for r in [*results, *dose] for p in r.points)
+    # CPU time beside the wall clock: on a shared machine it says what a quiet one would take.
+    table += (f"\n\nElapsed {elapsed:.0f} s ({cpu:.0f} s CPU) on {torch.get_num_threads()} thread; {fresh} fresh seeds per batch "
+              f"({runs} fresh runs), tuning seeds {list(TUNE_SEEDS)}.")
     (args.out / "critical_batch.md").write_text(table + "\n")
-    (args.out / "critical_batch.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    # The fresh runs' curves stay out of the JSON (hundreds of points each); the steps are there.
+    payload = [asdict(r) | {"fits": r.fits, "points": [{k: v for k, v in asdict(p).items() if k != "traces"}
+                                                       | {"steps": p.steps} for p in r.points]}
+               for r in [*results, *dose[1:]]]
+    (args.out / "critical_batch.json").write_text(json.dumps({"results": payload, "seconds": elapsed,
+                                                              "fresh_seeds": fresh}, indent=1))
     print(table)
-    print(f"total {time.perf_counter() - t0:.0f}s; wrote {args.out}/critical_batch.{{md,json}}")
+    print(f"total {elapsed:.0f}s; wrote {args.out}/critical_batch.{{md,json}}")
     return 0
 
 

@@ -54,22 +54,57 @@ def test_scaling_fidelity_quick(tmp_path):
 
 @pytest.mark.slow
 def test_critical_batch_quick(tmp_path):
+    """Steps-to-target with the LR tuned on tuning seeds and fresh seeds at it, bootstrap intervals, the
+    hyperbola's residual, the dose-response, and verdicts that follow from the intervals printed."""
     pytest.importorskip("torch")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "critical_batch.py"), "--quick",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "critical_batch.md").read_text()
-    results = json.loads((tmp_path / "critical_batch.json").read_text())
-    assert {r["task"] for r in results} == {"lm", "mlp"}
-    for r in results:
-        assert len(r["points"]) >= 5  # eq. 2.11 is fitted on >= 5 batch sizes
-        assert r["b_noise"] > 0 and r["b_crit"] > 0  # both measured (the README says how close)
-        for scale in (16, 64):
-            assert f"| {r['task']} | {scale}x |" in table
-        # the pilot's last 25 steps, each measured at its own parameters (the local B_noise table)
-        assert len(r["local_b"]) == 25 and all(b > 0 for _, b in r["local_b"]), r["local_b"]
-        assert f"| {r['task']} | {r['pilot_steps'] - 24}-{r['pilot_steps']} |" in table
-        assert all(len(p["seed_steps"]) == 1 for p in r["points"] if p["steps"] is not None)  # --quick: 1 seed
+    out = json.loads((tmp_path / "critical_batch.json").read_text())
+    results = {r["task"]: r for r in out["results"]}
+    assert {"lm", "mlp", "mlp q=0.3"} <= set(results), set(results)
+    sections = {block.splitlines()[0]: [row.split(" | ") for row in block.splitlines()[2:]]
+                for block in table.split("\n\n") if block.startswith("| ")}
+
+    def section(head: str) -> list[list[str]]:
+        return next(rows for h, rows in sections.items() if h.startswith(head))
+
+    verdicts = ("yes", "**no**", "undecided (", "not scored (")
+    for name, r in results.items():
+        assert len(r["points"]) >= 4
+        seen: set[int] = set()
+        for p in r["points"]:
+            assert len(p["seeds"]) == out["fresh_seeds"] == 3 and len(p["seed_steps"]) == 3  # fresh seeds per batch
+            assert not set(p["seeds"]) & ({0, 1} | seen)  # never the tuning seeds, nor another batch's
+            seen |= set(p["seeds"])
+            assert len(p["grid"]) >= 2  # the LR tuned on a grid
+        lo, hi = r["b_crit_ci"]
+        assert r["b_noise"] > 0 and 0 < r["b_crit"] and lo <= r["b_crit"] <= hi, (name, r["b_crit"], lo, hi)
+        assert 0 <= r["rms"] < 1 and r["fits"] == (r["rms"] <= 0.15)
+    by_task = {row[0][2:]: row for row in section("| task | target val loss | S_min | B_crit (95% CI)")}
+    assert set(by_task) == set(results)
+    for name, row in by_task.items():
+        assert row[3].startswith(f"{results[name]['b_crit']:.1f} [") and row[4].endswith("%")  # CI, residual
+        ratio_lo, ratio_hi = (float(x) for x in row[7].split("[")[1].rstrip("]").split(", "))
+        for cell, band in ((row[8], 3), (row[9], 2)):  # within 3x, within 2x: computed from the interval
+            assert cell.startswith(verdicts), cell
+            if not results[name]["fits"]:
+                assert cell.startswith("not scored (")
+            elif cell == "yes":
+                assert 1 / band <= ratio_lo and ratio_hi <= band, row
+            elif cell == "**no**":
+                assert ratio_hi < 1 / band or ratio_lo > band, row
+    ratios = section("| task | scale | E(B)/E(B0) measured (95% CI)")
+    for name in ("lm", "mlp"):
+        rows = [row for row in ratios if row[0] == f"| {name}"]
+        assert [row[1] for row in rows] == ["16x", "64x"]
+        assert all("[" in row[2] and row[5].startswith(verdicts) for row in rows), rows
+    dose = section("| label noise q |")
+    assert [row[0] for row in dose] == ["| 0", "| 0.3"]
+    assert dose[1][5].count("[") == 1 and dose[1][8].rstrip(" |").startswith(verdicts), dose
+    assert len(section("| task | pilot steps probed |")) == 2  # the local probes, one row per task
+    assert "3 fresh seeds per batch" in table and "Elapsed " in table
 
 
 @pytest.mark.slow
