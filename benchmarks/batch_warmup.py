@@ -209,6 +209,7 @@ class Checkpoint:
     probe: float
     prior: float
     seconds: float
+    estimator: float = math.nan  # the estimator's own value at that step (JSON only; nan: |G|^2 <= 0 there)
 
 
 @dataclass
@@ -279,7 +280,7 @@ def reference_run(task: sf.Task, s: Setup, res: TaskResult) -> None:
         cp = Checkpoint(marks[step], step, seen, val, optimizer.param_groups[0]["lr"], probe.critical_batch,
                         probe.interval, ks, probe.note, here[2] / here[3] if here[3] > 0 < here[2] else math.nan,
                         local.value if local.value is not None else math.inf, prior_at(task, steps, seen),
-                        time.perf_counter() - t0)
+                        time.perf_counter() - t0, noise.value or math.nan)
         res.checkpoints.append(cp)
         print(f"  {task.name} checkpoint {cp.fraction:.3g} (step {step}, {seen} examples, val {val:.4f}): branched "
               f"{_num(cp.branched)}; streaming {cp.streaming:.4g}, probe {cp.probe:.4g}, prior {cp.prior:.4g} "
