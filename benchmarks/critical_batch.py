@@ -9,7 +9,8 @@ steps-to-target protocol of Shallue et al. 2019 (helpers in ``_steps_to_target.p
    the pilot's end): the simple B_noise = tr(Sigma)/|G|^2 and, from the same gradients, the
    Adam-preconditioned B_pre = tr(P Sigma)/(G^T P G), P = diag(1/(sqrt(v_hat) + eps));
 2. at each batch size, Adam at a constant LR (after a 5-step warmup) re-tuned on a sqrt(2)-spaced grid
-   around sqrt scaling against the mean steps-to-target of the tuning seeds, widened past an edge
+   (centred on the previous batch's choice, scaled by sqrt(B)) against the mean steps-to-target of the
+   tuning seeds, widened past an edge
    while the best LR sits there; then fresh seeds (never used for tuning) at the chosen LR. The loss is
    that of exponentially averaged weights, and the step where it crosses the target is interpolated
    (linearly in log step) between evaluation points 10% apart;
@@ -30,7 +31,7 @@ The goals: B_noise within 3x of B_crit (2x the stretch); the examples ratio B_no
 of the measured one at 16x and 64x; the dose-response's predicted ratio within 1.5x of the measured one.
 
 Usage: ``python benchmarks/critical_batch.py [--quick] [--seeds N] [--out DIR] [--tasks lm,mlp]`` (the
-full run: about 40 minutes on one quiet thread, most of it the LM's largest batches; ``--quick``: 75 s).
+full run: about 40 minutes on one quiet thread, most of it the LM's largest batches; ``--quick``: ~60 s).
 Writes ``critical_batch.md`` (the README tables) and ``critical_batch.json``.
 """
 
@@ -69,11 +70,10 @@ SCALES = (16, 64)  # the examples ratio's goal: within 25% at these multiples of
 CONFIG = {
     # batch multiples of B0 per task, the LR grid (powers of sqrt 2 around sqrt scaling), pilot steps,
     # probe examples, label-noise levels (the dose-response, on the MLP's multiples), fresh seeds
-    # Adam's LR at B0 centres the grid, times sqrt(B/B0); the quick LM, a smaller model, was best at
-    # twice the full one's at every batch.
-    True: dict(scales={"lm": (1, 4, 16, 64), "mlp": (1, 4, 16, 64, 256)}, grid=(0, 1), widen=1,
+    # Adam's LR at B0 centres B0's grid; the quick LM, a smaller model, was best at twice the full one's.
+    True: dict(scales={"lm": (1, 4, 16, 64), "mlp": (1, 4, 16, 64, 256)}, grid=(0, 1), widen=2,
                lr={"lm": 6e-3, "mlp": 2e-3},
-               pilot={"lm": 100, "mlp": 200}, probe={"lm": 256, "mlp": 512}, noise=(0.0, 0.3), fresh=3),
+               pilot={"lm": 80, "mlp": 150}, probe={"lm": 256, "mlp": 512}, noise=(0.0, 0.3), fresh=3),
     # The MLP's B_crit was ~200 B0 at the full size, and label noise raises it: its multiples reach
     # 1024 B0 so that every noise level's B_crit lies inside the batches measured.
     False: dict(scales={"lm": (1, 2, 4, 8, 16, 32, 64, 128, 256), "mlp": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)},
@@ -198,8 +198,13 @@ def benchmark_task(task: sf.Task, cfg: dict, fresh: int, label: str | None = Non
         batch = scale * task.b0
         # A tuned run needs at most the pilot's steps above its batch and its examples below: 2x slack.
         cap = int(2 * max(s_p, e_p / batch))
+        # The grid is centred on the previous batch's choice scaled by sqrt(B): the best LR grows more
+        # slowly than sqrt(B) at large batch (the LM's fell to 1/8 of sqrt scaling from B0 at 256 B0),
+        # which a grid around sqrt scaling from B0 reached only at its widened edge.
+        prev = next((p for p in reversed(res.points) if p.steps is not None), None)
+        centre = cfg["lr"][name] * math.sqrt(scale) if prev is None else prev.lr * math.sqrt(batch / prev.batch)
         res.points.append(stt.tune_and_measure(
-            task, batch, cfg["lr"][name] * math.sqrt(scale), cap, res.target, tune_seeds=TUNE_SEEDS,
+            task, batch, centre, cap, res.target, tune_seeds=TUNE_SEEDS,
             fresh_seeds=[FRESH_SEED_BASE + 100 * j + i for i in range(fresh)], grid=cfg["grid"], widen=cfg["widen"],
             log=lambda m: print(m, flush=True)))
     analyse(res)
@@ -234,6 +239,11 @@ def verdict(lo: float, hi: float, band_lo: float, band_hi: float, why: str | Non
     if v == "undecided":
         return f"undecided (the CI straddles the band {fmt(band_lo, 2)} to {fmt(band_hi, 2)}: more seeds)"
     return v if v == "yes" else "**no**"
+
+
+def predicted_ratio(b: int, b0: int, b_noise: float) -> float:
+    """McCandlish et al. 2018 eq. 2.11: E(B)/E(B0) = (1 + B/B_noise)/(1 + B0/B_noise) at the same loss."""
+    return (1 + b / b_noise) / (1 + b0 / b_noise) if b_noise > 0 else float("nan")
 
 
 def b_noise_ratio_ci(r: TaskResult, b: float) -> tuple[float, float]:
@@ -272,12 +282,12 @@ def report(results: list[TaskResult], dose: list[TaskResult]) -> str:
                 lines.append(f"| {r.task} | {scale}x | not reached | - | - | undecided (not reached) | - | - |")
                 continue
             m, lo, hi = r.ratios[scale]
-            pred = sf.predicted_examples_ratio(scale * r.b0, r.b0, r.b_noise) or math.nan
+            pred = predicted_ratio(scale * r.b0, r.b0, r.b_noise)
             # |pred/measured - 1| <= 25% <=> measured in [pred/1.25, pred/0.75]
             lines.append(f"| {r.task} | {scale}x | {m:.2f} {ci(lo, hi, 2)} | {pred:.2f} | {pred / m - 1:+.0%} | "
                          f"{verdict(lo, hi, pred / 1.25, pred / 0.75, not_scored(r))} | "
-                         f"{fmt(sf.predicted_examples_ratio(scale * r.b0, r.b0, r.b_pre) or math.nan, 2)} | "
-                         f"{fmt(sf.predicted_examples_ratio(scale * r.b0, r.b0, r.b_crit) or math.nan, 2)} |")
+                         f"{fmt(predicted_ratio(scale * r.b0, r.b0, r.b_pre), 2)} | "
+                         f"{fmt(predicted_ratio(scale * r.b0, r.b0, r.b_crit), 2)} |")
     if len(dose) > 1:
         lines += ["", "| label noise q | target val loss | B_crit (95% CI) | fit RMS | B_noise (pilot) | "
                   "B_crit / B_crit(q=0) measured (95% CI) | B_noise / B_noise(q=0) predicted | predicted / measured | "
