@@ -28,6 +28,23 @@ def test_benchmark_quick(tmp_path, script, out_flag):
     assert out.exists() and (out.is_file() or any(out.iterdir())), proc.stdout[-2000:]
 
 
+VERDICT_WORDS = {"non-inferior", "inferior", "undecided"}
+RULES = ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt")
+
+
+def _sections(table: str) -> dict[str, list[str]]:
+    """Each markdown table of the report by its header line, with its rows (the separator dropped)."""
+    return {block.splitlines()[0]: block.splitlines()[2:] for block in table.split("\n\n") if block.startswith("|")}
+
+
+def _verdict_rows(table: str) -> list[dict[str, str]]:
+    head, rows = next((h, r) for h, r in _sections(table).items() if "| verdict | why |" in h)
+    names = [c.strip() for c in head.strip("|").split("|")]
+    for column in ("one-sided 95% upper", "one-sided 95% lower", "margin", "p", "held-out seeds"):
+        assert column in names, head
+    return [dict(zip(names, (c.strip() for c in row.strip("|").split(" | ")), strict=True)) for row in rows]
+
+
 @pytest.mark.slow
 def test_scaling_fidelity_quick(tmp_path):
     pytest.importorskip("torch")
@@ -35,13 +52,32 @@ def test_scaling_fidelity_quick(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (tmp_path / "scaling_fidelity.md").read_text()
+    data = json.loads((tmp_path / "scaling_fidelity.json").read_text())
     for task in ("lm", "mlp"):
-        for name in ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"):
+        # the power calculation's inputs and choice, printed and kept in the report
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"power: {task}: sd of paired"))
+        for word in ("margin", "alpha 0.05", "power 0.8", "running 3 held-out seeds"):
+            assert word in line, line
+        assert line in table
+        assert data["plans"][task]["n"] == 3 and data["plans"][task]["margin"] == {"lm": 0.01, "mlp": 0.005}[task]
+        for name in RULES:  # seed 0's table (the tuning seed's runs)
             assert sum(f"| {task} | {s}x | {name} |" in table for s in (4, 16, 64)) == 3, (task, name)
-        # the oracle (best of the LR x warmup grid and the recipes) and the regret summary per scale
         assert sum(f"| {task} | {s}x | oracle (" in table for s in (4, 16, 64)) == 3, task
         assert sum(line.startswith(f"| {task} | {s}x | ") and "(B_noise " in line
                    for s in (4, 16, 64) for line in table.splitlines()) == 3, task
+    assert "quick mode: 3 held-out seeds of a shrunken task: its verdicts are not powered" in proc.stdout
+    seeds = {r["seed"] for r in data["results"]}
+    assert seeds == {0, 1, 2, 3, 4}, seeds
+    rows = _verdict_rows(table)
+    # two candidates x three peers x three scales x two tasks, each a verdict from the computed set
+    assert len(rows) == 36, len(rows)
+    for row in rows:
+        assert row["verdict"] in VERDICT_WORDS, row
+        assert row["held-out seeds"] in {"2", "3"} or "diverged" in row["why"], row
+        if row["verdict"] == "undecided" and row["one-sided 95% upper"] != "-":
+            assert "seeds would decide" in row["why"], row
+        if row["verdict"] == "non-inferior" and row["one-sided 95% upper"] != "-":
+            assert float(row["one-sided 95% upper"].rstrip("%")) < float(row["margin"].rstrip("%")), row
     assert (tmp_path / "scaling_fidelity.png").stat().st_size > 10_000
     # --merge rebuilds the same table (and a plot) from the JSON, without training
     merged = tmp_path / "merged"
@@ -109,30 +145,39 @@ def test_critical_batch_quick(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_fidelity_seeds_table(tmp_path):
-    """--seeds 2: every rule and the oracle's recipe again at seed 1, paired with largebatch per seed."""
+    """--seeds 4 overrides the power calculation: every rule and the oracle's recipe at 4 held-out seeds,
+    none of them the tuning seed or the pilot, and the tests read only those."""
     pytest.importorskip("torch")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling_fidelity.py"), "--quick", "--tasks", "mlp",
-                           "--seeds", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=ENV)
+                           "--seeds", "4", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "running 4 held-out seeds (--seeds 4 overrides the calculation)" in proc.stdout
     table = (tmp_path / "scaling_fidelity.md").read_text()
-    results = json.loads((tmp_path / "scaling_fidelity.json").read_text())
-    assert {r["seed"] for r in results} == {0, 1}
-    sections = {block.splitlines()[0]: block.splitlines()[2:] for block in table.split("\n\n")}
-    paired = next(rows for head, rows in sections.items() if head.startswith("| task | scale | recipe | val loss per seed"))
-    means = next(rows for head, rows in sections.items() if head.startswith("| task | scale | best mean over seeds |"))
+    results = json.loads((tmp_path / "scaling_fidelity.json").read_text())["results"]
+    assert {r["seed"] for r in results} == {0, 1, 2, 3, 4, 5}
+    # the sweeps and the oracle grid run at the tuning seed only
+    assert {r["seed"] for r in results if r["name"] in ("ref-sweep-lamb", "ref-sweep-adamw", "reference",
+                                                          "largebatch-sweep")} == {0}
+    assert "held-out seeds: 2, 3, 4, 5 (tuning seed 0 and pilot seed 1" in table
     for scale in (4, 16, 64):
-        again = {r["name"] for r in results if r["scale"] == scale and r["seed"] == 1}
-        assert {"largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt"} <= again
-        rows = [line.split(" | ") for line in paired if line.startswith(f"| mlp | {scale}x | ")]
-        assert len(rows) >= 5, table
-        for row in rows:
-            assert len(row[3].split(", ")) == 2  # a loss per seed
-            if row[2] == "largebatch":
-                assert row[5] == "+0.00%, +0.00%"  # paired with itself
-        # the regret of the means: one row per scale, the best mean's own column at +0.00%
-        (line,) = [line for line in means if line.startswith(f"| mlp | {scale}x | ")]
-        assert "+0.00%" in line or "oracle-grid" in line, line
+        for seed in range(1, 6):
+            again = [r for r in results if r["scale"] == scale and r["seed"] == seed]
+            assert set(RULES) <= {r["name"] for r in again}
+            assert sum(r["name"] == "oracle-grid" for r in again) <= 1  # the oracle's recipe, not the grid
+    rows = _verdict_rows(table)
+    assert len(rows) == 18 and {r["verdict"] for r in rows} <= VERDICT_WORDS
+    # a test over held-out seeds only: recompute one row's mean from the JSON (tuning seed left out)
+    row = next(r for r in rows if r["one-sided 95% upper"] != "-" and "diverged" not in r["why"])
+    scale = int(row["scale"].rstrip("x"))
 
+    def loss(name, seed):
+        return next(r["val_loss"] for r in results if r["scale"] == scale and r["name"] == name and r["seed"] == seed)
+
+    diffs = [loss(row["candidate"], s) / loss(row["peer"], s) - 1 for s in range(2, 6)]
+    assert row["mean (candidate/peer - 1)"] == f"{sum(diffs) / 4:+.2%}", (row, diffs)
+    # the held-out regret table: one row per scale, an interval per rule
+    regrets = next(r for h, r in _sections(table).items() if "regret [95% CI]" in h)
+    assert len([line for line in regrets if line.startswith("| mlp | ")]) == 3
 
 
 @pytest.mark.slow
