@@ -42,7 +42,7 @@ class _Plan:
     warmup_ratio: float = 0.0  # decided before the LR (the AdamW cap depends on it)
     run_warmup_ratio: float = 0.0  # the warmup the stage trains on: its own, or a ramp's first stage's
     ramp: bool = False  # continues the previous stage's schedule (a batch ramp at the same seq_len)
-    ramp_next: bool = False  # the next stage continues this one: no decay here
+    ramp_next: bool = False  # the next stage continues this one's schedule (one over the ramp's examples)
     switch_at: float | None = None  # batch (sequences) where the recipe left the reference's optimizer
     ref_steps: float | None = None  # the reference steps this stage scales from (a share of them)
     law_lr: float | None = None  # a compute-optimal law's LR (batch_size "auto" with a budget)

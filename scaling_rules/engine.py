@@ -22,8 +22,9 @@ reference. Every step below leaves a line in the rationale.
    max_overhead x the trajectory's lower bound (``noise_scale_low``, else ``noise_scale``) passes twice
    the batch, up to ``target.max_batch_size``; one stage per batch, each covering its share of the
    reference run, the LR moved with the batch by step 5's regime rule and continued (step 7), not
-   re-warmed. Without a measured trajectory, ``target.tokens`` gives a growing prior: Step Law's B_opt
-   at the tokens seen so far, stated as a prior.
+   re-warmed: one LR schedule over the run's examples, carried piecewise by the stages. Without a
+   measured trajectory, ``target.tokens`` gives a growing prior: Step Law's B_opt at the tokens seen
+   so far, stated as a prior.
 3. Optimizer (:mod:`._choice`): advice with evidence. A user-fixed optimizer is kept. Otherwise the
    reference's optimizer is kept until the target passes both the batch where the papers show that
    family failing (AdamW 16K: LAMB Table 8; LARS on attention 16K: Table 2; SGD beyond 8K: Goyal
@@ -48,7 +49,9 @@ reference. Every step below leaves a line in the rationale.
    below 16K; the divergences the study saw. A binding cap adds LANS eq. 9's constant phase.
 7. Schedules (:mod:`._phases`, :mod:`.schedule`): linear, cosine, polynomial, step, multistep
    (DeepSeek) and warmup-stable-decay. A stage that changes the sequence length re-warms (LAMB
-   section 4.1); a batch ramp at the same length continues the schedule without a warmup.
+   section 4.1); a batch ramp at the same length is one schedule over the run's examples (:mod:`._ramp`,
+   GPT-3's batch ramp): warmup over its first examples, the decay over the rest of the run, whatever
+   stage it falls in, each stage's LR that shape times its own peak, so the LR moves with the batch.
 8. Weight decay (:mod:`._weight_decay`): passed through, saying how AdamW's timescale
    tau = B/(lr x wd) moved; ``weight_decay_rule: "timescale"`` keeps it fixed (Wang & Aitchison 2024).
 """
@@ -78,6 +81,7 @@ from ._plan import (
     examples_ratio,
     noise_of,
 )
+from ._ramp import head_warmup, ramp_stages
 from ._weight_decay import weight_decay
 from .evidence import BatchSummary
 from .learning import EvidenceModel, RunEvidence
@@ -137,7 +141,7 @@ def _ramp_text(req: RecommendationRequest, plans: list[_Plan]) -> str:
             f"{f', up to target.max_batch_size {t.max_batch_size}' if t.max_batch_size else ''}; each stage keeps "
             "its share of the reference run's examples (progress read at the same loss), the LR moves with the batch "
             "by the regime rule (about sqrt x per doubling for the Adam family, the regime curve for SGD/LARS) "
-            "and is not warmed up again"
+            "and is not warmed up again: the LR schedule is one schedule over the run's examples, not the stages'"
             + ("" if len(plans) > 1 else ": here it never passes twice the starting batch, so the ramp is one "
                "stage (a smaller min_batch_size or a larger max_overhead ramps)"))
 
@@ -256,9 +260,12 @@ def recommend(
             plan.ramp = prev.ramp_next = True
     name, notes, warns = choose_optimizer(req, plans)
     for i, plan in enumerate(plans):
-        plan.warmup_ratio = warmup_ratio(plan, req, name, n, evidence_model)
-        # A ramp stage is not warmed up again: it trains on the warmup its run had (LAMB Table 8's cap).
-        plan.run_warmup_ratio = plans[i - 1].run_warmup_ratio if plan.ramp else plan.warmup_ratio
+        if plan.ramp_next and not plan.ramp:
+            head_warmup(plan, plans, req, name, n, evidence_model)
+        else:
+            plan.warmup_ratio = warmup_ratio(plan, req, name, n, evidence_model)
+            # A ramp stage is not warmed up again: it trains on the warmup its run had (LAMB Table 8's cap).
+            plan.run_warmup_ratio = plans[i - 1].run_warmup_ratio if plan.ramp else plan.warmup_ratio
         _plan_lr(plan, req, name, history, evidence_model, n)
     if name == "lamb" and req.optimizer is None and any([p.capped for p in plans]):
         name = "lans"
@@ -269,7 +276,10 @@ def recommend(
     rationale += notes
     stages = []
     for plan in plans:
-        stages.append(_plan_schedule(plan, req, name, n, evidence_model))
+        if plan.ramp_next and not plan.ramp:
+            stages += ramp_stages(plan, plans, req, name)
+        elif not plan.ramp:
+            stages.append(_plan_schedule(plan, req, name, n, evidence_model))
         rationale += plan.rationale
         warnings += plan.warnings
     warnings += warns

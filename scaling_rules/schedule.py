@@ -16,7 +16,8 @@ step decay with DeepSeek LLM's defaults.
 With this convention the sum over a stage is exactly ``eta * (T + T_c) / 2`` for a linear decay to
 0, the closed form behind LANS's 5.28 and 1.91 (see :func:`schedule_area`).
 A stage that changes the sequence length re-warms from zero (LAMB section 4.1, mixed-batch
-training); the stages of a batch ramp have no warmup and carry the peak LR on.
+training); the stages of a batch ramp carry one schedule over the run's examples piecewise (see the engine's
+``_ramp``), with no warmup after the first.
 """
 
 from __future__ import annotations

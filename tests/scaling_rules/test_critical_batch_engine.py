@@ -14,6 +14,7 @@ from largebatch.scaling_rules import RecipeError, recommend
 from largebatch.scaling_rules._critical import Trajectory, ramp_batches
 from largebatch.scaling_rules.models import Reference
 from largebatch.scaling_rules.priors import step_law_batch_tokens
+from largebatch.scaling_rules.schedule import lr_at
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MODEL = {"params": 350_000_000}
@@ -167,7 +168,9 @@ def test_the_ramp_doubles_where_the_lower_bound_passes_twice_the_batch():
     examples = sum(s.steps * s.batch_size for s in r.stages)
     assert 0 <= examples - REF["steps"] * REF["batch_size"] <= sum(s.batch_size for s in r.stages)
     assert [s.warmup_steps > 0 for s in r.stages] == [True] + [False] * 5  # no re-warmup
-    assert all(s.decay_steps == 0 for s in r.stages[:-1]) and r.stages[-1].decay_steps > 0
+    # One run-level decay from the end of the warmup: every later stage carries a piece, only the last ends at 0.
+    assert all(s.decay_steps == s.steps for s in r.stages[1:])
+    assert r.stages[-1].end_lr == 0 and all(s.end_lr > 0 for s in r.stages[1:-1])
     assert any("batch ramp 64 -> 128" in x for x in r.rationale)
     capped = _ramp(max_batch_size=300)
     assert [s.batch_size for s in capped.stages] == [64, 128, 256]
@@ -175,9 +178,17 @@ def test_the_ramp_doubles_where_the_lower_bound_passes_twice_the_batch():
 
 @pytest.mark.parametrize("optimizer, per_doubling", [("adamw", math.sqrt(2)), ("sgd", 2.0)])
 def test_the_lr_moves_with_the_batch_by_the_regime_rule(optimizer, per_doubling):
-    lrs = [s.peak_lr for s in _ramp(optimizer).stages]
-    for a, b in itertools.pairwise(lrs):
-        assert b / a == pytest.approx(per_doubling, rel=1e-3)
+    r = _ramp(optimizer)
+    run = sum(s.steps * s.batch_size for s in r.stages)
+    decay_from = r.stages[0].steps * r.stages[0].batch_size  # the warmup ends with stage 1 here (capped)
+    step = examples = 0
+    for prev, nxt in itertools.pairwise(r.stages):
+        step, examples = step + prev.steps, examples + prev.steps * prev.batch_size
+        before, after = lr_at(r, step - 1), lr_at(r, step)
+        # The last step before the doubling ends at `examples`, the first after it at one batch more: the
+        # run's linear decay moves the LR by that one step besides the rule's factor.
+        one_step = (run - examples - nxt.batch_size) / (run - examples) if examples >= decay_from else 1.0
+        assert after / before == pytest.approx(per_doubling * one_step, rel=1e-3)
 
 
 def test_a_ramp_needs_a_trajectory_and_plans_its_own_steps():
@@ -225,7 +236,9 @@ def test_a_ramp_stage_is_capped_for_the_warmup_its_run_had():
     n = len(r.stages)
     assert r.stages[-1].batch_size == 16384 and r.stages[-1].warmup_steps == 0
     line = next(x for x in r.rationale if x.startswith(f"stage {n}:") and "at warmup ratio" in x)
-    assert f"at warmup ratio {r.stages[0].warmup_ratio:.6g} and batch {r.stages[-1].batch_size}" in line, line
+    # The warmup's share of the run's examples, not of the first stage's steps.
+    run_ratio = r.stages[0].warmup_steps * r.stages[0].batch_size / sum(s.steps * s.batch_size for s in r.stages)
+    assert f"at warmup ratio {run_ratio:.6g} and batch {r.stages[-1].batch_size}" in line, line
 
 
 @FAST

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from largebatch.scaling_rules import recommend
 from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.schedule import lr_at
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -229,7 +230,10 @@ def test_ramp_stages_continue_and_seq_len_changes_rewarm():
     r = recommend({"model": {"params": 125_000_000}, "reference": ref, "stages": [
         {"batch_size": 256, "share": 0.1}, {"batch_size": 512, "share": 0.9}]})
     s1, s2 = r.stages
-    assert s1.decay_steps == 0 and s2.warmup_steps == 0 and s2.peak_lr > s1.peak_lr
+    # One run-level schedule: the decay starts after the warmup, in stage 1, and the doubling moves the LR up
+    # by the regime rule from where the decay has brought it, without a re-warmup.
+    assert s2.warmup_steps == 0 and lr_at(r, s1.steps) > lr_at(r, s1.steps - 1) > 0
+    assert s1.decay_steps > 0 and s1.end_lr > 0 and s2.end_lr == 0
     rewarm = recommend({"model": {"params": 125_000_000}, "reference": ref, "stages": [
         {"batch_size": 256, "share": 0.5}, {"batch_size": 512, "share": 0.5, "seq_len": 4096}]})
     assert rewarm.stages[1].warmup_steps > 0
