@@ -68,17 +68,19 @@ TUNE_SEEDS = (0, 1)
 FRESH_SEED_BASE = 1000
 SCALES = (16, 64)  # the examples ratio's goal: within 25% at these multiples of B0
 CONFIG = {
-    # batch multiples of B0 per task, the LR grid (powers of sqrt 2 around sqrt scaling), pilot steps,
-    # probe examples, label-noise levels (the dose-response, on the MLP's multiples), fresh seeds
-    # Adam's LR at B0 centres B0's grid; the quick LM, a smaller model, was best at twice the full one's.
+    # batch multiples of B0 per task, the LR grid (powers of sqrt 2 around its centre) and how many times
+    # it widens, Adam's LR at B0 (centre of B0's grid), pilot steps, probe examples, label-noise levels
+    # (the dose-response, on DOSE_SCALES), fresh seeds. The quick LM, a smaller model, was best at twice
+    # the full one's LR.
     True: dict(scales={"lm": (1, 4, 16, 64), "mlp": (1, 4, 16, 64, 256)}, grid=(0, 1), widen=2,
-               lr={"lm": 6e-3, "mlp": 2e-3},
-               pilot={"lm": 80, "mlp": 150}, probe={"lm": 256, "mlp": 512}, noise=(0.0, 0.3), fresh=3),
+               lr={"lm": 6e-3, "mlp": 2e-3}, pilot={"lm": 80, "mlp": 150}, probe={"lm": 256, "mlp": 512},
+               noise=(0.0, 0.3), fresh=3),
     # The MLP's B_crit was ~200 B0 at the full size, and label noise raises it: its multiples reach
     # 1024 B0 so that every noise level's B_crit lies inside the batches measured.
-    False: dict(scales={"lm": (1, 2, 4, 8, 16, 32, 64, 128, 256), "mlp": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)},
-                grid=(-1, 0, 1), widen=2, lr={"lm": 3e-3, "mlp": 2e-3}, pilot={"lm": 400, "mlp": 1600}, probe={"lm": 2048, "mlp": 4096},
-                noise=(0.0, 0.2, 0.4), fresh=5),
+    False: dict(scales={"lm": (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                        "mlp": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)},
+                grid=(-1, 0, 1), widen=2, lr={"lm": 3e-3, "mlp": 2e-3}, pilot={"lm": 400, "mlp": 1600},
+                probe={"lm": 2048, "mlp": 4096}, noise=(0.0, 0.2, 0.4), fresh=5),
 }
 DOSE_SCALES = {True: (1, 4, 16, 64, 256), False: (1, 4, 16, 64, 256, 1024)}
 
@@ -199,8 +201,8 @@ def benchmark_task(task: sf.Task, cfg: dict, fresh: int, label: str | None = Non
         # A tuned run needs at most the pilot's steps above its batch and its examples below: 2x slack.
         cap = int(2 * max(s_p, e_p / batch))
         # The grid is centred on the previous batch's choice scaled by sqrt(B): the best LR grows more
-        # slowly than sqrt(B) at large batch (the LM's fell to 1/8 of sqrt scaling from B0 at 256 B0),
-        # which a grid around sqrt scaling from B0 reached only at its widened edge.
+        # slowly than sqrt(B) at large batch (the LM's best at 256 B0 was 1/8 of B0's scaled by sqrt(B)
+        # in an earlier run), which a grid around sqrt scaling from B0 reached only at its widened edge.
         prev = next((p for p in reversed(res.points) if p.steps is not None), None)
         centre = cfg["lr"][name] * math.sqrt(scale) if prev is None else prev.lr * math.sqrt(batch / prev.batch)
         res.points.append(stt.tune_and_measure(
@@ -232,7 +234,7 @@ def not_scored(r: TaskResult) -> str | None:
 
 
 def verdict(lo: float, hi: float, band_lo: float, band_hi: float, why: str | None = None) -> str:
-    """The computed verdict; 'undecided' names the edge the interval straddles."""
+    """The computed verdict; 'undecided' names the band whose edge the interval straddles."""
     if why:
         return why
     v = stt.within(lo, hi, band_lo, band_hi)
