@@ -59,7 +59,7 @@ MIN_SAVED = 0.30  # the ramp's optimizer steps must be at least this much fewer 
 REFERENCE_SEED = 1000  # the run the trajectory is read on is not one of the compared seeds
 PILOT_SEEDS = 3
 # The runs' examples in steps at 64 B0, set here (the shared tasks' defaults serve other benchmarks): the
-# full run is the fidelity benchmark's 12,800-step reference; the quick one is shorter than its (40).
+# full run is the fidelity benchmark's 12,800-step reference; the quick one a short machinery check.
 STEPS_AT_TOP = {True: 24, False: 200}
 
 
