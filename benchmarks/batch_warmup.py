@@ -28,6 +28,7 @@ Writes ``batch_warmup.md`` (the tables) and ``batch_warmup.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -72,6 +73,7 @@ class Setup:
     probe_examples: int
     min_seeds: int
     max_seeds: int
+    max_overhead: float | None = None  # the ramp's target.max_overhead (None: the engine's default)
 
 
 def setup(quick: bool, max_seeds: int | None) -> Setup:
@@ -311,7 +313,10 @@ def measured_trajectory(res: TaskResult) -> list[dict[str, float]]:
 def end_to_end(task: sf.Task, s: Setup, res: TaskResult) -> None:
     ref = reference_of(task, res.ref_steps)
     ref["noise_trajectory"] = measured_trajectory(res)
-    ramp = recommend(request(task, ref, {"batch_size": "ramp", "max_batch_size": TOP * task.b0}, budget="same-loss"))
+    target = {"batch_size": "ramp", "max_batch_size": TOP * task.b0}
+    if s.max_overhead is not None:
+        target["max_overhead"] = s.max_overhead
+    ramp = recommend(request(task, ref, target, budget="same-loss"))
     examples = sum(st.batch_size * st.steps for st in ramp.stages)
     recipes = {"ramp": ramp,
                "B0": recommend(request(task, ref, {"batch_size": task.b0, "steps": examples // task.b0})),
@@ -388,8 +393,9 @@ def _ratio(est: float, truth: float | None) -> tuple[str, str, str]:
 ESTIMATES = (("streaming", "streaming B_noise"), ("probe", "probe B_simple"), ("prior", "token-budget prior"))
 
 
-def report(results: list[TaskResult], quick: bool) -> str:
+def report(results: list[TaskResult], quick: bool, max_overhead: float | None = None) -> str:
     mode = "quick mode: --quick, small models, 2 checkpoints, 3 seeds" if quick else "full run"
+    ramp_mode = mode + ("" if max_overhead is None else f"; the ramp at max_overhead {max_overhead:g}")
     head = ["| task | checkpoint (share of run) | examples seen | val loss | branched B_crit (90%) | k x B0 |"]
     for _, label in ESTIMATES:
         head.append(f" {label} | / B_crit | within 3x | within 2x |")
@@ -414,7 +420,7 @@ def report(results: list[TaskResult], quick: bool) -> str:
             gm = math.exp(sum(math.log(x) for x in rs) / len(rs)) if rs else math.nan
             lines.append(f"| {r.task} | {label} | {sum(within(x, 3) for x in rs)}/{len(r.checkpoints)} | "
                          f"{sum(within(x, 2) for x in rs)}/{len(r.checkpoints)} | {_num(gm, '.2f')} |")
-    lines += ["", f"Batch warmup end to end ({mode}): every arm on the ramp's examples, paired by seed; against "
+    lines += ["", f"Batch warmup end to end ({ramp_mode}): every arm on the ramp's examples, paired by seed; against "
               f"{TOP}B0 the margin is 0, so non-inferior there means better", "",
               "| task | arm | batch | optimizer steps | examples | peak LR | seeds | val loss per seed | mean |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -460,14 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models, 2 checkpoints, 3 seeds (CI)")
     parser.add_argument("--tasks", default="lm,mlp")
     parser.add_argument("--max-seeds", type=int, default=None, help="cap on the power calculation (default 10; quick 3)")
+    parser.add_argument("--max-overhead", type=float, default=None,
+                        help="the ramp's target.max_overhead (default: the engine's, 0.2)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: one thread is fastest and the timings comparable
-    s = setup(args.quick, args.max_seeds)
+    s = dataclasses.replace(setup(args.quick, args.max_seeds), max_overhead=args.max_overhead)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = [benchmark_task(name, s) for name in args.tasks.split(",")]
-    table = report(results, args.quick)
+    table = report(results, args.quick, args.max_overhead)
     elapsed = time.perf_counter() - t0
     (args.out / "batch_warmup.md").write_text(table + "\n")
     (args.out / "batch_warmup.json").write_text(json.dumps(
