@@ -158,11 +158,15 @@ def test_lans_area_gap_in_the_readme_is_what_the_engine_prints():
 
 
 def test_quickstart_reports_arrive_during_training(service, tmp_path):
-    """The client quick start, unchanged, with the default intervals: the run's last reported step
-    is seen moving while the job still trains (issue #15: reports used to wait for the heartbeat)."""
+    """The client quick start with the default intervals, run 8x longer: the run's last reported step
+    is seen moving while the job still trains (reports used to wait for the heartbeat)."""
     port, base = service
     (body,) = [b for _, lang, _, b in blocks() if lang == "python" and 'study="quickstart"' in b]
-    code = _point(body, port).replace('study="quickstart"', 'study="quickstart-live"')
+    # The quick start trains its 500 steps in under a second on a quiet machine, inside one flush interval
+    # (1 s, the default kept here): 8x the reference's steps gives a run that outlasts several.
+    assert '"steps": 8000}' in body
+    code = _point(body, port).replace('study="quickstart"', 'study="quickstart-live"').replace(
+        '"steps": 8000}', '"steps": 64000}')
     proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "python"), "-c", code], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: list[tuple[int, str]] = []
