@@ -8,6 +8,8 @@ import math
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -189,3 +191,16 @@ def test_branch_probe_under_ddp_restores_and_agrees(service, tmp_path):
     assert ranks[0]["probed"]["result"] == ranks[1]["probed"]["result"]
     losses, gains, _ = ranks[0]["probed"]["result"]
     assert sorted(losses) == [1, 2] and gains[1] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(0.6, 4.6), st.floats(1.0 / math.log(2), 20.0))
+def test_the_equal_loss_reading_recovers_any_critical_batch_inside_the_branches(log2_bc_over_b, tau_over_window):
+    """Not only the two values the reading was written against: any B_crit inside the branches' span
+    (B..32B) and any curvature of the loss in the examples, up to the probe's own limit (a window that
+    takes more than half the loss is flagged as too long: tau >= window / ln 2)."""
+    batch, ks, steps = 100.0, (1, 2, 4, 8, 16, 32), 64
+    bc = batch * 2.0 ** log2_bc_over_b
+    curve, gains = _synthetic(batch, bc, ks, steps, tau=tau_over_window * steps * batch)
+    got, (lo, hi), _, _ = fit_critical_batch(batch, ks, steps, curve, gains, [1e-5] * len(ks))
+    assert got == pytest.approx(bc, rel=0.05) and lo <= got <= hi
