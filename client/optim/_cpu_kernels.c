@@ -64,8 +64,18 @@ static double ratio(double x_sq, double u_sq, int adapt, const double *phi) {
 #define ITEM_RANGE(k) int64_t t = owner(k, n, first);                                                   \
     int64_t lo = (k - first[t]) * BLOCK, hi = lo + BLOCK < numel[t] ? lo + BLOCK : numel[t];
 
+/* Sums run on LANES accumulators, element j on lane j % LANES: independent chains of fma that the
+   vectoriser keeps in registers (one accumulator waits out the fma latency on every element), added in
+   a fixed order, so the result still does not depend on the thread count. */
+#define LANES 32
+static inline double lanes_sum(const double *s) {
+    double t = 0.0;
+    for (int l = 0; l < LANES; l++) t += s[l];
+    return t;
+}
+
 /* One element of pass 1 (j; sums sx, su / sr, sc in float64, by fma: the squares are exact). */
-#define LAMB_UPDATE(T, SQRT)                                                                         \
+#define LAMB_UPDATE(T, SQRT, sx, su)                                                                         \
     T gj = gp[j] * inv_clip;                                                                         \
     T mj = mp[j] * b1 + gj * omb1;                                                                   \
     T vj = vp[j] * b2 + gj * gj * omb2;                                                              \
@@ -73,7 +83,7 @@ static double ratio(double x_sq, double u_sq, int adapt, const double *phi) {
     T u = mj * r1 / (SQRT(vj) * rs2 + eps) + wd * pp[j];                                             \
     sx = fma((double)pp[j], (double)pp[j], sx);                                                      \
     su = fma((double)u, (double)u, su);
-#define LANS_UPDATE(T, SQRT)                                                                         \
+#define LANS_UPDATE(T, SQRT, sx, sr, sc)                                                                         \
     T gh = gp[j] * rgn;                                                                              \
     T mj = mp[j] * b1 + gh * omb1;                                                                   \
     T vj = vp[j] * b2 + gh * gh * omb2;                                                              \
@@ -92,12 +102,19 @@ static inline void lamb1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, 
                                   const double *hp, double *sx_out, double *su_out) {                \
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                              \
-    double sx = 0.0, su = 0.0;                                                                       \
-    _Pragma("omp simd reduction(+:sx,su)")                                                           \
-    for (int64_t j = lo; j < hi; j++) {                                                              \
-        LAMB_UPDATE(T, SQRT)                                                                         \
+    double sx[LANES] = {0}, su[LANES] = {0};                                                         \
+    int64_t j0 = lo;                                                                                 \
+    for (; j0 + LANES <= hi; j0 += LANES) {                                                          \
+        _Pragma("omp simd")                                                                          \
+        for (int l = 0; l < LANES; l++) {                                                            \
+            int64_t j = j0 + l;                                                                      \
+            LAMB_UPDATE(T, SQRT, sx[l], su[l])                                                       \
+        }                                                                                            \
     }                                                                                                \
-    *sx_out = sx; *su_out = su;                                                                      \
+    for (int64_t j = j0; j < hi; j++) {                                                              \
+        LAMB_UPDATE(T, SQRT, sx[0], su[0])                                                           \
+    }                                                                                                \
+    *sx_out = lanes_sum(sx); *su_out = lanes_sum(su);                                                \
 }                                                                                                    \
                                                                                                      \
 static inline void lamb2_##SUFFIX(T *pp, const T *mp, const T *vp, int64_t lo, int64_t hi, T r1, T rs2,   \
@@ -114,12 +131,19 @@ static inline void lans1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, 
                                   T rgn, const double *hp, double *sums) {                           \
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5];                                                                           \
-    double sx = 0.0, sr = 0.0, sc = 0.0;                                                             \
-    _Pragma("omp simd reduction(+:sx,sr,sc)")                                                        \
-    for (int64_t j = lo; j < hi; j++) {                                                              \
-        LANS_UPDATE(T, SQRT)                                                                         \
+    double sx[LANES] = {0}, sr[LANES] = {0}, sc[LANES] = {0};                                        \
+    int64_t j0 = lo;                                                                                 \
+    for (; j0 + LANES <= hi; j0 += LANES) {                                                          \
+        _Pragma("omp simd")                                                                          \
+        for (int l = 0; l < LANES; l++) {                                                            \
+            int64_t j = j0 + l;                                                                      \
+            LANS_UPDATE(T, SQRT, sx[l], sr[l], sc[l])                                                \
+        }                                                                                            \
     }                                                                                                \
-    sums[0] = sx; sums[1] = sr; sums[2] = sc;                                                        \
+    for (int64_t j = j0; j < hi; j++) {                                                              \
+        LANS_UPDATE(T, SQRT, sx[0], sr[0], sc[0])                                                    \
+    }                                                                                                \
+    sums[0] = lanes_sum(sx); sums[1] = lanes_sum(sr); sums[2] = lanes_sum(sc);                       \
 }                                                                                                    \
                                                                                                      \
 static inline void lans2_##SUFFIX(T *pp, const T *gp, const T *mp, const T *vp, int64_t lo, int64_t hi,   \
@@ -158,10 +182,14 @@ void lb_sumsq_##SUFFIX(int64_t n, T **g, const int64_t *numel, double *out, int 
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         const T *gp = g[t];                                                                          \
-        double s = 0.0;                                                                              \
-        _Pragma("omp simd reduction(+:s)")                                                           \
-        for (int64_t j = lo; j < hi; j++) s += (double)gp[j] * (double)gp[j];                        \
-        part[k] = s;                                                                                 \
+        double s[LANES] = {0};                                                                       \
+        int64_t j0 = lo;                                                                             \
+        for (; j0 + LANES <= hi; j0 += LANES) {                                                      \
+            _Pragma("omp simd")                                                                      \
+            for (int l = 0; l < LANES; l++) s[l] = fma((double)gp[j0 + l], (double)gp[j0 + l], s[l]);  \
+        }                                                                                            \
+        for (int64_t j = j0; j < hi; j++) s[0] = fma((double)gp[j], (double)gp[j], s[0]);            \
+        part[k] = lanes_sum(s);                                                                      \
     }                                                                                                \
     fold(n, 0, n, first, 1, items, part, out);                                                       \
     free(part); free(first);                                                                         \
