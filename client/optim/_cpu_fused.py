@@ -13,11 +13,12 @@ a cache folder, and called through :mod:`ctypes` with tables of tensor addresses
   ratio, computed between the passes in float64 by :func:`._tensors.trust_ratios` (the foreach
   path's own function; in C, the same float64 operations, in the one-call path below).
 
-On one thread (``torch.get_num_threads()``), unsharded parameters take both passes in one call:
-consecutive tensors in batches of up to ``_BATCH`` elements (a bigger tensor alone), each batch's pass 2
-right after its pass 1, walking its blocks backwards, so that it reads ``p, m, v`` from cache where they
-still are. With more threads, two calls, the blocks handed to the threads dynamically: a barrier per
-batch would stall on every descheduled thread of a busy machine.
+Unsharded parameters take both passes in one call: consecutive tensors in batches of up to ``_BATCH``
+elements (a bigger tensor alone), each batch whole on one thread, its pass 2 right after its pass 1,
+walking its blocks backwards, so that it reads ``p, m, v`` from cache where they still are; the threads
+take the batches largest first, with no barrier between them (one would stall on every descheduled
+thread of a busy machine). Where one tensor is more than a thread's share of the step, two calls split
+every tensor's blocks among the threads instead (see :func:`_one_call`).
 On CPU the step is bound by memory reads, not arithmetic: fused AdamW reads 4 words per parameter;
 LAMB reads 8 (the gradient-norm prologue 1, pass 1 4, pass 2 3) for a tensor bigger than the cache,
 LANS 9 (its pass 2 also reads ``g``). Sharded parameters keep the two calls, their norms summed over
@@ -156,6 +157,14 @@ def _numels(tensors: Sequence[Tensor]) -> Tensor:
     return torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
 
 
+def _one_call(numel: Tensor) -> bool:
+    """Whether the one-call driver fits: its batches go whole to one thread each, largest first, so the
+    threads finish within one batch of each other; where the largest (one tensor) is more than a
+    thread's share, the two calls split it instead."""
+    threads = torch.get_num_threads()
+    return threads == 1 or int(numel.max()) * threads <= int(numel.sum())
+
+
 def sumsq(tensors: Sequence[Tensor]) -> Tensor:
     """Per-tensor squared norms (one dtype), float64."""
     out = torch.zeros(len(tensors), dtype=torch.float64)
@@ -199,7 +208,7 @@ def lamb(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     hp = _hp(beta1, beta2, eps, weight_decay, 1.0 if clip is None else float(clip))
     tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
               _addr(c1), _addr(c2), _addr(hp), ctypes.c_int(int(adapt)))
-    if reduce is None and torch.get_num_threads() == 1:  # one call, pass 2 of each batch after its pass 1
+    if reduce is None and _one_call(numel):  # pass 2 of each batch right after its pass 1
         lr_phi, scale = _lr_phi(lr, phi_bounds), torch.empty(n, dtype=torch.float64)
         _call("lb_lamb_step", dtype, *tables, _addr(lr_phi), _addr(scale))
         return
@@ -228,7 +237,7 @@ def lans(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_
     hp = _hp(beta1, beta2, eps, weight_decay)
     tables = (ctypes.c_int64(n), _ptrs(params), _ptrs(grads), _ptrs(exp_avgs), _ptrs(exp_avg_sqs), _addr(numel),
               _addr(c1), _addr(c2), _addr(gn), _addr(hp))
-    if reduce is None and torch.get_num_threads() == 1:
+    if reduce is None and _one_call(numel):
         lr_phi, scales = _lr_phi(lr, phi_bounds), torch.empty(2, n, dtype=torch.float64)
         _call("lb_lans_step", dtype, *tables, ctypes.c_int(int(adapt)), _addr(lr_phi), _addr(scales))
         return

@@ -3,14 +3,16 @@
    float64, so the result does not depend on the thread count or schedule.
 
    Two drivers share the per-block bodies:
-   - lb_*_step: the whole update in one call, on one thread. Consecutive tensors are taken in batches
-     of at most BATCH_NUMEL elements (a bigger tensor alone); per batch, pass 1, the trust ratios, then
-     pass 2 backwards, so that pass 2 reads what pass 1 left in cache instead of memory where the batch
-     fits in cache (a step is bound by memory reads on CPU). It also runs threaded, but a barrier per
-     batch stalls whenever the machine is busier than its cores (measured: 3x slower at 2 threads).
-   - lb_*_pass1 / lb_*_pass2: pass 1 over every tensor, then pass 2, with threads (blocks handed out
-     dynamically: a descheduled thread holds up nobody), and for sharded parameters, whose norms are
-     summed over the ranks in between (by the caller, in Python). */
+   - lb_*_step: the whole update in one call. Consecutive tensors are taken in batches of at most
+     BATCH_NUMEL elements (a bigger tensor alone); each batch goes whole to one thread, which runs its
+     pass 1, its trust ratios, then its pass 2 backwards, so that pass 2 reads what pass 1 left in cache
+     instead of memory (a step is bound by memory reads on CPU). The threads take the batches one at a
+     time, largest first: no barrier, so a descheduled thread holds up nobody (a barrier per batch,
+     the threads sharing each batch, measured 3x slower at 2 threads on a busy machine).
+   - lb_*_pass1 / lb_*_pass2: pass 1 over every tensor, then pass 2, the blocks handed to the threads
+     dynamically: for a tensor bigger than a thread's share of the step (which one thread would hold
+     up the others on), and for sharded parameters, whose norms are summed over the ranks in between
+     (by the caller, in Python). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -159,18 +161,34 @@ static inline void lans2_##SUFFIX(T *pp, const T *gp, const T *mp, const T *vp, 
     }                                                                                                \
 }
 
-/* The thread's share [*a, *b) of the items k0 .. k1-1 (static: the same blocks in both passes). */
-static void share(int64_t k0, int64_t k1, int64_t *a, int64_t *b) {
-    int id = omp_get_thread_num(), count = omp_get_num_threads();
-    *a = k0 + (k1 - k0) * id / count;
-    *b = k0 + (k1 - k0) * (id + 1) / count;
-}
-
 /* Batches: tensors t0 .. t1-1, consecutive, at most BATCH_NUMEL elements (or one bigger tensor). */
 static int64_t batch_end(int64_t n, int64_t t0, const int64_t *numel) {
     int64_t t1 = t0 + 1, total = numel[t0];
     while (t1 < n && total + numel[t1] <= BATCH_NUMEL) total += numel[t1++];
     return t1;
+}
+
+/* The batches of the one-call drivers (bounds[2i], bounds[2i+1]: their first and end tensor), largest
+   first, so that threads taking them one at a time finish together (longest-processing-time order);
+   the caller frees *bounds. */
+static int64_t batches(int64_t n, const int64_t *numel, int64_t **bounds) {
+    int64_t count = 0, *b = malloc((n ? 2 * n : 2) * sizeof(int64_t));
+    int64_t *size = malloc((n ? n : 1) * sizeof(int64_t));
+    for (int64_t t0 = 0; t0 < n; count++) {
+        int64_t t1 = batch_end(n, t0, numel);
+        b[2 * count] = t0; b[2 * count + 1] = t1; size[count] = 0;
+        for (int64_t t = t0; t < t1; t++) size[count] += numel[t];
+        t0 = t1;
+    }
+    for (int64_t i = 1; i < count; i++)  /* insertion sort, descending size, stable */
+        for (int64_t j = i; j > 0 && size[j] > size[j - 1]; j--) {
+            int64_t z = size[j]; size[j] = size[j - 1]; size[j - 1] = z;
+            z = b[2 * j]; b[2 * j] = b[2 * j - 2]; b[2 * j - 2] = z;
+            z = b[2 * j + 1]; b[2 * j + 1] = b[2 * j - 1]; b[2 * j - 1] = z;
+        }
+    free(size);
+    *bounds = b;
+    return count;
 }
 
 #define KERNELS(T, SUFFIX, SQRT)                                                                          \
@@ -230,29 +248,25 @@ void lb_lamb_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t 
     ITEMS                                                                                            \
     double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
     double *sq = malloc((n ? 2 * n : 1) * sizeof(double));                                           \
-    _Pragma("omp parallel num_threads(threads)")                                                     \
-    for (int64_t t0 = 0; t0 < n;) {                                                                  \
-        int64_t t1 = batch_end(n, t0, numel), a, b;                                                  \
-        share(first[t0], first[t1], &a, &b);                                                         \
-        for (int64_t k = a; k < b; k++) {                                                            \
+    int64_t *bounds, nb = batches(n, numel, &bounds);                                                \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
+    for (int64_t i = 0; i < nb; i++) {                                                               \
+        int64_t t0 = bounds[2 * i], t1 = bounds[2 * i + 1];                                          \
+        for (int64_t k = first[t0]; k < first[t1]; k++) {                                            \
             ITEM_RANGE(k)                                                                            \
             lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
                            hp, &part[k], &part[items + k]);                                          \
         }                                                                                            \
-        _Pragma("omp barrier")                                                                       \
-        _Pragma("omp single")                                                                        \
-        {                                                                                            \
-            fold(n, t0, t1, first, 2, items, part, sq);                                              \
-            for (int64_t t = t0; t < t1; t++)                                                        \
-                scale[t] = -lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);                  \
-        }                                                                                            \
-        for (int64_t k = b - 1; k >= a; k--) {                                                       \
+        fold(n, t0, t1, first, 2, items, part, sq);                                                  \
+        for (int64_t t = t0; t < t1; t++)                                                            \
+            scale[t] = -lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);                      \
+        for (int64_t k = first[t1] - 1; k >= first[t0]; k--) {                                       \
             ITEM_RANGE(k)                                                                            \
             lamb2_##SUFFIX(p[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, \
                            (T)scale[t]);                                                             \
         }                                                                                            \
-        t0 = t1;                                                                                     \
     }                                                                                                \
+    free(bounds);                                                                                    \
     free(sq); free(part); free(first);                                                               \
 }                                                                                                    \
                                                                                                      \
@@ -295,33 +309,29 @@ void lb_lans_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t 
     ITEMS                                                                                            \
     double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
     double *sq = malloc((n ? 3 * n : 1) * sizeof(double));                                           \
-    _Pragma("omp parallel num_threads(threads)")                                                     \
-    for (int64_t t0 = 0; t0 < n;) {                                                                  \
-        int64_t t1 = batch_end(n, t0, numel), a, b;                                                  \
-        share(first[t0], first[t1], &a, &b);                                                         \
-        for (int64_t k = a; k < b; k++) {                                                            \
+    int64_t *bounds, nb = batches(n, numel, &bounds);                                                \
+    _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
+    for (int64_t i = 0; i < nb; i++) {                                                               \
+        int64_t t0 = bounds[2 * i], t1 = bounds[2 * i + 1];                                          \
+        for (int64_t k = first[t0]; k < first[t1]; k++) {                                            \
             ITEM_RANGE(k)                                                                            \
             double sums[3];                                                                          \
             lans1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]),                        \
                            (T)(1.0 / sqrt(bc2[t])), (T)(1.0 / gnorm[t]), hp, sums);                  \
             part[k] = sums[0]; part[items + k] = sums[1]; part[2 * items + k] = sums[2];             \
         }                                                                                            \
-        _Pragma("omp barrier")                                                                       \
-        _Pragma("omp single")                                                                        \
-        {                                                                                            \
-            fold(n, t0, t1, first, 3, items, part, sq);                                              \
-            for (int64_t t = t0; t < t1; t++) {                                                      \
-                scale[t] = -hp[0] * lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);          \
-                scale[n + t] = -hp[1] * lr_phi[0] * ratio(sq[t], sq[2 * n + t], adapt, lr_phi + 1);  \
-            }                                                                                        \
+        fold(n, t0, t1, first, 3, items, part, sq);                                                  \
+        for (int64_t t = t0; t < t1; t++) {                                                          \
+            scale[t] = -hp[0] * lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);              \
+            scale[n + t] = -hp[1] * lr_phi[0] * ratio(sq[t], sq[2 * n + t], adapt, lr_phi + 1);      \
         }                                                                                            \
-        for (int64_t k = b - 1; k >= a; k--) {                                                       \
+        for (int64_t k = first[t1] - 1; k >= first[t0]; k--) {                                       \
             ITEM_RANGE(k)                                                                            \
             lans2_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
                            (T)(1.0 / gnorm[t]), hp, (T)scale[t], (T)scale[n + t]);                   \
         }                                                                                            \
-        t0 = t1;                                                                                     \
     }                                                                                                \
+    free(bounds);                                                                                    \
     free(sq); free(part); free(first);                                                               \
 }
 

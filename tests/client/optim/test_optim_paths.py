@@ -185,11 +185,22 @@ def test_cpu_kernels_equal_foreach_in_float32(cls, config):
     assert max_rel_err(out["c"], [p.detach().double().numpy() for p in out["foreach"]]) < 1e-6
 
 
+# Several blocks, a ragged last block, a tiny tensor. At 3 threads the first set's largest tensor is more
+# than a thread's share (the two-call driver); the second's batches go whole to the threads (one call).
+_THREAD_SHAPES = {
+    "two calls": [(300, 200), (70_000,), (7,)],
+    "one call": [(300, 200), (250, 250), (70_000,), (400, 150), (7,), (400, 300), (200, 200)],
+}
+
+
+@pytest.mark.parametrize("driver", list(_THREAD_SHAPES))
 @pytest.mark.parametrize("cls", [LAMB, LANS])
-def test_cpu_kernels_do_not_depend_on_the_thread_count(cls):
+def test_cpu_kernels_do_not_depend_on_the_thread_count(cls, driver):
     """Each block's sums are kept apart and added in block order: 1 or 3 threads, the same bits."""
+    from largebatch.client.optim import _cpu_fused
+
     torch.manual_seed(0)
-    shapes = [(300, 200), (70_000,), (7,)]  # several blocks, a ragged last block, a tiny tensor
+    shapes = _THREAD_SHAPES[driver]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
     out = {}
     before = torch.get_num_threads()
@@ -198,6 +209,8 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(cls):
             for threads in (1, 3):
                 torch.set_num_threads(threads)
                 params = [torch.nn.Parameter(torch.ones(s) * 0.5) for s in shapes]
+                if threads == 3:
+                    assert _cpu_fused._one_call(_cpu_fused._numels(params)) == (driver == "one call")
                 opt = cls(params, lr=0.01, weight_decay=0.01, fused=True)
                 for gs in grads:
                     for p, g in zip(params, gs, strict=True):
