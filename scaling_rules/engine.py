@@ -30,6 +30,9 @@ reference. Every step below leaves a line in the rationale.
    family failing (AdamW 16K: LAMB Table 8; LARS on attention 16K: Table 2; SGD beyond 8K: Goyal
    et al.; LAMB beyond 32K, 64K mixed) and the reference's own batch; a switch names the
    alternative and the counter-evidence (Nado et al. 2021). LAMB becomes LANS where the LR cap binds.
+   The study's runs teach within the recipe's LR units only (:meth:`.EvidenceModel.in_units_of`: a
+   study that switched AdamW to LAMB holds LRs ~10x apart); where another optimizer's sweep beat this
+   one's at a batch both swept, a warning names it, and the optimizer is kept.
 4. Warmup (:mod:`._phases`), per family in the literature's units: constant samples for AdamW and
    constant epochs for SGD; for LARS, epochs x (1 + B/B_w) / (1 + B_ref/B_w), about constant well
    below B_w and growing past it as the LARS reference codes do (B_w fitted on the corpus,
@@ -259,6 +262,11 @@ def recommend(
         if plan.seq_len == prev.seq_len and plan.batch_x > prev.batch_x and plan.req.reference is None:
             plan.ramp = prev.ramp_next = True
     name, notes, warns = choose_optimizer(req, plans)
+    if evidence_model is not None:
+        unnamed = priors.canonical(plans[0].ref.optimizer)
+        if req.optimizer is None:
+            warns += evidence_model.better_elsewhere(name, unnamed)
+        evidence_model = evidence_model.in_units_of(name, unnamed)
     for i, plan in enumerate(plans):
         if plan.ramp_next and not plan.ramp:
             head_warmup(plan, plans, req, name, n, evidence_model)

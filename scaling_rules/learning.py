@@ -37,11 +37,12 @@ import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from . import priors
+from . import optimizers, priors
 from .evidence import Direction, Outcome
 from .models import MAX_LR, MIN_LR
 
@@ -151,6 +152,9 @@ class EvidenceModel:
     fit: ScalingFit | None = None
     conflicts: list[str] = field(default_factory=list)
     warmup_fit: WarmupFit | None = None
+    # in_units_of's sub-models and better_elsewhere's lines, once per model (the service keeps a
+    # study's fitted model for every request until its evidence changes)
+    _memo: dict[tuple[str, str, str], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_runs(cls, runs: Iterable[RunEvidence | dict], *, direction: Direction = "minimize") -> EvidenceModel:
@@ -163,6 +167,65 @@ class EvidenceModel:
         model.warmup_fit = model._fit_warmup()
         model.conflicts = model._find_conflicts()
         return model
+
+    # ----- optimizers -----
+
+    def in_units_of(self, optimizer: str, unnamed: str) -> EvidenceModel:
+        """The model of the runs whose LRs are in ``optimizer``'s units (a run that names no optimizer
+        counts as ``unnamed``'s, the reference's; one that names an optimizer the table does not know is
+        left out). A study that changed optimizer (the engine's own recipes switch AdamW to LAMB past
+        16K) holds LRs of two units, several times apart: one curve through both would read the change
+        of units as an effect of the batch or the LR. ``self`` where every run is in those units."""
+        key = ("units", _units(optimizer), _units(unnamed))
+        if key not in self._memo:
+            mine = [r for r in self.runs if _units(r.optimizer or unnamed) == key[1]]
+            self._memo[key] = self if len(mine) == len(self.runs) else \
+                EvidenceModel.from_runs(mine, direction=self.direction)
+        return self._memo[key]
+
+    def better_elsewhere(self, optimizer: str, unnamed: str) -> list[str]:
+        """Where another optimizer's runs beat ``optimizer``'s: at the largest batch size where both were
+        tried at two LRs or more (a best of a sweep on each side, not one shot), one line per optimizer
+        whose best run there has the better metric."""
+        key = ("better", optimizer, unnamed)
+        if key not in self._memo:
+            self._memo[key] = self._better_elsewhere(optimizer, unnamed)
+        return self._memo[key]
+
+    def _better_elsewhere(self, optimizer: str, unnamed: str) -> list[str]:
+        units = _units(optimizer)
+        sign = 1.0 if self.direction == "minimize" else -1.0
+        by_opt: dict[str, dict[int, list[RunEvidence]]] = {}
+        for r in self._usable():
+            name = r.optimizer or unnamed
+            if _units(name) != "?":
+                by_opt.setdefault(name, {}).setdefault(r.batch_size, []).append(r)
+
+        def swept(runs: dict[int, list[RunEvidence]]) -> set[int]:
+            return {b for b, rs in runs.items() if len({r.lr for r in rs}) >= 2}
+
+        own: dict[int, list[RunEvidence]] = {}  # (LAMB's and LANS's runs together: the same LRs)
+        for name, runs in by_opt.items():
+            if _units(name) == units:
+                for b, rs in runs.items():
+                    own.setdefault(b, []).extend(rs)
+        lines = []
+        for name, runs in sorted(by_opt.items()):
+            if _units(name) == units:
+                continue
+            both = swept(runs) & swept(own)
+            if not both:
+                continue
+            b = max(both)
+            theirs = min(runs[b], key=lambda r: sign * r.metric)  # type: ignore[operator]
+            ours = min(own[b], key=lambda r: sign * r.metric)  # type: ignore[operator]
+            if sign * theirs.metric < sign * ours.metric:  # type: ignore[operator]
+                lines.append(
+                    f"evidence: at batch {b} the study's best {name} run (LR {theirs.lr:.4g}, of {len(runs[b])}) "
+                    f"reached {theirs.metric:.6g}, better than the best {optimizer} run (LR {ours.lr:.4g}, of "
+                    f"{len(own[b])}) at {ours.metric:.6g}; the recipe keeps {optimizer}: set \"optimizer\": "
+                    f"\"{name}\" to follow that evidence (its LR then comes from its own runs)")
+        return lines
 
     # ----- the scaling curve -----
 
@@ -377,6 +440,14 @@ class EvidenceModel:
 
     def run_ids(self) -> list[int]:
         return sorted(r.run_id for r in self.runs if r.run_id is not None)
+
+
+def _units(optimizer: str) -> str:
+    """An optimizer's LR units from the optimizer table; "?" for a name it does not know."""
+    try:
+        return optimizers.info(optimizer).units
+    except ValueError:
+        return "?"
 
 
 def explore_lrs(lr: float, k: int, *, spread: float = 2.0, cap: float | None = None) -> list[float]:

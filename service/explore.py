@@ -57,6 +57,10 @@ def explore_variants(recipe: Recipe, evidence: Sequence[RunEvidence], k: int, *,
     base = max(s.peak_lr for s in recipe.stages)
     if model is None:
         model = EvidenceModel.from_runs(evidence, direction=direction)  # type: ignore[arg-type]
+    seed = _seed(study, recipe, len(evidence))
+    # Only runs in the recipe's LR units (the engine's road): an AdamW LR says nothing about LAMB's.
+    model = model.in_units_of(recipe.optimizer.name, recipe.optimizer.name)
+    evidence = model.runs
     low, high = base / SPREAD, base * SPREAD
     if max_factor is not None and base * max_factor < high:
         high = base * max(max_factor, 1.0)
@@ -71,7 +75,7 @@ def explore_variants(recipe: Recipe, evidence: Sequence[RunEvidence], k: int, *,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = PartialFixedSampler({"batch_size": batch},
-                                      TPESampler(seed=_seed(study, recipe, len(evidence)), n_startup_trials=5))
+                                      TPESampler(seed=seed, n_startup_trials=5))
     sweep = optuna.create_study(direction=direction, sampler=sampler)
     finished = [r for r in evidence if r.outcome in ("completed", "diverged") and low <= r.lr <= high]
     worst = [r.metric for r in finished if r.metric is not None and math.isfinite(r.metric)]

@@ -119,3 +119,23 @@ def test_explore_variants_nobody_starts_do_not_stay_running(tmp_path):
         assert c.get(f"/v1/runs/{out.run.id}").json()["state"] == "running"  # the main run keeps its lease
         assert c.post(f"/v1/runs/{variant.id}/heartbeat", json={}).status_code == 200  # a job starts it at last
         assert c.get(f"/v1/runs/{variant.id}").json()["state"] == "running"
+
+
+def test_explore_history_holds_only_runs_in_the_recipes_lr_units():
+    """A study that also ran LAMB: its runs (LRs in LAMB's units) are not TPE's history for an AdamW
+    recipe, even where their LRs fall inside the explored range."""
+    from largebatch.scaling_rules import recommend
+    from largebatch.scaling_rules.learning import RunEvidence
+    from largebatch.service.explore import explore_variants
+
+    req = {"model": {"params": 110_000_000, "family": "transformer"},
+           "reference": {"batch_size": 256, "lr": 1e-4, "optimizer": "adamw", "steps": 10_000},
+           "target": {"batch_size": 1024}}
+    recipe = recommend(req)
+    lr = recipe.stages[0].peak_lr
+    adamw = [RunEvidence(batch_size=1024, lr=lr * f, outcome="completed", metric=1.0 + abs(f - 1), optimizer="adamw",
+                         run_id=i) for i, f in enumerate((0.8, 1.2))]
+    lamb = [RunEvidence(batch_size=1024, lr=lr * f, outcome="diverged", optimizer="lamb", run_id=10 + i)
+            for i, f in enumerate((0.9, 1.1))]
+    history = [v.rationale[-1] for v in explore_variants(recipe, adamw + lamb, 2, study="s")]
+    assert all("2 past run(s) as its history" in line for line in history), history

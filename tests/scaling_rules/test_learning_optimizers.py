@@ -1,0 +1,78 @@
+"""Evidence from a study that changed optimizer: LRs are fitted only within one optimizer's LR units,
+and where another optimizer's sweep beat this one's, the recipe says so (and keeps its optimizer)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from largebatch.scaling_rules import recommend
+from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
+
+REQUEST = {
+    "model": {"params": 110_000_000, "family": "transformer"},
+    "reference": {"batch_size": 256, "lr": 1e-4, "optimizer": "adamw", "steps": 10_000, "warmup_ratio": 0.01},
+    "target": {"batch_size": 1024},
+}
+
+
+def sweep(optimizer: str, best_at_256: float, floor: float, start_id: int) -> list[RunEvidence]:
+    """Three LRs at batches 256 and 512 around an optimum that moves by sqrt(batch)."""
+    runs = []
+    for b in (256, 512):
+        best = best_at_256 * math.sqrt(b / 256)
+        for factor in (0.5, 1.0, 2.0):
+            lr = best * factor * 1.1  # (off the optimum: the fit has to find it)
+            runs.append(RunEvidence(batch_size=b, lr=lr, outcome="completed", optimizer=optimizer,
+                                    metric=floor + math.log(lr / best) ** 2, warmup_ratio=0.01,
+                                    run_id=start_id + len(runs)))
+    return runs
+
+
+ADAMW = sweep("adamw", 1e-4, 1.0, 0)
+LAMB = sweep("lamb", 4e-3, 0.9, 100)  # LAMB's LRs are ~40x AdamW's here, and its runs end lower
+
+
+def test_mixed_units_fit_as_their_own_optimizer_alone():
+    """LAMB runs in an AdamW study leave the AdamW recipe as the AdamW runs alone make it (a single
+    curve through both read the unit change as an LR effect: 8x the LR, before this was fixed)."""
+    alone = recommend(REQUEST, evidence=ADAMW)
+    mixed = recommend(REQUEST, evidence=ADAMW + LAMB)
+    assert mixed.optimizer.name == "adamw"
+    assert mixed.stages[0].peak_lr == pytest.approx(alone.stages[0].peak_lr, rel=1e-12)
+    assert mixed.stages[0].warmup_steps == alone.stages[0].warmup_steps
+    # and the LAMB runs alone fit LAMB's LRs, whatever AdamW runs sit beside them
+    lamb_req = {**REQUEST, "reference": {**REQUEST["reference"], "optimizer": "lamb", "lr": 4e-3}}
+    assert recommend(lamb_req, evidence=LAMB + ADAMW).stages[0].peak_lr == pytest.approx(
+        recommend(lamb_req, evidence=LAMB).stages[0].peak_lr, rel=1e-12)
+
+
+def test_a_better_optimizer_in_the_evidence_is_named_not_switched_to():
+    mixed = recommend(REQUEST, evidence=ADAMW + LAMB)
+    lines = [w for w in mixed.warnings if w.startswith("evidence: at batch")]
+    assert len(lines) == 1
+    assert "batch 512" in lines[0] and "best lamb run" in lines[0] and '"optimizer": "lamb"' in lines[0]
+    # the other way round nothing is better elsewhere; nor where the user fixed the optimizer
+    lamb_req = {**REQUEST, "reference": {**REQUEST["reference"], "optimizer": "lamb", "lr": 4e-3}}
+    assert not [w for w in recommend(lamb_req, evidence=LAMB + ADAMW).warnings if w.startswith("evidence: at")]
+    fixed = {**REQUEST, "optimizer": "adamw"}
+    assert not [w for w in recommend(fixed, evidence=ADAMW + LAMB).warnings if w.startswith("evidence: at")]
+
+
+def test_one_shot_of_another_optimizer_is_no_evidence_against_a_sweep():
+    """A best of one run is not a best: the comparison needs two LRs or more on each side."""
+    one = [r for r in LAMB if r.batch_size == 512][:1]
+    assert EvidenceModel.from_runs(ADAMW + one).better_elsewhere("adamw", "adamw") == []
+    assert len(EvidenceModel.from_runs(ADAMW + LAMB).better_elsewhere("adamw", "adamw")) == 1
+
+
+def test_unnamed_runs_count_as_the_reference_and_lans_shares_lambs_units():
+    unnamed = [r.model_copy(update={"optimizer": None}) for r in LAMB]
+    model = EvidenceModel.from_runs(unnamed + ADAMW)
+    assert [r.run_id for r in model.in_units_of("lamb", "lamb").runs] == [r.run_id for r in
+                                                                        EvidenceModel.from_runs(LAMB).runs]
+    assert model.in_units_of("lans", "lamb").runs == model.in_units_of("lamb", "lamb").runs
+    assert model.in_units_of("lamb", "lamb") is model.in_units_of("lamb", "lamb")  # fitted once
+    alone = EvidenceModel.from_runs(ADAMW)
+    assert alone.in_units_of("adamw", "adamw") is alone  # nothing to leave out: the same model
