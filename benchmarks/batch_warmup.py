@@ -21,13 +21,20 @@ Real CPU training on the two tasks of ``scaling_fidelity.py`` (a tiny LM, an MLP
    (``stats.non_inferiority``), Holm over a task's two comparisons. A 3-seed pilot's paired sd sets the
    seeds (``stats.seeds_for_margin``, true difference 0 for B0, the pilot's mean for 64 B0).
 
-Usage: ``python benchmarks/batch_warmup.py [--quick] [--out DIR] [--tasks lm,mlp] [--max-seeds N]``.
+Usage: ``python benchmarks/batch_warmup.py [--quick] [--out DIR] [--tasks lm,mlp] [--parts 1,2] [--window N]
+[--max-seeds N]`` (``--parts 1``: the critical batch along the run only; ``--parts 2``: the ramp only, its
+reference run without the branches; ``--window N``: the largest branch's steps, the window N x k_max steps of B0).
+Diagnostics of part 1 (README, "The branch window on the MLP, tested"): ``--window-share S`` (a window up to S x
+the examples seen; default 0.5), ``--branch-lr-power P`` (each branch's LR factor the regime rule's ^ P),
+``--branch-seed N`` (another data order for the branches), ``--kmin K`` (the smallest branch K x B0); and
+``--summarize DIR...``, one table from several part-1 runs' ``batch_warmup.json``.
 Writes ``batch_warmup.md`` (the tables) and ``batch_warmup.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -43,6 +50,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import scaling_fidelity as sf  # the tasks are shared with the fidelity and critical-batch benchmarks
 
+from largebatch.client import _probe
 from largebatch.client._probe import BranchProbing
 from largebatch.client.optim import GradientNoiseScale, build, probe_noise_scale
 from largebatch.scaling_rules import Recipe, recommend, stats
@@ -62,6 +70,8 @@ PILOT_SEEDS = 3
 # The runs' examples in steps at 64 B0, set here (the shared tasks' defaults serve other benchmarks): the
 # full run is the fidelity benchmark's 12,800-step reference; the quick one a short machinery check.
 STEPS_AT_TOP = {True: 24, False: 200}
+WINDOW = 8  # the largest branch's steps (the client probe's default window: 8 x max(ks) steps of B)
+WINDOW_SHARE = 0.5  # a window takes at most this share of the examples the run has seen
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,12 @@ class Setup:
     min_seeds: int
     max_seeds: int
     max_overhead: float | None = None  # the ramp's target.max_overhead (None: the engine's default)
+    window: int = WINDOW  # the largest branch's steps: the window is window x k_max steps of B0
+    window_share: float = WINDOW_SHARE  # the most of the examples seen a window may take (it lowers k_max)
+    lr_power: float = 1.0  # diagnostic: each branch's LR factor is the regime rule's raised to this power
+    branch_seed: int = 0  # diagnostic: another data order for the branches (and their held-out examples)
+    kmin: int = 1  # diagnostic: the smallest branch multiple, the yardstick the others are read against
+    parts: tuple[int, ...] = (1, 2)
 
 
 def setup(quick: bool, max_seeds: int | None) -> Setup:
@@ -87,11 +103,11 @@ def within(ratio: float, factor: float) -> bool:
     return math.isfinite(ratio) and 1 / factor <= ratio <= factor
 
 
-def window_multiple(kmax: int, examples_seen: float, b0: int) -> int:
-    """The largest branch multiple (a power of 2, <= kmax, >= 2) whose window, 8 x k steps of B0, is at
-    most half the examples the run has seen: a longer branch measures a later point of the run."""
+def window_multiple(kmax: int, examples_seen: float, b0: int, window: int = WINDOW, share: float = WINDOW_SHARE) -> int:
+    """The largest branch multiple (a power of 2, <= kmax, >= 2) whose window, ``window`` x k steps of B0, is
+    at most ``share`` (half) of the examples the run has seen: a longer branch measures a later point of the run."""
     k = kmax
-    while k > 2 and 8 * k * b0 > examples_seen / 2:
+    while k > 2 and window * k * b0 > examples_seen * share:
         k //= 2
     return k
 
@@ -135,6 +151,21 @@ class OfflineProbe(BranchProbing):
     def __init__(self, optimizer: Any, scheduler: Any, noise: GradientNoiseScale | None, recipe: Recipe):
         self.optimizer, self.scheduler, self.noise, self.recipe = optimizer, scheduler, noise, recipe
         self.world_size, self.follower, self.run, self.complete_timeout = 1, False, None, 0.0
+
+
+@contextlib.contextmanager
+def lr_power(power: float) -> Iterator[None]:
+    """Diagnostic (``--branch-lr-power``): the client probe's LR factor for branch k, the regime rule's, raised
+    to ``power`` (0: every branch at the run's LR; 1: the probe as the client runs it)."""
+    if power == 1:
+        yield
+        return
+    rule = _probe._lr_factor
+    _probe._lr_factor = lambda *a: rule(*a) ** power
+    try:
+        yield
+    finally:
+        _probe._lr_factor = rule
 
 
 def examples_of(task: sf.Task, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,6 +243,11 @@ class Checkpoint:
     prior: float
     seconds: float
     estimator: float = math.nan  # the estimator's own value at that step (JSON only; nan: |G|^2 <= 0 there)
+    gains: dict[int, float] = field(default_factory=dict)  # JSON only: k -> the branch's gain, its standard error,
+    gain_se: dict[int, float] = field(default_factory=dict)  # the regime rule's LR factor and the examples ratio
+    lr_factors: dict[int, float] = field(default_factory=dict)  # read at equal loss
+    examples_ratios: dict[int, float] = field(default_factory=dict)
+    curve: dict[int, float] = field(default_factory=dict)  # JSON only: the smallest branch's steps -> its gain
 
 
 @dataclass
@@ -255,7 +291,7 @@ def reference_run(task: sf.Task, s: Setup, res: TaskResult) -> None:
     steps = res.ref_steps
     recipe = recommend(request(task, reference_of(task, steps), {"batch_size": task.b0, "steps": steps}))
     noise = GradientNoiseScale()
-    marks = {max(1, round(f * steps)): f for f in s.fractions}
+    marks = {max(1, round(f * steps)): f for f in s.fractions} if 1 in s.parts else {}
     bins: dict[int, list[float]] = {}  # the store's bins, 4 per doubling: examples, reads, tr(Sigma), |G|^2 summed
     loss_fn = lambda m, batch: task.loss(m, *batch)  # noqa: E731
 
@@ -267,11 +303,12 @@ def reference_run(task: sf.Task, s: Setup, res: TaskResult) -> None:
         if step not in marks:
             return
         t0 = time.perf_counter()
-        kmax = window_multiple(s.kmax, seen, task.b0)
-        ks = [2 ** i for i in range(int(math.log2(kmax)) + 1)]
-        probe = OfflineProbe(optimizer, scheduler, noise, recipe).branch_probe(
-            model, stream(task, 20_000 + step, task.b0), loss_fn, ks=ks, batch_size=task.b0,
-            eval_micro_batches=s.eval_examples[task.name] // task.b0, send=False)
+        kmax = max(window_multiple(s.kmax, seen, task.b0, s.window, s.window_share), 2 * s.kmin)
+        ks = [2 ** i for i in range(int(math.log2(s.kmin)), int(math.log2(kmax)) + 1)]
+        with lr_power(s.lr_power):
+            probe = OfflineProbe(optimizer, scheduler, noise, recipe).branch_probe(
+                model, stream(task, 20_000 + step + 100_000 * s.branch_seed, task.b0), loss_fn, ks=ks, steps=s.window * kmax,
+                batch_size=task.b0, eval_micro_batches=s.eval_examples[task.name] // task.b0, send=False)
         gen = torch.Generator().manual_seed(30_000 + step)
         local = probe_noise_scale(model, loss_fn, (task.batch(gen, 32) for _ in range(s.probe_examples // 32)), 32)
         model.eval()
@@ -282,11 +319,18 @@ def reference_run(task: sf.Task, s: Setup, res: TaskResult) -> None:
         cp = Checkpoint(marks[step], step, seen, val, optimizer.param_groups[0]["lr"], probe.critical_batch,
                         probe.interval, ks, probe.note, here[2] / here[3] if here[3] > 0 < here[2] else math.nan,
                         local.value if local.value is not None else math.inf, prior_at(task, steps, seen),
-                        time.perf_counter() - t0, noise.value or math.nan)
+                        time.perf_counter() - t0, noise.value or math.nan, dict(probe.gains), dict(probe.gain_se),
+                        dict(probe.lr_factors), dict(probe.examples_ratios),
+                        {n: probe.loss_before - v for n, v in probe.curve.items()})
         res.checkpoints.append(cp)
         print(f"  {task.name} checkpoint {cp.fraction:.3g} (step {step}, {seen} examples, val {val:.4f}): branched "
               f"{_num(cp.branched)}; streaming {cp.streaming:.4g}, probe {cp.probe:.4g}, prior {cp.prior:.4g} "
               f"({cp.seconds:.1f}s) [{probe.note}]", flush=True)
+        print("    k: gain (se), LR factor, E(kB)/E(B) read: " + "; ".join(
+            f"{k}: {probe.gains[k]:.4g} ({probe.gain_se[k]:.2g}), x{probe.lr_factors[k]:.3g}, "
+            f"{_num(probe.examples_ratios.get(k), '.3g')}" for k in ks), flush=True)
+        print(f"    the k = {ks[0]} branch's gain after n of its steps: " + ", ".join(f"{n}: {g:.4g}" for n, g in cp.curve.items()),
+              flush=True)
 
     data = examples_of(task, REFERENCE_SEED, steps * task.b0)
     res.ref_val, _ = train(task, recipe, REFERENCE_SEED, data, noise=noise, at_step=at_step)
@@ -393,9 +437,34 @@ def _ratio(est: float, truth: float | None) -> tuple[str, str, str]:
 ESTIMATES = (("streaming", "streaming B_noise"), ("probe", "probe B_simple"), ("prior", "token-budget prior"))
 
 
-def report(results: list[TaskResult], quick: bool, max_overhead: float | None = None) -> str:
+def branch_setting(s: Setup) -> list[str]:
+    """The branches' settings where they are not the benchmark's own (for the table's title)."""
+    out = []
+    if s.window != WINDOW:
+        out.append(f"; the largest branch {s.window} steps (window {s.window} x k_max steps of B0)")
+    if s.window_share != WINDOW_SHARE:
+        out.append(f"; a window up to {s.window_share:g} x the examples seen")
+    if s.kmin != 1:
+        out.append(f"; diagnostic: the smallest branch {s.kmin} x B0")
+    if s.branch_seed:
+        out.append(f"; diagnostic: the branches' data order {s.branch_seed}")
+    if s.lr_power != 1:
+        out.append(f"; diagnostic: each branch's LR factor the regime rule's ^ {s.lr_power:g}")
+    return out
+
+
+def report(results: list[TaskResult], quick: bool, max_overhead: float | None = None, s: Setup | None = None) -> str:
+    s = s or setup(quick, None)
     mode = "quick mode: --quick, small models, 2 checkpoints, 3 seeds" if quick else "full run"
     ramp_mode = mode + ("" if max_overhead is None else f"; the ramp at max_overhead {max_overhead:g}")
+    lines = (critical_report(results, mode + "".join(branch_setting(s)), summary=2 not in s.parts)
+             if 1 in s.parts else [])
+    if 2 in s.parts:
+        lines += ramp_report(results, ramp_mode)
+    return "\n".join(lines)
+
+
+def critical_report(results: list[TaskResult], mode: str, summary: bool = False) -> list[str]:
     head = ["| task | checkpoint (share of run) | examples seen | val loss | branched B_crit (90%) | k x B0 |"]
     for _, label in ESTIMATES:
         head.append(f" {label} | / B_crit | within 3x | within 2x |")
@@ -420,7 +489,15 @@ def report(results: list[TaskResult], quick: bool, max_overhead: float | None = 
             gm = math.exp(sum(math.log(x) for x in rs) / len(rs)) if rs else math.nan
             lines.append(f"| {r.task} | {label} | {sum(within(x, 3) for x in rs)}/{len(r.checkpoints)} | "
                          f"{sum(within(x, 2) for x in rs)}/{len(r.checkpoints)} | {_num(gm, '.2f')} |")
-    lines += ["", f"Batch warmup end to end ({ramp_mode}): every arm on the ramp's examples, paired by seed; against "
+    lines.append("")
+    for r in results if summary else []:
+        lines.append(f"- {r.task}: reference run at B0 ({r.ref_steps} steps, seed {REFERENCE_SEED}) val {r.ref_val:.4f}; "
+                     f"branches {sum(c.seconds for c in r.checkpoints):.0f}s, task {r.seconds:.0f}s")
+    return lines
+
+
+def ramp_report(results: list[TaskResult], ramp_mode: str) -> list[str]:
+    lines = [f"Batch warmup end to end ({ramp_mode}): every arm on the ramp's examples, paired by seed; against "
               f"{TOP}B0 the margin is 0, so non-inferior there means better", "",
               "| task | arm | batch | optimizer steps | examples | peak LR | seeds | val loss per seed | mean |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -445,7 +522,66 @@ def report(results: list[TaskResult], quick: bool, max_overhead: float | None = 
         lines.append(f"- {r.task}: reference run at B0 ({r.ref_steps} steps, seed {REFERENCE_SEED}) val {r.ref_val:.4f}; "
                      f"ramp {' -> '.join(f'{b} x {n}' for b, n, _ in r.ramp)} (batch x steps), planned on {r.fit}; "
                      f"{r.power}; {r.seconds:.0f}s")
-    return "\n".join(lines)
+    return lines
+
+
+def _unread(c: dict[str, Any], b0: int) -> str:
+    """Why a checkpoint's branches gave no B_crit, in a word (from the probe's note)."""
+    note = c["note"]
+    if "cost no examples" in note:
+        return f"above {c['ks'][-1] * b0} (no cost seen)"
+    if "gained nothing" in note:
+        return f"below {c['ks'][0] * b0} (nothing gained)"
+    if "no resolved progress" in note:
+        return "k = 1 branch: no resolved gain"
+    return "-"
+
+
+def summarize(paths: list[pathlib.Path]) -> str:
+    """One table of the critical batch along the run from part-1 runs under different branch settings (each
+    run's ``batch_warmup.json``): per checkpoint, the branches' reading next to the streaming statistic."""
+    lines = ["Branched critical batch by branch setting (each row from its run's batch_warmup.json; the largest "
+             "branch takes 'steps' steps of its window, the window 'steps' x k_max steps of B0 and, at share s, at most "
+             "s x the examples seen; gains: the held-out loss before the window minus after it, se over the evaluation "
+             "sample only; '/ B_crit': streaming B_noise / branched B_crit)", "",
+             "| task | checkpoint | examples seen | run (its flags) | k x B0 | steps | branched B_crit (90%) | gain, "
+             "smallest k (se) | gain, largest k (se) | its LR factor | streaming B_noise | / B_crit | within 3x |",
+             "|---" * 13 + "|"]
+    summary = ["", "| task | run (its flags) | checkpoints identified | streaming within 3x | geometric mean of "
+               "streaming / B_crit | largest branch's gain < 0 | run time |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for path in paths:
+        data = json.loads((path / "batch_warmup.json").read_text())
+        st = data["setup"]
+        flags = [f"--window {st.get('window', WINDOW)}" if st.get("window", WINDOW) != WINDOW else "",
+                 f"--window-share {st.get('window_share', WINDOW_SHARE):g}"
+                 if st.get("window_share", WINDOW_SHARE) != WINDOW_SHARE else "",
+                 f"--branch-lr-power {st.get('lr_power', 1.0):g}" if st.get("lr_power", 1.0) != 1 else "",
+                 f"--branch-seed {st.get('branch_seed', 0)}" if st.get("branch_seed", 0) else "",
+                 f"--kmin {st.get('kmin', 1)}" if st.get("kmin", 1) != 1 else ""]
+        label = " ".join(f for f in flags if f) or "(the defaults)"
+        for t in data["tasks"]:
+            ratios, negative = [], 0
+            for c in t["checkpoints"]:
+                top, low = str(c["ks"][-1]), str(c["ks"][0])
+                b, iv = c["branched"], c["interval"]
+                read = _unread(c, t["b0"]) if b is None else f"{_num(b)} ({_num(iv[0])}..{_num(iv[1]) if iv[1] < math.inf else 'inf'})"
+                r = c["streaming"] / b if b else math.nan
+                if math.isfinite(r):
+                    ratios.append(r)
+                negative += c["gains"][top] < 0
+                rows.append((t["task"], c["fraction"], label, (
+                    f"| {t['task']} | {c['fraction']:.3g} | {c['examples']} | {label} | {c['ks'][0] * t['b0']}.."
+                    f"{c['ks'][-1] * t['b0']} | {st.get('window', WINDOW)} | {read} | {c['gains'][low]:.4f} "
+                    f"({c['gain_se'][low]:.4f}) | {c['gains'][top]:.4f} ({c['gain_se'][top]:.4f}) | "
+                    f"x{c['lr_factors'][top]:.3g} | {_num(c['streaming'])} | {_num(r, '.2f')} | "
+                    f"{'-' if not math.isfinite(r) else 'yes' if within(r, 3) else '**no**'} |")))
+            gm = math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else math.nan
+            n = len(t["checkpoints"])
+            summary.append(f"| {t['task']} | {label} | {len(ratios)}/{n} | {sum(within(x, 3) for x in ratios)}/{n} | "
+                           f"{_num(gm, '.2f')} | {negative}/{n} | {data['seconds']:.0f}s |")
+    lines += [row for *_, row in sorted(rows, key=lambda x: (x[0], x[1]))]
+    return "\n".join(lines + summary)
 
 
 def benchmark_task(name: str, s: Setup) -> TaskResult:
@@ -456,7 +592,8 @@ def benchmark_task(name: str, s: Setup) -> TaskResult:
     res = TaskResult(name, task.b0, task.examples // task.b0, math.nan)
     print(f"task {name}: {task.params:,} parameters, B0 {task.b0}, reference {res.ref_steps} steps", flush=True)
     reference_run(task, s, res)
-    end_to_end(task, s, res)
+    if 2 in s.parts:
+        end_to_end(task, s, res)
     res.seconds = time.perf_counter() - t0
     return res
 
@@ -468,14 +605,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seeds", type=int, default=None, help="cap on the power calculation (default 10; quick 3)")
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="the ramp's target.max_overhead (default: the engine's, 0.2)")
+    parser.add_argument("--parts", default="1,2",
+                        help="1: the critical batch along the run; 2: the ramp end to end (its reference run without "
+                             "the branches); default both")
+    parser.add_argument("--window", type=int, default=WINDOW,
+                        help=f"the largest branch's steps: the window is N x k_max steps of B0 (default {WINDOW})")
+    parser.add_argument("--window-share", type=float, default=WINDOW_SHARE,
+                        help=f"the most of the examples seen a window may take, lowering k_max (default {WINDOW_SHARE})")
+    parser.add_argument("--branch-lr-power", type=float, default=1.0,
+                        help="diagnostic: each branch's LR factor is the regime rule's to this power (default 1: "
+                             "the client probe's own; 0: every branch at the run's LR)")
+    parser.add_argument("--branch-seed", type=int, default=0,
+                        help="diagnostic: another data order for the branches and their held-out examples (default 0)")
+    parser.add_argument("--kmin", type=int, default=1,
+                        help="diagnostic: the smallest branch multiple, a power of 2 (default 1: B0 is the yardstick)")
+    parser.add_argument("--summarize", type=pathlib.Path, nargs="+", metavar="DIR",
+                        help="print one table from part-1 runs' DIR/batch_warmup.json (different branch settings) "
+                             "and exit")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     torch.set_num_threads(1)  # tiny models: one thread is fastest and the timings comparable
-    s = dataclasses.replace(setup(args.quick, args.max_seeds), max_overhead=args.max_overhead)
+    parts = tuple(sorted({int(p) for p in args.parts.split(",")}))
+    if not parts or not set(parts) <= {1, 2}:
+        parser.error(f"--parts takes 1, 2 or 1,2, got {args.parts!r}")
+    if args.kmin < 1 or args.kmin & (args.kmin - 1):
+        parser.error(f"--kmin must be a power of 2, got {args.kmin}")
+    if args.window < 1:
+        parser.error(f"--window must be >= 1, got {args.window}")
+    s = dataclasses.replace(setup(args.quick, args.max_seeds), max_overhead=args.max_overhead, window=args.window,
+                            parts=parts, window_share=args.window_share, lr_power=args.branch_lr_power,
+                            branch_seed=args.branch_seed, kmin=args.kmin)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = [benchmark_task(name, s) for name in args.tasks.split(",")]
-    table = report(results, args.quick, args.max_overhead)
+    table = report(results, args.quick, args.max_overhead, s)
     elapsed = time.perf_counter() - t0
     (args.out / "batch_warmup.md").write_text(table + "\n")
     (args.out / "batch_warmup.json").write_text(json.dumps(

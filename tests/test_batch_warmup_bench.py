@@ -3,6 +3,7 @@ that are computed words)."""
 
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import re
@@ -43,6 +44,82 @@ def test_the_branch_window_is_at_most_half_the_examples_seen():
         assert 8 * k * 4 <= seen / 2 or k == 2
         assert k == 128 or 8 * (2 * k) * 4 > seen / 2  # the largest that fits
     assert bw.window_multiple(128, 10, 4) == 2  # never fewer than two branches
+
+
+def test_a_longer_window_lowers_k_max_unless_the_share_lets_it_pass_the_examples_seen():
+    bw = _module()
+    # the MLP's first checkpoint (4,096 examples at B0 = 8): k_max 32 at 8 steps, 8 at 32, 4 at 64
+    assert [bw.window_multiple(128, 4096, 8, w) for w in (8, 32, 64)] == [32, 8, 4]
+    assert bw.window_multiple(128, 4096, 8) == bw.window_multiple(128, 4096, 8, bw.WINDOW, bw.WINDOW_SHARE) == 32
+    assert [bw.window_multiple(128, 4096, 8, w, share=64) for w in (8, 32, 64)] == [128, 128, 128]
+    assert bw.window_multiple(128, 4096, 8, 32, share=8) == 128 and bw.window_multiple(128, 4096, 8, 32, share=4) == 64
+
+
+def test_the_branch_lr_power_patches_the_probe_only_inside_and_gives_it_back():
+    bw = _module()
+    from largebatch.client import _probe
+
+    rule = _probe._lr_factor
+    with bw.lr_power(1):
+        assert _probe._lr_factor is rule
+    with bw.lr_power(0):
+        assert _probe._lr_factor("adamw", 64, 8, None) == 1.0
+    with bw.lr_power(0.5):
+        assert _probe._lr_factor("adamw", 64, 8, None) == pytest.approx(rule("adamw", 64, 8, None) ** 0.5)
+    assert _probe._lr_factor is rule
+    with pytest.raises(RuntimeError), bw.lr_power(0):
+        raise RuntimeError
+    assert _probe._lr_factor is rule
+
+
+def _checkpoint(fraction, branched, interval, note, gains, streaming):
+    ks = sorted(gains)
+    return {"fraction": fraction, "examples": int(fraction * 1000), "branched": branched, "interval": interval,
+            "ks": ks, "note": note, "streaming": streaming, "gains": {str(k): g for k, g in gains.items()},
+            "gain_se": {str(k): 0.001 for k in ks}, "lr_factors": {str(k): k ** 0.5 for k in ks}}
+
+
+def test_summarize_reads_each_runs_json_and_labels_it_by_its_flags(tmp_path):
+    bw = _module()
+    runs = {"d": ({}, [_checkpoint(0.1, 20.0, [10.0, 30.0], "B_crit 20", {1: 0.02, 2: 0.03, 4: -0.01}, 200.0),
+                       _checkpoint(0.5, None, [0.0, 1.0], "the k = 1 branch gained 0.001 (...): no resolved progress",
+                                   {1: 0.001, 2: 0.02}, 300.0)]),
+            "w": ({"window": 32, "window_share": 64.0, "lr_power": 0.5, "branch_seed": 1},
+                  [_checkpoint(0.1, 150.0, [100.0, math.inf], "B_crit 150", {1: 0.05, 2: 0.05, 4: 0.04}, 200.0),
+                   _checkpoint(0.5, None, [900.0, math.inf], "the bigger batches cost no examples (...)",
+                               {1: 0.03, 2: 0.04}, 300.0)])}
+    for name, (setup, cps) in runs.items():
+        (tmp_path / name).mkdir()
+        data = {"seconds": 12.0, "setup": {"parts": [1], **setup},
+                "tasks": [{"task": "mlp", "b0": 8, "checkpoints": cps}]}
+        (tmp_path / name / "batch_warmup.json").write_text(json.dumps(data))
+    table = bw.summarize([tmp_path / "d", tmp_path / "w"])
+    rows = [line for line in table.splitlines() if line.startswith("| mlp |")]
+    assert len(rows) == 6
+    assert rows[0].startswith("| mlp | 0.1 | 100 | (the defaults) | 8..32 | 8 | 20 (10..30) | 0.0200 (0.0010) | -0.0100")
+    assert "| 200 | 10.00 | **no** |" in rows[0]
+    assert rows[1].startswith("| mlp | 0.1 | 100 | --window 32 --window-share 64 --branch-lr-power 0.5 --branch-seed 1 |")
+    assert "| 150 (100..inf) |" in rows[1] and "| 1.33 | yes |" in rows[1]
+    assert "k = 1 branch: no resolved gain" in rows[2] and "above 16 (no cost seen)" in rows[3]
+    assert "| mlp | (the defaults) | 1/2 | 0/2 | 10.00 | 1/2 | 12s |" in table
+    assert "| mlp | --window 32 --window-share 64 --branch-lr-power 0.5 --branch-seed 1 | 1/2 | 1/2 | 1.33 | 0/2 |" in table
+
+
+@pytest.mark.slow
+def test_parts_1_runs_the_critical_batch_along_the_run_alone(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--tasks", "mlp", "--parts", "1", "--window", "16",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "batch_warmup.md").read_text()
+    assert "Critical batch along the reference run at B0 (quick mode" in table and "largest branch 16 steps" in table
+    assert "Batch warmup end to end" not in table and "ramp" not in table
+    data = json.loads((tmp_path / "batch_warmup.json").read_text())
+    assert data["setup"]["parts"] == [1] and data["setup"]["window"] == 16
+    (t,) = data["tasks"]
+    assert t["task"] == "mlp" and len(t["checkpoints"]) == 2 and not t["arms"]
+    for c in t["checkpoints"]:
+        assert set(c["gains"]) == {str(k) for k in c["ks"]} and c["curve"]
 
 
 def test_verdicts_follow_the_bounds_and_holm():
