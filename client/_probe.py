@@ -13,7 +13,9 @@ for B_crit. (Reading the gains at equal examples as proportional to the examples
 probe first did, assumes the loss falls linearly in the examples over the window; on the noisy quadratic
 model, where the truth is known, that read the window's critical batch 6-44% high and the equal-loss
 reading within 4%: ``benchmarks/noisy_quadratic.py``.) B_crit is identified only where k B spans it; its
-interval comes from the evaluation sample (paired over the same micro-batches), not from another data order.
+interval comes from the evaluation sample (paired over the same micro-batches) and from the data order: the
+branches see one order, and how far the smallest branch's loss wanders about its own trend from step to step
+stands in for how far another order would move each loss (:func:`_roughness`).
 
 The measurement is study evidence: the job sends it (``POST /v1/runs/{id}/critical-batches``, rank 0, once
 the run is open) with the examples seen at its step and the job's streaming B_noise there, and the study's
@@ -67,7 +69,7 @@ class BranchProbe:
     gain_se: dict[int, float]  # k -> standard error of the gain over the evaluation micro-batches
     lr_factors: dict[int, float]  # k -> the LR factor the regime rule gave branch k
     critical_batch: float | None  # B_crit (examples), None where the losses do not identify it
-    interval: tuple[float, float] | None  # 5%..95% of B_crit over the evaluation sample's noise
+    interval: tuple[float, float] | None  # 5%..95% of B_crit over the evaluation and data-order noise
     note: str
     cost_examples: int  # training examples over all branches (plus the evaluations' forward passes)
     cost_steps: int
@@ -133,11 +135,11 @@ def fit_critical_batch(batch: float, ks: Sequence[int], steps: int, curve: Seque
     line = [(n, g, s) for n, g, s in curve if math.isfinite(g) and math.isfinite(s)]
     if not pts or not line:
         return None, None, "fewer than two branches with a finite loss: no fit", {}
-    final = line[-1]
-    if final[1] <= 2 * final[2]:
-        return None, None, (f"the k = {kmin} branch gained {final[1]:.3g} (standard error {final[2]:.3g}) in the "
-                            "window: no resolved progress to compare; lengthen the window (steps=) or probe earlier "
-                            "in the run"), {}
+    final, order = line[-1], _roughness(line)
+    if final[1] <= 2 * math.hypot(final[2], order):
+        return None, None, (f"the k = {kmin} branch gained {final[1]:.3g} (standard error {final[2]:.3g} from the "
+                            f"evaluation, sd {order:.3g} of its loss from step to step) in the window: no resolved "
+                            "progress to compare; lengthen the window (steps=) or probe earlier in the run"), {}
     kmax = max(k for k, *_ in pts)
     grid = kmax * batch * 2.0 ** (-6 + 20 * np.arange(_GRID) / (_GRID - 1))
 
@@ -147,7 +149,7 @@ def fit_critical_batch(batch: float, ks: Sequence[int], steps: int, curve: Seque
 
     ratios = read(lambda g, s: g)
     rng = random.Random(0)  # its own generator: the caller's random state is not drawn from
-    drawn = [read(lambda g, s: g + s * rng.gauss(0.0, 1.0)) for _ in range(_DRAWS)]
+    drawn = [read(lambda g, s: g + math.hypot(s, order) * rng.gauss(0.0, 1.0)) for _ in range(_DRAWS)]
     fits = _best(batch, kmin, [k for k, *_ in pts], [ratios, *drawn], grid).tolist()
     best, draws = fits[0], sorted(fits[1:])
     lo, hi = draws[int(0.05 * _DRAWS)], draws[int(0.95 * _DRAWS) - 1]
@@ -162,7 +164,22 @@ def fit_critical_batch(batch: float, ks: Sequence[int], steps: int, curve: Seque
     where = "inside" if kmin * batch <= best <= kmax * batch else "outside (extrapolated)"
     upper = math.inf if hi >= top else hi
     return best, (lo, upper), (f"B_crit {best:.4g} examples, 90% interval {lo:.4g}..{upper:.4g} from the evaluation "
-                               f"sample only (one data order); {span}, the estimate {where} that range"), by_k
+                               f"sample and the data order (sd {order:.3g} of the loss, read off the k = {kmin} "
+                               f"branch's curve); {span}, the estimate {where} that range"), by_k
+
+
+def _roughness(line: Sequence[tuple[int, float, float]]) -> float:
+    """The sd of the smallest branch's loss about its own trend: each inner point against the line through
+    its neighbours (Gasser et al. 1986's pseudo-residuals, for unequal steps). The branches see one data
+    order: the loss after a given step moves with the batches drawn, about as much from one step to the
+    next as from one order to another (a branch's evaluation, on the same held-out examples every time,
+    does not show it). A smooth curve's own bend adds to it a little: the interval errs wide."""
+    sq = []
+    for (x0, y0, _), (x1, y1, _), (x2, y2, _) in zip(line, line[1:], line[2:], strict=False):
+        a = (x2 - x1) / (x2 - x0)
+        b = 1.0 - a
+        sq.append((y1 - a * y0 - b * y2) ** 2 / (1.0 + a * a + b * b))
+    return math.sqrt(sum(sq) / len(sq)) if sq else 0.0
 
 
 class _Snapshot:
