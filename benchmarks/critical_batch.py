@@ -255,6 +255,11 @@ def b_noise_ratio_ci(r: TaskResult, b: float) -> tuple[float, float]:
     return (b / hi if hi > 0 else 0.0), (b / lo if lo > 0 else math.inf)
 
 
+def at_target(r: TaskResult) -> float:
+    """The pilot's B_noise where it crosses the target loss (nan where it never does)."""
+    return next((bn for frac, _, _, _, bn, _ in r.by_depth if frac == TARGET_FRACTION), math.nan)
+
+
 def report(results: list[TaskResult], dose: list[TaskResult]) -> str:
     lines = ["| task | batch | chosen LR | tuning grid: LR (mean steps of the tuning seeds; -: cut once slower than "
              "the best, or not reached) | fresh seeds: steps "
@@ -293,12 +298,17 @@ def report(results: list[TaskResult], dose: list[TaskResult]) -> str:
                          f"{fmt(predicted_ratio(scale * r.b0, r.b0, r.b_pre), 2)} | "
                          f"{fmt(predicted_ratio(scale * r.b0, r.b0, r.b_crit), 2)} |")
     if len(dose) > 1:
+        # B_noise grows as the loss falls, and each level's target is its own pilot's 97%: read at the pilot's
+        # end, the levels' B_noise sit at other depths than their B_crit; read where the pilot crosses its
+        # target, at the same depth.
         lines += ["", "| label noise q | target val loss | B_crit (95% CI) | fit RMS | B_noise (pilot) | "
                   "B_crit / B_crit(q=0) measured (95% CI) | B_noise / B_noise(q=0) predicted | predicted / measured | "
-                  "within 1.5x |", "|---|---|---|---|---|---|---|---|---|"]
+                  "within 1.5x | B_noise at the target (pilot's crossing) | predicted there | predicted / measured | "
+                  "within 1.5x |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = dose[0]
         for r in dose:
             pred = r.b_noise / base.b_noise
+            there = at_target(r) / at_target(base)
             if r is base:
                 lo = hi = m = 1.0
             else:
@@ -308,7 +318,9 @@ def report(results: list[TaskResult], dose: list[TaskResult]) -> str:
             why = not_scored(r) or not_scored(base)
             lines.append(f"| {r.q:g} | {r.target:.4f} | {fmt(r.b_crit)} {ci(*r.b_crit_ci)} | {r.rms:.1%} | "
                          f"{fmt(r.b_noise)} | {m:.2f} {ci(lo, hi, 2)} | {pred:.2f} | {pred / m:.2f} | "
-                         f"{'-' if r is base else verdict(lo, hi, pred / 1.5, pred * 1.5, why)} |")
+                         f"{'-' if r is base else verdict(lo, hi, pred / 1.5, pred * 1.5, why)} | "
+                         f"{fmt(at_target(r))} | {fmt(there, 2)} | {fmt(there / m, 2)} | "
+                         f"{'-' if r is base else verdict(lo, hi, there / 1.5, there * 1.5, why)} |")
     lines += ["", "| task | target: share of the pilot's gain | target val loss | B_crit (fit, fresh seeds) | "
               "pilot step at target | B_noise there | B_noise / B_crit | B_pre there | B_pre / B_crit |",
               "|---|---|---|---|---|---|---|---|---|"]

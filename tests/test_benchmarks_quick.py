@@ -139,6 +139,8 @@ def test_critical_batch_quick(tmp_path):
     dose = section("| label noise q |")
     assert [row[0] for row in dose] == ["| 0", "| 0.3"]
     assert dose[1][5].count("[") == 1 and dose[1][8].rstrip(" |").startswith(verdicts), dose
+    # the same test with B_noise read where the pilot crosses its target (the same depth as B_crit)
+    assert float(dose[1][9]) > 0 and dose[1][12].rstrip(" |").startswith(verdicts), dose
     assert len(section("| task | pilot steps probed |")) == 2  # the local probes, one row per task
     assert "3 fresh seeds per batch" in table and "Elapsed " in table
 
