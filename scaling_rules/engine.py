@@ -266,7 +266,14 @@ def recommend(
         unnamed = priors.canonical(plans[0].ref.optimizer)
         if req.optimizer is None:
             warns += evidence_model.better_elsewhere(name, unnamed)
-        evidence_model = evidence_model.in_units_of(name, unnamed)
+        mine = evidence_model.in_units_of(name, unnamed)
+        if mine is not evidence_model and any(h.min_diverged_lr is not None for h in history):
+            # The per-batch summaries keep one smallest diverged LR over every optimizer: in a study of two
+            # LR units it may be another optimizer's. The runs in this one's units cap instead.
+            history = ()
+            notes.append(f"the study holds runs of optimizers with other LR units: its divergences cap {name}'s LR "
+                         f"from the {len(mine.runs)} runs in {name}'s units, not from the per-batch summaries")
+        evidence_model = mine
     for i, plan in enumerate(plans):
         if plan.ramp_next and not plan.ramp:
             head_warmup(plan, plans, req, name, n, evidence_model)

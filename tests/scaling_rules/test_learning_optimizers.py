@@ -76,3 +76,21 @@ def test_unnamed_runs_count_as_the_reference_and_lans_shares_lambs_units():
     assert model.in_units_of("lamb", "lamb") is model.in_units_of("lamb", "lamb")  # fitted once
     alone = EvidenceModel.from_runs(ADAMW)
     assert alone.in_units_of("adamw", "adamw") is alone  # nothing to leave out: the same model
+
+
+def test_another_optimizers_divergence_does_not_cap_this_ones_lr():
+    """The per-batch summaries keep one smallest diverged LR over the whole study; an AdamW run diverging
+    at 1e-3 is no boundary for LAMB, whose LRs here are ~4x that."""
+    from largebatch.scaling_rules.evidence import BatchSummary
+
+    lamb_req = {**REQUEST, "reference": {**REQUEST["reference"], "optimizer": "lamb", "lr": 4e-3}}
+    blown = RunEvidence(batch_size=512, lr=1e-3, outcome="diverged", optimizer="adamw", run_id=999)
+    history = [BatchSummary(batch_size=512, n_runs=10, n_completed=9, n_diverged=1, min_diverged_lr=1e-3)]
+    clean = recommend(lamb_req, evidence=LAMB)
+    mixed = recommend(lamb_req, evidence=LAMB + ADAMW + [blown], history=history)
+    assert clean.stages[0].peak_lr > 1e-3
+    assert mixed.stages[0].peak_lr == pytest.approx(clean.stages[0].peak_lr, rel=1e-12)
+    assert any("other LR units" in line for line in mixed.rationale)
+    # one optimizer's study: its summaries still cap, as before
+    alone = recommend(lamb_req, evidence=LAMB, history=[BatchSummary(batch_size=512, min_diverged_lr=2e-3)])
+    assert alone.stages[0].peak_lr <= 0.8 * 2e-3
