@@ -71,24 +71,37 @@ static double ratio(double x_sq, double u_sq, int adapt, const double *phi) {
    a fixed order, so the result still does not depend on the thread count. */
 #define LANES 32
 #define QLANES (LANES / 4)  /* lanes per stream where four streams are read at once */
-/* Pass 1 reads each operand as two streams (the two halves of the block side by side): more reads in
-   flight per core; measured 4-8% off pass 1 on BERT-base shapes at one thread. */
 static inline double lanes_sum(const double *s) {
     double t = 0.0;
     for (int l = 0; l < LANES; l++) t += s[l];
     return t;
 }
 
-/* One element of pass 1 (j; sums sx, su / sr, sc in float64, by fma: the squares are exact). */
-#define LAMB_UPDATE(T, SQRT, sx, su)                                                                         \
+/* Pass 1's loop over j in [lo, hi): each operand read as two streams, the two halves of the block side
+   by side (more reads in flight per core: measured 4-8% off pass 1 on BERT-base shapes at one thread),
+   the first half on lanes 0 .. LANES/2-1, the second on the rest; the tail on lane 0. */
+#define HALVES(UPDATE)                                                                               \
+    int64_t h = (hi - lo) / LANES * (LANES / 2);                                                     \
+    for (int64_t j0 = lo; j0 < lo + h; j0 += LANES / 2) {                                            \
+        _Pragma("omp simd")                                                                          \
+        for (int l = 0; l < LANES / 2; l++) {                                                        \
+            { int64_t j = j0 + l; int lane = l; UPDATE }                                             \
+            { int64_t j = j0 + h + l; int lane = LANES / 2 + l; UPDATE }                             \
+        }                                                                                            \
+    }                                                                                                \
+    for (int64_t j = lo + 2 * h; j < hi; j++) { int lane = 0; UPDATE }
+
+/* One element of pass 1 (j, on accumulator lane `lane`; sums sx, su / sr, sc in float64, by fma: the
+   squares are exact). */
+#define LAMB_UPDATE(T, SQRT)                                                                         \
     T gj = gp[j] * inv_clip;                                                                         \
     T mj = mp[j] * b1 + gj * omb1;                                                                   \
     T vj = vp[j] * b2 + gj * gj * omb2;                                                              \
     mp[j] = mj; vp[j] = vj;                                                                          \
     T u = mj * r1 / (SQRT(vj) * rs2 + eps) + wd * pp[j];                                             \
-    sx = fma((double)pp[j], (double)pp[j], sx);                                                      \
-    su = fma((double)u, (double)u, su);
-#define LANS_UPDATE(T, SQRT, sx, sr, sc)                                                                         \
+    sx[lane] = fma((double)pp[j], (double)pp[j], sx[lane]);                                          \
+    su[lane] = fma((double)u, (double)u, su[lane]);
+#define LANS_UPDATE(T, SQRT)                                                                         \
     T gh = gp[j] * rgn;                                                                              \
     T mj = mp[j] * b1 + gh * omb1;                                                                   \
     T vj = vp[j] * b2 + gh * gh * omb2;                                                              \
@@ -96,9 +109,9 @@ static inline double lanes_sum(const double *s) {
     T inv = (T)1 / (SQRT(vj) * rs2 + eps);                                                           \
     T r = mj * r1 * inv + wd * pp[j];                                                                \
     T c = gh * inv + wd * pp[j];                                                                     \
-    sx = fma((double)pp[j], (double)pp[j], sx);                                                      \
-    sr = fma((double)r, (double)r, sr);                                                              \
-    sc = fma((double)c, (double)c, sc);
+    sx[lane] = fma((double)pp[j], (double)pp[j], sx[lane]);                                          \
+    sr[lane] = fma((double)r, (double)r, sr[lane]);                                                  \
+    sc[lane] = fma((double)c, (double)c, sc[lane]);
 
 /* The per-block bodies of one dtype. hp: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay,
    clip factor (1: none). LANS: g_hat = g / gnorm[t]; r = m_hat/denom + wd p, c = g_hat/denom + wd p. */
@@ -108,17 +121,7 @@ static inline void lamb1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, 
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                              \
     double sx[LANES] = {0}, su[LANES] = {0};                                                         \
-    int64_t h = (hi - lo) / LANES * (LANES / 2);                                                     \
-    for (int64_t j0 = lo; j0 < lo + h; j0 += LANES / 2) {                                            \
-        _Pragma("omp simd")                                                                          \
-        for (int l = 0; l < LANES / 2; l++) {                                                        \
-            { int64_t j = j0 + l; LAMB_UPDATE(T, SQRT, sx[l], su[l]) }                               \
-            { int64_t j = j0 + h + l; LAMB_UPDATE(T, SQRT, sx[LANES / 2 + l], su[LANES / 2 + l]) }   \
-        }                                                                                            \
-    }                                                                                                \
-    for (int64_t j = lo + 2 * h; j < hi; j++) {                                                      \
-        LAMB_UPDATE(T, SQRT, sx[0], su[0])                                                           \
-    }                                                                                                \
+    HALVES(LAMB_UPDATE(T, SQRT))                                                                     \
     *sx_out = lanes_sum(sx); *su_out = lanes_sum(su);                                                \
 }                                                                                                    \
                                                                                                      \
@@ -137,18 +140,7 @@ static inline void lans1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, 
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5];                                                                           \
     double sx[LANES] = {0}, sr[LANES] = {0}, sc[LANES] = {0};                                        \
-    int64_t h = (hi - lo) / LANES * (LANES / 2);                                                     \
-    for (int64_t j0 = lo; j0 < lo + h; j0 += LANES / 2) {                                            \
-        _Pragma("omp simd")                                                                          \
-        for (int l = 0; l < LANES / 2; l++) {                                                        \
-            { int64_t j = j0 + l; LANS_UPDATE(T, SQRT, sx[l], sr[l], sc[l]) }                        \
-            { int64_t j = j0 + h + l;                                                                \
-              LANS_UPDATE(T, SQRT, sx[LANES / 2 + l], sr[LANES / 2 + l], sc[LANES / 2 + l]) }        \
-        }                                                                                            \
-    }                                                                                                \
-    for (int64_t j = lo + 2 * h; j < hi; j++) {                                                      \
-        LANS_UPDATE(T, SQRT, sx[0], sr[0], sc[0])                                                    \
-    }                                                                                                \
+    HALVES(LANS_UPDATE(T, SQRT))                                                                     \
     sums[0] = lanes_sum(sx); sums[1] = lanes_sum(sr); sums[2] = lanes_sum(sc);                       \
 }                                                                                                    \
                                                                                                      \
@@ -172,26 +164,28 @@ static int64_t batch_end(int64_t n, int64_t t0, const int64_t *numel) {
     return t1;
 }
 
-/* The batches of the one-call drivers (bounds[2i], bounds[2i+1]: their first and end tensor), largest
-   first, so that threads taking them one at a time finish together (longest-processing-time order);
-   the caller frees *bounds. */
-static int64_t batches(int64_t n, const int64_t *numel, int64_t **bounds) {
-    int64_t count = 0, *b = malloc((n ? 2 * n : 2) * sizeof(int64_t));
-    int64_t *size = malloc((n ? n : 1) * sizeof(int64_t));
+/* The batches of the one-call drivers, largest first, so that threads taking them one at a time finish
+   together (longest-processing-time order); ties in tensor order, so the order is the same every step. */
+typedef struct { int64_t size, t0, t1; } Batch;
+
+static int larger_first(const void *x, const void *y) {
+    const Batch *a = x, *b = y;
+    if (a->size != b->size) return a->size < b->size ? 1 : -1;
+    return (a->t0 > b->t0) - (a->t0 < b->t0);
+}
+
+/* *out (freed by the caller) gets the batches; returns their number. */
+static int64_t batches(int64_t n, const int64_t *numel, Batch **out) {
+    Batch *b = malloc((n ? n : 1) * sizeof(Batch));
+    int64_t count = 0;
     for (int64_t t0 = 0; t0 < n; count++) {
-        int64_t t1 = batch_end(n, t0, numel);
-        b[2 * count] = t0; b[2 * count + 1] = t1; size[count] = 0;
-        for (int64_t t = t0; t < t1; t++) size[count] += numel[t];
+        int64_t t1 = batch_end(n, t0, numel), size = 0;
+        for (int64_t t = t0; t < t1; t++) size += numel[t];
+        b[count] = (Batch){size, t0, t1};
         t0 = t1;
     }
-    for (int64_t i = 1; i < count; i++)  /* insertion sort, descending size, stable */
-        for (int64_t j = i; j > 0 && size[j] > size[j - 1]; j--) {
-            int64_t z = size[j]; size[j] = size[j - 1]; size[j - 1] = z;
-            z = b[2 * j]; b[2 * j] = b[2 * j - 2]; b[2 * j - 2] = z;
-            z = b[2 * j + 1]; b[2 * j + 1] = b[2 * j - 1]; b[2 * j - 1] = z;
-        }
-    free(size);
-    *bounds = b;
+    qsort(b, (size_t)count, sizeof(Batch), larger_first);
+    *out = b;
     return count;
 }
 
@@ -259,10 +253,10 @@ void lb_lamb_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t 
     ITEMS                                                                                            \
     double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
     double *sq = malloc((n ? 2 * n : 1) * sizeof(double));                                           \
-    int64_t *bounds, nb = batches(n, numel, &bounds);                                                \
+    Batch *bounds; int64_t nb = batches(n, numel, &bounds);                                          \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
     for (int64_t i = 0; i < nb; i++) {                                                               \
-        int64_t t0 = bounds[2 * i], t1 = bounds[2 * i + 1];                                          \
+        int64_t t0 = bounds[i].t0, t1 = bounds[i].t1;                                                \
         for (int64_t k = first[t0]; k < first[t1]; k++) {                                            \
             ITEM_RANGE(k)                                                                            \
             lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
@@ -320,10 +314,10 @@ void lb_lans_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t 
     ITEMS                                                                                            \
     double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
     double *sq = malloc((n ? 3 * n : 1) * sizeof(double));                                           \
-    int64_t *bounds, nb = batches(n, numel, &bounds);                                                \
+    Batch *bounds; int64_t nb = batches(n, numel, &bounds);                                          \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
     for (int64_t i = 0; i < nb; i++) {                                                               \
-        int64_t t0 = bounds[2 * i], t1 = bounds[2 * i + 1];                                          \
+        int64_t t0 = bounds[i].t0, t1 = bounds[i].t1;                                                \
         for (int64_t k = first[t0]; k < first[t1]; k++) {                                            \
             ITEM_RANGE(k)                                                                            \
             double sums[3];                                                                          \
