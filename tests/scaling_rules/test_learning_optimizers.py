@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from largebatch.scaling_rules import recommend
 from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
@@ -94,3 +96,30 @@ def test_another_optimizers_divergence_does_not_cap_this_ones_lr():
     # one optimizer's study: its summaries still cap, as before
     alone = recommend(lamb_req, evidence=LAMB, history=[BatchSummary(batch_size=512, min_diverged_lr=2e-3)])
     assert alone.stages[0].peak_lr <= 0.8 * 2e-3
+
+
+def _runs(optimizer: str, scale: float, start_id: int):
+    return st.lists(st.builds(
+        RunEvidence,
+        batch_size=st.sampled_from([256, 512, 1024, 4096]),
+        lr=st.sampled_from([0.5, 0.7, 1.0, 1.4, 2.0, 2.8]).map(lambda f: f * scale),
+        outcome=st.sampled_from(["completed", "completed", "completed", "diverged"]),
+        metric=st.floats(0.5, 3.0),
+        warmup_ratio=st.sampled_from([0.005, 0.01, 0.02]),
+        optimizer=st.just(optimizer),
+        run_id=st.integers(start_id, start_id + 999),
+    ), max_size=14)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_runs("adamw", 1e-4, 0), _runs("lamb", 4e-3, 1000), st.sampled_from(["adamw", "lamb"]))
+def test_any_other_optimizers_runs_leave_the_recipe_as_its_own_runs_make_it(adamw, lamb, reference):
+    """Whatever runs of the other LR units a study holds, the recipe is the one its own optimizer's runs
+    give alone (no runs of its own: the one no evidence gives)."""
+    req = {**REQUEST, "reference": {**REQUEST["reference"], "optimizer": reference,
+                                    "lr": 1e-4 if reference == "adamw" else 4e-3}}
+    own, other = (adamw, lamb) if reference == "adamw" else (lamb, adamw)
+    mixed = recommend(req, evidence=own + other)
+    alone = recommend(req, evidence=own)
+    assert mixed.optimizer.name == alone.optimizer.name
+    assert [s.model_dump() for s in mixed.stages] == [s.model_dump() for s in alone.stages]
