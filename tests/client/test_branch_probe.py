@@ -206,6 +206,23 @@ def test_the_equal_loss_reading_recovers_any_critical_batch_inside_the_branches(
     assert got == pytest.approx(bc, rel=0.05) and lo <= got <= hi
 
 
+def _coverage(bc: float, tau: float, noise: float, rng: random.Random, draws: int) -> tuple[int, int]:
+    """(draws whose 90% interval holds ``bc``, draws read) over losses drawn about a known critical batch
+    with data-order noise ``noise``, independent per step and per branch, the evaluation's standard
+    error tiny (as on the same held-out examples)."""
+    batch, ks, steps = 100.0, (1, 2, 4, 8, 16, 32), 64
+    curve, gains = _synthetic(batch, bc, ks, steps, tau=tau)
+    held = n = 0
+    for _ in range(draws):
+        noisy = [(m, g + rng.gauss(0, noise), s) for m, g, s in curve]
+        _, interval, _, _ = fit_critical_batch(batch, ks, steps, noisy, [g + rng.gauss(0, noise) for g in gains],
+                                               [1e-5] * len(ks))
+        if interval is not None:
+            n += 1
+            held += interval[0] <= bc <= interval[1]
+    return held, n
+
+
 @pytest.mark.parametrize("noise", [0.01, 0.03])
 def test_the_interval_covers_the_data_orders_noise(noise, monkeypatch):
     """The branches train on one data order: every loss they reach moves with the batches drawn, as much
@@ -213,25 +230,16 @@ def test_the_interval_covers_the_data_orders_noise(noise, monkeypatch):
     (independent per step and per branch, the evaluation's standard error tiny, as on the same held-out
     examples): the 90% interval holds the truth in at least 80% of 200 draws. The evaluation's error
     alone held it in under half of them."""
-    batch, ks, steps, bc = 100.0, (1, 2, 4, 8, 16, 32), 64, 800.0
-    curve, gains = _synthetic(batch, bc, ks, steps)
     rng = random.Random(1)
 
     def coverage() -> float:
-        held = n = 0
-        for _ in range(200):
-            noisy = [(m, g + rng.gauss(0, noise), s) for m, g, s in curve]
-            _, interval, _, _ = fit_critical_batch(batch, ks, steps, noisy, [g + rng.gauss(0, noise) for g in gains],
-                                                      [1e-5] * len(ks))
-            if interval is not None:
-                n += 1
-                held += interval[0] <= bc <= interval[1]
+        held, n = _coverage(800.0, 3000.0, noise, rng, 200)
         return held / n
 
     assert coverage() >= 0.8
-    from largebatch.client import _probe
+    from largebatch.client import _branch_reading
 
-    monkeypatch.setattr(_probe, "_roughness", lambda line: 0.0)
+    monkeypatch.setattr(_branch_reading, "_roughness", lambda line: 0.0)
     assert coverage() < 0.5
 
 
@@ -243,17 +251,8 @@ def test_the_interval_covers_the_data_order_at_any_critical_batch_and_noise(log2
     """Beyond the one case above: any B_crit inside the branches' span, any curvature up to the probe's
     limit, data-order noise from 0.5% to 5% of the window's gain; the 90% interval holds the truth in at
     least 75% of 100 draws wherever it is read."""
-    batch, ks, steps = 100.0, (1, 2, 4, 8, 16, 32), 64
-    bc = batch * 2.0 ** log2_bc_over_b
-    curve, gains = _synthetic(batch, bc, ks, steps, tau=tau_over_window * steps * batch)
-    noise = share * curve[-1][1]
-    rng = random.Random(seed)
-    held = n = 0
-    for _ in range(100):
-        noisy = [(m, g + rng.gauss(0, noise), s) for m, g, s in curve]
-        _, interval, _, _ = fit_critical_batch(batch, ks, steps, noisy, [g + rng.gauss(0, noise) for g in gains],
-                                               [1e-5] * len(ks))
-        if interval is not None:
-            n += 1
-            held += interval[0] <= bc <= interval[1]
+    window = 64 * 100.0  # steps x batch of _coverage's smallest branch
+    bc, tau = 100.0 * 2.0 ** log2_bc_over_b, tau_over_window * window
+    final_gain = 0.5 * (1 - math.exp(-window / tau))  # _synthetic's gain after the window
+    held, n = _coverage(bc, tau, share * final_gain, random.Random(seed), 100)
     assert n >= 50 and held / n >= 0.75, (held, n)
