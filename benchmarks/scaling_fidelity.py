@@ -14,6 +14,8 @@ peers); then at 4x, 16x and 64x B0 with the same number of examples (64x takes 2
 * ``largebatch``: the engine's recipe from the reference, empty store;
 * ``largebatch+evidence``: the engine's recipe once its own earlier runs (the B0 sweep, and the
   small sweeps it ran at the smaller multiples) are logged as evidence;
+* ``largebatch-adamw``: the engine's recipe from the tuned AdamW reference, the one the AdamW peers
+  scale (so each rule is also compared from the same starting point);
 * ``adamw-linear``, ``adamw-sqrt``: AdamW with the tuned AdamW reference LR scaled linearly / by sqrt,
   the reference warmup ratio;
 * ``lamb-sqrt``: LAMB with sqrt scaling and an unscaled warmup (the reference's warmup ratio).
@@ -59,6 +61,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _fidelity_report import (
     FIRST_HELD_OUT,
     PILOT_SEED,
+    REFERENCES,
     RULES,
     SCALES,
     TUNING_SEED,
@@ -293,24 +296,27 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
     warmup_ratio = 0.005
     print(f"task {task.name}: {task.params:,} parameters, {task.examples:,} examples per run, "
           f"B0 {task.b0} ({ref_steps} steps), 64x = {64 * task.b0} ({ref_steps // 64} steps)", flush=True)
-    for lr in task.sweep:
-        results.append(run(task, 1, "ref-sweep-lamb", manual_recipe("lamb", lr, task.b0, ref_steps, warmup_ratio)))
-    for lr in task.adamw_sweep:
-        results.append(run(task, 1, "ref-sweep-adamw", manual_recipe("adamw", lr, task.b0, ref_steps, warmup_ratio)))
+    def add(result: Result, recipe: Recipe) -> None:
+        results.append(result)
+        recipes[id(result)] = recipe
+
+    for opt, lrs in (("lamb", task.sweep), ("adamw", task.adamw_sweep)):
+        for lr in lrs:
+            recipe = manual_recipe(opt, lr, task.b0, ref_steps, warmup_ratio)
+            add(run(task, 1, f"ref-sweep-{opt}", recipe), recipe)
     ok = [r for r in results if not r.diverged]
     ref = min((r for r in ok if r.name == "ref-sweep-lamb"), key=lambda r: r.val_loss)
     ref_adamw = min((r for r in ok if r.name == "ref-sweep-adamw"), key=lambda r: r.val_loss)
-    ref.name = "reference"
+    ref.name, ref_adamw.name = REFERENCES
     reference = {"batch_size": task.b0, "lr": ref.lr, "optimizer": "lamb", "warmup_ratio": warmup_ratio,
                  "steps": ref_steps}
+    # The AdamW peers scale their own tuned reference; the engine, given the same one, answers too, so
+    # each scaling rule is also compared from the same starting point.
+    reference_adamw = {**reference, "lr": ref_adamw.lr, "optimizer": "adamw"}
     # Every LAMB run of the study at a smaller batch is evidence for the larger ones (the oracle grid
     # included: it is the only source that varies the warmup at one batch size).
     evidence_names = {"reference", "ref-sweep-lamb", "largebatch", "largebatch+evidence", "largebatch-sweep",
                       "lamb-sqrt", "oracle-grid"}
-
-    def add(result: Result, recipe: Recipe) -> None:
-        results.append(result)
-        recipes[id(result)] = recipe
 
     for scale in SCALES:
         batch = task.b0 * scale
@@ -323,6 +329,8 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
         add(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == SCALES[0] else 0), empty)
         learned = recommend(request, evidence=evidence_of(results, evidence_names))
         add(run(task, scale, "largebatch+evidence", learned), learned)
+        from_adamw = recommend({**request, "reference": reference_adamw})
+        add(run(task, scale, "largebatch-adamw", from_adamw), from_adamw)
         steps = empty.total_steps
         peers = {"adamw-linear": manual_recipe("adamw", ref_adamw.lr * scale, batch, steps, warmup_ratio),
                  "adamw-sqrt": manual_recipe("adamw", ref_adamw.lr * math.sqrt(scale), batch, steps, warmup_ratio),
@@ -345,7 +353,9 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
     tuning_s = time.perf_counter() - t_start
     # The seed-0 choices (reference LR, oracle, evidence) are frozen from here: the same recipes run at
     # other seeds, first the pilot (its spread sizes the held-out set), then the held-out seeds.
-    chosen = []
+    # The two references run again too: what AdamW gains over LAMB at B0 is the part of a gap between
+    # rules that scale different references which no scaling rule causes.
+    chosen = [r for r in results if r.name in REFERENCES]
     for scale in SCALES:
         oracle = oracle_of(results, scale)
         chosen += [r for r in results if r.scale == scale and r.seed == TUNING_SEED

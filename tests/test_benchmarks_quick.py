@@ -69,8 +69,13 @@ def test_scaling_fidelity_quick(tmp_path):
     seeds = {r["seed"] for r in data["results"]}
     assert seeds == {0, 1, 2, 3, 4}, seeds
     rows = _verdict_rows(table)
-    # two candidates x three peers x three scales x two tasks, each a verdict from the computed set
-    assert len(rows) == 36, len(rows)
+    # three candidates x three peers x three scales x two tasks, each a verdict from the computed set
+    assert len(rows) == 54, len(rows)
+    assert {row["scaled from"] for row in rows} == {"both lamb", "both adamw", "lamb / adamw", "adamw / lamb"}
+    # the two references at B0, paired over the held-out seeds
+    gap = [line for line in table.splitlines() if line.startswith(("| lm | ", "| mlp | ")) and line.count("[") == 1
+           and line.split(" | ")[3] == "3"]
+    assert len(gap) == 2, table
     for row in rows:
         assert row["verdict"] in VERDICT_WORDS, row
         assert row["held-out seeds"] in {"2", "3"} or "diverged" in row["why"], row
@@ -158,8 +163,11 @@ def test_scaling_fidelity_seeds_table(tmp_path):
     results = json.loads((tmp_path / "scaling_fidelity.json").read_text())["results"]
     assert {r["seed"] for r in results} == {0, 1, 2, 3, 4, 5}
     # the sweeps and the oracle grid run at the tuning seed only
-    assert {r["seed"] for r in results if r["name"] in ("ref-sweep-lamb", "ref-sweep-adamw", "reference",
+    assert {r["seed"] for r in results if r["name"] in ("ref-sweep-lamb", "ref-sweep-adamw",
                                                           "largebatch-sweep")} == {0}
+    # the two tuned references run again at every seed: their gap is no scaling rule's doing
+    for name in ("reference", "reference-adamw"):
+        assert {r["seed"] for r in results if r["name"] == name} == {0, 1, 2, 3, 4, 5}, name
     assert "held-out seeds: 2, 3, 4, 5 (tuning seed 0 and pilot seed 1" in table
     for scale in (4, 16, 64):
         for seed in range(1, 6):
@@ -167,7 +175,7 @@ def test_scaling_fidelity_seeds_table(tmp_path):
             assert set(RULES) <= {r["name"] for r in again}
             assert sum(r["name"] == "oracle-grid" for r in again) <= 1  # the oracle's recipe, not the grid
     rows = _verdict_rows(table)
-    assert len(rows) == 18 and {r["verdict"] for r in rows} <= VERDICT_WORDS
+    assert len(rows) == 27 and {r["verdict"] for r in rows} <= VERDICT_WORDS
     # a test over held-out seeds only: recompute one row's mean from the JSON (tuning seed left out)
     row = next(r for r in rows if r["one-sided 95% upper"] != "-" and "diverged" not in r["why"])
     scale = int(row["scale"].rstrip("x"))
