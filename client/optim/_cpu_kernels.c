@@ -6,9 +6,12 @@
    - lb_*_step: the whole update in one call. Consecutive tensors are taken in batches of at most
      BATCH_NUMEL elements (a bigger tensor alone); each batch goes whole to one thread, which runs its
      pass 1, its trust ratios, then its pass 2 backwards, so that pass 2 reads what pass 1 left in cache
-     instead of memory (a step is bound by memory reads on CPU). The threads take the batches one at a
-     time, largest first: no barrier, so a descheduled thread holds up nobody (a barrier per batch,
-     the threads sharing each batch, measured 3x slower at 2 threads on a busy machine).
+     instead of memory (a step is bound by memory reads on CPU); for a batch of up to `keep` elements
+     pass 1 also keeps the updates in a per-thread buffer, so pass 2 reads p and them instead of
+     recomputing them from p, m, v (and g): no second square root and division per element. The
+     threads take the batches one at a time, largest first: no barrier, so a descheduled thread holds
+     up nobody (a barrier per batch, the threads sharing each batch, measured 3x slower at 2 threads
+     on a busy machine).
    - lb_*_pass1 / lb_*_pass2: pass 1 over every tensor, then pass 2, the blocks handed to the threads
      dynamically: for a tensor bigger than a thread's share of the step (which one thread would hold
      up the others on), and for sharded parameters, whose norms are summed over the ranks in between
@@ -113,16 +116,39 @@ static inline double lanes_sum(const double *s) {
     sr[lane] = fma((double)r, (double)r, sr[lane]);                                                  \
     sc[lane] = fma((double)c, (double)c, sc[lane]);
 
+/* The same, keeping the update for pass 2 (up: LAMB's u; LANS's r, and c at cp). */
+#define LAMB_KEEP(T, SQRT) LAMB_UPDATE(T, SQRT) up[j] = u;
+#define LANS_KEEP(T, SQRT) LANS_UPDATE(T, SQRT) up[j] = r; cp[j] = c;
+
+/* A thread's scratch for the updates it keeps between the passes (grown, never shrunk: the OpenMP
+   threads live as long as the process, and so does one buffer each). NULL if it cannot grow. */
+static _Thread_local void *kept = NULL;
+static _Thread_local size_t kept_bytes = 0;
+static void *keep_buffer(size_t bytes) {
+    if (bytes > kept_bytes) {
+        free(kept);
+        kept = malloc(bytes);
+        kept_bytes = kept ? bytes : 0;
+    }
+    return kept;
+}
+
 /* The per-block bodies of one dtype. hp: beta1, 1-beta1, beta2, 1-beta2, eps, weight_decay,
    clip factor (1: none). LANS: g_hat = g / gnorm[t]; r = m_hat/denom + wd p, c = g_hat/denom + wd p. */
 #define BODIES(T, SUFFIX, SQRT)                                                                          \
-static inline void lamb1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, int64_t hi, T r1, T rs2,  \
-                                  const double *hp, double *sx_out, double *su_out) {                \
+static inline void lamb1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, T *up, int64_t lo, int64_t hi, T r1, \
+                                  T rs2, const double *hp, double *sx_out, double *su_out) {         \
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5], inv_clip = (T)(1.0 / hp[6]);                                              \
     double sx[LANES] = {0}, su[LANES] = {0};                                                         \
-    HALVES(LAMB_UPDATE(T, SQRT))                                                                     \
+    if (up) { HALVES(LAMB_KEEP(T, SQRT)) } else { HALVES(LAMB_UPDATE(T, SQRT)) }                     \
     *sx_out = lanes_sum(sx); *su_out = lanes_sum(su);                                                \
+}                                                                                                    \
+                                                                                                     \
+/* pass 2 from the kept updates: the same values pass 2 would recompute, so the same bits */        \
+static inline void lamb2k_##SUFFIX(T *pp, const T *up, int64_t lo, int64_t hi, T s) {              \
+    _Pragma("omp simd")                                                                              \
+    for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + up[j] * s;                                     \
 }                                                                                                    \
                                                                                                      \
 static inline void lamb2_##SUFFIX(T *pp, const T *mp, const T *vp, int64_t lo, int64_t hi, T r1, T rs2,   \
@@ -135,12 +161,12 @@ static inline void lamb2_##SUFFIX(T *pp, const T *mp, const T *vp, int64_t lo, i
     }                                                                                                \
 }                                                                                                    \
                                                                                                      \
-static inline void lans1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, int64_t lo, int64_t hi, T r1, T rs2,  \
-                                  T rgn, const double *hp, double *sums) {                           \
+static inline void lans1_##SUFFIX(T *pp, const T *gp, T *mp, T *vp, T *up, T *cp, int64_t lo, int64_t hi, \
+                                  T r1, T rs2, T rgn, const double *hp, double *sums) {              \
     const T b1 = (T)hp[0], omb1 = (T)hp[1], b2 = (T)hp[2], omb2 = (T)hp[3], eps = (T)hp[4];          \
     const T wd = (T)hp[5];                                                                           \
     double sx[LANES] = {0}, sr[LANES] = {0}, sc[LANES] = {0};                                        \
-    HALVES(LANS_UPDATE(T, SQRT))                                                                     \
+    if (up) { HALVES(LANS_KEEP(T, SQRT)) } else { HALVES(LANS_UPDATE(T, SQRT)) }                     \
     sums[0] = lanes_sum(sx); sums[1] = lanes_sum(sr); sums[2] = lanes_sum(sc);                       \
 }                                                                                                    \
                                                                                                      \
@@ -155,6 +181,12 @@ static inline void lans2_##SUFFIX(T *pp, const T *gp, const T *mp, const T *vp, 
         T c = gh * inv + wd * pp[j];                                                                 \
         pp[j] = pp[j] + r * s_r + c * s_c;                                                           \
     }                                                                                                \
+}                                                                                                    \
+                                                                                                     \
+static inline void lans2k_##SUFFIX(T *pp, const T *up, const T *cp, int64_t lo, int64_t hi, T s_r,  \
+                                   T s_c) {                                                          \
+    _Pragma("omp simd")                                                                              \
+    for (int64_t j = lo; j < hi; j++) pp[j] = pp[j] + up[j] * s_r + cp[j] * s_c;                     \
 }
 
 /* Batches: tensors t0 .. t1-1, consecutive, at most BATCH_NUMEL elements (or one bigger tensor). */
@@ -187,6 +219,14 @@ static int64_t batches(int64_t n, const int64_t *numel, Batch **out) {
     qsort(b, (size_t)count, sizeof(Batch), larger_first);
     *out = b;
     return count;
+}
+
+/* at[t]: where tensor t starts in the concatenation of all (a batch's kept updates sit at at[t] - at[t0]). */
+static int64_t *offsets(int64_t n, const int64_t *numel) {
+    int64_t *at = malloc((n + 1) * sizeof(int64_t));
+    at[0] = 0;
+    for (int64_t t = 0; t < n; t++) at[t + 1] = at[t] + numel[t];
+    return at;
 }
 
 #define KERNELS(T, SUFFIX, SQRT)                                                                          \
@@ -226,8 +266,8 @@ void lb_lamb_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
     _Pragma("omp parallel for schedule(dynamic, 4) num_threads(threads)")                                \
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
-        lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, \
-                       &part[k], &part[items + k]);                                                  \
+        lamb1_##SUFFIX(p[t], g[t], m[t], v[t], NULL, lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
+                       hp, &part[k], &part[items + k]);                                              \
     }                                                                                                \
     if (adapt) fold(n, 0, n, first, 2, items, part, out);                                            \
     free(part); free(first);                                                                         \
@@ -249,29 +289,34 @@ void lb_lamb_pass2_##SUFFIX(int64_t n, T **p, T **m, T **v, const int64_t *numel
 /* lr_phi: lr, then 1 and phi's bounds (or 0: none); scale: the step's -lr * ratio per tensor */    \
 void lb_lamb_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,             \
                            const double *bc1, const double *bc2, const double *hp, int adapt,        \
-                           const double *lr_phi, double *scale, int threads) {                       \
+                           const double *lr_phi, double *scale, int64_t keep, int threads) {         \
     ITEMS                                                                                            \
     double *part = malloc((items ? 2 * items : 1) * sizeof(double));                                 \
     double *sq = malloc((n ? 2 * n : 1) * sizeof(double));                                           \
+    int64_t *at = offsets(n, numel);                                                                 \
     Batch *bounds; int64_t nb = batches(n, numel, &bounds);                                          \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
     for (int64_t i = 0; i < nb; i++) {                                                               \
         int64_t t0 = bounds[i].t0, t1 = bounds[i].t1;                                                \
+        T *us = bounds[i].size <= keep ? keep_buffer((size_t)bounds[i].size * sizeof(T)) : NULL;     \
         for (int64_t k = first[t0]; k < first[t1]; k++) {                                            \
             ITEM_RANGE(k)                                                                            \
-            lamb1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
-                           hp, &part[k], &part[items + k]);                                          \
+            lamb1_##SUFFIX(p[t], g[t], m[t], v[t], us ? us + (at[t] - at[t0]) : NULL, lo, hi,       \
+                           (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, &part[k], &part[items + k]); \
         }                                                                                            \
         fold(n, t0, t1, first, 2, items, part, sq);                                                  \
         for (int64_t t = t0; t < t1; t++)                                                            \
             scale[t] = -lr_phi[0] * ratio(sq[t], sq[n + t], adapt, lr_phi + 1);                      \
         for (int64_t k = first[t1] - 1; k >= first[t0]; k--) {                                       \
             ITEM_RANGE(k)                                                                            \
-            lamb2_##SUFFIX(p[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), hp, \
-                           (T)scale[t]);                                                             \
+            if (us)                                                                                  \
+                lamb2k_##SUFFIX(p[t], us + (at[t] - at[t0]), lo, hi, (T)scale[t]);                   \
+            else                                                                                     \
+                lamb2_##SUFFIX(p[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
+                               hp, (T)scale[t]);                                                     \
         }                                                                                            \
     }                                                                                                \
-    free(bounds);                                                                                    \
+    free(bounds); free(at);                                                                          \
     free(sq); free(part); free(first);                                                               \
 }                                                                                                    \
                                                                                                      \
@@ -284,8 +329,8 @@ void lb_lans_pass1_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
     for (int64_t k = 0; k < items; k++) {                                                            \
         ITEM_RANGE(k)                                                                                \
         double sums[3];                                                                              \
-        lans1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])),   \
-                       (T)(1.0 / gnorm[t]), hp, sums);                                               \
+        lans1_##SUFFIX(p[t], g[t], m[t], v[t], NULL, NULL, lo, hi, (T)(1.0 / bc1[t]),                 \
+                       (T)(1.0 / sqrt(bc2[t])), (T)(1.0 / gnorm[t]), hp, sums);                      \
         part[k] = sums[0]; part[items + k] = sums[1]; part[2 * items + k] = sums[2];                 \
     }                                                                                                \
     if (adapt) fold(n, 0, n, first, 3, items, part, out);                                            \
@@ -310,18 +355,21 @@ void lb_lans_pass2_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t
 void lb_lans_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t *numel,             \
                            const double *bc1, const double *bc2, const double *gnorm,                \
                            const double *hp, int adapt, const double *lr_phi, double *scale,         \
-                           int threads) {                                                            \
+                           int64_t keep, int threads) {                                              \
     ITEMS                                                                                            \
     double *part = malloc((items ? 3 * items : 1) * sizeof(double));                                 \
     double *sq = malloc((n ? 3 * n : 1) * sizeof(double));                                           \
+    int64_t *at = offsets(n, numel);                                                                 \
     Batch *bounds; int64_t nb = batches(n, numel, &bounds);                                          \
     _Pragma("omp parallel for schedule(dynamic, 1) num_threads(threads)")                            \
     for (int64_t i = 0; i < nb; i++) {                                                               \
-        int64_t t0 = bounds[i].t0, t1 = bounds[i].t1;                                                \
+        int64_t t0 = bounds[i].t0, t1 = bounds[i].t1, size = bounds[i].size;                         \
+        T *us = size <= keep ? keep_buffer(2 * (size_t)size * sizeof(T)) : NULL;                     \
         for (int64_t k = first[t0]; k < first[t1]; k++) {                                            \
             ITEM_RANGE(k)                                                                            \
             double sums[3];                                                                          \
-            lans1_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]),                        \
+            T *up = us ? us + (at[t] - at[t0]) : NULL;                                               \
+            lans1_##SUFFIX(p[t], g[t], m[t], v[t], up, up ? up + size : NULL, lo, hi, (T)(1.0 / bc1[t]), \
                            (T)(1.0 / sqrt(bc2[t])), (T)(1.0 / gnorm[t]), hp, sums);                  \
             part[k] = sums[0]; part[items + k] = sums[1]; part[2 * items + k] = sums[2];             \
         }                                                                                            \
@@ -332,11 +380,16 @@ void lb_lans_step_##SUFFIX(int64_t n, T **p, T **g, T **m, T **v, const int64_t 
         }                                                                                            \
         for (int64_t k = first[t1] - 1; k >= first[t0]; k--) {                                       \
             ITEM_RANGE(k)                                                                            \
-            lans2_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]), (T)(1.0 / sqrt(bc2[t])), \
-                           (T)(1.0 / gnorm[t]), hp, (T)scale[t], (T)scale[n + t]);                   \
+            if (us)                                                                                  \
+                lans2k_##SUFFIX(p[t], us + (at[t] - at[t0]), us + size + (at[t] - at[t0]), lo, hi,   \
+                                (T)scale[t], (T)scale[n + t]);                                       \
+            else                                                                                     \
+                lans2_##SUFFIX(p[t], g[t], m[t], v[t], lo, hi, (T)(1.0 / bc1[t]),                    \
+                               (T)(1.0 / sqrt(bc2[t])), (T)(1.0 / gnorm[t]), hp, (T)scale[t],        \
+                               (T)scale[n + t]);                                                     \
         }                                                                                            \
     }                                                                                                \
-    free(bounds);                                                                                    \
+    free(bounds); free(at);                                                                          \
     free(sq); free(part); free(first);                                                               \
 }
 

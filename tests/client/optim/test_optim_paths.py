@@ -223,6 +223,38 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(cls, driver):
 
 
 @pytest.mark.parametrize("cls", [LAMB, LANS])
+def test_cpu_kernels_kept_updates_give_the_same_bits(cls, monkeypatch):
+    """Pass 2 from the updates pass 1 kept equals pass 2 recomputing them, bit for bit: keeping off, on
+    for every batch, and on for one of the two batches (160,000 elements kept, 252,507 recomputed)."""
+    from largebatch.client.optim import _cpu_fused
+
+    torch.manual_seed(0)
+    shapes = _THREAD_SHAPES["one call"]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    out = {}
+    before = torch.get_num_threads()
+    try:
+        with _c_kernels():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for keep in (0, 1 << 22, 200_000):
+                    monkeypatch.setattr(_cpu_fused, "_KEEP", keep)
+                    params = [torch.nn.Parameter(torch.ones(s) * 0.5) for s in shapes]
+                    assert _cpu_fused._one_call(_cpu_fused._numels(params))
+                    opt = cls(params, lr=0.01, weight_decay=0.01, fused=True)
+                    for gs in grads:
+                        for p, g in zip(params, gs, strict=True):
+                            p.grad = g.clone()
+                        opt.step()
+                    out[threads, keep] = [p.detach().clone() for p in params]
+    finally:
+        torch.set_num_threads(before)
+    first = out[1, 0]
+    for key, params in out.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, params, strict=True)), key
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS])
 def test_cpu_kernels_leave_bf16_to_the_reference_path(cls):
     """The C kernels take fp32 and fp64; bf16 parameters go through the reference loop, same result."""
     pb = make_problem(torch.bfloat16, steps=3)
