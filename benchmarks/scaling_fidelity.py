@@ -8,7 +8,7 @@ Real training on this CPU (issue #7). Two tasks:
   the task has a known, learnable structure).
 
 For each task: a reference at batch B0 with its LR tuned by a sweep (LAMB, and AdamW for the AdamW
-peers); then at 4x, 16x and 64x B0 with the same number of examples (64x takes 200 steps on the MLP,
+peers; widened while the best LR sits at an edge, then refined between the grid's points); then at 4x, 16x and 64x B0 with the same number of examples (64x takes 200 steps on the MLP,
 100 on the LM, whose seeds would not fit the CPU budget at 200), these recipes:
 
 * ``largebatch``: the engine's recipe from the reference, empty store;
@@ -47,6 +47,7 @@ import pathlib
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -267,6 +268,38 @@ def evidence_of(results: list[Result], names: set[str]) -> list[RunEvidence]:
     return out
 
 
+def tune_reference(task: Task, opt: str, grid: tuple[float, ...], steps: int, warmup_ratio: float, quick: bool,
+                   add: Callable[[Result, Recipe], None]) -> None:
+    """The B0 sweep of one optimizer: the grid, widened (up to 3 times) while the best LR sits at its
+    edge, then the geometric midpoints on either side of the best. Every rule that scales a reference
+    inherits its tuning error, so the reference must not be an edge of a coarse grid."""
+    ratio = grid[1] / grid[0]
+    seen: dict[float, Result] = {}
+
+    def go(lr: float) -> None:
+        recipe = manual_recipe(opt, lr, task.b0, steps, warmup_ratio)
+        seen[lr] = run(task, 1, f"ref-sweep-{opt}", recipe)
+        add(seen[lr], recipe)
+
+    def best() -> float:
+        return min((lr for lr, r in seen.items() if not r.diverged), key=lambda lr: seen[lr].val_loss,
+                   default=min(seen))
+
+    for lr in grid:
+        go(lr)
+    if quick:  # CI checks the machinery on the grid alone
+        return
+    for _ in range(3):
+        b, lrs = best(), sorted(seen)
+        if b not in (lrs[0], lrs[-1]):
+            break
+        go(b / ratio if b == lrs[0] else b * ratio)
+    b = best()
+    for lr in (b / math.sqrt(ratio), b * math.sqrt(ratio)):
+        if not any(math.isclose(lr, x, rel_tol=0.05) for x in seen):
+            go(lr)
+
+
 def oracle_grid(ref_lr: float, ref_warmup: float, scale: int, quick: bool) -> list[tuple[float, float]]:
     """LAMB (LR, warmup ratio) pairs around sqrt scaling, from the reference's warmup ratio up to the
     linear-epoch one: the sweep a team would run to find the best recipe at this batch by hand."""
@@ -301,9 +334,7 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
         recipes[id(result)] = recipe
 
     for opt, lrs in (("lamb", task.sweep), ("adamw", task.adamw_sweep)):
-        for lr in lrs:
-            recipe = manual_recipe(opt, lr, task.b0, ref_steps, warmup_ratio)
-            add(run(task, 1, f"ref-sweep-{opt}", recipe), recipe)
+        tune_reference(task, opt, lrs, ref_steps, warmup_ratio, quick, add)
     ok = [r for r in results if not r.diverged]
     ref = min((r for r in ok if r.name == "ref-sweep-lamb"), key=lambda r: r.val_loss)
     ref_adamw = min((r for r in ok if r.name == "ref-sweep-adamw"), key=lambda r: r.val_loss)
