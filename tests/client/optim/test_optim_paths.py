@@ -193,65 +193,56 @@ _THREAD_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("driver", list(_THREAD_SHAPES))
-@pytest.mark.parametrize("cls", [LAMB, LANS])
-def test_cpu_kernels_do_not_depend_on_the_thread_count(cls, driver):
-    """Each block's sums are kept apart and added in block order: 1 or 3 threads, the same bits."""
+def _c_steps(cls, shapes: list[tuple[int, ...]], runs: list[tuple[int, int]], monkeypatch) -> dict:
+    """The parameters after three C-kernel steps from the same gradients, per (threads, keep limit)."""
     from largebatch.client.optim import _cpu_fused
 
     torch.manual_seed(0)
-    shapes = _THREAD_SHAPES[driver]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
     out = {}
     before = torch.get_num_threads()
     try:
         with _c_kernels():
-            for threads in (1, 3):
+            for threads, keep in runs:
                 torch.set_num_threads(threads)
+                monkeypatch.setattr(_cpu_fused, "_KEEP", keep)
                 params = [torch.nn.Parameter(torch.ones(s) * 0.5) for s in shapes]
-                if threads == 3:
-                    assert _cpu_fused._one_call(_cpu_fused._numels(params)) == (driver == "one call")
                 opt = cls(params, lr=0.01, weight_decay=0.01, fused=True)
                 for gs in grads:
                     for p, g in zip(params, gs, strict=True):
                         p.grad = g.clone()
                     opt.step()
-                out[threads] = [p.detach().clone() for p in params]
+                out[threads, keep] = (_cpu_fused._one_call(_cpu_fused._numels(params)),
+                                      [p.detach().clone() for p in params])
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(a, b) for a, b in zip(out[1], out[3], strict=True))
+    return out
+
+
+def _same_bits(out: dict) -> bool:
+    first = next(iter(out.values()))[1]
+    return all(all(torch.equal(a, b) for a, b in zip(first, params, strict=True)) for _, params in out.values())
+
+
+@pytest.mark.parametrize("driver", list(_THREAD_SHAPES))
+@pytest.mark.parametrize("cls", [LAMB, LANS])
+def test_cpu_kernels_do_not_depend_on_the_thread_count(cls, driver, monkeypatch):
+    """Each block's sums are kept apart and added in block order: 1 or 3 threads, the same bits."""
+    from largebatch.client.optim import _cpu_fused
+
+    out = _c_steps(cls, _THREAD_SHAPES[driver], [(1, _cpu_fused._KEEP), (3, _cpu_fused._KEEP)], monkeypatch)
+    assert out[3, _cpu_fused._KEEP][0] == (driver == "one call")
+    assert _same_bits(out)
 
 
 @pytest.mark.parametrize("cls", [LAMB, LANS])
 def test_cpu_kernels_kept_updates_give_the_same_bits(cls, monkeypatch):
     """Pass 2 from the updates pass 1 kept equals pass 2 recomputing them, bit for bit: keeping off, on
     for every batch, and on for one of the two batches (160,000 elements kept, 252,507 recomputed)."""
-    from largebatch.client.optim import _cpu_fused
-
-    torch.manual_seed(0)
-    shapes = _THREAD_SHAPES["one call"]
-    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
-    out = {}
-    before = torch.get_num_threads()
-    try:
-        with _c_kernels():
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                for keep in (0, 1 << 22, 200_000):
-                    monkeypatch.setattr(_cpu_fused, "_KEEP", keep)
-                    params = [torch.nn.Parameter(torch.ones(s) * 0.5) for s in shapes]
-                    assert _cpu_fused._one_call(_cpu_fused._numels(params))
-                    opt = cls(params, lr=0.01, weight_decay=0.01, fused=True)
-                    for gs in grads:
-                        for p, g in zip(params, gs, strict=True):
-                            p.grad = g.clone()
-                        opt.step()
-                    out[threads, keep] = [p.detach().clone() for p in params]
-    finally:
-        torch.set_num_threads(before)
-    first = out[1, 0]
-    for key, params in out.items():
-        assert all(torch.equal(a, b) for a, b in zip(first, params, strict=True)), key
+    out = _c_steps(cls, _THREAD_SHAPES["one call"], [(t, k) for t in (1, 2) for k in (0, 1 << 22, 200_000)],
+                   monkeypatch)
+    assert all(one_call for one_call, _ in out.values())
+    assert _same_bits(out)
 
 
 @pytest.mark.parametrize("cls", [LAMB, LANS])
