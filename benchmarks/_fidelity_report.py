@@ -52,7 +52,7 @@ class Result:
 def oracle_of(rs: list[Result], scale: int) -> Result | None:
     """The best tuning-seed run at this scale: the grid sweep's, or a recipe's if one beat the grid."""
     ok = [r for r in rs if r.scale == scale and r.seed == TUNING_SEED and not r.diverged
-          and r.name in (*RULES, "oracle-grid")]
+          and r.name in (*RULES, "oracle-grid", "oracle-grid-adamw")]
     return min(ok, key=lambda r: r.val_loss) if ok else None
 
 

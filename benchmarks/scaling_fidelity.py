@@ -21,8 +21,8 @@ peers; widened while the best LR sits at an edge, then refined between the grid'
 * ``lamb-sqrt``: LAMB with sqrt scaling and an unscaled warmup (the reference's warmup ratio).
 
 and, at each target batch, an **oracle**: the best of a grid sweep of LAMB over LR x warmup ratio
-at that batch with the same examples (and of every recipe above, which are configurations at that
-batch too). B_noise is measured by the client's estimator during the first large-batch run (4x,
+at that batch with the same examples, of an AdamW LR sweep, and of every recipe above (which are
+configurations at that batch too). B_noise is measured by the client's estimator during the first large-batch run (4x,
 micro-batches of B0) and gives the examples ratio ``(1 + B/B_noise) / (1 + B0/B_noise)`` (McCandlish
 et al. 2018). The LAMB runs at smaller scales (grid included) are the evidence for
 ``largebatch+evidence`` at the larger ones.
@@ -311,6 +311,14 @@ def oracle_grid(ref_lr: float, ref_warmup: float, scale: int, quick: bool) -> li
     return [(centre * f, w) for f in lr_factors for w in warmups]
 
 
+def adamw_grid(ref_lr: float, scale: int, quick: bool) -> list[float]:
+    """AdamW LRs from sqrt scaling of its reference down to a quarter of it (and up to twice): past the
+    critical batch AdamW's best LR stops growing, so sqrt scaling overshoots it, and an oracle that only
+    swept LAMB would credit LAMB with AdamW's mis-scaled LR."""
+    centre = ref_lr * math.sqrt(scale)
+    return [centre * f for f in ((0.5, 1.0) if quick else (0.25, 0.5, 1.0, 2.0))]
+
+
 def _steps_64x(task: Task, quick: bool) -> Task:
     """The task at this benchmark's length: the shared tasks' defaults are the critical-batch
     benchmark's, and seeds are what this one needs the time for."""
@@ -371,6 +379,9 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
         for lr, w in oracle_grid(ref.lr, warmup_ratio, scale, quick):
             grid = manual_recipe("lamb", lr, batch, steps, w)
             add(run(task, scale, "oracle-grid", grid), grid)
+        for lr in adamw_grid(ref_adamw.lr, scale, quick):
+            grid = manual_recipe("adamw", lr, batch, steps, warmup_ratio)
+            add(run(task, scale, "oracle-grid-adamw", grid), grid)
         # What a team does with `"explore": k`: a small sweep around the recipe, logged as evidence
         # for the larger batches still to come (not at the largest scale: nothing comes after it).
         if scale != SCALES[-1] and explore:

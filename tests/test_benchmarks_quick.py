@@ -165,6 +165,8 @@ def test_scaling_fidelity_seeds_table(tmp_path):
     # the sweeps and the oracle grid run at the tuning seed only
     assert {r["seed"] for r in results if r["name"] in ("ref-sweep-lamb", "ref-sweep-adamw",
                                                           "largebatch-sweep")} == {0}
+    # an AdamW LR sweep beside the LAMB grid at every scale, on the tuning seed: the oracle sweeps both
+    assert {(r["scale"], r["seed"]) for r in results if r["name"] == "oracle-grid-adamw"} == {(4, 0), (16, 0), (64, 0)}
     # the two tuned references run again at every seed: their gap is no scaling rule's doing
     for name in ("reference", "reference-adamw"):
         assert {r["seed"] for r in results if r["name"] == name} == {0, 1, 2, 3, 4, 5}, name
@@ -173,7 +175,8 @@ def test_scaling_fidelity_seeds_table(tmp_path):
         for seed in range(1, 6):
             again = [r for r in results if r["scale"] == scale and r["seed"] == seed]
             assert set(RULES) <= {r["name"] for r in again}
-            assert sum(r["name"] == "oracle-grid" for r in again) <= 1  # the oracle's recipe, not the grid
+            # the oracle's recipe, not the grids
+            assert sum(r["name"] in ("oracle-grid", "oracle-grid-adamw") for r in again) <= 1
     rows = _verdict_rows(table)
     assert len(rows) == 27 and {r["verdict"] for r in rows} <= VERDICT_WORDS
     # a test over held-out seeds only: recompute one row's mean from the JSON (tuning seed left out)
