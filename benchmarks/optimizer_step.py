@@ -16,6 +16,7 @@ runs with ``max_grad_norm=None`` (the math of the default LAMB: no clipping; its
     python benchmarks/optimizer_step.py            # full run, a few minutes at most
     python benchmarks/optimizer_step.py --quick    # ResNet-50 shapes only, a few rounds (< 20 s)
     python benchmarks/optimizer_step.py --suites BERT-base --threads 1,2 --readme   # the CPU goal
+    python benchmarks/optimizer_step.py --suites BERT-base --threads 1,2 --breakdown   # + kept updates off, prologue
     python benchmarks/optimizer_step.py --device cuda
     python benchmarks/optimizer_step.py --readme   # also print the README's table
 
@@ -128,6 +129,37 @@ class ClippedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
+class NotKept:
+    """The default LAMB or LANS with the CPU kernels' kept updates turned off, so pass 2 recomputes the
+    update (``--breakdown``: what keeping it saves, timed beside it)."""
+
+    def __init__(self, opt: torch.optim.Optimizer):
+        self.opt, self.state = opt, opt.state
+        self.extra_memory_bytes = getattr(opt, "extra_memory_bytes", None)
+
+    def step(self) -> None:
+        from largebatch.client.optim import _cpu_fused
+
+        keep, _cpu_fused._KEEP = _cpu_fused._KEEP, 0
+        try:
+            self.opt.step()
+        finally:
+            _cpu_fused._KEEP = keep
+
+
+class Prologue(torch.optim.Optimizer):
+    """The C kernels' per-tensor gradient norms alone: the pass the default LAMB and LANS make over every
+    gradient before writing any state (``--breakdown``)."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    def step(self, closure=None):  # type: ignore[override]
+        from largebatch.client.optim import _cpu_fused
+
+        _cpu_fused.sumsq([p.grad for group in self.param_groups for p in group["params"]])
+
+
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     total = 0
     for state in opt.state.values():
@@ -144,7 +176,7 @@ def sync(device: torch.device) -> None:
 
 
 def bench(shapes: list[tuple[int, ...]], device: torch.device, rounds: int, with_single: bool,
-          large: bool = False, threads: list[int] | None = None) -> dict[int, list[dict]]:
+          large: bool = False, threads: list[int] | None = None, breakdown: bool = False) -> dict[int, list[dict]]:
     """Rows per thread count: the thread counts are interleaved too, each round runs every optimizer
     at each of them."""
     threads = threads or [torch.get_num_threads()]
@@ -170,6 +202,10 @@ def bench(shapes: list[tuple[int, ...]], device: torch.device, rounds: int, with
     candidates["LAMB(fused=False)"] = lambda: LAMB(groups(), lr=1e-4, fused=False)
     if not large:
         candidates["LANS(fused=False)"] = lambda: LANS(groups(), lr=1e-4, fused=False)
+    if breakdown and device.type == "cpu":
+        candidates["LAMB, updates not kept"] = lambda: NotKept(LAMB(groups(), lr=1e-4))
+        candidates["LANS, updates not kept"] = lambda: NotKept(LANS(groups(), lr=1e-4))
+        candidates["gradient-norm prologue alone"] = lambda: Prologue(groups())
     if with_single:
         candidates["LAMB(foreach=False)"] = lambda: LAMB(groups(), lr=1e-4, foreach=False)
     timm = timm_lamb()
@@ -263,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", action="store_true", help="also time LAMB's single-tensor loop")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--readme", action="store_true", help="also print the README's table")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="CPU: also LAMB and LANS with the kept updates off, and the gradient-norm prologue alone")
     parser.add_argument("--suites", default=None,
                         help="comma-separated subset of BERT-base, ResNet-50, GPT-1.3B (GPU only)")
     args = parser.parse_args(argv)
@@ -286,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     goals: list[str] = []
     for suite, shapes in suites.items():
         n = sum(torch.Size(s).numel() for s in shapes)
-        per_threads = bench(shapes, device, rounds, args.single, large=suite == "GPT-1.3B", threads=threads)
+        per_threads = bench(shapes, device, rounds, args.single, large=suite == "GPT-1.3B", threads=threads,
+                            breakdown=args.breakdown)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         for count, rows in per_threads.items():

@@ -23,10 +23,11 @@ thread of a busy machine). Where one tensor is more than a thread's share of the
 every tensor's blocks among the threads instead (see :func:`_one_call`).
 On CPU the step is bound by memory reads and by the divider: fused AdamW reads 4 words per parameter
 and takes one square root and one division; LAMB reads 8 (the gradient-norm prologue 1, pass 1 4,
-pass 2 3) for a tensor bigger than the cache, LANS 9 (its pass 2 also reads ``g``), and recomputing
-the update in pass 2 takes the square root and the division again, which keeping the update saves
-(measured A/B on BERT-base shapes at one thread: LAMB 1.87x -> 1.75x fused AdamW, LANS 2.08x -> 2.01x).
-Sharded parameters keep the two calls, their norms summed over the ranks in between.
+pass 2 3: p, m, v; or p and the kept update, which pass 1 wrote) for a tensor bigger than the cache,
+LANS 9 (its pass 2 also reads ``g``, or reads two kept words), and recomputing the update in pass 2
+takes the square root and the division again, which keeping it saves (the README's optimizer table
+times both: ``benchmarks/optimizer_step.py --breakdown``). Sharded parameters keep the two calls,
+their norms summed over the ranks in between.
 
 The tensors are cut into blocks of ``_BLOCK`` elements that the threads share; each block's sums are
 kept apart and added per tensor in block order, in float64, so the result does not depend on the
