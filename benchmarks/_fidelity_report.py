@@ -244,10 +244,16 @@ def tuning_table(all_results: list[Result]) -> str:
                          f"{_pct(other.val_loss / ref.val_loss - 1)} |")
         for scale in SCALES:
             oracle = oracle_of(rs, scale)
-            for r, last in [(r, False) for r in rs if r.scale == scale and r.name in RULES] + [(oracle, True)]:
+            # The AdamW sweep's best, beside the rules: where AdamW's best LR went at this batch.
+            swept = min((r for r in rs if r.scale == scale and r.name == "oracle-grid-adamw" and not r.diverged),
+                        key=lambda r: r.val_loss, default=None)
+            rows = [(r, r.name) for r in rs if r.scale == scale and r.name in RULES]
+            rows += [(swept, "AdamW sweep (best)"), (oracle, None)]
+            for r, label in rows:
                 if r is None:
                     continue
-                name = f"oracle ({r.name})" if last else r.name
+                last = label is None
+                name = f"oracle ({r.name})" if last else label
                 regret = "diverged" if r.diverged else "-" if last or not oracle else \
                     _pct(r.val_loss / oracle.val_loss - 1)
                 rel = "diverged" if r.diverged else _pct(r.val_loss / ref.val_loss - 1)

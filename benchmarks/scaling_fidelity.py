@@ -8,8 +8,9 @@ Real training on this CPU (issue #7). Two tasks:
   the task has a known, learnable structure).
 
 For each task: a reference at batch B0 with its LR tuned by a sweep (LAMB, and AdamW for the AdamW
-peers; widened while the best LR sits at an edge, then refined between the grid's points); then at 4x, 16x and 64x B0 with the same number of examples (64x takes 200 steps on the MLP,
-100 on the LM, whose seeds would not fit the CPU budget at 200), these recipes:
+peers; widened while the best LR sits at an edge, then refined between the grid's points); then at
+4x, 16x and 64x B0 with the same number of examples (64x takes 200 steps on the MLP, 100 on the LM,
+whose seeds would not fit the CPU budget at 200), these recipes:
 
 * ``largebatch``: the engine's recipe from the reference, empty store;
 * ``largebatch+evidence``: the engine's recipe once its own earlier runs (the B0 sweep, and the
@@ -22,8 +23,8 @@ peers; widened while the best LR sits at an edge, then refined between the grid'
 
 and, at each target batch, an **oracle**: the best of a grid sweep of LAMB over LR x warmup ratio
 at that batch with the same examples, of an AdamW LR sweep, and of every recipe above (which are
-configurations at that batch too). B_noise is measured by the client's estimator during the first large-batch run (4x,
-micro-batches of B0) and gives the examples ratio ``(1 + B/B_noise) / (1 + B0/B_noise)`` (McCandlish
+configurations at that batch too). B_noise is measured by the client's estimator during the first
+large-batch run (4x, micro-batches of B0) and gives the examples ratio ``(1 + B/B_noise) / (1 + B0/B_noise)`` (McCandlish
 et al. 2018). The LAMB runs at smaller scales (grid included) are the evidence for
 ``largebatch+evidence`` at the larger ones.
 

@@ -63,6 +63,7 @@ def test_scaling_fidelity_quick(tmp_path):
         for name in RULES:  # seed 0's table (the tuning seed's runs)
             assert sum(f"| {task} | {s}x | {name} |" in table for s in (4, 16, 64)) == 3, (task, name)
         assert sum(f"| {task} | {s}x | oracle (" in table for s in (4, 16, 64)) == 3, task
+        assert sum(f"| {task} | {s}x | AdamW sweep (best) |" in table for s in (4, 16, 64)) == 3, task
         assert sum(line.startswith(f"| {task} | {s}x | ") and "(B_noise " in line
                    for s in (4, 16, 64) for line in table.splitlines()) == 3, task
     assert "quick mode: 3 held-out seeds of a shrunken task: its verdicts are not powered" in proc.stdout
