@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from optim_helpers import make_problem, max_rel_err, run
 from optim_reference import lamb_reference, lans_reference
 from test_optim_reference import LAMB_CONFIGS, LANS_CONFIGS
@@ -243,6 +245,18 @@ def test_cpu_kernels_kept_updates_give_the_same_bits(cls, monkeypatch):
                    monkeypatch)
     assert all(one_call for one_call, _ in out.values())
     assert _same_bits(out)
+
+
+@pytest.mark.parametrize("cls", [LAMB, LANS])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(numels=st.lists(st.integers(1, 90_000), min_size=1, max_size=9), threads=st.integers(1, 3),
+       keep=st.integers(0, 500_000))
+def test_cpu_kernels_kept_updates_give_the_same_bits_for_any_shapes(cls, numels, threads, keep, monkeypatch):
+    """Whatever the tensor sizes (blocks split anywhere, tails shorter than a block), the thread count
+    and the keep limit (a batch kept or recomputed wherever the limit falls), the bits are the ones of
+    one thread recomputing every update."""
+    shapes = [(n,) for n in numels]
+    assert _same_bits(_c_steps(cls, shapes, [(1, 0), (threads, keep), (threads, 1 << 22)], monkeypatch))
 
 
 @pytest.mark.parametrize("cls", [LAMB, LANS])
