@@ -147,6 +147,20 @@ def _learned(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p: str) 
     if learned is None or wf is None:
         return ratio
     ids = ", ".join(map(str, wf.run_ids[:12]))
+    if wf.flat:
+        tried = f"F-test p = {wf.effect_p:.2g}" if wf.effect_p is not None else "no U"
+        if learned >= ratio:
+            plan.rationale.append(
+                f"{p}evidence (runs {ids or '?'}): the warmups tried at batch sizes "
+                f"{', '.join(map(str, wf.batch_sizes))} did not differ beyond the noise ({tried}); the rule's "
+                f"{_fmt(ratio)} is no longer than the shortest tried ({_fmt(learned)} here), so it stands")
+            return ratio
+        plan.rationale.append(
+            f"{p}evidence (runs {ids or '?'}): the warmups tried at batch sizes {', '.join(map(str, wf.batch_sizes))} "
+            f"did not differ beyond the noise ({tried}), so the shortest tried was enough; kept in steps as the "
+            f"rule grows it (w = {wf.exponent:.3f}), it is {_fmt(learned)} at {plan.batch}, where the rule gave "
+            f"{_fmt(ratio)} (a longer warmup only delays the training)")
+        return learned
     plan.rationale.append(
         f"{p}evidence (runs {ids or '?'}; warmup varied at batch sizes {', '.join(map(str, wf.batch_sizes))}): "
         f"warmup ratio ~ batch^w with w = {wf.exponent:.3f} +- {wf.exponent_sd:.3f} (prior 1, linear-epoch; "

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 
-__all__ = ["NonInferiority", "bootstrap_interval", "holm", "non_inferiority", "seeds_for_margin", "t_cdf",
+__all__ = ["NonInferiority", "bootstrap_interval", "f_sf", "holm", "non_inferiority", "seeds_for_margin", "t_cdf",
            "t_quantile"]
 
 
@@ -71,6 +71,18 @@ def t_cdf(t: float, df: int) -> float:
         return 1.0 if t > 0 else 0.0
     tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
     return 1 - tail if t > 0 else tail
+
+
+def f_sf(f: float, d1: int, d2: int) -> float:
+    """P(F > f) for Fisher's F with ``d1`` and ``d2`` degrees of freedom: the p-value of a nested
+    least-squares comparison (``d1`` added terms, ``d2`` residual degrees of freedom)."""
+    if d1 < 1 or d2 < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {d1}, {d2}")
+    if not f > 0:
+        return 1.0
+    if math.isinf(f):
+        return 0.0
+    return _betainc(d2 / 2, d1 / 2, d2 / (d2 + d1 * f))
 
 
 @dataclass(frozen=True)

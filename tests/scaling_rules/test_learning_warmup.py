@@ -80,7 +80,7 @@ def test_one_batch_size_leaves_the_exponent_to_the_prior():
 
 def test_monotone_concave_and_flat_warmup_evidence():
     """Shorter always better: the answer goes below what was tried (by at most 2x). No minimum at
-    all (cap-shaped): the better end of what was tried. No effect beyond the noise: nothing."""
+    all (cap-shaped): the better end of what was tried. No effect beyond the noise: the shortest tried."""
     points = [(512, 0.01), (512, 0.02), (512, 0.04), (2048, 0.02), (2048, 0.08)]
     rng = random.Random(0)
     monotone = [RunEvidence(batch_size=b, lr=LR0, warmup_ratio=r, outcome="completed", run_id=i,
@@ -94,7 +94,38 @@ def test_monotone_concave_and_flat_warmup_evidence():
     assert fit.log_c in fit.u_range  # an end of what was tried, not beyond
     flat = [RunEvidence(batch_size=b, lr=LR0, warmup_ratio=r, outcome="completed", run_id=i,
                         metric=2.0 + rng.gauss(0, 1e-3)) for i, (b, r) in enumerate(points * 2)]
-    assert EvidenceModel.from_runs(flat).warmup_fit is None
+    fit = EvidenceModel.from_runs(flat).warmup_fit
+    assert fit is not None and fit.flat and fit.effect_p > 0.05
+    # the shortest tried in the prior's coordinates (constant steps): 0.02 at 2048, so 0.08 at 8192
+    assert fit.log_c == pytest.approx(min(math.log(r) - fit.exponent * math.log(b) for b, r in points))
+    assert fit.ratio(8192) == pytest.approx(0.02 * (8192 / 2048) ** fit.exponent)
+
+
+def flat_runs(ratios_of_rule, seed=0) -> list[RunEvidence]:
+    """A sweep whose warmup changes nothing: only the LR's U and the noise."""
+    rng = random.Random(seed)
+    runs = sweep((512, 2048), ratios_of_rule=ratios_of_rule, seed=seed)
+    for r in runs:
+        best_lr = LR0 * math.sqrt(r.batch_size / B0)
+        r.metric = 2.0 + 0.1 * math.log(r.lr / best_lr) ** 2 + rng.gauss(0, 0.002)
+    return runs
+
+
+def test_warmup_that_changes_nothing_gives_the_shortest_tried_in_steps():
+    """Warmups of 0.05x to 1x the rule's, all as good: the recipe takes the shortest in steps (0.05x the
+    rule's ratio), and says why; a study that only tried warmups longer than the rule's keeps the rule."""
+    out = recommend(request(8192), evidence=flat_runs((0.05, 0.3, 1.0)))
+    rule = R0 * 8192 / B0
+    fit = EvidenceModel.from_runs(flat_runs((0.05, 0.3, 1.0))).warmup_fit
+    assert fit is not None and fit.flat
+    shortest_at_2048 = 0.05 * R0 * 2048 / B0
+    assert out.stages[0].warmup_ratio == pytest.approx(shortest_at_2048 * 4 ** fit.exponent, rel=1e-6)
+    assert abs(fit.exponent - 1) < 0.15 and out.stages[0].warmup_ratio < 0.2 * rule
+    assert any("did not differ beyond the noise" in line and "shortest tried was enough" in line
+               for line in out.rationale)
+    longer = recommend(request(8192), evidence=flat_runs((1.5, 2.0, 3.0)))
+    assert longer.stages[0].warmup_ratio == pytest.approx(rule)
+    assert any("so it stands" in line for line in longer.rationale)
 
 
 def test_optimum_stays_near_the_warmups_tried():

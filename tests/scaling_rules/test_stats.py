@@ -6,6 +6,7 @@ import pytest
 
 from largebatch.scaling_rules.stats import (
     bootstrap_interval,
+    f_sf,
     holm,
     non_inferiority,
     seeds_for_margin,
@@ -31,6 +32,18 @@ def test_t_cdf_inverts_the_quantile(p, df):
 def test_t_cdf_exact_at_one_degree_of_freedom():  # the Cauchy distribution
     for t in (-3.0, -0.5, 0.0, 0.7, 10.0):
         assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)
+
+
+@pytest.mark.parametrize("f, d1, d2, p", [
+    (4.103, 2, 10, 0.05), (6.608, 1, 5, 0.05), (4.938, 3, 20, 0.01), (19.00, 2, 2, 0.05), (3.316, 2, 30, 0.05)])
+def test_f_sf_matches_the_table(f, d1, d2, p):  # F tables, upper 5% and 1% points
+    assert f_sf(f, d1, d2) == pytest.approx(p, rel=2e-3)
+
+
+def test_f_sf_is_t_squared_with_one_numerator_degree():
+    for t, df in ((0.5, 3), (2.0, 7), (3.5, 12)):
+        assert f_sf(t * t, 1, df) == pytest.approx(2 * (1 - t_cdf(t, df)), rel=1e-9)
+    assert f_sf(0.0, 2, 5) == 1.0 and f_sf(math.inf, 2, 5) == 0.0
 
 
 def test_non_inferiority_decides_three_ways():
