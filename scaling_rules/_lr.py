@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from . import priors
+from . import optimizers, priors
 from ._plan import _a, _default_rule, _fmt, _Plan, _ratio_text
 from .evidence import BatchSummary
 from .learning import EvidenceModel
@@ -215,7 +215,9 @@ def _plan_lr(plan: _Plan, req: RecommendationRequest, name: str, history: Sequen
         assert worst.min_diverged_lr is not None
         cap = priors.DIVERGENCE_MARGIN * worst.min_diverged_lr
         plan.divergence_caps.append(cap)
-        caps.append((cap, f"study history: LR {_fmt(worst.min_diverged_lr)} diverged at batch "
+        # The engine kept the rows in the recipe's units (and those that record none, mixing every optimizer's)
+        units = "" if worst.units is None else f" in {name}'s LR units ({optimizers.units_of(name)})"
+        caps.append((cap, f"study history{units}: LR {_fmt(worst.min_diverged_lr)} diverged at batch "
                           f"{worst.batch_size} (<= {plan.batch}), so the cap is "
                           f"{priors.DIVERGENCE_MARGIN} x that = {_fmt(cap)}"))
     elif evidence is not None:

@@ -126,6 +126,27 @@ def _optimizer_config(name: str, lr: float, req: RecommendationRequest, plan: _P
     )
 
 
+def _history_in_units(history: Sequence[BatchSummary], name: str, unnamed: str,
+                      notes: list[str]) -> Sequence[BatchSummary]:
+    """The summaries whose LRs are in ``name``'s units (those that record no units are all kept: the
+    caller falls back on the runs where they may mix units). A divergence in other units is no boundary
+    here: a LAMB LR is several times an AdamW one."""
+    units = optimizers.units_of(name)
+    mine: list[BatchSummary] = []
+    others: set[str] = set()  # the units of the divergences left out
+    for h in history:
+        theirs = None if h.units is None else optimizers.summary_units(h.units, unnamed)
+        if theirs is None or theirs == units:
+            mine.append(h)
+        elif h.min_diverged_lr is not None:
+            others.add(theirs)
+    if others:
+        notes.append(f"the study's divergences in other LR units ({', '.join(sorted(others))}) do not cap {name}'s "
+                     "LR: the per-batch summaries keep each LR units apart, and only those in "
+                     f"{name}'s ({units}) bound it")
+    return mine
+
+
 def _ramp_on_the_prior(req: RecommendationRequest) -> bool:
     """Batch "ramp" with no measured trajectory but a token budget: the prior read along the run."""
     t, ref = req.target, req.reference
@@ -180,7 +201,7 @@ def recommend(
 
     Args:
         request: the request (or its JSON dict, validated here).
-        history: what past runs of this study taught, per batch size (may be empty).
+        history: what past runs of this study taught, per batch size and LR units (may be empty).
         evidence: the past runs themselves (or a fitted :class:`EvidenceModel`): the LR-vs-batch
             curve is fitted on them and replaces the rule's LR (issue #7).
         direction: whether the study's metric is minimised or maximised.
@@ -262,15 +283,16 @@ def recommend(
         if plan.seq_len == prev.seq_len and plan.batch_x > prev.batch_x and plan.req.reference is None:
             plan.ramp = prev.ramp_next = True
     name, notes, warns = choose_optimizer(req, plans)
+    unnamed = priors.canonical(plans[0].ref.optimizer)
+    history = _history_in_units(history, name, unnamed, notes)
     if evidence_model is not None:
-        unnamed = priors.canonical(plans[0].ref.optimizer)
         if req.optimizer is None:
             warns += evidence_model.better_elsewhere(name, unnamed)
         mine = evidence_model.in_units_of(name, unnamed)
-        if mine is not evidence_model and any(h.min_diverged_lr is not None for h in history):
-            # The per-batch summaries keep one smallest diverged LR over every optimizer: in a study of two
-            # LR units it may be another optimizer's. The runs in this one's units cap instead.
-            history = ()
+        if mine is not evidence_model and any(h.units is None and h.min_diverged_lr is not None for h in history):
+            # Summaries that do not record their units keep one smallest diverged LR over every optimizer: in a
+            # study of two LR units it may be another optimizer's. The runs in this one's units cap instead.
+            history = [h for h in history if h.units is not None]
             notes.append(f"the study holds runs of optimizers with other LR units: its divergences cap {name}'s LR "
                          f"from the {len(mine.runs)} runs in {name}'s units, not from the per-batch summaries")
         evidence_model = mine

@@ -185,9 +185,9 @@ class EvidenceModel:
         left out). A study that changed optimizer (the engine's own recipes switch AdamW to LAMB past
         16K) holds LRs of two units, several times apart: one curve through both would read the change
         of units as an effect of the batch or the LR. ``self`` where every run is in those units."""
-        key = ("units", _units(optimizer), _units(unnamed))
+        key = ("units", optimizers.units_of(optimizer), optimizers.units_of(unnamed))
         if key not in self._memo:
-            mine = [r for r in self.runs if _units(r.optimizer or unnamed) == key[1]]
+            mine = [r for r in self.runs if optimizers.run_units(r.optimizer, unnamed) == key[1]]
             self._memo[key] = self if len(mine) == len(self.runs) else \
                 EvidenceModel.from_runs(mine, direction=self.direction)
         return self._memo[key]
@@ -202,12 +202,12 @@ class EvidenceModel:
         return self._memo[key]
 
     def _better_elsewhere(self, optimizer: str, unnamed: str) -> list[str]:
-        units = _units(optimizer)
+        units = optimizers.units_of(optimizer)
         sign = 1.0 if self.direction == "minimize" else -1.0
         by_opt: dict[str, dict[int, list[RunEvidence]]] = {}
         for r in self._usable():
             name = r.optimizer or unnamed
-            if _units(name) != "?":
+            if optimizers.units_of(name) != "?":
                 by_opt.setdefault(name, {}).setdefault(r.batch_size, []).append(r)
 
         def swept(runs: dict[int, list[RunEvidence]]) -> set[int]:
@@ -215,12 +215,12 @@ class EvidenceModel:
 
         own: dict[int, list[RunEvidence]] = {}  # (LAMB's and LANS's runs together: the same LRs)
         for name, runs in by_opt.items():
-            if _units(name) == units:
+            if optimizers.units_of(name) == units:
                 for b, rs in runs.items():
                     own.setdefault(b, []).extend(rs)
         lines = []
         for name, runs in sorted(by_opt.items()):
-            if _units(name) == units:
+            if optimizers.units_of(name) == units:
                 continue
             both = swept(runs) & swept(own)
             if not both:
@@ -465,14 +465,6 @@ class EvidenceModel:
 
     def run_ids(self) -> list[int]:
         return sorted(r.run_id for r in self.runs if r.run_id is not None)
-
-
-def _units(optimizer: str) -> str:
-    """An optimizer's LR units from the optimizer table; "?" for a name it does not know."""
-    try:
-        return optimizers.info(optimizer).units
-    except ValueError:
-        return "?"
 
 
 def explore_lrs(lr: float, k: int, *, spread: float = 2.0, cap: float | None = None) -> list[float]:

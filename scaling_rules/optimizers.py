@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "RECIPE_NAMES", "REFERENCE_NAMES", "Bounds", "OptimInfo", "info",
-           "same_units"]
+__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "RECIPE_NAMES", "REFERENCE_NAMES", "UNNAMED_UNITS", "Bounds",
+           "OptimInfo", "info", "run_units", "same_units", "summary_units", "units_of"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +128,28 @@ def same_units(a: str, b: str) -> bool:
         return _UNITS[a] == _UNITS[b]
     except KeyError:
         return info(a).units == info(b).units  # raises the ValueError that names the unknown one
+
+
+def units_of(name: str) -> str:
+    """``name``'s LR units; "?" for a name the table does not know (a run imported from elsewhere: its LR
+    is in no units an optimizer here shares)."""
+    return _UNITS.get(name, "?")
+
+
+#: The LR units of runs that name no optimizer where no reference says whose units they are in (a
+#: store's per-units summaries): whoever reads them with a reference reads them in its units.
+UNNAMED_UNITS = "unnamed"
+
+
+def run_units(optimizer: str | None, unnamed: str | None = None) -> str:
+    """The units of a run's LR: its optimizer's; where it names none, ``unnamed``'s (the reference's), else
+    :data:`UNNAMED_UNITS`. One rule for the runs a recipe learns from (``EvidenceModel.in_units_of``) and
+    for the store's per-units summaries, so the two roads agree."""
+    name = optimizer or unnamed
+    return units_of(name) if name else UNNAMED_UNITS
+
+
+def summary_units(units: str, unnamed: str) -> str:
+    """The LR units of a summary bucket read with ``unnamed`` as the reference: the bucket of runs that
+    named no optimizer is in the reference's units, as such runs are (:func:`run_units`)."""
+    return run_units(None, unnamed) if units == UNNAMED_UNITS else units

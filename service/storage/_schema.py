@@ -11,8 +11,8 @@ Tables:
 * ``lb_runs``: one row per run (``run_id`` = Optuna ``trials.trial_id``) with the columns that
   listing, idempotency and lease sweeps need. ``UNIQUE (study_id, client_key)`` makes run creation
   idempotent in the database.
-* ``lb_batch_summary``: one row per (study, batch size), updated in the same transaction as each
-  outcome; what :meth:`StudyStore.history` reads.
+* ``lb_batch_summary``: one row per (study, batch size, LR units), updated in the same transaction as
+  each outcome; what :meth:`StudyStore.history` reads.
 * ``lb_grad_norms``: optional gradient norm per reported step (the loss itself is an Optuna
   intermediate value).
 * ``lb_noise_trajectory``: each run's gradient noise scale along the examples it has seen, merged into
@@ -122,6 +122,8 @@ lb_batch_summary = Table(
     metadata,
     Column("study_id", Integer, ForeignKey("lb_studies.study_id", ondelete="CASCADE"), primary_key=True),
     Column("batch_size", BigInteger, primary_key=True, autoincrement=False),
+    # optimizers.run_units of the runs' optimizer: one optimizer's divergences are no bound on another's LRs
+    Column("units", String(32), primary_key=True),
     Column("n_runs", Integer, nullable=False),
     Column("n_completed", Integer, nullable=False),
     Column("n_diverged", Integer, nullable=False),
@@ -207,9 +209,22 @@ def _migrate_to_3(conn: Connection) -> None:
     lb_critical_batches.create(conn, checkfirst=True)
 
 
+def _migrate_to_4(conn: Connection) -> None:
+    """Summaries per (study, batch size, LR units): the old rows mix every optimizer's runs and cannot be
+    split, so the table is made anew (and refilled, see :data:`REFILLS_SUMMARIES`)."""
+    if "units" in {c["name"] for c in inspect(conn).get_columns(lb_batch_summary.name)}:
+        return  # version 1's create_all made it so on a new database
+    lb_batch_summary.drop(conn)
+    lb_batch_summary.create(conn)
+
+
 #: version -> migration that brings the schema from version-1 to version. Append, never edit.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_to_1, 2: _migrate_to_2, 3: _migrate_to_3,
+                                                        4: _migrate_to_4}
 HEAD = max(MIGRATIONS)
+#: The versions whose migration empties ``lb_batch_summary``: :func:`migrate` refills it in the same
+#: transaction, with the fold it is given (the fold reads Optuna's tables through modules that import this one).
+REFILLS_SUMMARIES = frozenset({4})
 
 
 def current_version(conn: Connection) -> int | None:
@@ -222,8 +237,11 @@ def current_version(conn: Connection) -> int | None:
     return None if row is None else int(row.version)
 
 
-def migrate(engine: Engine) -> int:
-    """Apply pending migrations, each in its own transaction. Caller holds the init lock."""
+def migrate(engine: Engine, refill_summaries: Callable[[Connection], None]) -> int:
+    """Apply pending migrations, each in its own transaction. Caller holds the init lock.
+
+    ``refill_summaries`` recomputes every study's summaries after a migration of :data:`REFILLS_SUMMARIES`.
+    """
     with engine.connect() as conn:
         lb_schema_version.create(conn, checkfirst=True)
         conn.commit()
@@ -241,6 +259,8 @@ def migrate(engine: Engine) -> int:
             if version == HEAD:
                 return version
             MIGRATIONS[version + 1](conn)
+            if version + 1 in REFILLS_SUMMARIES:
+                refill_summaries(conn)
             now = datetime.now(timezone.utc).replace(tzinfo=None)
             if row is None:
                 conn.execute(lb_schema_version.insert().values(component=COMPONENT, version=1, updated_at=now))

@@ -401,9 +401,9 @@ class StudyStore(ApiKeyStore):
 
     @abc.abstractmethod
     def history(self, namespace: str, study: str) -> list[BatchSummary]:
-        """Per batch size of one study: counts, best completed LR/metric, smallest diverged LR,
-        largest LR that did not diverge. Ordered by batch size. Reads the compact summary
-        table only (never whole studies).
+        """Per (batch size, LR units) of one study: counts, best completed LR/metric, smallest diverged
+        LR, largest LR that did not diverge. Ordered by batch size, then units. Reads the compact
+        summary table only (never whole studies).
 
         Raises:
             NotFound: No such study.
@@ -425,7 +425,7 @@ class StudyStore(ApiKeyStore):
         ``namespace`` and only studies of ``metric``. Counts and LR bounds merge every matched
         study; ``best_lr``/``best_metric`` merge the studies whose direction is ``direction``
         (default: the direction all matched studies share, else ``"minimize"``). Each summary
-        also carries ``n_studies`` (an extra field): how many studies had runs at that batch size.
+        also carries ``n_studies`` (an extra field): how many studies had runs at that batch size and units.
 
         Raises:
             InvalidArgument: Bad family, bounds (min > max), namespace or direction.
@@ -471,7 +471,7 @@ class StudyStore(ApiKeyStore):
         """Recompute the summary tables from the run rows (all studies, or one).
 
         Returns:
-            Number of (study, batch size) summary rows written.
+            Number of (study, batch size, LR units) summary rows written.
         """
 
     # ----------------------------------------------------------------------------- operations

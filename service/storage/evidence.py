@@ -54,7 +54,7 @@ class EvidenceOps:
         def tx(conn: Connection) -> EvidenceRead:
             own = find_study(conn, namespace, study)
             record = self._study_record(own, self._study_user_attrs(conn, [own.study_id])[own.study_id])  # type: ignore[attr-defined]
-            rows = conn.execute(select(b).where(b.c.study_id == own.study_id).order_by(b.c.batch_size)).all()
+            rows = conn.execute(select(b).where(b.c.study_id == own.study_id).order_by(b.c.batch_size, b.c.units)).all()
             family_rows: list = []
             scope = s.c.study_id == own.study_id
             if family_band is not None:
@@ -62,7 +62,7 @@ class EvidenceOps:
                 family_rows = conn.execute(
                     select(s.c.direction, b).join(b, b.c.study_id == s.c.study_id)
                     .where(s.c.model_family == family, s.c.model_params >= lo, s.c.model_params <= hi,
-                           s.c.namespace == namespace).order_by(b.c.batch_size)).all()
+                           s.c.namespace == namespace).order_by(b.c.batch_size, b.c.units)).all()
                 scope = or_(scope, and_(s.c.namespace == namespace, s.c.model_family == family,
                                         s.c.model_params >= lo, s.c.model_params <= hi,
                                         s.c.direction == own.direction))
@@ -73,7 +73,7 @@ class EvidenceOps:
             measured = conn.execute(select(c.c.id).where(c.c.study_id == own.study_id)
                                     .order_by(c.c.id.desc()).limit(1)).scalar()
             version = (own.study_id, own.created_at, family_band, measured,
-                       tuple(sorted((x.study_id, x.batch_size, x.n_runs, x.n_completed, x.n_diverged)
+                       tuple(sorted((x.study_id, x.batch_size, x.units, x.n_runs, x.n_completed, x.n_diverged)
                                     for x in [*rows, *family_rows])))
             # The noise scale of the study's newest runs: by (study, number), bounded whatever the study's size.
             newest = (select(r.c.run_id).where(r.c.study_id == own.study_id)

@@ -19,6 +19,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._db import Database, short_error
 from largebatch.service.storage.base import StoreError, StoreUnavailable
+from largebatch.service.storage.summaries import rebuild_all
 
 __all__ = ["initialize", "initialize_schema", "schema_is_current", "versions"]
 
@@ -88,7 +89,7 @@ def initialize(db: Database) -> dict[str, str]:
         with sch.init_lock(db.engine, db.sqlite_path):
             if not schema_is_current(db):
                 _init_optuna_schema(db)
-                sch.migrate(db.write_engine)
+                sch.migrate(db.write_engine, refill_summaries=rebuild_all)
     except (OperationalError, InterfaceError) as e:
         raise StoreUnavailable(f"cannot initialise the schema: {short_error(e)}") from e
     except SQLAlchemyError as e:

@@ -129,8 +129,8 @@ class OutcomeOps:
             self._finish(conn, row, outcome, metric, reason, step)
             if outcome in ("completed", "diverged"):
                 self._bump_summary(
-                    conn, row["study_id"], row["batch_size"], row["direction"], outcome=outcome,
-                    lr=row["peak_lr"], metric=metric,
+                    conn, row["study_id"], row["batch_size"], row["direction"], optimizer=row["optimizer"],
+                    outcome=outcome, lr=row["peak_lr"], metric=metric,
                 )
             return self._run_records(conn, [row])[0]
 

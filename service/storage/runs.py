@@ -315,8 +315,8 @@ class RunOps:
               "distribution_json": _DIST_JSON[k]} for k, v in params.items()],
         )
         write_trial_attrs(conn, [trial_id], trial_attrs)
-        self._bump_summary(conn, study_id, params["batch_size"], direction, outcome="running",
-                           lr=params["peak_lr"], new_run=True)
+        self._bump_summary(conn, study_id, params["batch_size"], direction, optimizer=params["optimizer"],
+                           outcome="running", lr=params["peak_lr"], new_run=True)
         return run_row
 
     def _existing_run(self, e: Exception, namespace: str, study: str, client_key: str,

@@ -1,11 +1,12 @@
 """The per-batch-size summaries and the evidence the recommender reads.
 
-The summary of a (study, batch size) is a fold over its runs (:class:`BatchSummary`). It is kept up
-to date by one upsert per event (:meth:`SummaryOps._bump_summary`: the fold in SQL) and can be
+The summary of a (study, batch size, LR units) is a fold over its runs (:class:`BatchSummary`). It is
+kept up to date by one upsert per event (:meth:`SummaryOps._bump_summary`: the fold in SQL) and can be
 recomputed from the Optuna tables alone (:func:`fold_summary`: the same fold in Python, used by
-:meth:`SummaryOps.rebuild_summaries`); the two twins sit side by side here so that they cannot
-drift apart, and :func:`merge_family` merges the summaries of several studies with the same
-comparison (:func:`_better`).
+:func:`rebuild_study`); the two twins sit side by side here so that they cannot drift apart, and
+:func:`merge_family` merges the summaries of several studies with the same comparison (:func:`_better`).
+A run's LR units are ``optimizers.run_units`` of the optimizer it names (the store knows no reference,
+so a run naming none is in ``UNNAMED_UNITS``): the rule ``EvidenceModel.in_units_of`` reads runs by.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, get_args
 
+from optuna.distributions import BaseDistribution, json_to_distribution
 from optuna.storages._rdb import models as om
 from optuna.trial import TrialState
 from sqlalchemy import and_, case, delete, literal, or_, select
@@ -21,12 +23,13 @@ from sqlalchemy.engine import Connection
 
 from largebatch.scaling_rules.evidence import BatchSummary
 from largebatch.scaling_rules.learning import RunEvidence
+from largebatch.scaling_rules.optimizers import run_units
 from largebatch.service.storage import _schema as sch
 from largebatch.service.storage._checks import _int
 from largebatch.service.storage._queries import T_PARAMS, T_TRIAL_USER, T_TRIALS, T_VALUES, find_study
 from largebatch.service.storage.base import Direction, InvalidArgument, NotFound, validate_name
 
-__all__ = ["STATE_OUTCOME", "SummaryOps", "fold_summary", "merge_family"]
+__all__ = ["STATE_OUTCOME", "SummaryOps", "fold_summary", "merge_family", "rebuild_all", "rebuild_study"]
 
 #: The outcome of an Optuna trial without an ``outcome`` attribute (one imported with ``add_trial``).
 STATE_OUTCOME = {
@@ -57,22 +60,24 @@ def _summary(row: Any) -> BatchSummary:
         best_metric=row.best_metric,
         min_diverged_lr=row.min_diverged_lr,
         max_stable_lr=row.max_stable_lr,
+        units=row.units,
     )
 
 
 def fold_summary(
-    acc: dict[int, dict[str, Any]], direction: str, batch_size: int, outcome: str, lr: float, metric: float | None
+    acc: dict[tuple[int, str], dict[str, Any]], direction: str, batch_size: int, outcome: str, lr: float,
+    metric: float | None, units: str,
 ) -> None:
     """The summary semantics, in Python (used by the rebuild; the upsert is its SQL twin).
 
-    Every run counts in ``n_runs``; ``completed`` runs (with a metric) update ``best_*`` and
-    ``max_stable_lr``; ``diverged`` runs update ``min_diverged_lr``. Failed, preempted, pruned and
-    running runs say nothing about the LR.
+    Every run counts in ``n_runs`` of its (batch size, LR units); ``completed`` runs (with a metric)
+    update ``best_*`` and ``max_stable_lr``; ``diverged`` runs update ``min_diverged_lr``. Failed,
+    preempted, pruned and running runs say nothing about the LR.
     """
     m = acc.setdefault(
-        batch_size,
-        {"batch_size": batch_size, "n_runs": 0, "n_completed": 0, "n_diverged": 0, "best_lr": None,
-         "best_metric": None, "min_diverged_lr": None, "max_stable_lr": None},
+        (batch_size, units),
+        {"batch_size": batch_size, "units": units, "n_runs": 0, "n_completed": 0, "n_diverged": 0,
+         "best_lr": None, "best_metric": None, "min_diverged_lr": None, "max_stable_lr": None},
     )
     m["n_runs"] += 1
     if outcome == "completed" and metric is not None:
@@ -88,19 +93,20 @@ def fold_summary(
 
 
 def merge_family(rows: Sequence[Any], direction: str | None) -> list[BatchSummary]:
-    """Merge the summary rows (each with its study's ``direction``) of several studies, per batch size.
+    """Merge the summary rows (each with its study's ``direction``) of several studies, per (batch size,
+    LR units): one optimizer's divergences stay no bound on another's LRs across a family too.
 
     Counts and LR bounds merge every row; ``best_*`` merge the rows of ``direction`` (default: the
     direction every row shares, else ``"minimize"``), by the fold's own comparison (:func:`_better`).
     """
     dirs = {r.direction for r in rows}
     want = direction or (dirs.pop() if len(dirs) == 1 else "minimize")
-    merged: dict[int, dict[str, Any]] = {}
+    merged: dict[tuple[int, str], dict[str, Any]] = {}
     for r in rows:
         m = merged.setdefault(
-            r.batch_size,
-            {"batch_size": r.batch_size, "n_runs": 0, "n_completed": 0, "n_diverged": 0, "best_lr": None,
-             "best_metric": None, "min_diverged_lr": None, "max_stable_lr": None, "n_studies": 0},
+            (r.batch_size, r.units),
+            {"batch_size": r.batch_size, "units": r.units, "n_runs": 0, "n_completed": 0, "n_diverged": 0,
+             "best_lr": None, "best_metric": None, "min_diverged_lr": None, "max_stable_lr": None, "n_studies": 0},
         )
         m["n_studies"] += 1
         m["n_runs"] += r.n_runs
@@ -130,12 +136,14 @@ class SummaryOps:
         batch_size: int,
         direction: str,
         *,
+        optimizer: str,
         outcome: str,
         lr: float,
         metric: float | None = None,
         new_run: bool = False,
     ) -> None:
-        """Fold one event into the (study, batch size) summary row, with one upsert.
+        """Fold one event of a run of ``optimizer`` into its (study, batch size, LR units) summary row, with
+        one upsert.
 
         SET expressions see the row's old values (SQL semantics on both backends), so the
         ``best_*`` pair is updated under the same condition.
@@ -146,6 +154,7 @@ class SummaryOps:
         values = {
             "study_id": study_id,
             "batch_size": batch_size,
+            "units": run_units(optimizer),
             "n_runs": 1 if new_run else 0,
             "n_completed": int(completed),
             "n_diverged": int(diverged),
@@ -174,10 +183,11 @@ class SummaryOps:
                 (or_(s.c.min_diverged_lr.is_(None), s.c.min_diverged_lr > lr), literal(lr)),
                 else_=s.c.min_diverged_lr,
             )
+        key = ["study_id", "batch_size", "units"]
         if not set_:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["study_id", "batch_size"])
+            stmt = stmt.on_conflict_do_nothing(index_elements=key)
         else:
-            stmt = stmt.on_conflict_do_update(index_elements=["study_id", "batch_size"], set_=set_)
+            stmt = stmt.on_conflict_do_update(index_elements=key, set_=set_)
         conn.execute(stmt)
 
     def history(self, namespace: str, study: str) -> list[BatchSummary]:
@@ -190,7 +200,7 @@ class SummaryOps:
                 select(s.c.study_id, b)
                 .select_from(s.outerjoin(b, b.c.study_id == s.c.study_id))
                 .where(s.c.namespace == namespace, s.c.name == study)
-                .order_by(b.c.batch_size)
+                .order_by(b.c.batch_size, b.c.units)
             ).all()
             if not rows:
                 raise NotFound(f"study {namespace}/{study} not found")
@@ -274,14 +284,15 @@ class SummaryOps:
             if metric is not None:
                 where.append(s.c.metric == metric)
             return conn.execute(
-                select(s.c.direction, b).join(b, b.c.study_id == s.c.study_id).where(*where).order_by(b.c.batch_size)
+                select(s.c.direction, b).join(b, b.c.study_id == s.c.study_id).where(*where)
+                .order_by(b.c.batch_size, b.c.units)
             ).all()
 
         return merge_family(self._read(tx), direction)
 
     def rebuild_summaries(self, namespace: str | None = None, study: str | None = None) -> int:
         """Recompute ``lb_batch_summary`` from the Optuna tables alone (trials, their
-        ``batch_size``/``peak_lr`` params, values and ``outcome`` attrs)."""
+        ``batch_size``/``peak_lr``/``optimizer`` params, values and ``outcome`` attrs)."""
         if (namespace is None) != (study is None):
             raise InvalidArgument("give both namespace and study, or neither")
         if namespace is not None:
@@ -300,28 +311,47 @@ class SummaryOps:
 
         total = 0
         for sid, direction in self._read(study_ids):
-            total += self._write(lambda conn, sid=sid, direction=direction: self._rebuild_one(conn, sid, direction))
+            total += self._write(lambda conn, sid=sid, direction=direction: rebuild_study(conn, sid, direction))
         return total
 
-    def _rebuild_one(self, conn: Connection, study_id: int, direction: str) -> int:
-        bs = T_PARAMS.alias("bs")
-        lr = T_PARAMS.alias("lr")
-        ov = T_VALUES.alias("ov")
-        oa = T_TRIAL_USER.alias("oa")
-        rows = conn.execute(
-            select(T_TRIALS.c.state, bs.c.param_value, lr.c.param_value, ov.c.value, ov.c.value_type, oa.c.value_json)
-            .join(bs, and_(bs.c.trial_id == T_TRIALS.c.trial_id, bs.c.param_name == "batch_size"))
-            .join(lr, and_(lr.c.trial_id == T_TRIALS.c.trial_id, lr.c.param_name == "peak_lr"))
-            .outerjoin(ov, and_(ov.c.trial_id == T_TRIALS.c.trial_id, ov.c.objective == 0))
-            .outerjoin(oa, and_(oa.c.trial_id == T_TRIALS.c.trial_id, oa.c.key == "outcome"))
-            .where(T_TRIALS.c.study_id == study_id)
-        )
-        acc: dict[int, dict[str, Any]] = {}
-        for state, bsv, lrv, value, vtype, outcome_json in rows:
-            outcome = json.loads(outcome_json) if outcome_json is not None else STATE_OUTCOME.get(state, "failed")
-            metric = None if value is None and vtype is None else om.TrialValueModel.stored_repr_to_value(value, vtype)
-            fold_summary(acc, direction, round(bsv), outcome, float(lrv), metric)
-        conn.execute(delete(sch.lb_batch_summary).where(sch.lb_batch_summary.c.study_id == study_id))
-        if acc:
-            conn.execute(sch.lb_batch_summary.insert(), [{"study_id": study_id, **v} for v in acc.values()])
-        return len(acc)
+
+def rebuild_all(conn: Connection) -> None:
+    """Recompute every study's summary rows, in the caller's transaction (a schema migration's)."""
+    for study_id, direction in conn.execute(select(sch.lb_studies.c.study_id, sch.lb_studies.c.direction)).all():
+        rebuild_study(conn, study_id, direction)
+
+
+def rebuild_study(conn: Connection, study_id: int, direction: str) -> int:
+    """Recompute one study's summary rows from its Optuna trials; the number of rows written."""
+    bs = T_PARAMS.alias("bs")
+    lr = T_PARAMS.alias("lr")
+    opt = T_PARAMS.alias("opt")
+    ov = T_VALUES.alias("ov")
+    oa = T_TRIAL_USER.alias("oa")
+    rows = conn.execute(
+        select(T_TRIALS.c.state, bs.c.param_value, lr.c.param_value, ov.c.value, ov.c.value_type, oa.c.value_json,
+               opt.c.param_value, opt.c.distribution_json)
+        .join(bs, and_(bs.c.trial_id == T_TRIALS.c.trial_id, bs.c.param_name == "batch_size"))
+        .join(lr, and_(lr.c.trial_id == T_TRIALS.c.trial_id, lr.c.param_name == "peak_lr"))
+        .outerjoin(opt, and_(opt.c.trial_id == T_TRIALS.c.trial_id, opt.c.param_name == "optimizer"))
+        .outerjoin(ov, and_(ov.c.trial_id == T_TRIALS.c.trial_id, ov.c.objective == 0))
+        .outerjoin(oa, and_(oa.c.trial_id == T_TRIALS.c.trial_id, oa.c.key == "outcome"))
+        .where(T_TRIALS.c.study_id == study_id)
+    )
+    acc: dict[tuple[int, str], dict[str, Any]] = {}
+    # An imported trial may record its optimizer in a distribution of its own: decoded by that one, once each.
+    dists: dict[str, BaseDistribution] = {}
+    for state, bsv, lrv, value, vtype, outcome_json, optv, opt_json in rows:
+        outcome = json.loads(outcome_json) if outcome_json is not None else STATE_OUTCOME.get(state, "failed")
+        metric = None if value is None and vtype is None else om.TrialValueModel.stored_repr_to_value(value, vtype)
+        optimizer = None
+        if optv is not None:
+            if opt_json not in dists:
+                dists[opt_json] = json_to_distribution(opt_json)
+            name = dists[opt_json].to_external_repr(optv)
+            optimizer = None if name is None else str(name)
+        fold_summary(acc, direction, round(bsv), outcome, float(lrv), metric, run_units(optimizer))
+    conn.execute(delete(sch.lb_batch_summary).where(sch.lb_batch_summary.c.study_id == study_id))
+    if acc:
+        conn.execute(sch.lb_batch_summary.insert(), [{"study_id": study_id, **v} for v in acc.values()])
+    return len(acc)

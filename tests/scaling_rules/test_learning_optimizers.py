@@ -98,6 +98,42 @@ def test_another_optimizers_divergence_does_not_cap_this_ones_lr():
     assert alone.stages[0].peak_lr <= 0.8 * 2e-3
 
 
+def test_the_study_history_caps_in_the_recipes_lr_units_only():
+    """Summaries kept per LR units: an AdamW row's divergence at 1e-3 is no bound on a LAMB recipe, a LAMB
+    row's is, also where that divergence is older than every run the evidence holds (the service reads the
+    newest 2,000) and AdamW runs sit beside LAMB's; the rationale names the units that capped."""
+    from largebatch.scaling_rules import priors
+    from largebatch.scaling_rules.evidence import BatchSummary
+    from largebatch.scaling_rules.optimizers import UNNAMED_UNITS, units_of
+
+    lamb_req = {**REQUEST, "reference": {**REQUEST["reference"], "optimizer": "lamb", "lr": 4e-3}}
+    adamw = BatchSummary(batch_size=512, n_runs=4, n_completed=3, n_diverged=1, min_diverged_lr=1e-3,
+                         units=units_of("adamw"))
+    old = BatchSummary(batch_size=256, n_runs=5, n_completed=4, n_diverged=1, min_diverged_lr=5e-3,
+                       units=units_of("lamb"))
+    assert not [r for r in LAMB + ADAMW if r.outcome == "diverged"]  # the cap below is the summaries' alone
+    clean = recommend(lamb_req, evidence=LAMB).stages[0].peak_lr
+    assert clean > 5e-3
+    mixed = recommend(lamb_req, evidence=LAMB + ADAMW, history=[adamw])
+    assert mixed.stages[0].peak_lr == pytest.approx(clean, rel=1e-12)
+    assert any("divergences in other LR units (adam) do not cap lamb's LR" in line for line in mixed.rationale)
+    for evidence in (LAMB + ADAMW, LAMB, ()):
+        capped = recommend(lamb_req, evidence=evidence, history=[adamw, old])
+        assert capped.stages[0].peak_lr == pytest.approx(priors.DIVERGENCE_MARGIN * 5e-3, rel=1e-12)
+        assert any("study history in lamb's LR units (layerwise-adam): LR 0.005 diverged at batch 256" in line
+                   for line in capped.rationale), capped.rationale
+    # The row of runs that named no optimizer is in the reference's units: LAMB's here, AdamW's for a LAMB
+    # recipe from an AdamW reference.
+    unnamed = old.model_copy(update={"units": UNNAMED_UNITS})
+    assert recommend(lamb_req, evidence=LAMB + ADAMW, history=[unnamed]).stages[0].peak_lr == pytest.approx(
+        priors.DIVERGENCE_MARGIN * 5e-3, rel=1e-12)
+    fixed = {**REQUEST, "optimizer": "lamb"}
+    low = unnamed.model_copy(update={"min_diverged_lr": 1e-4})
+    assert recommend(fixed, history=[low]).stages[0].peak_lr == recommend(fixed).stages[0].peak_lr > 1e-4
+    assert recommend(fixed, history=[old.model_copy(update={"min_diverged_lr": 1e-4})]).stages[0].peak_lr == \
+        pytest.approx(priors.DIVERGENCE_MARGIN * 1e-4, rel=1e-12)
+
+
 def _runs(optimizer: str, scale: float, start_id: int):
     return st.lists(st.builds(
         RunEvidence,

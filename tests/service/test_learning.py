@@ -139,3 +139,49 @@ def test_explore_history_holds_only_runs_in_the_recipes_lr_units():
             for i, f in enumerate((0.9, 1.1))]
     history = [v.rationale[-1] for v in explore_variants(recipe, adamw + lamb, 2, study="s")]
     assert all("2 past run(s) as its history" in line for line in history), history
+
+
+def _finished_run(c, study: str, optimizer: str, batch_size: int, lr: float, outcome: str) -> None:
+    from .storage.helpers import make_recipe
+
+    recipe = make_recipe(batch_size=batch_size, lr=lr, optimizer=optimizer).model_dump(mode="json")
+    r = c.post(f"/v1/studies/{study}/runs", json={"recipe": recipe})
+    assert r.status_code == 201, r.text
+    done = {"outcome": "completed", "metric": 2.0} if outcome == "completed" else \
+        {"outcome": "diverged", "reason": "loss exploded"}
+    assert c.post(f"/v1/runs/{r.json()['id']}/complete", json=done).status_code == 200
+
+
+def _lamb_recipe(c, study: str) -> RecommendationOut:
+    out = RecommendationOut.model_validate(c.post("/v1/recommendations", json=bert_request(4096, study=study)).json())
+    assert out.optimizer.name in ("lamb", "lans")
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_a_lamb_recipe_is_capped_by_lambs_divergences_not_adamws(request, backend, monkeypatch):
+    """A study that ran AdamW and LAMB: AdamW's divergence at 1e-3 is no bound on a LAMB recipe (LAMB's
+    LRs are several times AdamW's), and a LAMB divergence older than every run the recipe reads still
+    caps it: the study's summaries keep each optimizer's LR units apart."""
+    from largebatch.scaling_rules import priors
+
+    from .conftest import store_url
+
+    monkeypatch.setattr("largebatch.service.recipes.EVIDENCE_LIMIT", 3)  # what 2,000 runs do, with 3
+    for api in in_process_api(store_url(request, backend), f"units-{backend}"):
+        c = api.client()
+        study = new_study(c)
+        alone = RecommendationOut.model_validate(
+            c.post("/v1/recommendations", json=bert_request(4096)).json()).stages[0].peak_lr
+        assert alone > 1e-3
+        _finished_run(c, study, "adamw", 512, 2e-4, "completed")
+        _finished_run(c, study, "adamw", 512, 1e-3, "diverged")
+        out = _lamb_recipe(c, study)
+        assert out.stages[0].peak_lr == pytest.approx(alone, rel=1e-12), out.rationale
+        _finished_run(c, study, "lamb", 1024, 1.5e-3, "diverged")
+        for lr in (1e-4, 2e-4, 4e-4):  # newer AdamW runs: the LAMB divergence is out of the runs read
+            _finished_run(c, study, "adamw", 512, lr, "completed")
+        out = _lamb_recipe(c, study)
+        assert out.stages[0].peak_lr == pytest.approx(priors.DIVERGENCE_MARGIN * 1.5e-3, rel=1e-12), out.rationale
+        assert any("study history in lamb's LR units (layerwise-adam): LR 0.0015 diverged at batch 1024" in line
+                   for line in out.rationale), out.rationale

@@ -15,6 +15,7 @@ from sqlalchemy import text
 
 from largebatch.scaling_rules.evidence import BatchSummary
 from largebatch.scaling_rules.models import Recipe
+from largebatch.scaling_rules.optimizers import units_of
 from largebatch.service.storage import (
     AlreadyExists,
     ApiKeyRecord,
@@ -32,6 +33,7 @@ from largebatch.service.storage import (
 from .helpers import make_recipe
 
 UTC = timezone.utc
+LAMB, ADAMW = units_of("lamb"), units_of("adamw")  # the LR units of make_recipe's default optimizer, and AdamW's
 
 
 def _study(store: StudyStore, name: str = "bert", ns: str = "team", **kw) -> StudyRecord:
@@ -590,11 +592,11 @@ def test_history_summarises_per_batch_size(store):
     assert all(isinstance(h, BatchSummary) for h in hist)
     assert hist == [
         BatchSummary(batch_size=1024, n_runs=6, n_completed=2, n_diverged=2, best_lr=2e-3, best_metric=2.5,
-                     min_diverged_lr=4e-3, max_stable_lr=2e-3),
+                     min_diverged_lr=4e-3, max_stable_lr=2e-3, units=LAMB),
         BatchSummary(batch_size=4096, n_runs=3, n_completed=2, n_diverged=0, best_lr=2e-3, best_metric=2.0,
-                     min_diverged_lr=None, max_stable_lr=4e-3),
+                     min_diverged_lr=None, max_stable_lr=4e-3, units=LAMB),
         BatchSummary(batch_size=16384, n_runs=1, n_completed=0, n_diverged=1, best_lr=None, best_metric=None,
-                     min_diverged_lr=1e-2, max_stable_lr=None),
+                     min_diverged_lr=1e-2, max_stable_lr=None, units=LAMB),
     ]
 
 
@@ -688,6 +690,90 @@ def test_rebuild_summaries_from_optuna_data(store):
         store.rebuild_summaries("team")
 
 
+def _mixed_units_study(store: StudyStore, name: str, plan: list[tuple[int, float, str, str, float | None]]) -> None:
+    _study(store, name=name)
+    for bs, lr, optimizer, outcome, metric in plan:
+        run = _run(store, name=name, batch_size=bs, lr=lr, optimizer=optimizer)
+        if outcome != "running":
+            store.complete_run(run.id, outcome, metric=metric)
+
+
+def test_summaries_keep_each_lr_units_apart(store):
+    """A LAMB study that also ran AdamW: the AdamW divergence at 1e-3 and the LAMB one at 5e-2 stay in rows
+    of their own units (one smallest diverged LR of 1e-3 would bound LAMB's LRs, several times AdamW's);
+    the rebuild from Optuna's data folds the same rows, and a family merges each units apart."""
+    _mixed_units_study(store, "bert", [
+        (1024, 1e-3, "adamw", "diverged", None),
+        (1024, 2e-4, "adamw", "completed", 2.0),
+        (1024, 5e-2, "lamb", "diverged", None),
+        (1024, 1e-2, "lamb", "completed", 1.8),
+        (1024, 2e-2, "lans", "completed", 1.9),  # LANS trains with LAMB's LRs: LAMB's row
+        (4096, 4e-2, "lamb", "running", None),
+    ])
+    hist = store.history("team", "bert")
+    assert hist == [
+        BatchSummary(batch_size=1024, n_runs=2, n_completed=1, n_diverged=1, best_lr=2e-4, best_metric=2.0,
+                     min_diverged_lr=1e-3, max_stable_lr=2e-4, units=ADAMW),
+        BatchSummary(batch_size=1024, n_runs=3, n_completed=2, n_diverged=1, best_lr=1e-2, best_metric=1.8,
+                     min_diverged_lr=5e-2, max_stable_lr=2e-2, units=LAMB),
+        BatchSummary(batch_size=4096, n_runs=1, units=LAMB),
+    ]
+    assert store.read_evidence("team", "bert").history == hist
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM lb_batch_summary"))
+    assert store.rebuild_summaries("team", "bert") == 3
+    assert store.history("team", "bert") == hist
+
+    _mixed_units_study(store, "bert-2", [
+        (1024, 5e-4, "adamw", "diverged", None),
+        (1024, 3e-2, "lamb", "diverged", None),
+    ])
+    family = [h.model_dump() for h in store.family_history("transformer", 100_000_000, 200_000_000)]
+    assert family == [
+        {**hist[0].model_dump(), "n_runs": 3, "n_diverged": 2, "min_diverged_lr": 5e-4, "n_studies": 2},
+        {**hist[1].model_dump(), "n_runs": 4, "n_diverged": 2, "min_diverged_lr": 3e-2, "n_studies": 2},
+        {**hist[2].model_dump(), "n_studies": 1},
+    ]
+    band = ("transformer", 100_000_000, 200_000_000)
+    assert [h.model_dump() for h in store.read_evidence("team", "bert", family_band=band).family_history] == family
+
+
+def _imported_trial(store: StudyStore, number: int, batch_size: int, lr: float, optimizer: tuple | None) -> None:
+    """A diverged trial written as an import would (no run row); ``optimizer``: (choices, the one it names)."""
+    from optuna.distributions import CategoricalDistribution, distribution_to_json
+    from optuna.trial import TrialState
+
+    from largebatch.service.storage.optuna_store import DISTRIBUTIONS, T_PARAMS, T_TRIAL_USER, T_TRIALS
+
+    params = [("batch_size", DISTRIBUTIONS["batch_size"], batch_size), ("peak_lr", DISTRIBUTIONS["peak_lr"], lr)]
+    if optimizer is not None:
+        params.append(("optimizer", CategoricalDistribution(optimizer[0]), optimizer[1]))
+    with store.engine.begin() as conn:
+        sid = conn.execute(text("SELECT study_id FROM lb_studies WHERE name = 'bert'")).scalar_one()
+        tid = conn.execute(T_TRIALS.insert().values(study_id=sid, number=number, state=TrialState.FAIL,
+                                                    datetime_start=datetime.now())).inserted_primary_key[0]
+        conn.execute(T_PARAMS.insert(), [{"trial_id": tid, "param_name": k, "param_value": d.to_internal_repr(v),
+                                          "distribution_json": distribution_to_json(d)} for k, d, v in params])
+        conn.execute(T_TRIAL_USER.insert().values(trial_id=tid, key="outcome", value_json='"diverged"'))
+
+
+def test_imported_trials_of_no_optimizer_or_an_unknown_one_keep_to_buckets_of_their_own(store):
+    """The rebuild reads each trial's optimizer by its own distribution: a trial naming none is in the
+    unnamed bucket (read in a recipe's reference's units), one naming an optimizer the table does not know
+    in "?" units, as ``EvidenceModel.in_units_of`` reads such runs; neither joins LAMB's row."""
+    from largebatch.scaling_rules.optimizers import UNNAMED_UNITS
+
+    _study(store)
+    store.complete_run(_run(store, batch_size=512, lr=1e-2, optimizer="lamb").id, "diverged")
+    _imported_trial(store, 100, 512, 1e-3, None)
+    _imported_trial(store, 101, 512, 2e-3, (("adafactor", "lamb"), "adafactor"))
+    _imported_trial(store, 102, 512, 3e-2, (("sgd", "lamb"), "lamb"))  # index 1 here, another in the store's
+    store.rebuild_summaries("team", "bert")
+    got = sorted(store.history("team", "bert"), key=lambda h: h.units)  # (collations order "?" apart)
+    assert [(h.units, h.n_runs, h.n_diverged, h.min_diverged_lr) for h in got] == sorted(
+        [("?", 1, 1, 2e-3), (LAMB, 2, 2, 1e-2), (UNNAMED_UNITS, 1, 1, 1e-3)])
+
+
 # ============================================================================ API keys
 
 
@@ -729,7 +815,7 @@ def test_api_keys(store):
 def test_ping_and_versions(store):
     assert store.ping() is True
     v = store.schema_versions()
-    assert v["optuna"] == v["optuna_head"] and v["largebatch"] == v["largebatch_head"] == "3"
+    assert v["optuna"] == v["optuna_head"] and v["largebatch"] == v["largebatch_head"] == "4"
 
 
 def test_records_are_immutable(store):

@@ -9,6 +9,7 @@ import time
 import pytest
 from sqlalchemy import text
 
+from largebatch.scaling_rules.optimizers import units_of
 from largebatch.service.storage import (
     InvalidArgument,
     StoreError,
@@ -18,6 +19,8 @@ from largebatch.service.storage import (
     open_store,
 )
 from largebatch.service.storage import _schema as sch
+
+from .helpers import assert_consistent, make_recipe
 
 
 def test_default_url_honours_xdg_data_home(monkeypatch, tmp_path):
@@ -85,7 +88,7 @@ def test_unreachable_postgres_is_store_unavailable():
 def test_schema_versions_are_kept_apart(tmp_path):
     url = f"sqlite:///{tmp_path / 'v.db'}"
     versions = initialize_schema(url)
-    assert versions["optuna"] == versions["optuna_head"] and versions["largebatch"] == str(sch.HEAD) == "3"
+    assert versions["optuna"] == versions["optuna_head"] and versions["largebatch"] == str(sch.HEAD) == "4"
     assert initialize_schema(url) == versions  # idempotent
     store = open_store(url, initialize=False)
     with store.engine.connect() as conn:
@@ -106,6 +109,47 @@ def test_a_newer_schema_is_refused(tmp_path):
         open_store(url, initialize=False)
     with pytest.raises(StoreError, match="newer"):
         open_store(url)
+
+
+# The summary table as schema version 3 made it: one row per (study, batch size), every optimizer's runs in it.
+_V3_SUMMARY = """CREATE TABLE lb_batch_summary (
+    study_id INTEGER NOT NULL REFERENCES lb_studies (study_id) ON DELETE CASCADE, batch_size BIGINT NOT NULL,
+    n_runs INTEGER NOT NULL, n_completed INTEGER NOT NULL, n_diverged INTEGER NOT NULL, best_lr DOUBLE PRECISION,
+    best_metric DOUBLE PRECISION, min_diverged_lr DOUBLE PRECISION, max_stable_lr DOUBLE PRECISION,
+    PRIMARY KEY (study_id, batch_size))"""
+
+
+def test_a_store_of_schema_3_opens_with_summaries_per_lr_units(file_url):
+    """Its rows mix AdamW's and LAMB's runs (AdamW's 1e-3 divergence bounding LAMB's LRs): opening it
+    remakes the table per LR units from Optuna's data, and it goes on folding outcomes as a new store does."""
+    store = open_store(file_url)
+    store.create_study("team", "bert", model_family="transformer", model_params=110_000_000)
+    for lr, optimizer, outcome in [(1e-3, "adamw", "diverged"), (5e-2, "lamb", "diverged"),
+                                   (1e-2, "lamb", "completed")]:
+        run, _ = store.create_run("team", "bert", make_recipe(batch_size=1024, lr=lr, optimizer=optimizer))
+        store.complete_run(run.id, outcome, metric=1.5 if outcome == "completed" else None)
+    per_units = store.history("team", "bert")
+    assert [(h.units, h.min_diverged_lr) for h in per_units] == [(units_of("adamw"), 1e-3), (units_of("lamb"), 5e-2)]
+    with store.engine.begin() as conn:
+        sid = conn.execute(text("SELECT study_id FROM lb_studies")).scalar_one()
+        conn.execute(text("DROP TABLE lb_batch_summary"))
+        conn.execute(text(_V3_SUMMARY))
+        conn.execute(text("INSERT INTO lb_batch_summary VALUES (:sid, 1024, 3, 1, 2, 1e-2, 1.5, 1e-3, 1e-2)"),
+                     {"sid": sid})
+        conn.execute(text("UPDATE lb_schema_version SET version = 3"))
+    store.close()
+    with pytest.raises(StoreUnavailable, match="initialize_schema"):
+        open_store(file_url, initialize=False)
+    store = open_store(file_url)
+    try:
+        assert store.schema_versions()["largebatch"] == str(sch.HEAD)
+        assert store.history("team", "bert") == per_units
+        run, _ = store.create_run("team", "bert", make_recipe(batch_size=1024, lr=3e-2, optimizer="lans"))
+        store.complete_run(run.id, "diverged")
+        assert [h.min_diverged_lr for h in store.history("team", "bert")] == [1e-3, 3e-2]
+        assert assert_consistent(store, "team", "bert") == 4
+    finally:
+        store.close()
 
 
 def _hold_write_lock(path: str, seconds: float, started: threading.Event) -> None:

@@ -9,6 +9,8 @@ from datetime import datetime, timedelta, timezone
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from largebatch.scaling_rules.optimizers import units_of
+
 from .helpers import make_recipe
 
 BATCHES = (256, 1024, 4096)
@@ -41,6 +43,7 @@ def _expected(plan, direction):
             "n_diverged": len(h["diverged"]), "best_lr": best[0], "best_metric": best[1],
             "min_diverged_lr": min(h["diverged"], default=None),
             "max_stable_lr": max((c[0] for c in h["completed"]), default=None),
+            "units": units_of("lamb"),  # make_recipe's optimizer
         })
     return result
 

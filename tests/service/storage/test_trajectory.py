@@ -116,7 +116,7 @@ def test_a_database_of_the_previous_schema_gets_the_table_and_keeps_its_runs(fil
         conn.execute(text("DROP TABLE lb_noise_trajectory"))
         conn.execute(text("UPDATE lb_schema_version SET version = 1"))
     with open_store(file_url) as store:
-        assert store.schema_versions()["largebatch"] == str(sch.HEAD) == "3"
+        assert store.schema_versions()["largebatch"] == str(sch.HEAD) == "4"
         assert store.get_run(run.id).noise_scale == 40.0
         _report(store, run.id, range(1, 20))
         assert store.noise_trajectories("team", "bert")[0] == 1
