@@ -109,11 +109,6 @@ def build_request(model: Any, *, study: str, reference: Reference | Mapping[str,
     return RecommendationIn.model_validate(fields)
 
 
-def _engine_request(req: RecommendationIn) -> dict[str, Any]:
-    return req.model_dump(exclude={"study", "start_run", "environment", "use_family_evidence", "explore"},
-                          exclude_unset=True)
-
-
 def _study_args(req: RecommendationIn, metric: str, direction: str) -> dict[str, Any]:
     assert req.study is not None
     return {"model_params": req.model.params, "model_family": req.model.family, "metric": metric,
@@ -217,7 +212,7 @@ def _make_job(client: BaseClient, model: Any, req: RecommendationIn, answer: _An
     if out is None:
         from .offline import recommend_local
 
-        out = recommend_local(_engine_request(req))
+        out = recommend_local(req)  # it leaves out the fields only the service reads (study, explore, ...)
         log.warning("largebatch: service unreachable (%s): training with the recipe computed locally; the run "
                     "will be opened and the reports delivered when the service answers", answer.offline_reason)
         open_run = _open_offline(req, out, key, create_study, metric, direction)

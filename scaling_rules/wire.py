@@ -395,6 +395,9 @@ class RecommendationIn(RecommendationRequest):
     environment: dict[str, Any] = Field(default_factory=dict)
     use_family_evidence: bool = False
     explore: int = Field(default=0, ge=0, le=64)
+    explore_warmup: bool = Field(default=False, description=(
+        "With explore: the variants vary the warmup too, shorter only (1/8 to 1 x the recipe's warmup ratio), "
+        "sampled with the LR, so the study's evidence can learn the warmup"))
 
 
 class RecommendationOut(Recipe):

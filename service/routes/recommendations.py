@@ -10,6 +10,7 @@ from starlette.routing import Route
 
 from largebatch.scaling_rules.wire import RecommendationIn, RecommendationOut
 from largebatch.service.auth import authenticate
+from largebatch.service.convert import check_recipe
 from largebatch.service.deps import (
     IDEMPOTENCY_KEY_PATTERN,
     Reader,
@@ -30,9 +31,16 @@ _JSON = "application/json"
 MAX_PLOT_STAGES = 16
 
 
-def _check(body: RecommendationIn) -> None:
+def _check_explore(body: RecommendationIn) -> None:
+    if body.explore_warmup and not body.explore:
+        raise field_error(["body", "explore_warmup"], "explore_warmup varies the warmup of explore's variants: it "
+                          "needs explore >= 1", "value_error")
     if body.explore and body.study is None:
         raise field_error(["body", "study"], "explore opens one run per variant: it needs a study", "missing")
+
+
+def _check(body: RecommendationIn) -> None:
+    _check_explore(body)
     if body.start_run and body.study is None:
         raise field_error(["body", "study"], "start_run needs a study to open the run in", "missing")
 
@@ -81,7 +89,8 @@ def _recipe_only_json(recipe) -> bytes:
         "Body: the recipe engine's request, plus an optional `study` whose evidence shapes the recipe: its "
         "finished runs fit the LR-vs-batch curve and its divergences cap the LR (`use_family_evidence` adds the "
         "studies of the same family within 2x the model size). `explore: k` also returns k variants (LRs from "
-        "Optuna's TPE sampler at the fixed batch size) and opens a run for each. With `start_run: true` a run is opened in that study for the recipe and returned as "
+        "Optuna's TPE sampler at the fixed batch size; `explore_warmup: true` varies their warmups too, shorter only) "
+        "and opens a run for each. With `start_run: true` a run is opened in that study for the recipe and returned as "
         "`run` (needs a write key); an `Idempotency-Key` header makes that retry-safe: the same key returns "
         "the run the first request opened. Always 200."
     ),
@@ -124,18 +133,20 @@ async def create_recommendation(request: Request) -> Response:
         store, evidence, recipe = _recipe_with_history(request, principal.namespace, body)
         assert body.study is not None
         out = RecommendationOut(**recipe.model_dump())
+        if body.explore:
+            # Every variant checked before any run is opened: a 422 leaves no run behind.
+            out.variants = [check_recipe(v, ["body", "explore"], computed=True) for v in explore_variants(
+                recipe, evidence.runs, body.explore, study=body.study, model=evidence.model,
+                direction=evidence.direction, max_factor=user_cap_factor(body, recipe),
+                explore_warmup=body.explore_warmup)]
         if body.start_run:
             out.run, _ = open_run(request, store, principal.namespace, body.study, recipe,
                                   idempotency_key, body.environment, body)
-        if body.explore:
-            out.variants = explore_variants(recipe, evidence.runs, body.explore, study=body.study, model=evidence.model,
-                                            direction=evidence.direction,
-                                            max_factor=user_cap_factor(body, recipe))
-            for i, variant in enumerate(out.variants):
-                key = variant_key(idempotency_key, i)
-                run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment,
-                                  body, variant=True)
-                out.variant_runs.append(run)
+        for i, variant in enumerate(out.variants):
+            key = variant_key(idempotency_key, i)
+            run, _ = open_run(request, store, principal.namespace, body.study, variant, key, body.environment,
+                              body, variant=True)
+            out.variant_runs.append(run)
         return out.model_dump_json().encode()
 
     return Response(await run_in_threadpool(work), media_type=_JSON)
@@ -150,8 +161,7 @@ def _plot(fmt: Literal["png", "svg"]):
     media = "image/png" if fmt == "png" else "image/svg+xml"
 
     async def plot(body: RecommendationIn, principal: Reader, request: Request) -> Response:
-        if body.explore:
-            _check(body)
+        _check_explore(body)
         if body.stages is not None and len(body.stages) > MAX_PLOT_STAGES:
             raise field_error(["body", "stages"], f"a plot draws at most {MAX_PLOT_STAGES} stages", "too_long")
 
