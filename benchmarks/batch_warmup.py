@@ -88,6 +88,7 @@ class Setup:
     window_share: float = WINDOW_SHARE  # the most of the examples seen a window may take (it lowers k_max)
     lr_power: float = 1.0  # diagnostic: each branch's LR factor is the regime rule's raised to this power
     branch_seed: int = 0  # diagnostic: another data order for the branches (and their held-out examples)
+    moment_memory: str = "examples"  # the probe's: branch k's betas beta^k ("steps": the run's betas)
     kmin: int = 1  # diagnostic: the smallest branch multiple, the yardstick the others are read against
     parts: tuple[int, ...] = (1, 2)
 
@@ -308,7 +309,8 @@ def reference_run(task: sf.Task, s: Setup, res: TaskResult) -> None:
         with lr_power(s.lr_power):
             probe = OfflineProbe(optimizer, scheduler, noise, recipe).branch_probe(
                 model, stream(task, 20_000 + step + 100_000 * s.branch_seed, task.b0), loss_fn, ks=ks, steps=s.window * kmax,
-                batch_size=task.b0, eval_micro_batches=s.eval_examples[task.name] // task.b0, send=False)
+                batch_size=task.b0, eval_micro_batches=s.eval_examples[task.name] // task.b0,
+                moment_memory=s.moment_memory, send=False)
         gen = torch.Generator().manual_seed(30_000 + step)
         local = probe_noise_scale(model, loss_fn, (task.batch(gen, 32) for _ in range(s.probe_examples // 32)), 32)
         model.eval()
@@ -444,12 +446,16 @@ def branch_setting(s: Setup) -> list[str]:
         out.append(f"; the largest branch {s.window} steps (window {s.window} x k_max steps of B0)")
     if s.window_share != WINDOW_SHARE:
         out.append(f"; a window up to {s.window_share:g} x the examples seen")
+    if s.kmax != setup(s.quick, None).kmax:
+        out.append(f"; branches up to {s.kmax} x B0")
     if s.kmin != 1:
         out.append(f"; diagnostic: the smallest branch {s.kmin} x B0")
     if s.branch_seed:
         out.append(f"; diagnostic: the branches' data order {s.branch_seed}")
     if s.lr_power != 1:
         out.append(f"; diagnostic: each branch's LR factor the regime rule's ^ {s.lr_power:g}")
+    if s.moment_memory != "examples":
+        out.append("; diagnostic: every branch at the run's betas (moment memory in steps)")
     return out
 
 
@@ -474,21 +480,25 @@ def critical_report(results: list[TaskResult], mode: str, summary: bool = False)
              "".join(head), "|---" * (6 + 4 * len(ESTIMATES)) + "|"]
     for r in results:
         for c in r.checkpoints:
-            iv = "" if c.interval is None else f" ({_num(c.interval[0])}..{_num(c.interval[1])})"
-            row = (f"| {r.task} | {c.fraction:.3g} | {c.examples} | {c.val_loss:.4f} | {_num(c.branched)}{iv} | "
+            read = (f"{_num(c.branched)}" + ("" if c.interval is None else f" ({_num(c.interval[0])}..{_num(c.interval[1])})")
+                    if c.branched else _unread({"note": c.note, "ks": c.ks}, r.b0))
+            row = (f"| {r.task} | {c.fraction:.3g} | {c.examples} | {c.val_loss:.4f} | {read} | "
                    f"{c.ks[0] * r.b0}..{c.ks[-1] * r.b0} |")
             for key, _ in ESTIMATES:
                 est = getattr(c, key)
                 row += f" {_num(est)} | {' | '.join(_ratio(est, c.branched))} |"
             lines.append(row)
-    lines += ["", "| task | estimate | checkpoints within 3x | within 2x | geometric mean of estimate / B_crit |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| task | estimate | checkpoints within 3x | within 2x | geometric mean of estimate / B_crit | "
+              "read by the branches |", "|---|---|---|---|---|---|"]
     for r in results:
+        read = sum(1 for c in r.checkpoints if c.branched)
+        above = sum(1 for c in r.checkpoints if not c.branched and "cost no examples" in c.note)
+        reach = f"{read}/{len(r.checkpoints)}" + (f" ({above} above their reach)" if above else "")
         for key, label in ESTIMATES:
             rs = [getattr(c, key) / c.branched for c in r.checkpoints if c.branched and math.isfinite(getattr(c, key))]
             gm = math.exp(sum(math.log(x) for x in rs) / len(rs)) if rs else math.nan
             lines.append(f"| {r.task} | {label} | {sum(within(x, 3) for x in rs)}/{len(r.checkpoints)} | "
-                         f"{sum(within(x, 2) for x in rs)}/{len(r.checkpoints)} | {_num(gm, '.2f')} |")
+                         f"{sum(within(x, 2) for x in rs)}/{len(r.checkpoints)} | {_num(gm, '.2f')} | {reach} |")
     lines.append("")
     for r in results if summary else []:
         lines.append(f"- {r.task}: reference run at B0 ({r.ref_steps} steps, seed {REFERENCE_SEED}) val {r.ref_val:.4f}; "
@@ -558,7 +568,10 @@ def summarize(paths: list[pathlib.Path]) -> str:
                  if st.get("window_share", WINDOW_SHARE) != WINDOW_SHARE else "",
                  f"--branch-lr-power {st.get('lr_power', 1.0):g}" if st.get("lr_power", 1.0) != 1 else "",
                  f"--branch-seed {st.get('branch_seed', 0)}" if st.get("branch_seed", 0) else "",
-                 f"--kmin {st.get('kmin', 1)}" if st.get("kmin", 1) != 1 else ""]
+                 f"--kmin {st.get('kmin', 1)}" if st.get("kmin", 1) != 1 else "",
+                 f"--kmax {st['kmax']}" if st.get("kmax", 128) != (16 if st.get("quick") else 128) else "",
+                 f"--moment-memory {st.get('moment_memory', 'steps')}"
+                 if st.get("moment_memory", "steps") != "examples" else ""]
         label = " ".join(f for f in flags if f) or "(the defaults)"
         for t in data["tasks"]:
             ratios, negative = [], 0
@@ -617,8 +630,14 @@ def main(argv: list[str] | None = None) -> int:
                              "the client probe's own; 0: every branch at the run's LR)")
     parser.add_argument("--branch-seed", type=int, default=0,
                         help="diagnostic: another data order for the branches and their held-out examples (default 0)")
+    parser.add_argument("--kmax", type=int, default=None,
+                        help="the largest branch multiple, a power of 2 (default 128; quick 16), fewer where the "
+                             "window would pass --window-share of the examples seen")
     parser.add_argument("--kmin", type=int, default=1,
                         help="diagnostic: the smallest branch multiple, a power of 2 (default 1: B0 is the yardstick)")
+    parser.add_argument("--moment-memory", choices=["examples", "steps"], default="examples",
+                        help="diagnostic: the probe's moment_memory (default examples: branch k's betas beta^k; "
+                             "steps: the run's betas in every branch, the probe before 2026-12-07)")
     parser.add_argument("--summarize", type=pathlib.Path, nargs="+", metavar="DIR",
                         help="print one table from part-1 runs' DIR/batch_warmup.json (different branch settings) "
                              "and exit")
@@ -633,11 +652,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--parts takes 1, 2 or 1,2, got {args.parts!r}")
     if args.kmin < 1 or args.kmin & (args.kmin - 1):
         parser.error(f"--kmin must be a power of 2, got {args.kmin}")
+    if args.kmax is not None and (args.kmax < 2 or args.kmax & (args.kmax - 1)):
+        parser.error(f"--kmax must be a power of 2 >= 2, got {args.kmax}")
     if args.window < 1:
         parser.error(f"--window must be >= 1, got {args.window}")
-    s = dataclasses.replace(setup(args.quick, args.max_seeds), max_overhead=args.max_overhead, window=args.window,
+    s = setup(args.quick, args.max_seeds)
+    s = dataclasses.replace(s, max_overhead=args.max_overhead, window=args.window, kmax=args.kmax or s.kmax,
                             parts=parts, window_share=args.window_share, lr_power=args.branch_lr_power,
-                            branch_seed=args.branch_seed, kmin=args.kmin)
+                            branch_seed=args.branch_seed, kmin=args.kmin, moment_memory=args.moment_memory)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = [benchmark_task(name, s) for name in args.tasks.split(",")]

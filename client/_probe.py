@@ -1,8 +1,16 @@
 """The critical batch measured by branching (Merrill et al. 2025, "Critical batch size revisited"): from
 the job's current state, short branches at k x B (k = 1, 2, 4, ...) each train the same examples in the
 same order (branch k groups k steps' micro-batches into one step), with the LR moved by the engine's
-regime rule for the recipe's optimizer; the loss each reaches on the same held-out micro-batches says
-how much a bigger batch loses per example. The model, optimizer, scheduler and RNG state are put back
+regime rule for the recipe's optimizer and Adam's moments keeping the run's memory in examples (betas
+beta -> beta^k); the loss each reaches on the same held-out micro-batches says how much a bigger batch
+loses per example.
+
+Why the betas move: a branch starts from moments the run averaged at B. Kept at beta per step, the k x B
+branch forgets them over k times the examples, and its whole window (8 steps at the largest k, by
+default) runs on B's noisy momentum at several times B's LR: on a teacher MLP the largest branches' loss
+rose over their window and B_crit read 10-30x below steps-to-target's. At beta^k every branch forgets
+the inherited moments over the same examples, which is Malladi et al. 2022's SDE rule, 1 - beta -> k(1 -
+beta), to first order, and stays in [0, 1) at any k. The model, optimizer, scheduler and RNG state are put back
 bit for bit afterwards, so training goes on as if no probe had run.
 
 How the losses read as B_crit, at equal loss and with an interval that counts the data order, is
@@ -56,6 +64,7 @@ class BranchProbe:
     gains: dict[int, float]  # k -> loss_before - loss
     gain_se: dict[int, float]  # k -> standard error of the gain over the evaluation micro-batches
     lr_factors: dict[int, float]  # k -> the LR factor the regime rule gave branch k
+    betas: dict[int, tuple[float, ...]]  # k -> the betas branch k ran with (empty: the optimizer has none)
     critical_batch: float | None  # B_crit (examples), None where the losses do not identify it
     interval: tuple[float, float] | None  # 5%..95% of B_crit over the evaluation and data-order noise
     note: str
@@ -187,7 +196,8 @@ class BranchProbing:
     def branch_probe(self, model: Any, batches: Callable[[], Iterable[Any]],
                      loss_fn: Callable[[Any, Any], Any], *, ks: Sequence[int] = (1, 2, 4, 8),
                      steps: int | None = None, micro_batches: int = 1, batch_size: int | None = None,
-                     eval_micro_batches: int | None = None, send: bool = True) -> BranchProbe:
+                     eval_micro_batches: int | None = None, moment_memory: str = "examples",
+                     send: bool = True) -> BranchProbe:
         """Measure the critical batch here by branching (module docstring); training state is restored.
 
         Args:
@@ -202,6 +212,10 @@ class BranchProbing:
             batch_size: B, the global examples per k = 1 step (default: the recipe's batch).
             eval_micro_batches: the held-out micro-batches per rank every loss is read on: those that
                 follow the window in ``batches()`` (default ``8 x micro_batches``).
+            moment_memory: ``"examples"`` (default): branch k runs with betas ``beta^k``, so the moments it
+                inherits fade over the same examples in every branch (module docstring); ``"steps"``: the
+                run's betas in every branch. Optimizers without ``betas`` (SGD's momentum is a sum whose
+                scale the LR rule already counts) are left as they are either way.
             send: send a measured B_crit to the service as study evidence (rank 0; ``stored`` is the answer).
         """
         ks = tuple(ks)
@@ -216,6 +230,8 @@ class BranchProbing:
                         ("batch_size", batch_size)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if moment_memory not in ("examples", "steps"):
+            raise ValueError(f'moment_memory must be "examples" or "steps", got {moment_memory!r}')
         if not callable(batches):
             raise TypeError("batches must be a callable that returns the micro-batches, the same each call")
         if self.optimizer is None:
@@ -228,6 +244,9 @@ class BranchProbing:
             batch_size = sizes[0]
         _, world = _dist.world()
         factors = {k: _lr_factor(self.recipe.optimizer.name, k * batch_size, batch_size, self.noise) for k in ks}
+        run_betas = [g.get("betas") for g in self.optimizer.param_groups]
+        betas = {k: [None if b is None else _branch_betas(b, k if moment_memory == "examples" else 1)
+                     for b in run_betas] for k in ks}
         window = steps * batch_size
         cost_steps = sum(steps // k for k in ks)
         kmin, points = min(ks), curve_steps(steps, ks)
@@ -249,6 +268,9 @@ class BranchProbing:
                         p.grad = None
                     for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=True):
                         g["lr"] = saved["lr"] * factors[k]
+                    for g, b in zip(self.optimizer.param_groups, betas[k], strict=True):
+                        if b is not None:
+                            g["betas"] = b
                     it = iter(batches())
                     done = 0
                     for n in points if k == kmin else [steps // k]:
@@ -261,6 +283,8 @@ class BranchProbing:
         finally:
             snap.restore()
         result = _summarise(batch_size, steps, window * len(ks), cost_steps, base, per_k, curve, factors, world)
+        if run_betas and run_betas[0] is not None:
+            result = dataclasses.replace(result, betas={k: betas[k][0] for k in ks})
         step = getattr(self, "last_step", None)
         examples, tokens = seen(self.recipe.stages, step) if step is not None else (None, None)
         noise = getattr(self.noise, "value", None) if self.noise is not None else None
@@ -308,6 +332,11 @@ def _lr_factor(optimizer: str, batch: float, ref: float, noise: Any) -> float:
 
     value = getattr(noise, "value", None) if noise is not None else None
     return regime_factor(batch, ref, value, _default_rule(optimizer))
+
+
+def _branch_betas(betas: Sequence[float], k: int) -> tuple[float, ...]:
+    """The betas that keep an EMA's memory in examples when its steps grow k-fold: beta^k per step."""
+    return tuple(float(b) ** k for b in betas)
 
 
 def _skip(it: Iterable[Any], n: int) -> Iterator[Any]:
@@ -382,6 +411,6 @@ def _summarise(batch: int, steps: int, cost_examples: int, cost_steps: int, base
         note += (f"; the window gained {gains[ks[0]] / before:.0%} of the loss, near its floor: a shorter window "
                  "(steps=) reads the local critical batch")
     return BranchProbe(step=None, batch_size=batch, window_examples=steps * batch, loss_before=before, losses=losses,
-                       gains=gains, gain_se=ses, lr_factors=dict(factors), critical_batch=bc, interval=interval,
+                       gains=gains, gain_se=ses, lr_factors=dict(factors), betas={}, critical_batch=bc, interval=interval,
                        note=note, cost_examples=cost_examples, cost_steps=cost_steps,
                        curve={p: read[len(ks) + j][0] for j, p in enumerate(points)}, examples_ratios=ratios)

@@ -81,9 +81,10 @@ def _checkpoint(fraction, branched, interval, note, gains, streaming):
 
 def test_summarize_reads_each_runs_json_and_labels_it_by_its_flags(tmp_path):
     bw = _module()
-    runs = {"d": ({}, [_checkpoint(0.1, 20.0, [10.0, 30.0], "B_crit 20", {1: 0.02, 2: 0.03, 4: -0.01}, 200.0),
+    runs = {"d": ({"moment_memory": "examples", "kmax": 128}, [_checkpoint(0.1, 20.0, [10.0, 30.0], "B_crit 20", {1: 0.02, 2: 0.03, 4: -0.01}, 200.0),
                        _checkpoint(0.5, None, [0.0, 1.0], "the k = 1 branch gained 0.001 (...): no resolved progress",
                                    {1: 0.001, 2: 0.02}, 300.0)]),
+            # a run from before moment_memory: its branches kept the run's betas
             "w": ({"window": 32, "window_share": 64.0, "lr_power": 0.5, "branch_seed": 1},
                   [_checkpoint(0.1, 150.0, [100.0, math.inf], "B_crit 150", {1: 0.05, 2: 0.05, 4: 0.04}, 200.0),
                    _checkpoint(0.5, None, [900.0, math.inf], "the bigger batches cost no examples (...)",
@@ -98,11 +99,11 @@ def test_summarize_reads_each_runs_json_and_labels_it_by_its_flags(tmp_path):
     assert len(rows) == 6
     assert rows[0].startswith("| mlp | 0.1 | 100 | (the defaults) | 8..32 | 8 | 20 (10..30) | 0.0200 (0.0010) | -0.0100")
     assert "| 200 | 10.00 | **no** |" in rows[0]
-    assert rows[1].startswith("| mlp | 0.1 | 100 | --window 32 --window-share 64 --branch-lr-power 0.5 --branch-seed 1 |")
+    assert rows[1].startswith("| mlp | 0.1 | 100 | --window 32 --window-share 64 --branch-lr-power 0.5 --branch-seed 1 --moment-memory steps |")
     assert "| 150 (100..inf) |" in rows[1] and "| 1.33 | yes |" in rows[1]
     assert "k = 1 branch: no resolved gain" in rows[2] and "above 16 (no cost seen)" in rows[3]
     assert "| mlp | (the defaults) | 1/2 | 0/2 | 10.00 | 1/2 | 12s |" in table
-    assert "| mlp | --window 32 --window-share 64 --branch-lr-power 0.5 --branch-seed 1 | 1/2 | 1/2 | 1.33 | 0/2 |" in table
+    assert "| mlp | --window 32 --window-share 64 --branch-lr-power 0.5 --branch-seed 1 --moment-memory steps | 1/2 | 1/2 | 1.33 | 0/2 |" in table
 
 
 @pytest.mark.slow

@@ -79,6 +79,8 @@ def test_branch_probe_restores_everything_bit_for_bit(service, client, caplog):
     assert result.window_examples == 8 * BATCH and result.cost_examples == 3 * 8 * BATCH
     assert result.cost_steps == 8 + 4 + 2
     assert result.lr_factors == {1: 1.0, 2: pytest.approx(math.sqrt(2)), 4: pytest.approx(2.0)}
+    # the moments keep the run's memory in examples: LAMB's (0.9, 0.999) as beta^k
+    assert result.betas == {k: (pytest.approx(0.9 ** k), pytest.approx(0.999 ** k)) for k in (1, 2, 4)}
     assert result.gains[1] > 3 * result.gain_se[1] > 0  # early in training: the window's progress is resolved
     # the k = 1 branch read at each of its 8 steps, its last point the window's end
     assert sorted(result.curve) == list(range(1, 9)) and result.curve[8] == result.losses[1]
@@ -117,6 +119,39 @@ def test_branch_probe_is_not_seen_by_the_noise_estimator(service, client):
     assert all(torch.equal(a, b) for a, b in zip(plain_params, probed_params, strict=True))
 
 
+@pytest.mark.parametrize("memory", ["examples", "steps"])
+def test_each_branch_steps_with_its_betas_and_the_run_gets_its_own_back(service, client, memory):
+    """What the optimizer held at every step of every branch, read as it steps, not the result's claim (the
+    probe mutes the job's step hooks, so the step method itself is watched)."""
+    model = make_model()
+    job = client.autoconfigure(model, study=f"probe-betas-{memory}", reference=REFERENCE, target_batch_size=BATCH,
+                               job_options=FAST)
+    seen: list[tuple[float, tuple[float, ...]]] = []
+    with job:
+        train(job, model, 5, Data(1))
+        run_lr, run_betas = job.optimizer.param_groups[0]["lr"], job.optimizer.param_groups[0]["betas"]
+        opt, step = job.optimizer, job.optimizer.step
+
+        def watched(*args, **kwargs):
+            seen.append((opt.param_groups[0]["lr"], tuple(opt.param_groups[0]["betas"])))
+            return step(*args, **kwargs)
+
+        opt.step = watched
+        try:
+            result = job.branch_probe(model, stream, loss_fn, ks=(1, 4, 16), steps=16, moment_memory=memory)
+        finally:
+            del opt.step
+        assert job.optimizer.param_groups[0]["betas"] == run_betas and job.optimizer.param_groups[0]["lr"] == run_lr
+        job.fail("test over")
+    power = {1: 1, 4: 4, 16: 16} if memory == "examples" else {1: 1, 4: 1, 16: 1}
+    expected = [(run_lr * result.lr_factors[k], tuple(b ** power[k] for b in run_betas))
+                for k in (1, 4, 16) for _ in range(16 // k)]
+    assert len(seen) == len(expected) == 16 + 4 + 1
+    for (lr, betas), (want_lr, want) in zip(seen, expected, strict=True):
+        assert lr == pytest.approx(want_lr) and betas == pytest.approx(want)
+    assert result.betas == {k: pytest.approx(tuple(b ** power[k] for b in run_betas)) for k in (1, 4, 16)}
+
+
 def test_branch_probe_bad_input(service, client):
     model = make_model()
     job = client.autoconfigure(model, study="probe-bad", reference=REFERENCE, target_batch_size=BATCH,
@@ -128,6 +163,8 @@ def test_branch_probe_bad_input(service, client):
             job.branch_probe(model, stream, loss_fn, ks=(1, 2), steps=7)
         with pytest.raises(ValueError, match="micro_batches"):
             job.branch_probe(model, stream, loss_fn, micro_batches=0)
+        with pytest.raises(ValueError, match="moment_memory"):
+            job.branch_probe(model, stream, loss_fn, moment_memory="epochs")
         with pytest.raises(ValueError, match="ran out"):
             job.branch_probe(model, lambda: [Data(7).batch(64)] * 3, loss_fn, ks=(1, 2), steps=2)
         job.fail("test over")
