@@ -405,6 +405,14 @@ def _summarise(batch: int, steps: int, cost_examples: int, cost_steps: int, base
     bc, interval, note, ratios = fit_critical_batch(batch, ks, steps, line, [gains[k] for k in ks],
                                                     [ses[k] for k in ks])
     before = totals[0] / n
+    rose = [k for k in ks[1:] if gains[k] < -2 * ses[k]]
+    if rose:
+        # A branch that ends above where it started did not trade steps for examples: its LR (or the
+        # moments it inherited) overshot at that batch, and the reading counts that as the batch's cost.
+        whose = "branches'" if len(rose) > 1 else "branch's"
+        note += (f"; the k = {', '.join(map(str, rose))} {whose} loss rose over the "
+                 f"window (at x{', x'.join(f'{factors[k]:.3g}' for k in rose)} the LR): the LR rule overshoots "
+                 "there, and the reading counts that as the bigger batch's cost")
     if before > 0 and gains[ks[0]] > 0.5 * before:
         # Most of the loss gone in the window: every branch ends near the floor whatever its batch, and
         # the loss no longer tells the examples apart.

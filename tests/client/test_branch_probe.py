@@ -293,3 +293,21 @@ def test_the_interval_covers_the_data_order_at_any_critical_batch_and_noise(log2
     final_gain = 0.5 * (1 - math.exp(-window / tau))  # _synthetic's gain after the window
     held, n = _coverage(bc, tau, share * final_gain, random.Random(seed), 100)
     assert n >= 50 and held / n >= 0.75, (held, n)
+
+
+def test_a_branch_whose_loss_rose_is_named_in_the_note():
+    """The reading counts a branch that ends above its start as a bigger batch's cost; the note says which
+    branch, at which LR factor, so a reader can tell an overshooting LR from a small critical batch."""
+    from largebatch.client._probe import _summarise
+
+    rng = random.Random(3)
+    base = [2.0 + 0.01 * rng.random() for _ in range(16)]
+    steps, ks = 8, (1, 2, 4, 8)
+    curve = {n: [b - 0.02 * n for b in base] for n in curve_steps(steps, ks)}
+    per_k = {1: curve[steps], 2: [b - 0.15 for b in base], 4: [b - 0.1 for b in base], 8: [b + 0.05 for b in base]}
+    factors = {1: 1.0, 2: 1.41, 4: 2.0, 8: 2.83}
+    result = _summarise(4, steps, 4 * steps * 4, 15, base, per_k, curve, factors, 1)
+    assert result.gains[8] < 0 < result.gains[4]
+    assert "the k = 8 branch's loss rose over the window (at x2.83 the LR)" in result.note
+    steady = _summarise(4, steps, 4 * steps * 4, 15, base, {**per_k, 8: [b - 0.05 for b in base]}, curve, factors, 1)
+    assert "rose" not in steady.note
