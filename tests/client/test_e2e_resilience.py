@@ -90,9 +90,12 @@ def test_offline_fallback_opens_the_run_when_the_service_comes_back(own_service)
 
 
 CHILD = textwrap.dedent("""
-    import sys, time, torch
+    import signal, sys, time, torch
     from largebatch.client import Client
 
+    # A script run from a terminal: a test runner started in the background (`cmd &` in a non-interactive
+    # shell) passes SIGINT down ignored, and Python then installs no KeyboardInterrupt for it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     url, mode = sys.argv[1], sys.argv[2]
     torch.manual_seed(0)
     torch.set_num_threads(1)
