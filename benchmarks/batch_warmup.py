@@ -563,13 +563,14 @@ def summarize(paths: list[pathlib.Path]) -> str:
     for path in paths:
         data = json.loads((path / "batch_warmup.json").read_text())
         st = data["setup"]
+        default_kmax = setup(bool(st.get("quick")), None).kmax
         flags = [f"--window {st.get('window', WINDOW)}" if st.get("window", WINDOW) != WINDOW else "",
                  f"--window-share {st.get('window_share', WINDOW_SHARE):g}"
                  if st.get("window_share", WINDOW_SHARE) != WINDOW_SHARE else "",
                  f"--branch-lr-power {st.get('lr_power', 1.0):g}" if st.get("lr_power", 1.0) != 1 else "",
                  f"--branch-seed {st.get('branch_seed', 0)}" if st.get("branch_seed", 0) else "",
                  f"--kmin {st.get('kmin', 1)}" if st.get("kmin", 1) != 1 else "",
-                 f"--kmax {st['kmax']}" if st.get("kmax", 128) != (16 if st.get("quick") else 128) else "",
+                 f"--kmax {st['kmax']}" if st.get("kmax", default_kmax) != default_kmax else "",
                  f"--moment-memory {st.get('moment_memory', 'steps')}"
                  if st.get("moment_memory", "steps") != "examples" else ""]
         label = " ".join(f for f in flags if f) or "(the defaults)"

@@ -64,7 +64,6 @@ class BranchProbe:
     gains: dict[int, float]  # k -> loss_before - loss
     gain_se: dict[int, float]  # k -> standard error of the gain over the evaluation micro-batches
     lr_factors: dict[int, float]  # k -> the LR factor the regime rule gave branch k
-    betas: dict[int, tuple[float, ...]]  # k -> the betas branch k ran with (empty: the optimizer has none)
     critical_batch: float | None  # B_crit (examples), None where the losses do not identify it
     interval: tuple[float, float] | None  # 5%..95% of B_crit over the evaluation and data-order noise
     note: str
@@ -76,6 +75,8 @@ class BranchProbe:
     stored: MeasuredCriticalBatch | None = None  # what the service stored (None: not sent, the log says why)
     curve: dict[int, float] = dataclasses.field(default_factory=dict)  # the smallest-k branch: its steps -> loss
     examples_ratios: dict[int, float] = dataclasses.field(default_factory=dict)  # k -> E(kB)/E(kmin B) read
+    # k -> the betas branch k ran with (its first param group's; empty: the optimizer has none)
+    betas: dict[int, tuple[float, ...]] = dataclasses.field(default_factory=dict)
 
 
 class _Snapshot:
@@ -266,9 +267,8 @@ class BranchProbing:
                     snap.restore(grads=False)
                     for p in module.parameters():
                         p.grad = None
-                    for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=True):
+                    for g, saved, b in zip(self.optimizer.param_groups, snap.groups, betas[k], strict=True):
                         g["lr"] = saved["lr"] * factors[k]
-                    for g, b in zip(self.optimizer.param_groups, betas[k], strict=True):
                         if b is not None:
                             g["betas"] = b
                     it = iter(batches())
@@ -419,6 +419,6 @@ def _summarise(batch: int, steps: int, cost_examples: int, cost_steps: int, base
         note += (f"; the window gained {gains[ks[0]] / before:.0%} of the loss, near its floor: a shorter window "
                  "(steps=) reads the local critical batch")
     return BranchProbe(step=None, batch_size=batch, window_examples=steps * batch, loss_before=before, losses=losses,
-                       gains=gains, gain_se=ses, lr_factors=dict(factors), betas={}, critical_batch=bc, interval=interval,
+                       gains=gains, gain_se=ses, lr_factors=dict(factors), critical_batch=bc, interval=interval,
                        note=note, cost_examples=cost_examples, cost_steps=cost_steps,
                        curve={p: read[len(ks) + j][0] for j, p in enumerate(points)}, examples_ratios=ratios)
