@@ -311,3 +311,21 @@ def test_a_branch_whose_loss_rose_is_named_in_the_note():
     assert "the k = 8 branch's loss rose over the window (at x2.83 the LR)" in result.note
     steady = _summarise(4, steps, 4 * steps * 4, 15, base, {**per_k, 8: [b - 0.05 for b in base]}, curve, factors, 1)
     assert "rose" not in steady.note
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.0, 0.9999), min_size=1, max_size=3),
+       st.lists(st.integers(0, 9), min_size=2, max_size=6, unique=True), st.integers(1, 8))
+def test_every_branch_keeps_the_same_weight_on_the_moments_it_inherits(betas, exps, per_largest):
+    """Whatever the betas, the multiples and the window, branch k's ``steps // k`` steps at beta^k leave the
+    inherited moments the weight the k = 1 run would after the same examples: beta^steps (within rounding),
+    and each beta^k stays in [0, 1)."""
+    from largebatch.client._probe import _branch_betas
+
+    ks = [2 ** e for e in exps]
+    steps = per_largest * max(ks)
+    for k in ks:
+        mine = _branch_betas(betas, k)
+        assert all(0.0 <= b < 1.0 for b in mine)
+        for b, bk in zip(betas, mine, strict=True):
+            assert bk ** (steps // k) == pytest.approx(b ** steps, rel=1e-9, abs=1e-300)
