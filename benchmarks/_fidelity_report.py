@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from largebatch.scaling_rules.stats import holm, non_inferiority, seeds_for_margin
 
 SCALES = (4, 16, 64)
-RULES = ("largebatch", "largebatch+evidence", "largebatch-adamw", "adamw-linear", "adamw-sqrt", "lamb-sqrt")
-CANDIDATES = RULES[:3]
-PEERS = RULES[3:]
+RULES = ("largebatch", "largebatch+evidence", "largebatch-adamw", "largebatch-adamw+evidence", "adamw-linear",
+         "adamw-sqrt", "lamb-sqrt")
+CANDIDATES = RULES[:4]
+PEERS = RULES[4:]
 # Which reference each rule scales: the tuned LAMB one, or the tuned AdamW one.
 REFERENCES = ("reference", "reference-adamw")
 SCALED_FROM = {"largebatch": "lamb", "largebatch+evidence": "lamb", "largebatch-adamw": "adamw",
-               "adamw-linear": "adamw", "adamw-sqrt": "adamw", "lamb-sqrt": "lamb"}
+               "largebatch-adamw+evidence": "adamw", "adamw-linear": "adamw", "adamw-sqrt": "adamw", "lamb-sqrt": "lamb"}
 TUNING_SEED, PILOT_SEED, FIRST_HELD_OUT = 0, 1, 2
 # The largest relative val-loss deficit still called "no worse": the MLP's seed spread is ~0.1-0.3%,
 # the LM's ~1%; a margin below the spread would need more seeds than the CPU budget holds.

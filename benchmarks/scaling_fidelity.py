@@ -17,6 +17,8 @@ whose seeds would not fit the CPU budget at 200), these recipes:
   small sweeps it ran at the smaller multiples) are logged as evidence;
 * ``largebatch-adamw``: the engine's recipe from the tuned AdamW reference, the one the AdamW peers
   scale (so each rule is also compared from the same starting point);
+* ``largebatch-adamw+evidence``: the same once the study's runs count as evidence, its AdamW runs
+  at the smaller multiples (recipes, peers and the AdamW sweep) and, to compare only, its LAMB runs;
 * ``adamw-linear``, ``adamw-sqrt``: AdamW with the tuned AdamW reference LR scaled linearly / by sqrt,
   the reference warmup ratio;
 * ``lamb-sqrt``: LAMB with sqrt scaling and an unscaled warmup (the reference's warmup ratio).
@@ -26,14 +28,14 @@ at that batch with the same examples, of an AdamW LR sweep, and of every recipe 
 configurations at that batch too). B_noise is measured by the client's estimator during the first
 large-batch run (4x, micro-batches of B0) and gives the examples ratio ``(1 + B/B_noise) / (1 + B0/B_noise)`` (McCandlish
 et al. 2018). The LAMB runs at smaller scales (grid included) are the evidence for
-``largebatch+evidence`` at the larger ones.
+``largebatch+evidence`` at the larger ones, the AdamW runs for ``largebatch-adamw+evidence``.
 
 Seeds have roles. Seed 0 tunes: it picks the reference LR, the oracle and the evidence, and its
 regrets carry the winner's curse, so no claim rests on them. Seed 1 is a pilot: every rule and the
 oracle's recipe again, whose paired spread sets, by ``stats.seeds_for_margin``, how many held-out
 seeds (2, 3, ...) the same recipes run at (at least 5; fewer if the task's time budget runs out,
 which the output says; ``--seeds N`` overrides). Only held-out seeds enter the reported means,
-intervals and tests: per scale, largebatch (and +evidence) against each peer rule, paired by seed, a
+intervals and tests: per scale, each largebatch candidate against each peer rule, paired by seed, a
 one-sided non-inferiority test at a margin (MLP 0.5%, LM 1%) with Holm over the peers, whose verdict
 is non-inferior, inferior or undecided (with the seeds that would decide). Statistics and tables live
 in ``_fidelity_report.py``. Also writes a PNG of seed 0's loss curves and LR schedules.
@@ -259,12 +261,14 @@ def run(task: Task, scale: int, name: str, recipe: Recipe, *, noise_micro: int =
     return res
 
 
-def evidence_of(results: list[Result], names: set[str]) -> list[RunEvidence]:
+def evidence_of(results: list[Result], names: dict[str, str]) -> list[RunEvidence]:
+    """The study's runs of these names, each tagged with its optimizer (``names`` maps a run's name to
+    it): the engine reads the runs in its recipe's LR units and uses the others only to compare."""
     out = []
     for i, r in enumerate(results):
         if r.name in names:
             out.append(RunEvidence(batch_size=r.batch, lr=r.lr, run_id=i + 1, warmup_ratio=r.warmup_ratio,
-                                   outcome="diverged" if r.diverged else "completed",
+                                   optimizer=names[r.name], outcome="diverged" if r.diverged else "completed",
                                    metric=None if r.diverged else r.val_loss))
     return out
 
@@ -355,8 +359,13 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
     reference_adamw = {**reference, "lr": ref_adamw.lr, "optimizer": "adamw"}
     # Every LAMB run of the study at a smaller batch is evidence for the larger ones (the oracle grid
     # included: it is the only source that varies the warmup at one batch size).
-    evidence_names = {"reference", "ref-sweep-lamb", "largebatch", "largebatch+evidence", "largebatch-sweep",
-                      "lamb-sqrt", "oracle-grid"}
+    lamb_runs = dict.fromkeys(("reference", "ref-sweep-lamb", "largebatch", "largebatch+evidence",
+                               "largebatch-sweep", "lamb-sqrt", "oracle-grid"), "lamb")
+    # A study of AdamW runs teaches the engine AdamW's curve the same way: past the critical batch its
+    # best LR stops growing, which sqrt scaling (the rule with no measured B_noise) cannot know.
+    adamw_runs = dict.fromkeys(("reference-adamw", "ref-sweep-adamw", "largebatch-adamw",
+                                "largebatch-adamw+evidence", "adamw-linear", "adamw-sqrt", "oracle-grid-adamw"),
+                               "adamw")
 
     for scale in SCALES:
         batch = task.b0 * scale
@@ -367,10 +376,13 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
         # estimator's two batch sizes are B0 and 4 B0); its value near the end (the lowest loss) is
         # the one that predicts what reaching that loss costs at larger batches.
         add(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == SCALES[0] else 0), empty)
-        learned = recommend(request, evidence=evidence_of(results, evidence_names))
+        learned = recommend(request, evidence=evidence_of(results, lamb_runs))
         add(run(task, scale, "largebatch+evidence", learned), learned)
-        from_adamw = recommend({**request, "reference": reference_adamw})
+        adamw_request = {**request, "reference": reference_adamw}
+        from_adamw = recommend(adamw_request)
         add(run(task, scale, "largebatch-adamw", from_adamw), from_adamw)
+        learned_adamw = recommend(adamw_request, evidence=evidence_of(results, {**lamb_runs, **adamw_runs}))
+        add(run(task, scale, "largebatch-adamw+evidence", learned_adamw), learned_adamw)
         steps = empty.total_steps
         peers = {"adamw-linear": manual_recipe("adamw", ref_adamw.lr * scale, batch, steps, warmup_ratio),
                  "adamw-sqrt": manual_recipe("adamw", ref_adamw.lr * math.sqrt(scale), batch, steps, warmup_ratio),

@@ -29,7 +29,8 @@ def test_benchmark_quick(tmp_path, script, out_flag):
 
 
 VERDICT_WORDS = {"non-inferior", "inferior", "undecided"}
-RULES = ("largebatch", "largebatch+evidence", "adamw-linear", "adamw-sqrt", "lamb-sqrt")
+RULES = ("largebatch", "largebatch+evidence", "largebatch-adamw", "largebatch-adamw+evidence", "adamw-linear",
+         "adamw-sqrt", "lamb-sqrt")
 
 
 def _sections(table: str) -> dict[str, list[str]]:
@@ -70,8 +71,12 @@ def test_scaling_fidelity_quick(tmp_path):
     seeds = {r["seed"] for r in data["results"]}
     assert seeds == {0, 1, 2, 3, 4}, seeds
     rows = _verdict_rows(table)
-    # three candidates x three peers x three scales x two tasks, each a verdict from the computed set
-    assert len(rows) == 54, len(rows)
+    # four candidates x three peers x three scales x two tasks, each a verdict from the computed set
+    assert len(rows) == 72, len(rows)
+    # the AdamW study's runs at 4x and 16x move the engine's AdamW recipe at 64x off the empty store's
+    for task in ("lm", "mlp"):
+        lr = {r["name"]: r["lr"] for r in data["results"] if r["task"] == task and r["scale"] == 64 and r["seed"] == 0}
+        assert lr["largebatch-adamw+evidence"] != lr["largebatch-adamw"], (task, lr)
     assert {row["scaled from"] for row in rows} == {"both lamb", "both adamw", "lamb / adamw", "adamw / lamb"}
     # the two references at B0, paired over the held-out seeds
     gap = [line for line in table.splitlines() if line.startswith(("| lm | ", "| mlp | ")) and line.count("[") == 1
@@ -179,7 +184,7 @@ def test_scaling_fidelity_seeds_table(tmp_path):
             # the oracle's recipe, not the grids
             assert sum(r["name"] in ("oracle-grid", "oracle-grid-adamw") for r in again) <= 1
     rows = _verdict_rows(table)
-    assert len(rows) == 27 and {r["verdict"] for r in rows} <= VERDICT_WORDS
+    assert len(rows) == 36 and {r["verdict"] for r in rows} <= VERDICT_WORDS
     # a test over held-out seeds only: recompute one row's mean from the JSON (tuning seed left out)
     row = next(r for r in rows if r["one-sided 95% upper"] != "-" and "diverged" not in r["why"])
     scale = int(row["scale"].rstrip("x"))
