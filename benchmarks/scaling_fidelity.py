@@ -383,6 +383,9 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
         add(run(task, scale, "largebatch-adamw", from_adamw), from_adamw)
         learned_adamw = recommend(adamw_request, evidence=evidence_of(results, {**lamb_runs, **adamw_runs}))
         add(run(task, scale, "largebatch-adamw+evidence", learned_adamw), learned_adamw)
+        for name, rec in (("largebatch+evidence", learned), ("largebatch-adamw+evidence", learned_adamw)):
+            for line in [line for line in rec.rationale if line.startswith("evidence")] or ["no evidence line"]:
+                print(f"  {task.name} {scale}x {name}: {line}", flush=True)
         steps = empty.total_steps
         peers = {"adamw-linear": manual_recipe("adamw", ref_adamw.lr * scale, batch, steps, warmup_ratio),
                  "adamw-sqrt": manual_recipe("adamw", ref_adamw.lr * math.sqrt(scale), batch, steps, warmup_ratio),
