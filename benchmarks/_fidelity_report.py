@@ -64,6 +64,11 @@ def predicted_examples_ratio(batch: int, b0: int, b_noise: float | None) -> floa
     return (1 + batch / b_noise) / (1 + b0 / b_noise)
 
 
+def scales_in(rs: list[Result]) -> list[int]:
+    """The scales these runs trained: all of SCALES, or a prefix of them (``--scales``)."""
+    return [s for s in SCALES if any(r.scale == s for r in rs)]
+
+
 def _loss(rs: list[Result], scale: int, name: str, seed: int) -> float | None:
     """A run's val loss; None if it diverged or never ran."""
     r = next((r for r in rs if r.scale == scale and r.name == name and r.seed == seed), None)
@@ -212,7 +217,7 @@ def verdict_table(all_results: list[Result]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in sorted({r.task for r in all_results}):
         rs = [r for r in all_results if r.task == task]
-        for scale in SCALES:
+        for scale in scales_in(rs):
             for cand in CANDIDATES:
                 for row in verdicts(rs, task, scale, cand):
                     t = row["test"]
@@ -243,7 +248,7 @@ def tuning_table(all_results: list[Result]) -> str:
             lines.append(f"| {task} | 1x | reference-adamw (AdamW, tuned) | {other.batch} | {other.steps} | "
                          f"{other.lr:.4g} | {other.warmup_ratio:.4g} | {other.val_loss:.4f} | - | "
                          f"{_pct(other.val_loss / ref.val_loss - 1)} |")
-        for scale in SCALES:
+        for scale in scales_in(rs):
             oracle = oracle_of(rs, scale)
             # The AdamW sweep's best, beside the rules: where AdamW's best LR went at this batch.
             swept = min((r for r in rs if r.scale == scale and r.name == "oracle-grid-adamw" and not r.diverged),
@@ -272,7 +277,7 @@ def held_out_table(all_results: list[Result]) -> str:
         rs = [r for r in all_results if r.task == task]
         ref = next(r for r in rs if r.name == "reference")
         b_noise = next((r.b_noise for r in rs if r.b_noise), None)
-        for scale in SCALES:
+        for scale in scales_in(rs):
             oracle = oracle_of(rs, scale)
             if oracle is None:
                 continue
@@ -311,15 +316,45 @@ def report(all_results: list[Result], plans: dict[str, dict], out: pathlib.Path)
     return table
 
 
-def load(dirs: list[pathlib.Path]) -> tuple[list[Result], dict[str, dict]]:
-    results, plans = [], {}
+def _key(r: Result) -> tuple:
+    return r.task, r.scale, r.name, r.seed, r.batch, r.steps, r.lr, r.warmup_ratio
+
+
+def load(dirs: list[pathlib.Path], held_out_from: int = FIRST_HELD_OUT) -> tuple[list[Result], dict[str, dict]]:
+    """The runs of earlier processes as one set. Processes may split a task's held-out seeds
+    (``--first-held-out``): each repeats the deterministic tuning seed and pilot, which must agree to the
+    bit, and the copy is dropped. ``held_out_from`` keeps only the held-out seeds from that one on (the
+    seeds a verdict had not yet seen when more were asked for)."""
+    results: list[Result] = []
+    plans: dict[str, list[dict]] = {}
     for d in dirs:
         data = json.loads((d / "scaling_fidelity.json").read_text())
         if isinstance(data, list):
             raise SystemExit(f"{d}: written before tuning, pilot and held-out seeds had roles; run it again")
-        results += [Result(**r) for r in data["results"]]
-        plans.update(data["plans"])
-    return results, plans
+        earlier = {_key(r): r for r in results}
+        for row in data["results"]:
+            r = Result(**row)
+            seen = earlier.get(_key(r))
+            if seen is None:
+                results.append(r)
+            elif seen.diverged != r.diverged or not (r.diverged or seen.val_loss == r.val_loss):
+                raise SystemExit(f"{d}: {r.task} {r.scale}x {r.name} seed {r.seed} reads {r.val_loss} where an "
+                                 f"earlier directory's identical run read {seen.val_loss}: merge only runs of the "
+                                 "same code on the same machine")
+        for task, plan in data["plans"].items():
+            plans.setdefault(task, []).append(plan)
+    results = [r for r in results if not FIRST_HELD_OUT <= r.seed < held_out_from]
+    merged = {}
+    for task, ps in plans.items():
+        held = sorted({r.seed for r in results if r.task == task and r.seed >= FIRST_HELD_OUT})
+        if len(ps) == 1 and held_out_from == FIRST_HELD_OUT:
+            merged[task] = ps[0]
+            continue
+        span = f"seeds {held[0]}-{held[-1]}" if held else "no seeds"
+        merged[task] = {**ps[0], "n": len(held), "why": f"{len(ps)} run(s) merged, held-out {span}"
+                        + (f" (from seed {held_out_from} on: those no verdict had seen)"
+                           if held_out_from > FIRST_HELD_OUT else "")}
+    return results, merged
 
 
 def plot(all_results: list[Result], out: pathlib.Path) -> None:
@@ -329,11 +364,13 @@ def plot(all_results: list[Result], out: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r.task for r in all_results})
-    fig, axes = plt.subplots(len(tasks), 4, figsize=(18, 4 * len(tasks)), squeeze=False)
+    scales = scales_in(all_results)
+    fig, axes = plt.subplots(len(tasks), len(scales) + 1, figsize=(4.5 * len(scales) + 4.5, 4 * len(tasks)),
+                             squeeze=False)
     for row, task in enumerate(tasks):
         rs = [r for r in all_results if r.task == task and r.seed == TUNING_SEED]
         ref = next(r for r in rs if r.name == "reference")
-        for col, scale in enumerate(SCALES):
+        for col, scale in enumerate(scales):
             ax = axes[row][col]
             ax.plot(*zip(*ref.curve, strict=False), color="black", lw=1, label="reference (1x)")
             for name in RULES:
@@ -345,12 +382,12 @@ def plot(all_results: list[Result], out: pathlib.Path) -> None:
             ax.set_ylabel("train loss")
             ax.set_ylim(top=ref.curve[0][1] * 1.1)
             ax.legend(fontsize=7)
-        ax = axes[row][3]
+        ax = axes[row][len(scales)]
         for name in RULES:
-            r = next((r for r in rs if r.scale == SCALES[-1] and r.name == name), None)
+            r = next((r for r in rs if r.scale == scales[-1] and r.name == name), None)
             if r and r.lrs:
                 ax.plot([i / len(r.lrs) for i in range(len(r.lrs))], r.lrs, label=name)
-        ax.set_title(f"{task}: LR schedules at {SCALES[-1]}x")
+        ax.set_title(f"{task}: LR schedules at {scales[-1]}x")
         ax.set_xlabel("fraction of training")
         ax.set_ylabel("learning rate")
         ax.set_yscale("log")

@@ -330,7 +330,8 @@ def _steps_64x(task: Task, quick: bool) -> Task:
     return replace(task, examples=64 * task.b0 * (STEPS_64X_QUICK if quick else STEPS_64X[task.name]))
 
 
-def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | None = None) -> tuple[list[Result], dict]:
+def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | None = None,
+                   scales: tuple[int, ...] = SCALES, first_held_out: int = FIRST_HELD_OUT) -> tuple[list[Result], dict]:
     t_start = time.perf_counter()
     task = _steps_64x(task, quick)
     results: list[Result] = []
@@ -367,7 +368,7 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
                                 "largebatch-adamw+evidence", "adamw-linear", "adamw-sqrt", "oracle-grid-adamw"),
                                "adamw")
 
-    for scale in SCALES:
+    for scale in scales:
         batch = task.b0 * scale
         request = {"model": {"params": task.params, "family": "transformer" if task.name == "lm" else "other"},
                    "reference": reference, "target": {"batch_size": batch}}
@@ -375,7 +376,7 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
         # The client measures B_noise on the first large-batch run (micro-batches of B0, so the
         # estimator's two batch sizes are B0 and 4 B0); its value near the end (the lowest loss) is
         # the one that predicts what reaching that loss costs at larger batches.
-        add(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == SCALES[0] else 0), empty)
+        add(run(task, scale, "largebatch", empty, noise_micro=task.b0 if scale == scales[0] else 0), empty)
         learned = recommend(request, evidence=evidence_of(results, lamb_runs))
         add(run(task, scale, "largebatch+evidence", learned), learned)
         adamw_request = {**request, "reference": reference_adamw}
@@ -400,7 +401,7 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
             add(run(task, scale, "oracle-grid-adamw", grid), grid)
         # What a team does with `"explore": k`: a small sweep around the recipe, logged as evidence
         # for the larger batches still to come (not at the largest scale: nothing comes after it).
-        if scale != SCALES[-1] and explore:
+        if scale != scales[-1] and explore:
             base = learned.stages[0].peak_lr
             for lr in explore_lrs(base, explore + 1, spread=2.0):
                 if not math.isclose(lr, base):
@@ -414,7 +415,7 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
     # The two references run again too: what AdamW gains over LAMB at B0 is the part of a gap between
     # rules that scale different references which no scaling rule causes.
     chosen = [r for r in results if r.name in REFERENCES]
-    for scale in SCALES:
+    for scale in scales:
         oracle = oracle_of(results, scale)
         chosen += [r for r in results if r.scale == scale and r.seed == TUNING_SEED
                    and (r.name in RULES or r is oracle)]
@@ -436,7 +437,7 @@ def benchmark_task(task: Task, explore: int, quick: bool = False, seeds: int | N
     estimate = time.perf_counter() - t_start + plan["n"] * per_seed
     print(f"  {task.name}: tuning seed {tuning_s:.0f}s, pilot seed {per_seed:.0f}s; estimate for the task "
           f"{estimate:.0f}s{'' if quick else f' (budget {budget:.0f}s)'}", flush=True)
-    for seed in range(FIRST_HELD_OUT, FIRST_HELD_OUT + plan["n"]):
+    for seed in range(first_held_out, first_held_out + plan["n"]):
         again(seed)
     plan["seconds"], plan["estimate"] = round(time.perf_counter() - t_start), round(estimate)
     print(f"  {task.name}: {plan['seconds']}s (estimated {estimate:.0f}s)", flush=True)
@@ -450,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--explore", type=int, default=2, help="extra LRs swept at 4x and 16x as evidence")
     parser.add_argument("--seeds", type=int, default=None,
                         help="held-out seeds (>= 2), instead of the power calculation's count")
+    parser.add_argument("--scales", default=",".join(map(str, SCALES)),
+                        help="a prefix of 4,16,64 (each scale's evidence comes from the smaller ones)")
+    parser.add_argument("--first-held-out", type=int, default=FIRST_HELD_OUT, metavar="SEED",
+                        help="the first held-out seed, so that processes can split a task's seeds for --merge")
+    parser.add_argument("--held-out-from", type=int, default=FIRST_HELD_OUT, metavar="SEED",
+                        help="with --merge: report only the held-out seeds from this one on")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "out")
     parser.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="DIR",
                         help="train nothing: one table and plot from the scaling_fidelity.json of earlier runs "
@@ -457,9 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 2:
         parser.error("--seeds: a paired test needs >= 2 held-out seeds")
+    scales = tuple(int(s) if s.strip().isdigit() else -1 for s in args.scales.split(","))
+    if scales != SCALES[:len(scales)]:
+        parser.error(f"--scales {args.scales}: give a prefix of {','.join(map(str, SCALES))}, since each scale's "
+                     "evidence comes from the smaller ones")
+    if args.first_held_out < FIRST_HELD_OUT or args.held_out_from < FIRST_HELD_OUT:
+        parser.error(f"--first-held-out / --held-out-from: seeds below {FIRST_HELD_OUT} tune and pilot")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        merged, plans = load(args.merge)
+        merged, plans = load(args.merge, args.held_out_from)
         print(report(merged, plans, args.out))
         plot(merged, args.out)
         return 0
@@ -471,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     plans: dict[str, dict] = {}
     for name in args.tasks.split(","):
-        rs, plans[name] = benchmark_task(makers[name](args.quick), args.explore, args.quick, args.seeds)
+        rs, plans[name] = benchmark_task(makers[name](args.quick), args.explore, args.quick, args.seeds, scales,
+                                         args.first_held_out)
         results += rs
     table = report(results, plans, args.out)
     plot(results, args.out)

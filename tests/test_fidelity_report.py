@@ -93,3 +93,47 @@ def test_the_pilot_sets_the_seed_count():
     over = fr.seed_plan(rs, "lm", minimum=5, cap=2)
     assert over["n"] == 5 and "the minimum (5), over the time budget's cap (2)" in over["why"]  # the minimum wins
     assert fr.seed_plan(rs, "lm", minimum=5, cap=64, override=3)["n"] == 3
+
+
+def _write(d: Path, rs: list[fr.Result], plan: dict) -> Path:
+    """What a process of scaling_fidelity.py leaves: its report, whose JSON --merge reads."""
+    d.mkdir()
+    refs = [fr.Result("mlp", 1, "reference", 8, 0.01, 100, 1.0, False, 0.0, warmup_ratio=0.005, seed=s)
+            for s in sorted({r.seed for r in rs})]
+    for r in rs:
+        r.warmup_ratio = 0.005
+    fr.report(refs + rs, {"mlp": plan}, d)
+    return d
+
+
+def test_merge_joins_processes_that_split_the_held_out_seeds(tmp_path):
+    """Two processes repeat the tuning seed and the pilot and each runs its own held-out seeds: the merge
+    keeps one copy of the shared runs, all the seeds, and, with held_out_from, only the seeds from there on."""
+    losses = {n: [1.0, 1.0, 1.0 + i / 100, 1.01 + i / 100, 0.99 + i / 100, 1.02 + i / 100, 1.0 + i / 100]
+              for i, n in enumerate(fr.RULES)}
+    everything = [r for s in (4, 16) for r in _runs(losses, scale=s)]
+    plan = fr.seed_plan(everything, "mlp", minimum=2, cap=8)
+    first = _write(tmp_path / "a", [r for r in everything if r.seed <= 3], plan)
+    second = _write(tmp_path / "b", [r for r in everything if r.seed in (0, 1, 4, 5, 6)], plan)
+    merged, plans = fr.load([first, second])
+    merged = [r for r in merged if r.name != "reference"]
+    assert sorted(fr._key(r) for r in merged) == sorted(fr._key(r) for r in everything)
+    assert fr.scales_in(merged) == [4, 16]
+    assert plans["mlp"]["n"] == 5 and "2 run(s) merged, held-out seeds 2-6" in plans["mlp"]["why"]
+    assert fr.verdict_table(merged) == fr.verdict_table(everything)
+    fresh, plans = fr.load([first, second], held_out_from=4)
+    assert sorted({r.seed for r in fresh}) == [0, 1, 4, 5, 6] and plans["mlp"]["n"] == 3
+    assert "from seed 4 on" in plans["mlp"]["why"]
+    assert all(row["test"].n == 3 for row in fr.verdicts(fresh, "mlp", 16, "largebatch"))
+
+
+def test_merge_refuses_runs_that_disagree(tmp_path):
+    """The shared tuning seed must read the same in every process; a different machine or code does not."""
+    losses = {n: [1.0, 1.0, 1.0, 1.01] for n in fr.RULES}
+    rs = _runs(losses)
+    plan = fr.seed_plan(rs, "mlp", minimum=2, cap=8)
+    first = _write(tmp_path / "a", rs, plan)
+    other = _runs({**losses, "largebatch": [1.001, 1.0, 1.0, 1.01]})
+    second = _write(tmp_path / "b", other, plan)
+    with pytest.raises(SystemExit, match="largebatch seed 0 reads 1.001 where an earlier directory's identical run"):
+        fr.load([first, second])
