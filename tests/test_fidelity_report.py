@@ -135,5 +135,5 @@ def test_merge_refuses_runs_that_disagree(tmp_path):
     first = _write(tmp_path / "a", rs, plan)
     other = _runs({**losses, "largebatch": [1.001, 1.0, 1.0, 1.01]})
     second = _write(tmp_path / "b", other, plan)
-    with pytest.raises(SystemExit, match="largebatch seed 0 reads 1.001 where an earlier directory's identical run"):
+    with pytest.raises(SystemExit, match=r"largebatch seed 0 reads 1\.001 where an earlier directory's identical run"):
         fr.load([first, second])
