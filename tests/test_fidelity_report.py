@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _fidelity_report as fr
@@ -137,3 +139,24 @@ def test_merge_refuses_runs_that_disagree(tmp_path):
     second = _write(tmp_path / "b", other, plan)
     with pytest.raises(SystemExit, match=r"largebatch seed 0 reads 1\.001 where an earlier directory's identical run"):
         fr.load([first, second])
+
+
+@settings(max_examples=25, deadline=None)
+@given(owner=st.lists(st.integers(0, 3), min_size=5, max_size=5), cut=st.integers(2, 7),
+       jitter=st.lists(st.floats(-0.02, 0.02), min_size=5 * len(fr.RULES), max_size=5 * len(fr.RULES)))
+def test_any_split_of_the_held_out_seeds_merges_to_the_unsplit_run(tmp_path_factory, owner, cut, jitter):
+    """However the held-out seeds 2-6 are shared out over up to four processes (each repeating seeds 0 and
+    1), the merge gives the unsplit set and its verdicts; held_out_from keeps exactly the seeds from there on."""
+    losses = {n: [1.0, 1.0] + [1.0 + jitter[i * 5 + k] for k in range(5)] for i, n in enumerate(fr.RULES)}
+    everything = _runs(losses)
+    plan = fr.seed_plan(everything, "mlp", minimum=2, cap=8)
+    root = tmp_path_factory.mktemp("split")
+    parts = [{0, 1} | {2 + k for k, o in enumerate(owner) if o == p} for p in sorted(set(owner))]
+    # Each process's plan counts the held-out seeds it ran, as benchmark_task's does.
+    dirs = [_write(root / str(i), [r for r in everything if r.seed in part], {**plan, "n": len(part) - 2})
+            for i, part in enumerate(parts)]
+    merged, plans = fr.load(dirs)
+    assert sorted(fr._key(r) for r in merged if r.name != "reference") == sorted(fr._key(r) for r in everything)
+    assert fr.verdict_table(merged) == fr.verdict_table(everything) and plans["mlp"]["n"] == 5
+    later, plans = fr.load(dirs, held_out_from=cut)
+    assert {r.seed for r in later} == {0, 1} | set(range(cut, 7)) and plans["mlp"]["n"] == 7 - cut
