@@ -14,12 +14,16 @@ Real CPU training on the two tasks of ``scaling_fidelity.py`` (a tiny LM, an MLP
    example counts as one token).
 2. **End to end.** The streaming statistic along that run, 4 points per doubling of the examples, is
    the reference's ``noise_trajectory``; the engine's recipe for ``"batch_size": "ramp"`` (up to 64 B0,
-   budget ``same-loss``) is trained against the engine's recipes at fixed B0 and fixed 64 B0, every arm
-   on the ramp's examples (the same examples in the same order, the same initialisation, per seed).
-   Paired relative final validation loss: the ramp must be non-inferior to B0 (margin: MLP 0.5%, LM 1%)
-   with >= 30% fewer optimizer steps, and better than 64 B0 (margin 0); one-sided 95% bounds
-   (``stats.non_inferiority``), Holm over a task's two comparisons. A 3-seed pilot's paired sd sets the
-   seeds (``stats.seeds_for_margin``, true difference 0 for B0, the pilot's mean for 64 B0).
+   budget ``same-loss``) is trained against the engine's recipes at fixed B0 and fixed 64 B0 on the ramp's
+   examples, and against the reference itself (fixed B0 on the reference's examples, ``B0-ref``): the
+   same examples in the same order (a prefix of them for B0-ref), the same initialisation, per seed.
+   ``same-loss`` plans the ramp to reach the reference's loss on up to ``max_overhead`` more examples, so
+   B0-ref is the promise's own yardstick; at equal examples B0 is also given the examples that overhead
+   buys. Paired relative final validation loss: the ramp must be non-inferior to B0 and to B0-ref
+   (margin: MLP 0.5%, LM 1%) with >= 30% fewer optimizer steps, and better than 64 B0 (margin 0);
+   one-sided 95% bounds (``stats.non_inferiority``), Holm over a task's three comparisons. A 3-seed
+   pilot's paired sd sets the seeds (``stats.seeds_for_margin``, true difference 0 for B0 and B0-ref,
+   the pilot's mean for 64 B0).
 
 Usage: ``python benchmarks/batch_warmup.py [--quick] [--out DIR] [--tasks lm,mlp] [--parts 1,2] [--window N]
 [--max-seeds N]`` (``--parts 1``: the critical batch along the run only; ``--parts 2``: the ramp only, its
@@ -65,6 +69,8 @@ WARMUP_RATIO = 0.005  # the fidelity benchmark's reference warmup
 TOP = 64  # the ramp's ceiling and the large fixed batch, in B0
 MARGIN = {"lm": 0.01, "mlp": 0.005}
 MIN_SAVED = 0.30  # the ramp's optimizer steps must be at least this much fewer than fixed B0's
+REF_ARM = "B0-ref"  # fixed B0 on the reference's own examples: what budget same-loss promises to match
+PEERS = ("B0", f"{TOP}B0", REF_ARM)  # the ramp's comparisons, in the report's order (Holm over them)
 REFERENCE_SEED = 1000  # the run the trajectory is read on is not one of the compared seeds
 PILOT_SEEDS = 3
 # The runs' examples in steps at 64 B0, set here (the shared tasks' defaults serve other benchmarks): the
@@ -126,17 +132,26 @@ def verdict(test: stats.NonInferiority, rejected: bool, alpha: float, tests: int
             f"{test.lower:+.2%} <= it, {test.n} seeds)")
 
 
-def power(pilot_a: list[float], pilot_b: list[float], margin: float, s: Setup) -> tuple[int, str]:
-    """Seeds for both comparisons from the pilot's paired differences (Holm's worst case: 2 tests)."""
+def power(pilot_a: list[float], pilot_b: list[float], margin: float, s: Setup,
+          pilot_c: list[float] | None = None) -> tuple[int, str]:
+    """Seeds for the comparisons from the pilot's paired differences (ramp/B0, ramp/64B0 and ramp/B0-ref - 1;
+    Holm's worst case over the task's tests)."""
+    tests = 2 if pilot_c is None else 3
     sd_a = stats.non_inferiority(pilot_a, margin).sd
     test_b = stats.non_inferiority(pilot_b, 0.0)
-    n_a = stats.seeds_for_margin(sd_a, margin, tests=2, minimum=s.min_seeds, maximum=64)
-    n_b = stats.seeds_for_margin(test_b.sd, 0.0, true_difference=test_b.mean, tests=2, minimum=s.min_seeds, maximum=64)
-    n = min(max(n_a, n_b), s.max_seeds)
-    text = (f"power (80%, one-sided 5% with Holm's worst case 2.5%): pilot of {len(pilot_a)} seeds, sd of ramp/B0 - 1 "
-            f"{sd_a:.3%} at margin {margin:.1%} (true difference 0) -> {n_a} seeds; sd of ramp/64B0 - 1 {test_b.sd:.3%} "
-            f"at margin 0 (true difference the pilot's mean {test_b.mean:+.3%}) -> {n_b} seeds; ran {n}"
-            + (f" (capped at --max-seeds {s.max_seeds})" if n < max(n_a, n_b) else ""))
+    n_a = stats.seeds_for_margin(sd_a, margin, tests=tests, minimum=s.min_seeds, maximum=64)
+    n_b = stats.seeds_for_margin(test_b.sd, 0.0, true_difference=test_b.mean, tests=tests, minimum=s.min_seeds,
+                                 maximum=64)
+    wanted = [n_a, n_b]
+    text = (f"power (80%, one-sided 5% with Holm's worst case {0.05 / tests:.3g}): pilot of {len(pilot_a)} seeds, sd "
+            f"of ramp/B0 - 1 {sd_a:.3%} at margin {margin:.1%} (true difference 0) -> {n_a} seeds; sd of ramp/64B0 - 1 "
+            f"{test_b.sd:.3%} at margin 0 (true difference the pilot's mean {test_b.mean:+.3%}) -> {n_b} seeds")
+    if pilot_c is not None:
+        sd_c = stats.non_inferiority(pilot_c, margin).sd
+        wanted.append(stats.seeds_for_margin(sd_c, margin, tests=tests, minimum=s.min_seeds, maximum=64))
+        text += f"; sd of ramp/{REF_ARM} - 1 {sd_c:.3%} at margin {margin:.1%} (true difference 0) -> {wanted[-1]} seeds"
+    n = min(max(wanted), s.max_seeds)
+    text += f"; ran {n}" + (f" (capped at --max-seeds {s.max_seeds})" if n < max(wanted) else "")
     if s.quick:
         text += "; quick mode: 3 seeds, below the full run's minimum of 5"
     return n, text
@@ -367,7 +382,8 @@ def end_to_end(task: sf.Task, s: Setup, res: TaskResult) -> None:
     recipes = {"ramp": ramp,
                "B0": recommend(request(task, ref, {"batch_size": task.b0, "steps": examples // task.b0})),
                f"{TOP}B0": recommend(request(task, ref, {"batch_size": TOP * task.b0,
-                                                         "steps": max(1, round(examples / (TOP * task.b0)))}))}
+                                                         "steps": max(1, round(examples / (TOP * task.b0)))})),
+               REF_ARM: recommend(request(task, ref, {"batch_size": task.b0, "steps": res.ref_steps}))}
     res.ramp = [(st.batch_size, st.steps, st.peak_lr) for st in ramp.stages]
     print(f"  {task.name} ramp {' -> '.join(str(b) for b, *_ in res.ramp)}: {ramp.total_steps} steps, {examples} "
           f"examples; B0 {recipes['B0'].total_steps} steps, {TOP}B0 {recipes[f'{TOP}B0'].total_steps}", flush=True)
@@ -388,8 +404,8 @@ def end_to_end(task: sf.Task, s: Setup, res: TaskResult) -> None:
 
     for seed in range(PILOT_SEEDS):
         run_seed(seed)
-    rel_b0, rel_top = paired(res, "B0"), paired(res, f"{TOP}B0")
-    n, res.power = power(rel_b0, rel_top, MARGIN[task.name], s) if len(rel_b0) >= 2 and len(rel_top) >= 2 else (
+    rel = [paired(res, peer) for peer in PEERS]
+    n, res.power = power(*rel[:2], MARGIN[task.name], s, rel[2]) if all(len(d) >= 2 for d in rel) else (
         PILOT_SEEDS, "power: a pilot run diverged, no sd to plan from")
     print(f"  {task.name} {res.power}", flush=True)
     for seed in range(PILOT_SEEDS, n):
@@ -406,7 +422,7 @@ def paired(res: TaskResult, peer: str) -> list[float]:
 
 
 def compare(res: TaskResult, alpha: float = 0.05) -> None:
-    peers = [("B0", MARGIN[res.task]), (f"{TOP}B0", 0.0)]
+    peers = [(p, 0.0 if p == f"{TOP}B0" else MARGIN[res.task]) for p in PEERS if p in res.arms]
     ramp_diverged = [i for i, d in enumerate(res.arms["ramp"]["diverged"]) if d]
     diffs = [paired(res, p) for p, _ in peers]
     tests = [stats.non_inferiority(d, m, alpha) if len(d) >= 2 else None for d, (_, m) in zip(diffs, peers, strict=True)]
@@ -507,8 +523,9 @@ def critical_report(results: list[TaskResult], mode: str, summary: bool = False)
 
 
 def ramp_report(results: list[TaskResult], ramp_mode: str) -> list[str]:
-    lines = [f"Batch warmup end to end ({ramp_mode}): every arm on the ramp's examples, paired by seed; against "
-              f"{TOP}B0 the margin is 0, so non-inferior there means better", "",
+    lines = [f"Batch warmup end to end ({ramp_mode}): every arm on the ramp's examples but {REF_ARM}, fixed B0 on the "
+             f"reference's (what budget same-loss promises to match), paired by seed; against {TOP}B0 the margin is 0, "
+             "so non-inferior there means better", "",
               "| task | arm | batch | optimizer steps | examples | peak LR | seeds | val loss per seed | mean |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -519,20 +536,42 @@ def ramp_report(results: list[TaskResult], ramp_mode: str) -> list[str]:
             lines.append(f"| {r.task} | {name} | {batches} | {a['steps']} | {a['examples']} | {a['peak_lr']:.4g} | "
                          f"{len(a['losses'])} | {losses} | {_num(sum(ok) / len(ok) if ok else None, '.4f')} |")
     lines += ["", "| task | comparison | margin | seeds | mean ramp/peer - 1 | sd | one-sided 95% upper bound | p | "
-              "verdict (Holm over the task's 2) | steps: ramp / B0 |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "verdict (Holm over the task's comparisons) | steps: ramp / peer |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for t in r.tests:
-            saved = (f"{r.arms['ramp']['steps']} / {r.arms['B0']['steps']}: {r.steps_saved:.0%} fewer "
-                     f"(>= {MIN_SAVED:.0%}: {'yes' if r.steps_saved >= MIN_SAVED else '**no**'})") if t["peer"] == "B0" else "-"
+            saved = "-" if t["peer"] == f"{TOP}B0" else _saved(r.arms["ramp"]["steps"], r.arms[t["peer"]]["steps"])
             stat = (f"{t['n']} | {t['mean']:+.3%} | {t['sd']:.3%} | {t['upper']:+.3%} | {t['p']:.3g}" if "n" in t
                     else "- | - | - | - | -")
             lines.append(f"| {r.task} | ramp vs {t['peer']} | {t['margin']:.1%} | {stat} | {t['verdict']} | {saved} |")
     lines.append("")
     for r in results:
+        lines.append(f"- {r.task}: {_overhead_value(r)}")
         lines.append(f"- {r.task}: reference run at B0 ({r.ref_steps} steps, seed {REFERENCE_SEED}) val {r.ref_val:.4f}; "
                      f"ramp {' -> '.join(f'{b} x {n}' for b, n, _ in r.ramp)} (batch x steps), planned on {r.fit}; "
                      f"{r.power}; {r.seconds:.0f}s")
     return lines
+
+
+def _saved(ramp: int, peer: int) -> str:
+    saved = 1 - ramp / peer
+    return f"{ramp} / {peer}: {saved:.0%} fewer (>= {MIN_SAVED:.0%}: {'yes' if saved >= MIN_SAVED else '**no**'})"
+
+
+def _overhead_value(r: TaskResult) -> str:
+    """What equal examples gives fixed B0 over the reference's budget: the examples the ramp's plan spends
+    beyond the reference's, as B0 turns them into loss (paired B0 / B0-ref - 1, two-sided 95% interval)."""
+    if REF_ARM not in r.arms or "B0" not in r.arms:
+        return "no B0-ref arm"
+    a, b = r.arms["B0"], r.arms[REF_ARM]
+    d = [x / y - 1 for x, y, dx, dy in zip(a["losses"], b["losses"], a["diverged"], b["diverged"], strict=True)
+         if not (dx or dy)]
+    extra = a["examples"] / b["examples"] - 1
+    if len(d) < 2:
+        return f"B0 on the ramp's examples ({extra:+.1%} over the reference's): fewer than 2 seeds to compare"
+    t = stats.non_inferiority(d, 0.0, alpha=0.025)  # one-sided 2.5% each side: a two-sided 95% interval
+    return (f"B0 on the ramp's examples ({extra:+.1%} over the reference's) against B0-ref: {t.mean:+.3%} "
+            f"[{t.lower:+.3%}, {t.upper:+.3%}] over {t.n} seeds, the loss those examples buy fixed B0 (what "
+            "equal examples charges the ramp beyond its plan)")
 
 
 def _unread(c: dict[str, Any], b0: int) -> str:

@@ -157,6 +157,29 @@ def test_compare_pairs_by_seed_and_applies_holm_over_the_two_peers():
     assert all(t["verdict"].startswith("inferior (the ramp diverged") for t in res.tests)
 
 
+def test_the_reference_budget_arm_joins_holm_and_prices_the_plans_extra_examples():
+    bw = _module()
+    res = bw.TaskResult("lm", 4, 100, 1.0)
+    ramp = [1.000, 1.002, 0.999, 1.001, 1.000]
+    res.arms = {"ramp": {"losses": ramp, "diverged": [False] * 5, "steps": 40, "examples": 440},
+                "B0": {"losses": [x * 0.995 for x in ramp], "diverged": [False] * 5, "steps": 110, "examples": 440},
+                "64B0": {"losses": [x * 1.05 for x in ramp], "diverged": [False] * 5, "steps": 2, "examples": 512},
+                "B0-ref": {"losses": [x * (1.0005 + 0.0001 * i) for i, x in enumerate(ramp)],
+                           "diverged": [False] * 5, "steps": 100, "examples": 400}}
+    bw.compare(res)
+    assert [t["peer"] for t in res.tests] == ["B0", "64B0", "B0-ref"]
+    assert all(t["verdict"] == "non-inferior" for t in res.tests), res.tests
+    # Holm over three: the smallest p must clear 0.05 / 3 where two peers asked only 0.025
+    two = bw.TaskResult("lm", 4, 100, 1.0)
+    two.arms = {k: v for k, v in res.arms.items() if k != "B0-ref"}
+    bw.compare(two)
+    assert [t["peer"] for t in two.tests] == ["B0", "64B0"]
+    text = bw._overhead_value(res)
+    assert text.startswith("B0 on the ramp's examples (+10.0% over the reference's) against B0-ref: -0.5")
+    assert bw._saved(40, 100) == "40 / 100: 60% fewer (>= 30%: yes)"
+    assert bw._saved(90, 100).endswith("(>= 30%: **no**)")
+
+
 @pytest.mark.slow
 def test_quick_run_writes_both_parts_for_both_tasks(tmp_path):
     pytest.importorskip("torch")
@@ -171,16 +194,21 @@ def test_quick_run_writes_both_parts_for_both_tasks(tmp_path):
     for task in ("lm", "mlp"):
         mine = [r for r in rows if r[0] == f"| {task}"]
         assert sum(len(r) == 18 for r in mine) == 2, mine  # the quick run's two checkpoints, every estimate's columns
-        assert {r[1] for r in mine if len(r) == 9} == {"ramp", "B0", "64B0"}
+        assert {r[1] for r in mine if len(r) == 9} == {"ramp", "B0", "64B0", "B0-ref"}
         tests = [r for r in mine if len(r) == 10]
-        assert [r[1] for r in tests] == ["ramp vs B0", "ramp vs 64B0"]
+        assert [r[1] for r in tests] == ["ramp vs B0", "ramp vs 64B0", "ramp vs B0-ref"]
         for r in tests:
             assert VERDICT.match(r[8]), r[8]
-        assert re.search(r"\d+ / \d+: -?\d+% fewer \(>= 30%: (yes|\*\*no\*\*)\)", tests[0][9]), tests[0][9]
+        for r in (tests[0], tests[2]):
+            assert re.search(r"\d+ / \d+: -?\d+% fewer \(>= 30%: (yes|\*\*no\*\*)\)", r[9]), r[9]
+        assert re.search(rf"- {task}: B0 on the ramp's examples \([+-]\d+\.\d% over the reference's\) against "
+                         r"B0-ref: [+-]\d+\.\d+% \[", table)
         assert f"- {task}: reference run at B0 " in table and "power (80%" in table and "quick mode: 3 seeds" in table
     data = json.loads((tmp_path / "batch_warmup.json").read_text())
     assert data["quick"] is True and [t["task"] for t in data["tasks"]] == ["lm", "mlp"]
     for t in data["tasks"]:
-        assert len(t["checkpoints"]) == 2 and len(t["tests"]) == 2
+        assert len(t["checkpoints"]) == 2 and len(t["tests"]) == 3
         assert all(len(a["losses"]) == 3 for a in t["arms"].values())
         assert t["arms"]["ramp"]["examples"] == t["arms"]["B0"]["examples"]
+        # the reference's own budget: its steps at B0, fewer examples than the same-loss ramp spends
+        assert t["arms"]["B0-ref"]["examples"] == t["ref_steps"] * t["b0"] <= t["arms"]["ramp"]["examples"]
