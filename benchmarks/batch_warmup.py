@@ -97,6 +97,8 @@ class Setup:
     moment_memory: str = "examples"  # the probe's: branch k's betas beta^k ("steps": the run's betas)
     kmin: int = 1  # diagnostic: the smallest branch multiple, the yardstick the others are read against
     parts: tuple[int, ...] = (1, 2)
+    first_seed: int = 0  # the compared seeds are first_seed, first_seed + 1, ... (pilot included)
+    seeds: int | None = None  # run exactly this many (pilot included) instead of the power calculation's
 
 
 def setup(quick: bool, max_seeds: int | None) -> Setup:
@@ -150,6 +152,8 @@ def power(pilot_a: list[float], pilot_b: list[float], margin: float, s: Setup,
         sd_c = stats.non_inferiority(pilot_c, margin).sd
         wanted.append(stats.seeds_for_margin(sd_c, margin, tests=tests, minimum=s.min_seeds, maximum=64))
         text += f"; sd of ramp/{REF_ARM} - 1 {sd_c:.3%} at margin {margin:.1%} (true difference 0) -> {wanted[-1]} seeds"
+    if s.seeds is not None:
+        return s.seeds, text + f"; ran {s.seeds} as --seeds asked (seeds {s.first_seed}..{s.first_seed + s.seeds - 1})"
     n = min(max(wanted), s.max_seeds)
     text += f"; ran {n}" + (f" (capped at --max-seeds {s.max_seeds})" if n < max(wanted) else "")
     if s.quick:
@@ -402,13 +406,14 @@ def end_to_end(task: sf.Task, s: Setup, res: TaskResult) -> None:
             print(f"    seed {seed} {name:>5}: val {val:.4f}{' DIVERGED' if diverged else ''} "
                   f"({time.perf_counter() - t0:.1f}s)", flush=True)
 
-    for seed in range(PILOT_SEEDS):
+    first = s.first_seed
+    for seed in range(first, first + PILOT_SEEDS):
         run_seed(seed)
     rel = [paired(res, peer) for peer in PEERS]
     n, res.power = power(*rel[:2], MARGIN[task.name], s, rel[2]) if all(len(d) >= 2 for d in rel) else (
-        PILOT_SEEDS, "power: a pilot run diverged, no sd to plan from")
+        s.seeds or PILOT_SEEDS, "power: a pilot run diverged, no sd to plan from")
     print(f"  {task.name} {res.power}", flush=True)
-    for seed in range(PILOT_SEEDS, n):
+    for seed in range(first + PILOT_SEEDS, first + n):
         run_seed(seed)
     res.steps_saved = 1 - res.arms["ramp"]["steps"] / res.arms["B0"]["steps"]
     compare(res)
@@ -656,6 +661,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small models, 2 checkpoints, 3 seeds (CI)")
     parser.add_argument("--tasks", default="lm,mlp")
     parser.add_argument("--max-seeds", type=int, default=None, help="cap on the power calculation (default 10; quick 3)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="run exactly N seeds (the 3-seed pilot included) instead of the power calculation's")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first compared seed (default 0): a replication on seeds no verdict has seen")
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="the ramp's target.max_overhead (default: the engine's, 0.2)")
     parser.add_argument("--parts", default="1,2",
@@ -694,12 +703,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--kmin must be a power of 2, got {args.kmin}")
     if args.kmax is not None and (args.kmax < 2 or args.kmax & (args.kmax - 1)):
         parser.error(f"--kmax must be a power of 2 >= 2, got {args.kmax}")
+    if args.seeds is not None and args.seeds < PILOT_SEEDS:
+        parser.error(f"--seeds must be >= the {PILOT_SEEDS}-seed pilot, got {args.seeds}")
+    last = args.first_seed + (args.seeds or 64) - 1  # the power calculation runs at most 64
+    if args.first_seed < 0 or args.first_seed <= REFERENCE_SEED <= last:
+        parser.error(f"--first-seed: the seeds {args.first_seed}..{last} must be >= 0 and leave out the reference "
+                     f"run's seed {REFERENCE_SEED}")
     if args.window < 1:
         parser.error(f"--window must be >= 1, got {args.window}")
     s = setup(args.quick, args.max_seeds)
     s = dataclasses.replace(s, max_overhead=args.max_overhead, window=args.window, kmax=args.kmax or s.kmax,
                             parts=parts, window_share=args.window_share, lr_power=args.branch_lr_power,
-                            branch_seed=args.branch_seed, kmin=args.kmin, moment_memory=args.moment_memory)
+                            branch_seed=args.branch_seed, kmin=args.kmin, moment_memory=args.moment_memory,
+                            first_seed=args.first_seed, seeds=args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     results = [benchmark_task(name, s) for name in args.tasks.split(",")]

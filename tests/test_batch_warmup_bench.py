@@ -212,3 +212,13 @@ def test_quick_run_writes_both_parts_for_both_tasks(tmp_path):
         assert t["arms"]["ramp"]["examples"] == t["arms"]["B0"]["examples"]
         # the reference's own budget: its steps at B0, fewer examples than the same-loss ramp spends
         assert t["arms"]["B0-ref"]["examples"] == t["ref_steps"] * t["b0"] <= t["arms"]["ramp"]["examples"]
+
+
+def test_seeds_and_first_seed_pick_the_compared_seeds(tmp_path):
+    bw = _module()
+    for bad in (["--seeds", "2"], ["--first-seed", "-1"], ["--first-seed", "990", "--seeds", "20"]):
+        with pytest.raises(SystemExit):
+            bw.main([*bad, "--out", str(tmp_path)])
+    s = bw.dataclasses.replace(bw.setup(False, None), first_seed=100, seeds=12)
+    n, text = bw.power([0.001, 0.002, 0.0], [-0.01, -0.012, -0.011], 0.005, s, [0.001, 0.0, 0.002])
+    assert n == 12 and text.endswith("; ran 12 as --seeds asked (seeds 100..111)")
