@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from . import optimizers, priors
 from ._plan import _a, _default_rule, _fmt, _Plan, _ratio_text
 from .evidence import BatchSummary
-from .learning import EvidenceModel
+from .learning import EvidenceModel, ScalingFit
 from .models import RecommendationRequest
 
 
@@ -19,7 +19,8 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
     else a re-anchoring on the best-measured nearby batch size."""
     target = plan.batch
     rule_lr = plan.ideal_lr
-    fit = evidence.fit
+    # The curve bends where the rule does: at the plan's critical batch, when one is known.
+    fit = evidence.fit_for(plan.noise)
     used = evidence.run_ids()
     ids = f"runs {', '.join(map(str, used[:12]))}{' ...' if len(used) > 12 else ''}" if used else "past runs"
     if fit is not None:
@@ -27,8 +28,8 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
         plan.rationale.append(
             f"{p}evidence ({ids}; {fit.n_runs} completed at batch sizes "
             f"{', '.join(map(str, fit.batch_sizes))}): LR ~ batch^a with a = {fit.exponent:.3f} +- "
-            f"{fit.exponent_sd:.3f} (prior 0.5, data weight {fit.data_weight:.2f}); best LR at {target} is "
-            f"{_fmt(plan.ideal_lr)}, the rule gave {_fmt(rule_lr)} ({plan.ideal_lr / rule_lr - 1:+.1%})"
+            f"{fit.exponent_sd:.3f} (prior 0.5, data weight {fit.data_weight:.2f}){_bend_text(fit, evidence, target)}; best LR at "
+            f"{target} is {_fmt(plan.ideal_lr)}, the rule gave {_fmt(rule_lr)} ({plan.ideal_lr / rule_lr - 1:+.1%})"
         )
         return
     anchor = evidence.nearest_measured_batch(target)
@@ -41,6 +42,21 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
         f"best measured near {target}) along the sqrt regime curve: {_fmt(plan.ideal_lr)}, the reference rule gave "
         f"{_fmt(rule_lr)} ({plan.ideal_lr / rule_lr - 1:+.1%})"
     )
+
+
+def _bend_text(fit: ScalingFit, evidence: EvidenceModel, target: int) -> str:
+    """Where the fitted curve stops growing as batch^a, in words, and what one power law through the same
+    runs would give (nothing where the runs see no bend)."""
+    if fit.measured_bend is not None:
+        where = (f", bent flat at the critical batch: B_noise {_fmt(fit.measured_bend)} as measured, "
+                 f"{_fmt(fit.bend)} as the runs place it (the curve (B / (1 + B/B_noise))^a)")
+    elif fit.bend is None or fit.bend_weight < 0.05:
+        return ""
+    else:
+        where = (f", bending flat near batch {_fmt(fit.bend)} (posterior weight {fit.bend_weight:.2f} on a bend, "
+                 f"{1 - fit.bend_weight:.2f} on none: the curve (B / (1 + B/N))^a)")
+    line = evidence.power_law()
+    return where + ("" if line is None else f"; one power law through the same runs gives {_fmt(line.optimum(target))}")
 
 
 def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str) -> float:

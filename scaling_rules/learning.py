@@ -4,16 +4,19 @@ The papers give one rule: the best LR grows as ``B^(1/2)`` (LAMB section 4.3) un
 1/L (LANS section 3.3). Real models deviate on both counts, and the study store holds the evidence.
 
 The model. Around its optimum a run's final metric is close to quadratic in log LR (the usual
-"U-shaped" LR sweep); the optimum moves with the batch as a power law:
+"U-shaped" LR sweep); the optimum moves with the batch along the regime curve the rule uses, a power
+law well below the critical batch that bends flat beyond it (:mod:`._curve`):
 
-    metric(B, lr) = m_B + kappa * (ln lr - ln c - a * ln B)^2          (minimise)
+    metric(B, lr) = m_B + kappa * (ln lr - ln c - a * h_N(B))^2          (minimise)
+    h_N(B) = ln B - ln(1 + B/N)                                           (ln B with no bend)
 
 ``m_B`` is a free level per batch size (larger batches may end a little worse: that must not bias
-``a``); ``kappa`` (curvature) and ``c`` are shared. For a fixed exponent ``a`` this is *linear* in
-(m_B, kappa, beta = -2 kappa ln c) with x = ln lr - a ln B, so each ``a`` on a grid is one least
-squares solve; the exponent's posterior combines that profile likelihood with a normal prior
-N(1/2, 0.15^2) centred on the paper's rule. Thin evidence leaves the prior in charge (shrinkage);
-the posterior standard deviation is the uncertainty.
+``a``); ``kappa`` (curvature) and ``c`` are shared. For a fixed (a, N) this is *linear* in
+(m_B, kappa, beta = -2 kappa ln c) with x = ln lr - a h_N(B), so each point of a grid is one least
+squares solve; the exponent's prior is N(1/2, 0.15^2), centred on the paper's rule, and the bend's is
+centred on a measured critical batch where one is known, else half "no bend" and half spread over the
+batches near the runs. Thin evidence leaves the priors in charge (shrinkage); the posterior standard
+deviation is the uncertainty.
 
 The warmup (issue #11). The same model with a second quadratic term, in the log warmup ratio:
 
@@ -47,16 +50,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from . import optimizers, priors, stats
+from ._curve import MIN_CURVATURE_RUNS, PRIOR_EXPONENT, ScalingFit, fit_curve, profile_sse, standardised
 from .evidence import Direction, Outcome
 from .models import MAX_LR, MIN_LR
 
 __all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "WarmupFit", "explore_lrs"]
 
-PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling.
-PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd: what LR sweeps in the literature show.
-EXPONENT_GRID = np.linspace(-0.25, 1.25, 601)
-MIN_CURVATURE_RUNS = 3  # a U needs three LRs
-_LN_MAX_LR = math.log(MAX_LR)
 WARMUP_PRIOR_EXPONENT = 1.0  # linear-epoch warmup (LAMB Table 4; You et al. 2019 "LEGW")
 # 2 sd reaches 0.3 (close to a fixed warmup ratio) and 1.7: tuned warmups in the literature sit in there.
 WARMUP_PRIOR_SD = 0.35
@@ -79,54 +78,6 @@ class RunEvidence(BaseModel):
     model_params: int | None = None
     run_id: int | None = None
     study: str | None = None
-
-
-def _standardised(y: np.ndarray) -> np.ndarray:
-    """Metrics centred and scaled to at most 1: the fitted optima are the same, and metrics of any
-    magnitude (1e155 included) stay finite when squared."""
-    centre = np.median(y)
-    scale = float(np.max(np.abs(y - centre)))
-    if not math.isfinite(scale):
-        raise ValueError("metrics too large to compare")
-    return (y - centre) / (scale if scale > 0 else 1.0)
-
-
-def _profile_sse(fixed: np.ndarray, y: np.ndarray, ln_v: np.ndarray, ln_b: np.ndarray,
-                 grid: np.ndarray) -> np.ndarray:
-    """The least-squares residual of ``y`` on ``[fixed, x, x^2]`` with ``x = ln_v - g ln_b``, for every ``g``
-    of ``grid`` at once. ``x`` and ``x^2`` are polynomials in ``g`` whose terms (ln_v, ln_b, their squares
-    and product) do not depend on it: those and ``y`` are projected off ``fixed`` once (one solve); each
-    ``g`` is then a 2x2 system in their inner products."""
-    z = np.column_stack([y, ln_v, ln_b, ln_v * ln_v, ln_v * ln_b, ln_b * ln_b])
-    coef, *_ = np.linalg.lstsq(fixed, z, rcond=None)
-    resid = z - fixed @ coef
-    gram = resid.T @ resid
-    ones, zeros = np.ones_like(grid), np.zeros_like(grid)
-    # Columns x = ln_v - g ln_b and x^2 = ln_v^2 - 2 g ln_v ln_b + g^2 ln_b^2, over the basis of z.
-    basis = np.stack([np.stack([zeros, ones, -grid, zeros, zeros, zeros], axis=-1),
-                      np.stack([zeros, zeros, zeros, ones, -2 * grid, grid * grid], axis=-1)], axis=-1)
-    g = np.einsum("kia,ij,kjb->kab", basis, gram, basis)
-    b = np.einsum("kia,i->ka", basis, gram[:, 0])
-    explained = np.einsum("ka,kab,kb->k", b, np.linalg.pinv(g), b)
-    return np.maximum(gram[0, 0] - explained, 0.0)
-
-
-@dataclass(frozen=True)
-class ScalingFit:
-    """The fitted curve ln lr*(B) = log_c + exponent * ln B."""
-
-    exponent: float
-    exponent_sd: float
-    log_c: float
-    curvature: float
-    n_runs: int
-    batch_sizes: tuple[int, ...]
-    data_weight: float  # 0 = prior only, 1 = data only (how far the posterior moved off the prior)
-
-    def optimum(self, batch_size: int) -> float:
-        # Clamped to the LRs a request may name: a fit extrapolated far past its evidence stays a number.
-        ln = self.log_c + self.exponent * math.log(batch_size)
-        return min(max(math.exp(min(ln, _LN_MAX_LR)), MIN_LR), MAX_LR)
 
 
 @dataclass(frozen=True)
@@ -242,27 +193,46 @@ class EvidenceModel:
         return [r for r in self.runs if r.outcome == "completed" and r.metric is not None
                 and math.isfinite(r.metric) and r.lr > 0 and r.batch_size > 0]
 
-    def _fit(self) -> ScalingFit | None:
+    def fit_for(self, noise: float | None) -> ScalingFit | None:
+        """The curve with its bend centred on the critical batch ``noise`` (in the runs' batch units), as
+        the rule bends at it; :attr:`fit` (the bend fitted, or none) where no critical batch is known."""
+        if noise is None or not math.isfinite(noise) or noise <= 0:
+            return self.fit
+        key = ("bend", f"{noise:.6g}", "")
+        if key not in self._memo:
+            self._memo[key] = self._fit(noise)
+        return self._memo[key]
+
+    def power_law(self) -> ScalingFit | None:
+        """The same runs read as one power law, never bending: what a bend changes, said beside it."""
+        if self.fit is None or not self.fit.components or self.fit.bend_weight == 0:
+            return self.fit
+        key = ("power law", "", "")
+        if key not in self._memo:
+            self._memo[key] = self._fit(None, bend=False)
+        return self._memo[key]
+
+    def _fit(self, noise: float | None = None, *, bend: bool = True) -> ScalingFit | None:
         """The fitted curve, or None (the rule stays in charge) when the evidence shows no U shape, or
         holds numbers no fit can use: whatever a store holds (a metric of 1e155 written by any Optuna
         client), this degrades to the rule and never raises."""
         try:
             with np.errstate(all="ignore"):
-                fit = self._fit_unchecked()
+                fit = self._fit_unchecked(noise, bend)
         except (ArithmeticError, ValueError, np.linalg.LinAlgError):
             return None
         if fit is None:
             return None
-        numbers = (fit.exponent, fit.exponent_sd, fit.log_c, fit.curvature, fit.data_weight)
+        numbers = (fit.exponent, fit.exponent_sd, fit.log_c, fit.curvature, fit.data_weight,
+                   *(x for comp in fit.components for x in comp if x is not None))
         if not all(math.isfinite(x) for x in numbers):
             return None
         # An optimum outside the LRs anyone trains with, at a batch size that was measured, is no fit.
-        if not all(MIN_LR <= math.exp(min(fit.log_c + fit.exponent * math.log(b), 700.0)) <= MAX_LR
-                   for b in fit.batch_sizes):
+        if not all(MIN_LR <= math.exp(min(fit.log_optimum(b), 700.0)) <= MAX_LR for b in fit.batch_sizes):
             return None
         return fit
 
-    def _fit_unchecked(self) -> ScalingFit | None:
+    def _fit_unchecked(self, noise: float | None, bend: bool) -> ScalingFit | None:
         runs = self._usable()
         by_batch: dict[int, list[RunEvidence]] = {}
         for r in runs:
@@ -275,47 +245,16 @@ class EvidenceModel:
         rows = [r for rs in informative.values() for r in rs]
         batches = sorted(informative)
         sign = 1.0 if self.direction == "minimize" else -1.0
-        y = _standardised(np.array([sign * r.metric for r in rows]))  # type: ignore[operator]
-        ln_lr = np.log([r.lr for r in rows])
-        ln_b = np.log([r.batch_size for r in rows])
-        onehot = np.array([[1.0 if r.batch_size == b else 0.0 for b in batches] for r in rows])
+        y = standardised(np.array([sign * r.metric for r in rows]))  # type: ignore[operator]
+        batch = np.array([float(r.batch_size) for r in rows])
+        fixed = np.array([[1.0 if r.batch_size == b else 0.0 for b in batches] for r in rows])
         # Runs that also varied the warmup: its U (at the rule's exponent) joins the design, so a
         # warmup effect is not read as an LR effect.
         if all(r.warmup_ratio is not None and r.warmup_ratio > 0 for r in rows) and any(
                 len({x.warmup_ratio for x in rs}) >= 2 for rs in informative.values()):
-            u = np.log([r.warmup_ratio for r in rows]) - WARMUP_PRIOR_EXPONENT * ln_b  # type: ignore[misc]
-            onehot = np.column_stack([onehot, u, u * u])
-        n, p = len(rows), onehot.shape[1] + 2
-
-        def solve(a: float) -> tuple[float, np.ndarray]:
-            x = ln_lr - a * ln_b
-            design = np.column_stack([onehot, x, x * x])
-            coef, *_ = np.linalg.lstsq(design, y, rcond=None)
-            resid = y - design @ coef
-            return float(resid @ resid), coef
-
-        sse = _profile_sse(onehot, y, ln_lr, ln_b, EXPONENT_GRID)
-        dof = max(n - p, 1)
-        # Noise variance from the best fit, floored so a perfect fit on few points does not claim
-        # infinite precision.
-        sigma2 = max(float(sse.min()) / dof, 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
-        log_lik = -sse / (2 * sigma2)
-        identifiable = len(batches) >= 2
-        if not identifiable:
-            log_lik = np.zeros_like(log_lik)  # one batch size: the exponent is the prior's
-        log_post = log_lik - (EXPONENT_GRID - PRIOR_EXPONENT) ** 2 / (2 * PRIOR_SD**2)
-        w = np.exp(log_post - log_post.max())
-        w /= w.sum()
-        a_mean = float(w @ EXPONENT_GRID)
-        a_sd = float(math.sqrt(max(w @ (EXPONENT_GRID - a_mean) ** 2, 0.0)))
-        _, coef = solve(a_mean)
-        kappa, beta = float(coef[-1]), float(coef[-2])
-        if kappa <= 0:
-            return None  # no U shape: the best LR lies outside what was tried
-        log_c = -beta / (2 * kappa)
-        data_weight = 1.0 - min(1.0, (a_sd / PRIOR_SD) ** 2) if identifiable else 0.0
-        return ScalingFit(exponent=a_mean, exponent_sd=a_sd, log_c=log_c, curvature=kappa, n_runs=n,
-                          batch_sizes=tuple(batches), data_weight=data_weight)
+            u = np.log([r.warmup_ratio for r in rows]) - WARMUP_PRIOR_EXPONENT * np.log(batch)  # type: ignore[misc]
+            fixed = np.column_stack([fixed, u, u * u])
+        return fit_curve(batch, np.log([r.lr for r in rows]), y, fixed, batches, noise, bend=bend)
 
     # ----- the warmup -----
 
@@ -346,13 +285,13 @@ class EvidenceModel:
             return None
         batches = sorted(by_batch)
         sign = 1.0 if self.direction == "minimize" else -1.0
-        y = _standardised(np.array([sign * r.metric for r in runs]))  # type: ignore[operator]
+        y = standardised(np.array([sign * r.metric for r in runs]))  # type: ignore[operator]
         ln_b = np.log([r.batch_size for r in runs])
         ln_r = np.log([r.warmup_ratio for r in runs])  # type: ignore[misc]
         columns = [np.array([1.0 if r.batch_size == b else 0.0 for r in runs]) for b in batches]
         if self.fit is not None:
-            # The LR's own U, at its fitted exponent, so LR changes are not read as warmup effects.
-            x = np.log([r.lr for r in runs]) - self.fit.exponent * ln_b
+            # The LR's own U, along its fitted curve, so LR changes are not read as warmup effects.
+            x = np.log([r.lr for r in runs]) - np.array([self.fit.log_optimum(r.batch_size) for r in runs])
             columns += [x, x * x]
         base = np.column_stack(columns)
 
@@ -363,7 +302,7 @@ class EvidenceModel:
             resid = y - design @ coef
             return float(resid @ resid), coef
 
-        sse = _profile_sse(base, y, ln_r, ln_b, WARMUP_EXPONENT_GRID)
+        sse = profile_sse(base, y, ln_r, ln_b, WARMUP_EXPONENT_GRID)
         n, p = len(runs), base.shape[1] + 2
         sigma2 = max(float(sse.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
         # The exponent is identified only by warmup optima at two batch sizes or more.

@@ -211,3 +211,14 @@ def test_engine_versions_quick(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and " us | " in line]
     assert len(rows) == 2 and all(line.endswith("x |") for line in rows), proc.stdout
+
+
+def test_evidence_bend_quick():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "evidence_bend.py"), "--seeds", "2"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bend |", "| power law |"))]
+    assert len(rows) == 7, proc.stdout
+    for row in rows:
+        cells = row.strip("|").split(" | ")
+        assert len(cells) == 8 and cells[-1].strip().endswith("/2"), row

@@ -45,12 +45,16 @@ class EvidenceRun(BaseModel):
 
 
 class Fit(BaseModel):
-    exponent: float = Field(description="a in LR* ~ batch^a")
+    exponent: float = Field(description="a in LR* ~ batch^a, well below the bend")
     exponent_sd: float
-    log_c: float = Field(description="ln LR*(B) = log_c + exponent * ln B")
+    log_c: float = Field(description="ln LR*(B) = log_c + exponent * ln B where the curve does not bend")
     n_runs: int
     batch_sizes: list[int]
     data_weight: float = Field(description="0: the paper's sqrt prior alone, 1: the runs alone")
+    bend: float | None = Field(None, description="N, the batch where the fitted curve stops growing: ln LR*(B) = "
+                                                 "log_c + a (ln B - ln(1 + B/N)); null: no bend, a power law")
+    bend_weight: float = Field(0.0, description="the posterior's weight on a bend (the rest on none); the optimum "
+                                                "averages over both")
 
 
 class LrPoint(BaseModel):
@@ -213,7 +217,7 @@ def study_evidence(
     if model.fit is not None:
         f = model.fit
         fit = Fit(exponent=f.exponent, exponent_sd=f.exponent_sd, log_c=f.log_c, n_runs=f.n_runs,
-                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight)
+                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight, bend=f.bend, bend_weight=f.bend_weight)
         optimum = [LrPoint(batch_size=b, lr=f.optimum(b)) for b in batches if math.isfinite(f.optimum(b))]
     boundary = []
     for b in batches:

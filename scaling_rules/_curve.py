@@ -1,0 +1,195 @@
+"""The LR-vs-batch curve fitted on a study's runs: the regime curve, whose bend is fitted or measured.
+
+The curve. The engine's rule moves the LR along f(B) = (1 + B_noise/B)^-e (see ``_lr.regime_factor``):
+a power of the batch well below the critical batch, flat beyond it. The fitted curve has that shape,
+
+    ln lr*(B) = log_c + a * h_N(B),    h_N(B) = ln B - ln(1 + B/N),
+
+``a`` the exponent well below the bend (prior N(1/2, 0.15^2), the papers' sqrt) and ``N`` the bend
+(h_N = ln B when N is infinite: a pure power law). Around its optimum a run's metric is quadratic in
+``ln lr - ln lr*(B)``, with a free level per batch size (see :mod:`.learning`); for each (a, N) that is
+one least-squares solve, so the posterior over a grid of both is exact up to the noise estimate.
+
+The bend. Two batch sizes cannot tell a power law from a bend (any two optima lie on both), so a
+measured critical batch, where one is known, centres the bend's prior (log-normal, x/÷3 at one sd, as
+far as a streaming statistic is trusted to agree with a branched one): the curve bends where the rule
+does. Without one, the runs must show the bend themselves: at three batch sizes or more, the best bend
+must explain the optima beyond the best power law by more than the noise (an F-test at 5%, one
+parameter more), else the curve is the power law. A bend that passes enters with half the prior, the
+other half on no bend, spread log-uniform over the batches near the runs. The answer at a batch is the
+posterior mean of ln lr* over the bends (model averaging), each at its exponent's posterior mean.
+Without that test the prior on ``a`` alone would read a flat power law (0.3) as sqrt bending, and move
+a study's answer off the line its runs lie on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import stats
+from .models import MAX_LR, MIN_LR
+
+PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling.
+PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd: what LR sweeps in the literature show.
+EXPONENT_GRID = np.linspace(-0.25, 1.25, 601)
+MIN_CURVATURE_RUNS = 3  # a U needs three LRs
+UNBENT_PRIOR = 0.5  # with no measured critical batch, the prior's mass on "no bend": a pure power law
+BEND_SPAN = 8.0  # ... and the rest log-uniform on bends from B_min / 8 to B_max x 8
+BEND_POINTS = 25
+NOISE_PRIOR_SD = math.log(3.0)  # a measured critical batch, trusted within x/÷3 at one sd
+NOISE_PRIOR_POINTS = 13  # its log-normal prior on a grid of +-3 sd
+BEND_ALPHA = 0.05  # the F-test level at which runs show a bend no power law explains
+_LN_MAX_LR = math.log(MAX_LR)
+
+
+def standardised(y: np.ndarray) -> np.ndarray:
+    """Metrics centred and scaled to at most 1: the fitted optima are the same, and metrics of any
+    magnitude (1e155 included) stay finite when squared."""
+    centre = np.median(y)
+    scale = float(np.max(np.abs(y - centre)))
+    if not math.isfinite(scale):
+        raise ValueError("metrics too large to compare")
+    return (y - centre) / (scale if scale > 0 else 1.0)
+
+
+def column_basis(fixed: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of ``fixed``'s column space (rank-revealing: a warmup's U may repeat a level)."""
+    u, sv, _ = np.linalg.svd(fixed, full_matrices=False)
+    tol = sv.max(initial=0.0) * max(fixed.shape) * np.finfo(float).eps
+    return u[:, sv > tol]
+
+
+def profile_sse(fixed: np.ndarray, y: np.ndarray, ln_v: np.ndarray, ln_b: np.ndarray,
+                grid: np.ndarray, basis: np.ndarray | None = None) -> np.ndarray:
+    """The least-squares residual of ``y`` on ``[fixed, x, x^2]`` with ``x = ln_v - g ln_b``, for every ``g``
+    of ``grid`` at once. ``x`` and ``x^2`` are polynomials in ``g`` whose terms (ln_v, ln_b, their squares
+    and product) do not depend on it: those and ``y`` are projected off ``fixed`` once (``basis``, its
+    :func:`column_basis`, shared by every call on the same runs); each ``g`` is then a 2x2 system in
+    their inner products."""
+    q = column_basis(fixed) if basis is None else basis
+    z = np.column_stack([y, ln_v, ln_b, ln_v * ln_v, ln_v * ln_b, ln_b * ln_b])
+    resid = z - q @ (q.T @ z)
+    gram = resid.T @ resid
+    ones, zeros = np.ones_like(grid), np.zeros_like(grid)
+    # Columns x = ln_v - g ln_b and x^2 = ln_v^2 - 2 g ln_v ln_b + g^2 ln_b^2, over the basis of z.
+    basis = np.stack([np.stack([zeros, ones, -grid, zeros, zeros, zeros], axis=-1),
+                      np.stack([zeros, zeros, zeros, ones, -2 * grid, grid * grid], axis=-1)], axis=-1)
+    g = np.einsum("kia,ij,kjb->kab", basis, gram, basis)
+    b = np.einsum("kia,i->ka", basis, gram[:, 0])
+    explained = np.einsum("ka,kab,kb->k", b, np.linalg.pinv(g), b)
+    return np.maximum(gram[0, 0] - explained, 0.0)
+
+
+def regime_coordinate(batch: np.ndarray | float, bend: float | None) -> np.ndarray | float:
+    """h_N(B) = ln B - ln(1 + B/N): ln B for no bend; the curve's exponent multiplies it."""
+    ln_b = np.log(batch)
+    return ln_b if bend is None else ln_b - np.log1p(np.asarray(batch) / bend)
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    """The fitted curve ln lr*(B) = log_c + exponent * h_N(B), averaged over the bends ``N`` the posterior
+    keeps (``components``: weight, exponent, log_c, N or None for no bend)."""
+
+    exponent: float  # the exponent well below the bend (the posterior mean over every bend)
+    exponent_sd: float
+    log_c: float  # the level at B = 1 of the posterior's mean curve where it does not bend
+    curvature: float
+    n_runs: int
+    batch_sizes: tuple[int, ...]
+    data_weight: float  # 0 = prior only, 1 = data only (how far the exponent's posterior moved off the prior)
+    components: tuple[tuple[float, float, float, float | None], ...] = ()
+    bend: float | None = None  # the posterior's geometric-mean bend, where it puts weight on one
+    bend_weight: float = 0.0  # the posterior's mass on a bend (1 where a measured critical batch sets it)
+    measured_bend: float | None = None  # the critical batch the prior was centred on, if any
+
+    def log_optimum(self, batch_size: float) -> float:
+        if not self.components:
+            return self.log_c + self.exponent * math.log(batch_size)
+        return math.fsum(w * (c + a * float(regime_coordinate(batch_size, n))) for w, a, c, n in self.components)
+
+    def optimum(self, batch_size: int) -> float:
+        # Clamped to the LRs a request may name: a fit extrapolated far past its evidence stays a number.
+        ln = self.log_optimum(batch_size)
+        return min(max(math.exp(min(ln, _LN_MAX_LR)), MIN_LR), MAX_LR)
+
+
+def _bends(batches: list[int], measured: float | None) -> list[tuple[float | None, float]]:
+    """The bends the posterior averages over, with their prior weights (summing to 1)."""
+    if measured is not None:
+        z = np.linspace(-3.0, 3.0, NOISE_PRIOR_POINTS)
+        w = np.exp(-z * z / 2)
+        return [(measured * math.exp(float(zi) * NOISE_PRIOR_SD), float(wi / w.sum())) for zi, wi in zip(z, w, strict=True)]
+    grid = np.geomspace(min(batches) / BEND_SPAN, max(batches) * BEND_SPAN, BEND_POINTS)
+    return [(None, UNBENT_PRIOR)] + [(float(n), (1 - UNBENT_PRIOR) / BEND_POINTS) for n in grid]
+
+
+def _shows_a_bend(sses: np.ndarray, n: int, p: int, batches: list[int]) -> bool:
+    """Whether the best bend (rows 1.. of ``sses``) explains the runs beyond the best power law (row 0) by
+    more than their noise: an F-test of one added parameter, at three batch sizes or more."""
+    dof = n - p - 1
+    if len(batches) < 3 or dof < 1:
+        return False
+    power, bent = float(sses[0].min()), float(sses[1:].min())
+    if bent <= 0:
+        return power > 0
+    return stats.f_sf(max(power - bent, 0.0) / (bent / dof), 1, dof) < BEND_ALPHA
+
+
+def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.ndarray, batches: list[int],
+              measured: float | None = None, *, bend: bool = True) -> ScalingFit | None:
+    """The posterior over (exponent, bend) for runs at ``batch`` with LRs ``ln_lr`` and standardised metrics
+    ``y`` (minimised), ``fixed`` the design's other columns (a level per batch size, the warmup's U);
+    ``measured`` the critical batch in the runs' batch units, if one is known; ``bend=False``: the power
+    law alone. None where no U is seen."""
+    n, p = len(y), fixed.shape[1] + 2
+    if not bend:
+        measured = None
+    bends = _bends(batches, measured)
+    if not bend or (measured is None and len(batches) < 3):
+        bends = bends[:1]  # two batch sizes show no bend (see _shows_a_bend): the power law alone
+    q = column_basis(fixed)
+    sses = np.array([profile_sse(fixed, y, ln_lr, regime_coordinate(batch, b), EXPONENT_GRID, q) for b, _ in bends])
+    if measured is None and len(bends) > 1 and not _shows_a_bend(sses, n, p, batches):
+        bends, sses = bends[:1], sses[:1]
+    # Noise variance from the best fit, floored so a perfect fit on few points does not claim infinite precision.
+    sigma2 = max(float(sses.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
+    identifiable = len(batches) >= 2
+    log_lik = -sses / (2 * sigma2) if identifiable else np.zeros_like(sses)  # one batch size: the priors'
+    log_post = (log_lik - (EXPONENT_GRID - PRIOR_EXPONENT) ** 2 / (2 * PRIOR_SD**2)
+                + np.log([w for _, w in bends])[:, None])
+    post = np.exp(log_post - log_post.max())
+    post /= post.sum()
+    a_marginal = post.sum(axis=0)
+    a_mean = float(a_marginal @ EXPONENT_GRID)
+    a_sd = float(math.sqrt(max(a_marginal @ (EXPONENT_GRID - a_mean) ** 2, 0.0)))
+    components, kappas = [], []
+    for (bend, _), row in zip(bends, post, strict=True):
+        weight = float(row.sum())
+        if weight < 1e-6:
+            continue  # a bend the posterior rules out adds nothing but solves
+        a = float(row @ EXPONENT_GRID) / weight
+        x = ln_lr - a * regime_coordinate(batch, bend)
+        coef, *_ = np.linalg.lstsq(np.column_stack([fixed, x, x * x]), y, rcond=None)
+        kappa, beta = float(coef[-1]), float(coef[-2])
+        if kappa <= 0:
+            continue  # no U along this curve: the best LR lies outside what was tried
+        components.append((weight, a, -beta / (2 * kappa), bend))
+        kappas.append(kappa)
+    if not components:
+        return None
+    total = math.fsum(w for w, *_ in components)
+    components = [(w / total, a, c, b) for w, a, c, b in components]
+    bent = [(w, b) for w, _, _, b in components if b is not None]
+    bend_weight = math.fsum(w for w, _ in bent)
+    bend = math.exp(math.fsum(w * math.log(b) for w, b in bent) / bend_weight) if bend_weight > 0 else None
+    return ScalingFit(
+        exponent=a_mean, exponent_sd=a_sd,
+        log_c=math.fsum(w * c for w, _, c, _ in components),
+        curvature=math.fsum(w * k for (w, *_), k in zip(components, kappas, strict=True)),
+        n_runs=n, batch_sizes=tuple(batches),
+        data_weight=1.0 - min(1.0, (a_sd / PRIOR_SD) ** 2) if identifiable else 0.0,
+        components=tuple(components), bend=bend, bend_weight=bend_weight, measured_bend=measured)

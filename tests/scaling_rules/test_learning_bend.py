@@ -1,0 +1,113 @@
+"""The evidence's curve bends where the LR stops growing with the batch: fitted when the runs show it,
+placed at a measured critical batch when one is known, and a power law where the runs lie on one.
+
+Truth here is the engine's own regime curve, lr*(B) = LR0 sqrt((1 + N/B0) / (1 + N/B)) with N = 2048,
+and the same noisy U-shaped outcomes as the power-law landscape of ``test_learning_simulation``.
+"""
+
+import math
+import statistics
+
+import pytest
+
+from largebatch.scaling_rules import recommend
+from largebatch.scaling_rules.learning import EvidenceModel, explore_lrs
+from tests.scaling_rules import test_learning_simulation as sim
+
+N = 2048.0
+TARGET = 16384
+
+
+class Bent(sim.Landscape):
+    def optimum(self, batch: int) -> float:
+        return sim.LR0 * math.sqrt((1 + N / sim.B0) / (1 + N / batch))
+
+    def cliff(self, batch: int) -> float:
+        return 4 * self.optimum(batch)
+
+
+def request(batch: int, noise: float | None = None) -> dict:
+    req = sim.request(batch)
+    if noise is not None:
+        req["reference"]["noise_scale"] = noise
+    return req
+
+
+def study(land: sim.Landscape, batches, noise: float | None = None) -> list:
+    """The service's loop: recommend at each batch, sweep three LRs around it, log them."""
+    runs: list = []
+    for batch in batches:
+        lr = recommend(request(batch, noise), evidence=runs).stages[0].peak_lr
+        for x in explore_lrs(lr, 3, spread=1.8):
+            runs.append(land.run(batch, x, run_id=len(runs) + 1))
+    return runs
+
+
+def error(land: sim.Landscape, lr: float, batch: int = TARGET) -> float:
+    return lr / land.optimum(batch) - 1
+
+
+@pytest.mark.slow  # statistical: ten seeded studies
+def test_runs_that_show_the_bend_are_extrapolated_along_it():
+    errors, lines, weights = [], [], []
+    for seed in range(10):
+        land = Bent(seed)
+        model = EvidenceModel.from_runs(study(land, (512, 1024, 2048, 4096)))
+        errors.append(error(land, recommend(request(TARGET), evidence=model).stages[0].peak_lr))
+        lines.append(error(land, model.power_law().optimum(TARGET)))
+        weights.append(model.fit.bend_weight)
+    rule = error(Bent(0), recommend(request(TARGET)).stages[0].peak_lr)
+    assert rule > 1.5  # sqrt from the reference: 2.8x the optimum at 16K
+    # One power law through optima that already bend cannot flatten past them: it overshoots by a third.
+    assert statistics.median(lines) > 0.25, lines
+    assert statistics.median(abs(e) for e in errors) < 0.10, errors
+    assert sum(w > 0.5 for w in weights) >= 7, weights
+
+
+@pytest.mark.slow
+def test_a_measured_critical_batch_bends_two_batch_sizes_of_evidence():
+    """Runs at 512 and 1024 cannot show a bend; the study's measured critical batch places it, as the
+    rule's own regime curve does, and the answer 16x past the runs stays near the truth."""
+    for seed in range(10):
+        land = Bent(seed)
+        runs = study(land, (512, 1024), noise=N)
+        model = EvidenceModel.from_runs(runs)
+        bent = recommend(request(TARGET, N), evidence=model).stages[0].peak_lr
+        line = model.fit.optimum(TARGET)  # the same runs read as a power law (no critical batch known)
+        assert model.fit.bend is None
+        assert abs(error(land, bent)) < abs(error(land, line)), (seed, error(land, bent), error(land, line))
+        assert -0.15 < error(land, bent) < 0.30, (seed, error(land, bent))
+        assert error(land, line) > 0.5
+
+
+def test_a_power_law_study_keeps_its_line():
+    """The power-law landscape (exponent 0.3): no bend passes the test, so the fit is the power law."""
+    for seed in range(3):
+        _, runs, _ = sim.simulate(seed, rounds=4)
+        fit = EvidenceModel.from_runs(runs).fit
+        assert fit.bend is None and fit.bend_weight == 0.0 and len(fit.components) == 1
+        assert fit.optimum(8192) == pytest.approx(math.exp(fit.log_c + fit.exponent * math.log(8192)))
+
+
+def test_two_batch_sizes_alone_never_fit_a_bend():
+    runs = study(Bent(0), (512, 2048))
+    fit = EvidenceModel.from_runs(runs).fit
+    assert fit is not None and fit.bend is None and fit.measured_bend is None
+
+
+def test_the_bend_follows_the_plans_critical_batch_and_says_so():
+    runs = study(Bent(1), (512, 1024), noise=N)
+    model = EvidenceModel.from_runs(runs)
+    assert model.fit_for(None) is model.fit
+    bent = model.fit_for(N)
+    assert bent is model.fit_for(N)  # fitted once per critical batch, as the service reuses a model
+    assert bent.measured_bend == N and bent.bend_weight == 1.0
+    assert bent.optimum(TARGET) < model.fit.optimum(TARGET)
+    # Near the runs the two readings agree; the bend matters where the curve flattens.
+    assert bent.optimum(768) == pytest.approx(model.fit.optimum(768), rel=0.1)
+    recipe = recommend(request(TARGET, N), evidence=model)
+    line = next(r for r in recipe.rationale if r.startswith("evidence ("))
+    assert "bent flat at the critical batch: B_noise 2048 as measured" in line
+    assert f"one power law through the same runs gives {model.fit.optimum(TARGET):.4g}" in line
+    assert "bent flat" not in next(r for r in recommend(request(TARGET), evidence=model).rationale
+                                   if r.startswith("evidence ("))
