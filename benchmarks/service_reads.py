@@ -130,7 +130,11 @@ def engine_with_evidence(url: str, n_runs: int = 2000) -> dict:
     out = {"evidence_runs": n_runs,
            "engine_no_evidence_ms": _median_ms(lambda: recommend(BERT_32K), 200),
            "engine_fit_each_time_ms": _median_ms(lambda: recommend(BERT_32K, evidence=runs), 5),
-           "engine_cached_fit_ms": _median_ms(lambda: recommend(BERT_32K, evidence=model), 200)}
+           "engine_cached_fit_ms": _median_ms(lambda: recommend(BERT_32K, evidence=model), 200),
+           # The curve's fit alone, side by side: with the bend tested (26 bends at four batch sizes), and
+           # the power law alone (what the fit was before the curve could bend).
+           "fit_with_bend_ms": _median_ms(lambda: model._fit(None), 5),
+           "fit_power_law_ms": _median_ms(lambda: model._fit(None, bend=False), 5)}
     with _client(url) as c:
         store = c.app.state.store_holder.get()
         _study(c, "evidence")
@@ -260,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
         ("engine, no evidence", f"{e['engine_no_evidence_ms']:.3f} ms"),
         (f"engine, {e['evidence_runs']:,} runs of evidence fitted per request", f"{e['engine_fit_each_time_ms']:.1f} ms"),
         (f"engine, {e['evidence_runs']:,} runs of evidence, fit cached", f"{e['engine_cached_fit_ms']:.3f} ms"),
+        (f"the LR curve's fit alone, {e['evidence_runs']:,} runs at 4 batch sizes: bend tested / power law only",
+         f"{e['fit_with_bend_ms']:.1f} ms / {e['fit_power_law_ms']:.1f} ms "
+         f"({e['fit_with_bend_ms'] / e['fit_power_law_ms']:.1f}x)"),
         ("service evidence read (one transaction), fit cached", f"{e['service_evidence_read_cached_ms']:.1f} ms"),
         ("service evidence read, fitted", f"{e['service_evidence_read_uncached_ms']:.1f} ms"),
         ("POST /v1/recommendations with the 2,000-run study (in-process)", f"{e['http_recommend_with_study_ms']:.2f} ms"),

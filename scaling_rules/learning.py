@@ -56,6 +56,7 @@ from .models import MAX_LR, MIN_LR
 
 __all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "WarmupFit", "explore_lrs"]
 
+MAX_BEND_FITS = 16  # fits kept per model, one per critical batch a request brought
 WARMUP_PRIOR_EXPONENT = 1.0  # linear-epoch warmup (LAMB Table 4; You et al. 2019 "LEGW")
 # 2 sd reaches 0.3 (close to a fixed warmup ratio) and 1.7: tuned warmups in the literature sit in there.
 WARMUP_PRIOR_SD = 0.35
@@ -200,6 +201,10 @@ class EvidenceModel:
             return self.fit
         key = ("bend", f"{noise:.6g}", "")
         if key not in self._memo:
+            # A request names its own noise_scale: the service's cached model keeps only the latest few.
+            bends = [k for k in self._memo if k[0] == "bend"]
+            for old in bends[:max(len(bends) - MAX_BEND_FITS + 1, 0)]:
+                del self._memo[old]
             self._memo[key] = self._fit(noise)
         return self._memo[key]
 

@@ -111,3 +111,15 @@ def test_the_bend_follows_the_plans_critical_batch_and_says_so():
     assert f"one power law through the same runs gives {model.fit.optimum(TARGET):.4g}" in line
     assert "bent flat" not in next(r for r in recommend(request(TARGET), evidence=model).rationale
                                    if r.startswith("evidence ("))
+
+
+def test_a_cached_model_keeps_a_bounded_number_of_bent_fits():
+    """The service reuses one model for every request of a study, and each request may name its own
+    noise_scale: the fits kept stay few, the newest kept."""
+    from largebatch.scaling_rules import learning
+
+    model = EvidenceModel.from_runs(study(Bent(2), (512, 1024), noise=N))
+    fits = [model.fit_for(N * (1 + i / 100)) for i in range(3 * learning.MAX_BEND_FITS)]
+    kept = [k for k in model._memo if k[0] == "bend"]
+    assert len(kept) == learning.MAX_BEND_FITS
+    assert model.fit_for(N * (1 + (3 * learning.MAX_BEND_FITS - 1) / 100)) is fits[-1]
