@@ -72,15 +72,26 @@ def profile_sse(fixed: np.ndarray, y: np.ndarray, ln_v: np.ndarray, ln_b: np.nda
     q = column_basis(fixed) if basis is None else basis
     z = np.column_stack([y, ln_v, ln_b, ln_v * ln_v, ln_v * ln_b, ln_b * ln_b])
     resid = z - q @ (q.T @ z)
-    gram = resid.T @ resid
-    ones, zeros = np.ones_like(grid), np.zeros_like(grid)
-    # Columns x = ln_v - g ln_b and x^2 = ln_v^2 - 2 g ln_v ln_b + g^2 ln_b^2, over the basis of z.
-    basis = np.stack([np.stack([zeros, ones, -grid, zeros, zeros, zeros], axis=-1),
-                      np.stack([zeros, zeros, zeros, ones, -2 * grid, grid * grid], axis=-1)], axis=-1)
-    g = np.einsum("kia,ij,kjb->kab", basis, gram, basis)
-    b = np.einsum("kia,i->ka", basis, gram[:, 0])
-    explained = np.einsum("ka,kab,kb->k", b, np.linalg.pinv(g), b)
-    return np.maximum(gram[0, 0] - explained, 0.0)
+    m = resid.T @ resid
+    # x = e1 - g e2 and x^2 = e3 - 2g e4 + g^2 e5 over z's columns (e0 = y): the 2x2 Gram matrix G of
+    # (x, x^2) and their products b with y, as polynomials in g, evaluated on the whole grid at once.
+    g = grid
+    g00 = m[1, 1] - 2 * g * m[1, 2] + g * g * m[2, 2]
+    g01 = m[1, 3] - g * (2 * m[1, 4] + m[2, 3]) + g * g * (m[1, 5] + 2 * m[2, 4]) - g**3 * m[2, 5]
+    g11 = (m[3, 3] - 4 * g * m[3, 4] + g * g * (4 * m[4, 4] + 2 * m[3, 5]) - 4 * g**3 * m[4, 5]
+           + g**4 * m[5, 5])
+    b0 = m[0, 1] - g * m[0, 2]
+    b1 = m[0, 3] - 2 * g * m[0, 4] + g * g * m[0, 5]
+    # b' G^-1 b in closed form; where G is (near) singular, with its pseudo-inverse.
+    det = g00 * g11 - g01 * g01
+    ok = np.abs(det) > 1e-10 * (np.abs(g00 * g11) + g01 * g01)
+    explained = np.empty(len(grid))
+    explained[ok] = (b0[ok] ** 2 * g11[ok] - 2 * b0[ok] * b1[ok] * g01[ok] + b1[ok] ** 2 * g00[ok]) / det[ok]
+    if not ok.all():
+        gs = np.stack([np.stack([g00, g01], -1), np.stack([g01, g11], -1)], -2)[~ok]
+        bs = np.stack([b0, b1], -1)[~ok]
+        explained[~ok] = np.einsum("ka,kab,kb->k", bs, np.linalg.pinv(gs), bs)
+    return np.maximum(m[0, 0] - explained, 0.0)
 
 
 def regime_coordinate(batch: np.ndarray | float, bend: float | None) -> np.ndarray | float:
