@@ -19,7 +19,9 @@ parameter more), else the curve is the power law. A bend that passes enters with
 other half on no bend, spread log-uniform over the batches near the runs. The answer at a batch is the
 posterior mean of ln lr* over the bends (model averaging), each at its exponent's posterior mean.
 Without that test the prior on ``a`` alone would read a flat power law (0.3) as sqrt bending, and move
-a study's answer off the line its runs lie on.
+a study's answer off the line its runs lie on. The engine uses the measured bend only; a bend the runs
+show alone is reported (``EvidenceModel.shown_bend``): on real sweeps the quadratic U, read on
+asymmetric Us, bends the optima's centres enough to pass the test where a power law extrapolates better.
 """
 
 from __future__ import annotations

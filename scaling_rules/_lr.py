@@ -24,6 +24,8 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
     used = evidence.run_ids()
     ids = f"runs {', '.join(map(str, used[:12]))}{' ...' if len(used) > 12 else ''}" if used else "past runs"
     if fit is not None:
+        if plan.noise is None:
+            _bend_hint(plan, evidence, target, p)
         plan.ideal_lr = fit.optimum(target)
         plan.rationale.append(
             f"{p}evidence ({ids}; {fit.n_runs} completed at batch sizes "
@@ -46,17 +48,26 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
 
 def _bend_text(fit: ScalingFit, evidence: EvidenceModel, target: int) -> str:
     """Where the fitted curve stops growing as batch^a, in words, and what one power law through the same
-    runs would give (nothing where the runs see no bend)."""
-    if fit.measured_bend is not None:
-        where = (f", bent flat at the critical batch: B_noise {_fmt(fit.measured_bend)} as measured, "
-                 f"{_fmt(fit.bend)} as the runs place it (the curve (B / (1 + B/B_noise))^a)")
-    elif fit.bend is None or fit.bend_weight < 0.05:
+    runs gives (nothing where no critical batch bent it)."""
+    if fit.measured_bend is None:
         return ""
-    else:
-        where = (f", bending flat near batch {_fmt(fit.bend)} (posterior weight {fit.bend_weight:.2f} on a bend, "
-                 f"{1 - fit.bend_weight:.2f} on none: the curve (B / (1 + B/N))^a)")
-    line = evidence.power_law()
-    return where + ("" if line is None else f"; one power law through the same runs gives {_fmt(line.optimum(target))}")
+    line = evidence.fit
+    return (f", bent flat at the critical batch: B_noise {_fmt(fit.measured_bend)} as measured, "
+            f"{_fmt(fit.bend)} as the runs place it (the curve (B / (1 + B/B_noise))^a)"
+            + ("" if line is None else f"; one power law through the same runs gives {_fmt(line.optimum(target))}"))
+
+
+def _bend_hint(plan: _Plan, evidence: EvidenceModel, target: int, p: str) -> None:
+    """Where the runs themselves show a bend but no critical batch is known: said, not used."""
+    shown = evidence.shown_bend()
+    if shown is None or target <= max(shown.batch_sizes):
+        return
+    plan.warnings.append(
+        f"{p}evidence: the runs' best LRs rise more slowly at each larger batch (a bend near batch "
+        f"{_fmt(shown.bend)}, F-test at 5%): bent there, the curve would give {_fmt(shown.optimum(target))} at "
+        f"{target}; the power law, past the largest batch run ({max(shown.batch_sizes)}), may overshoot. A "
+        "measured critical batch (reference.noise_scale or noise_trajectory, or the study's) bends the "
+        "recipe's curve; \"explore\" at the target measures it")
 
 
 def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str) -> float:

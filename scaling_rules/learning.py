@@ -124,7 +124,7 @@ class EvidenceModel:
         parsed.sort(key=lambda r: (r.batch_size, r.lr, r.outcome, r.metric if r.metric is not None else 0.0,
                                    r.run_id or 0))
         model = cls(runs=parsed, direction=direction)
-        model.fit = model._fit()
+        model.fit = model._fit(bend=False)
         model.warmup_fit = model._fit_warmup()
         model.conflicts = model._find_conflicts()
         return model
@@ -196,7 +196,7 @@ class EvidenceModel:
 
     def fit_for(self, noise: float | None) -> ScalingFit | None:
         """The curve with its bend centred on the critical batch ``noise`` (in the runs' batch units), as
-        the rule bends at it; :attr:`fit` (the bend fitted, or none) where no critical batch is known."""
+        the rule bends at it; :attr:`fit`, the power law, where no critical batch is known."""
         if noise is None or not math.isfinite(noise) or noise <= 0:
             return self.fit
         key = ("bend", f"{noise:.6g}", "")
@@ -208,13 +208,16 @@ class EvidenceModel:
             self._memo[key] = self._fit(noise)
         return self._memo[key]
 
-    def power_law(self) -> ScalingFit | None:
-        """The same runs read as one power law, never bending: what a bend changes, said beside it."""
-        if self.fit is None or not self.fit.components or self.fit.bend_weight == 0:
-            return self.fit
-        key = ("power law", "", "")
+    def shown_bend(self) -> ScalingFit | None:
+        """The curve with a bend fitted from the runs alone, where they show one beyond their noise (an
+        F-test at 5%, three batch sizes or more), else None. Reported, not used: on the fidelity
+        benchmark's LM the test fired on LAMB's optima at 1x, 4x, 16x (a quadratic U read on asymmetric
+        sweeps bends the centres) and the bent curve's 64x LR (0.030) lost to the power law's (0.0435,
+        the oracle there); only a measured critical batch moves the recipe's curve (:meth:`fit_for`)."""
+        key = ("shown bend", "", "")
         if key not in self._memo:
-            self._memo[key] = self._fit(None, bend=False)
+            fit = self._fit(None, bend=True) if self.fit is not None and len(self.fit.batch_sizes) >= 3 else None
+            self._memo[key] = fit if fit is not None and fit.bend_weight > 0.5 else None
         return self._memo[key]
 
     def _fit(self, noise: float | None = None, *, bend: bool = True) -> ScalingFit | None:

@@ -221,4 +221,4 @@ def test_evidence_bend_quick():
     assert len(rows) == 7, proc.stdout
     for row in rows:
         cells = row.strip("|").split(" | ")
-        assert len(cells) == 8 and cells[-1].strip().endswith("/2"), row
+        assert len(cells) == 9 and cells[-2].strip().endswith("/2"), row

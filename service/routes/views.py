@@ -51,10 +51,11 @@ class Fit(BaseModel):
     n_runs: int
     batch_sizes: list[int]
     data_weight: float = Field(description="0: the paper's sqrt prior alone, 1: the runs alone")
-    bend: float | None = Field(None, description="N, the batch where the fitted curve stops growing: ln LR*(B) = "
-                                                 "log_c + a (ln B - ln(1 + B/N)); null: no bend, a power law")
-    bend_weight: float = Field(0.0, description="the posterior's weight on a bend (the rest on none); the optimum "
-                                                "averages over both")
+    bend: float | None = Field(None, description="N, where the runs show their best LR stop growing (an F-test "
+                                                 "at 5%): ln LR*(B) = log_c + a (ln B - ln(1 + B/N)); reported, "
+                                                 "not used: the optimum is the power law's unless a critical batch "
+                                                 "is measured; null: no bend shown")
+    bend_weight: float = Field(0.0, description="the shown bend's posterior weight (the rest on none)")
 
 
 class LrPoint(BaseModel):
@@ -217,7 +218,10 @@ def study_evidence(
     if model.fit is not None:
         f = model.fit
         fit = Fit(exponent=f.exponent, exponent_sd=f.exponent_sd, log_c=f.log_c, n_runs=f.n_runs,
-                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight, bend=f.bend, bend_weight=f.bend_weight)
+                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight)
+        shown = model.shown_bend()
+        if shown is not None:
+            fit.bend, fit.bend_weight = shown.bend, shown.bend_weight
         optimum = [LrPoint(batch_size=b, lr=f.optimum(b)) for b in batches if math.isfinite(f.optimum(b))]
     boundary = []
     for b in batches:

@@ -304,7 +304,7 @@ function renderEvidence(ev) {
       + `LR* ∝ batch^${ev.fit.exponent.toFixed(3)} ± ${ev.fit.exponent_sd.toFixed(3)} (the papers' rule: 0.5; `
       + `data weight ${ev.fit.data_weight.toFixed(2)})`
       + (ev.fit.bend && ev.fit.bend_weight >= 0.05
-        ? `, bending flat near batch ${fmt(ev.fit.bend)} (weight ${ev.fit.bend_weight.toFixed(2)} on a bend).` : ".")
+        ? `; the runs' optima bend near batch ${fmt(ev.fit.bend)} (F-test at 5%; a measured critical batch bends the recipe's curve).` : ".")
     : "No fitted curve yet: it needs completed runs at three or more LRs that show a minimum.";
   $("#fit").textContent = [fit, ...ev.conflicts].join(" ");
 }
