@@ -185,3 +185,36 @@ def test_a_lamb_recipe_is_capped_by_lambs_divergences_not_adamws(request, backen
         assert out.stages[0].peak_lr == pytest.approx(priors.DIVERGENCE_MARGIN * 1.5e-3, rel=1e-12), out.rationale
         assert any("study history in lamb's LR units (layerwise-adam): LR 0.0015 diverged at batch 1024" in line
                    for line in out.rationale), out.rationale
+
+
+def test_a_measured_critical_batch_bends_the_studys_curve_through_the_service(tmp_path):
+    """A study with runs at two batch sizes and a measured B_noise: the recipe far past its runs bends
+    where the rule does (real app, real SQLite store), and the evidence view keeps the power law."""
+    from tests.scaling_rules.test_learning_bend import N, TARGET, Bent
+
+    land = Bent(seed=5)
+    measured = {"noise_scale": N}
+    for api in in_process_api(f"sqlite:///{tmp_path / 'bend.db'}", "bend"):
+        c = api.client()
+        study = "bend-5"
+        assert c.post("/v1/studies", json={"name": study, "model_params": 10_000_000}).status_code == 201
+        for batch in (512, 1024):
+            body = _request(batch, study, start_run=True, explore=2)
+            body["reference"].update(measured)
+            out = RecommendationOut.model_validate(c.post("/v1/recommendations", json=body).json())
+            for run in [out.run, *out.variant_runs]:
+                result = land.run(batch, run.peak_lr, run.id)
+                assert result.outcome == "completed"
+                done = {"outcome": "completed", "metric": result.metric}
+                assert c.post(f"/v1/runs/{run.id}/complete", json=done).status_code == 200
+        body = _request(TARGET, study)
+        body["reference"].update(measured)
+        bent = RecommendationOut.model_validate(c.post("/v1/recommendations", json=body).json())
+        line = next(x for x in bent.rationale if x.startswith("evidence ("))
+        assert "bent flat at the critical batch: B_noise 2048 as measured" in line, line
+        assert abs(bent.stages[0].peak_lr / land.optimum(TARGET) - 1) < 0.3, line
+        view = c.get(f"/v1/studies/{study}/evidence", params={"batch_size": TARGET}).json()
+        assert view["fit"]["bend"] is None  # two batch sizes show no bend by themselves
+        power_law = next(p["lr"] for p in view["optimum"] if p["batch_size"] == TARGET)
+        assert power_law / land.optimum(TARGET) - 1 > 0.5  # the same runs as one power law overshoot
+        assert f"one power law through the same runs gives {power_law:.6g}" in line
