@@ -190,7 +190,7 @@ def test_a_lamb_recipe_is_capped_by_lambs_divergences_not_adamws(request, backen
 def test_a_measured_critical_batch_bends_the_studys_curve_through_the_service(tmp_path):
     """A study with runs at two batch sizes and a measured B_noise: the recipe far past its runs bends
     where the rule does (real app, real SQLite store), and the evidence view keeps the power law."""
-    from tests.scaling_rules.test_learning_bend import N, TARGET, Bent
+    from tests.scaling_rules.test_learning_bend import TARGET, Bent, N
 
     land = Bent(seed=5)
     measured = {"noise_scale": N}
