@@ -283,7 +283,6 @@ class TaskResult:
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> batch, steps, examples, losses
     tests: list[dict[str, Any]] = field(default_factory=list)
     power: str = ""
-    steps_saved: float = float("nan")
     seconds: float = 0.0
 
 
@@ -415,7 +414,6 @@ def end_to_end(task: sf.Task, s: Setup, res: TaskResult) -> None:
     print(f"  {task.name} {res.power}", flush=True)
     for seed in range(first + PILOT_SEEDS, first + n):
         run_seed(seed)
-    res.steps_saved = 1 - res.arms["ramp"]["steps"] / res.arms["B0"]["steps"]
     compare(res)
 
 

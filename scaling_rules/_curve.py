@@ -114,14 +114,12 @@ class ScalingFit:
     n_runs: int
     batch_sizes: tuple[int, ...]
     data_weight: float  # 0 = prior only, 1 = data only (how far the exponent's posterior moved off the prior)
-    components: tuple[tuple[float, float, float, float | None], ...] = ()
+    components: tuple[tuple[float, float, float, float | None], ...]
     bend: float | None = None  # the posterior's geometric-mean bend, where it puts weight on one
     bend_weight: float = 0.0  # the posterior's mass on a bend (1 where a measured critical batch sets it)
     measured_bend: float | None = None  # the critical batch the prior was centred on, if any
 
     def log_optimum(self, batch_size: float) -> float:
-        if not self.components:
-            return self.log_c + self.exponent * math.log(batch_size)
         return math.fsum(w * (c + a * float(regime_coordinate(batch_size, n))) for w, a, c, n in self.components)
 
     def optimum(self, batch_size: int) -> float:
@@ -140,11 +138,11 @@ def _bends(batches: list[int], measured: float | None) -> list[tuple[float | Non
     return [(None, UNBENT_PRIOR)] + [(float(n), (1 - UNBENT_PRIOR) / BEND_POINTS) for n in grid]
 
 
-def _shows_a_bend(sses: np.ndarray, n: int, p: int, batches: list[int]) -> bool:
+def _shows_a_bend(sses: np.ndarray, n: int, p: int) -> bool:
     """Whether the best bend (rows 1.. of ``sses``) explains the runs beyond the best power law (row 0) by
-    more than their noise: an F-test of one added parameter, at three batch sizes or more."""
+    more than their noise: an F-test of one added parameter (``fit_curve`` asks at three batch sizes or more)."""
     dof = n - p - 1
-    if len(batches) < 3 or dof < 1:
+    if dof < 1:
         return False
     power, bent = float(sses[0].min()), float(sses[1:].min())
     if bent <= 0:
@@ -166,7 +164,7 @@ def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.nda
         bends = bends[:1]  # two batch sizes show no bend (see _shows_a_bend): the power law alone
     q = column_basis(fixed)
     sses = np.array([profile_sse(fixed, y, ln_lr, regime_coordinate(batch, b), EXPONENT_GRID, q) for b, _ in bends])
-    if measured is None and len(bends) > 1 and not _shows_a_bend(sses, n, p, batches):
+    if measured is None and len(bends) > 1 and not _shows_a_bend(sses, n, p):
         bends, sses = bends[:1], sses[:1]
     # Noise variance from the best fit, floored so a perfect fit on few points does not claim infinite precision.
     sigma2 = max(float(sses.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
@@ -180,17 +178,17 @@ def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.nda
     a_mean = float(a_marginal @ EXPONENT_GRID)
     a_sd = float(math.sqrt(max(a_marginal @ (EXPONENT_GRID - a_mean) ** 2, 0.0)))
     components, kappas = [], []
-    for (bend, _), row in zip(bends, post, strict=True):
+    for (at, _), row in zip(bends, post, strict=True):
         weight = float(row.sum())
         if weight < 1e-6:
             continue  # a bend the posterior rules out adds nothing but solves
         a = float(row @ EXPONENT_GRID) / weight
-        x = ln_lr - a * regime_coordinate(batch, bend)
+        x = ln_lr - a * regime_coordinate(batch, at)
         coef, *_ = np.linalg.lstsq(np.column_stack([fixed, x, x * x]), y, rcond=None)
         kappa, beta = float(coef[-1]), float(coef[-2])
         if kappa <= 0:
             continue  # no U along this curve: the best LR lies outside what was tried
-        components.append((weight, a, -beta / (2 * kappa), bend))
+        components.append((weight, a, -beta / (2 * kappa), at))
         kappas.append(kappa)
     if not components:
         return None
@@ -198,11 +196,11 @@ def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.nda
     components = [(w / total, a, c, b) for w, a, c, b in components]
     bent = [(w, b) for w, _, _, b in components if b is not None]
     bend_weight = math.fsum(w for w, _ in bent)
-    bend = math.exp(math.fsum(w * math.log(b) for w, b in bent) / bend_weight) if bend_weight > 0 else None
+    mean_bend = math.exp(math.fsum(w * math.log(b) for w, b in bent) / bend_weight) if bend_weight > 0 else None
     return ScalingFit(
         exponent=a_mean, exponent_sd=a_sd,
         log_c=math.fsum(w * c for w, _, c, _ in components),
         curvature=math.fsum(w * k for (w, *_), k in zip(components, kappas, strict=True)),
         n_runs=n, batch_sizes=tuple(batches),
         data_weight=1.0 - min(1.0, (a_sd / PRIOR_SD) ** 2) if identifiable else 0.0,
-        components=tuple(components), bend=bend, bend_weight=bend_weight, measured_bend=measured)
+        components=tuple(components), bend=mean_bend, bend_weight=bend_weight, measured_bend=measured)

@@ -216,12 +216,10 @@ def study_evidence(
     fit = None
     optimum: list[LrPoint] = []
     if model.fit is not None:
-        f = model.fit
+        f, shown = model.fit, model.shown_bend()
         fit = Fit(exponent=f.exponent, exponent_sd=f.exponent_sd, log_c=f.log_c, n_runs=f.n_runs,
-                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight)
-        shown = model.shown_bend()
-        if shown is not None:
-            fit.bend, fit.bend_weight = shown.bend, shown.bend_weight
+                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight,
+                  bend=shown.bend if shown else None, bend_weight=shown.bend_weight if shown else 0.0)
         optimum = [LrPoint(batch_size=b, lr=f.optimum(b)) for b in batches if math.isfinite(f.optimum(b))]
     boundary = []
     for b in batches:
