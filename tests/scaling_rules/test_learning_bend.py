@@ -8,9 +8,13 @@ and the same noisy U-shaped outcomes as the power-law landscape of ``test_learni
 import math
 import statistics
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from largebatch.scaling_rules import recommend
+from largebatch.scaling_rules._curve import profile_sse
 from largebatch.scaling_rules.learning import EvidenceModel, explore_lrs
 from tests.scaling_rules import test_learning_simulation as sim
 
@@ -136,3 +140,23 @@ def test_a_cached_model_keeps_a_bounded_number_of_bent_fits():
     kept = [k for k in model._memo if k[0] == "bend"]
     assert len(kept) == learning.MAX_BEND_FITS
     assert model.fit_for(N * (1 + (3 * learning.MAX_BEND_FITS - 1) / 100)) is fits[-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(6, 60), st.integers(1, 4), st.integers(0, 2**32 - 1), st.booleans())
+def test_the_closed_form_profile_is_the_least_squares_residual(n, levels, seed, extra):
+    """For any runs, each exponent's profile SSE is the residual of the least-squares fit it stands for
+    (the levels and, if any, another column; then x = ln_v - g ln_b and x^2)."""
+    rng = np.random.default_rng(seed)
+    fixed = np.eye(levels)[rng.integers(0, levels, n)]
+    if extra:
+        fixed = np.column_stack([fixed, rng.normal(size=n)])
+    y, ln_v = rng.normal(size=n), rng.normal(size=n) * 2
+    ln_b = np.log(rng.choice([256.0, 512.0, 1024.0, 4096.0], n))
+    grid = np.linspace(-0.25, 1.25, 13)
+    sse = profile_sse(fixed, y, ln_v, ln_b, grid)
+    for g, got in zip(grid, sse, strict=True):
+        x = ln_v - g * ln_b
+        design = np.column_stack([fixed, x, x * x])
+        resid = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+        assert got == pytest.approx(float(resid @ resid), rel=1e-6, abs=1e-9 * float(y @ y))
