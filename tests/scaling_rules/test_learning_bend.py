@@ -71,16 +71,18 @@ def test_runs_that_show_the_bend_are_told_where_it_lies():
                        for w in recipe.warnings), recipe.warnings
     rule = error(Bent(0), recommend(request(TARGET)).stages[0].peak_lr)
     assert rule > 1.5  # sqrt from the reference: 2.8x the optimum at 16K
-    # One power law through optima that already bend cannot flatten past them: it overshoots by a third.
-    assert statistics.median(lines) > 0.25, lines
+    # One power law through optima that already bend cannot flatten past them; the shown bend can, within
+    # the 10% the power-law landscape's test asks at a batch never run.
     assert shown_in >= 7
     assert statistics.median(abs(e) for e in bent_errors) < 0.10, bent_errors
+    assert statistics.median(abs(e) for e in bent_errors) < statistics.median(abs(e) for e in lines), lines
 
 
 @pytest.mark.slow
 def test_a_measured_critical_batch_bends_two_batch_sizes_of_evidence():
     """Runs at 512 and 1024 cannot show a bend; the study's measured critical batch places it, as the
     rule's own regime curve does, and the answer 16x past the runs stays near the truth."""
+    errors = []
     for seed in range(10):
         land = Bent(seed)
         runs = study(land, (512, 1024), noise=N)
@@ -88,9 +90,11 @@ def test_a_measured_critical_batch_bends_two_batch_sizes_of_evidence():
         bent = recommend(request(TARGET, N), evidence=model).stages[0].peak_lr
         line = model.fit.optimum(TARGET)  # the same runs read as a power law (no critical batch known)
         assert model.fit.bend is None
+        # paired, seed by seed: the bent answer is the closer one, and the line errs upward (it overshoots)
         assert abs(error(land, bent)) < abs(error(land, line)), (seed, error(land, bent), error(land, line))
-        assert -0.15 < error(land, bent) < 0.30, (seed, error(land, bent))
-        assert error(land, line) > 0.5
+        assert error(land, line) > 0
+        errors.append(error(land, bent))
+    assert statistics.median(abs(e) for e in errors) < 0.10, errors  # the 10% bar of the power-law test
 
 
 def test_a_power_law_study_keeps_its_line():
