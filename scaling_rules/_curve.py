@@ -5,7 +5,8 @@ a power of the batch well below the critical batch, flat beyond it. The fitted c
 
     ln lr*(B) = log_c + a * h_N(B),    h_N(B) = ln B - ln(1 + B/N),
 
-``a`` the exponent well below the bend (prior N(1/2, 0.15^2), the papers' sqrt) and ``N`` the bend
+``a`` the exponent well below the bend (prior N(e, 0.15^2), e the optimizer's rule: 1/2 for the Adam
+family, the papers' sqrt; 1 for SGD and LARS, Goyal et al.'s linear) and ``N`` the bend
 (h_N = ln B when N is infinite: a pure power law). Around its optimum a run's metric is quadratic in
 ``ln lr - ln lr*(B)``, with a free level per batch size (see :mod:`.learning`); for each (a, N) that is
 one least-squares solve, so the posterior over a grid of both is exact up to the noise estimate.
@@ -34,9 +35,9 @@ import numpy as np
 from . import stats
 from .models import MAX_LR, MIN_LR
 
-PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling.
-PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd: what LR sweeps in the literature show.
-EXPONENT_GRID = np.linspace(-0.25, 1.25, 601)
+PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling, the Adam family's rule (a linear rule's prior is 1).
+PRIOR_SD = 0.15  # covers linear-ish (0.8) to flat (0.2) at 2 sd around sqrt: what LR sweeps in the literature show.
+EXPONENT_GRID = np.linspace(-0.25, 1.25, 601)  # +-5 prior sd around PRIOR_EXPONENT; moved with another prior
 MIN_CURVATURE_RUNS = 3  # a U needs three LRs
 UNBENT_PRIOR = 0.5  # with no measured critical batch, the prior's mass on "no bend": a pure power law
 BEND_SPAN = 8.0  # ... and the rest log-uniform on bends from B_min / 8 to B_max x 8
@@ -118,6 +119,7 @@ class ScalingFit:
     bend: float | None = None  # the posterior's geometric-mean bend, where it puts weight on one
     bend_weight: float = 0.0  # the posterior's mass on a bend (1 where a measured critical batch sets it)
     measured_bend: float | None = None  # the critical batch the prior was centred on, if any
+    prior_exponent: float = PRIOR_EXPONENT  # the rule's exponent, the prior's centre
 
     def log_optimum(self, batch_size: float) -> float:
         return math.fsum(w * (c + a * float(regime_coordinate(batch_size, n))) for w, a, c, n in self.components)
@@ -151,11 +153,14 @@ def _shows_a_bend(sses: np.ndarray, n: int, p: int) -> bool:
 
 
 def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.ndarray, batches: list[int],
-              measured: float | None = None, *, bend: bool = True) -> ScalingFit | None:
+              measured: float | None = None, *, bend: bool = True,
+              prior_exponent: float = PRIOR_EXPONENT) -> ScalingFit | None:
     """The posterior over (exponent, bend) for runs at ``batch`` with LRs ``ln_lr`` and standardised metrics
     ``y`` (minimised), ``fixed`` the design's other columns (a level per batch size, the warmup's U);
     ``measured`` the critical batch in the runs' batch units, if one is known; ``bend=False``: the power
-    law alone. None where no U is seen."""
+    law alone; ``prior_exponent`` the optimizer's rule (one batch size says nothing of the exponent, and
+    a study of SGD runs must not be pulled toward the Adam family's sqrt). None where no U is seen."""
+    grid = EXPONENT_GRID if prior_exponent == PRIOR_EXPONENT else EXPONENT_GRID + (prior_exponent - PRIOR_EXPONENT)
     n, p = len(y), fixed.shape[1] + 2
     if not bend:
         measured = None
@@ -163,26 +168,26 @@ def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.nda
     if not bend or (measured is None and len(batches) < 3):
         bends = bends[:1]  # two batch sizes show no bend (see _shows_a_bend): the power law alone
     q = column_basis(fixed)
-    sses = np.array([profile_sse(fixed, y, ln_lr, regime_coordinate(batch, b), EXPONENT_GRID, q) for b, _ in bends])
+    sses = np.array([profile_sse(fixed, y, ln_lr, regime_coordinate(batch, b), grid, q) for b, _ in bends])
     if measured is None and len(bends) > 1 and not _shows_a_bend(sses, n, p):
         bends, sses = bends[:1], sses[:1]
     # Noise variance from the best fit, floored so a perfect fit on few points does not claim infinite precision.
     sigma2 = max(float(sses.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
     identifiable = len(batches) >= 2
     log_lik = -sses / (2 * sigma2) if identifiable else np.zeros_like(sses)  # one batch size: the priors'
-    log_post = (log_lik - (EXPONENT_GRID - PRIOR_EXPONENT) ** 2 / (2 * PRIOR_SD**2)
+    log_post = (log_lik - (grid - prior_exponent) ** 2 / (2 * PRIOR_SD**2)
                 + np.log([w for _, w in bends])[:, None])
     post = np.exp(log_post - log_post.max())
     post /= post.sum()
     a_marginal = post.sum(axis=0)
-    a_mean = float(a_marginal @ EXPONENT_GRID)
-    a_sd = float(math.sqrt(max(a_marginal @ (EXPONENT_GRID - a_mean) ** 2, 0.0)))
+    a_mean = float(a_marginal @ grid)
+    a_sd = float(math.sqrt(max(a_marginal @ (grid - a_mean) ** 2, 0.0)))
     components, kappas = [], []
     for (at, _), row in zip(bends, post, strict=True):
         weight = float(row.sum())
         if weight < 1e-6:
             continue  # a bend the posterior rules out adds nothing but solves
-        a = float(row @ EXPONENT_GRID) / weight
+        a = float(row @ grid) / weight
         x = ln_lr - a * regime_coordinate(batch, at)
         coef, *_ = np.linalg.lstsq(np.column_stack([fixed, x, x * x]), y, rcond=None)
         kappa, beta = float(coef[-1]), float(coef[-2])
@@ -203,4 +208,5 @@ def fit_curve(batch: np.ndarray, ln_lr: np.ndarray, y: np.ndarray, fixed: np.nda
         curvature=math.fsum(w * k for (w, *_), k in zip(components, kappas, strict=True)),
         n_runs=n, batch_sizes=tuple(batches),
         data_weight=1.0 - min(1.0, (a_sd / PRIOR_SD) ** 2) if identifiable else 0.0,
-        components=tuple(components), bend=mean_bend, bend_weight=bend_weight, measured_bend=measured)
+        components=tuple(components), bend=mean_bend, bend_weight=bend_weight, measured_bend=measured,
+        prior_exponent=prior_exponent)

@@ -30,7 +30,8 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
         plan.rationale.append(
             f"{p}evidence ({ids}; {fit.n_runs} completed at batch sizes "
             f"{', '.join(map(str, fit.batch_sizes))}): LR ~ batch^a with a = {fit.exponent:.3f} +- "
-            f"{fit.exponent_sd:.3f} (prior 0.5, data weight {fit.data_weight:.2f}){_bend_text(fit, evidence, target)}; best LR at "
+            f"{fit.exponent_sd:.3f} (prior {fit.prior_exponent:g}, the {evidence.rule} rule's; data weight "
+            f"{fit.data_weight:.2f}){_bend_text(fit, evidence, target)}; best LR at "
             f"{target} is {_fmt(plan.ideal_lr)}, the rule gave {_fmt(rule_lr)} ({plan.ideal_lr / rule_lr - 1:+.1%})"
         )
         return
@@ -38,10 +39,10 @@ def _apply_evidence(plan: _Plan, evidence: EvidenceModel, p: str) -> None:
     best = evidence.best_run(anchor) if anchor is not None else None
     if best is None:
         return
-    plan.ideal_lr = best.lr * regime_factor(target, best.batch_size, plan.noise, "sqrt")
+    plan.ideal_lr = best.lr * regime_factor(target, best.batch_size, plan.noise, evidence.rule)
     plan.rationale.append(
         f"{p}evidence: re-anchored on run {best.run_id} (batch {best.batch_size}, LR {_fmt(best.lr)}, the "
-        f"best measured near {target}) along the sqrt regime curve: {_fmt(plan.ideal_lr)}, the reference rule gave "
+        f"best measured near {target}) along the {evidence.rule} regime curve: {_fmt(plan.ideal_lr)}, the reference rule gave "
         f"{_fmt(rule_lr)} ({plan.ideal_lr / rule_lr - 1:+.1%})"
     )
 

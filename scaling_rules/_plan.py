@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from . import priors
+from . import optimizers, priors
 from ._critical import Trajectory, ramp_batches
 from .models import DEFAULT_MAX_OVERHEAD, RecommendationRequest, Reference, StageRequest
 from .priors import Prior
@@ -71,11 +71,10 @@ _fmt = "{:.6g}".format
 
 
 def _default_rule(optimizer: str) -> str:
-    # SGD and LARS (momentum SGD with a per-layer trust ratio): linear (Goyal et al.; SimCLR, BYOL and
-    # MAE's linear probe scale their LARS LR as base x B/256). The TPU reference's 25 -> 34 -> 41 from
-    # 16K to 64K is the flattening past the critical batch that the regime curve gives once B_noise
-    # is known. Adam family: sqrt (LAMB section 4.3).
-    return "linear" if optimizer in ("sgd", "lars") else "sqrt"
+    # The optimizer table's rule. LARS (momentum SGD with a per-layer trust ratio) is linear as SimCLR,
+    # BYOL and MAE's linear probe scale it (base x B/256); the TPU reference's 25 -> 34 -> 41 from 16K to
+    # 64K is the flattening past the critical batch that the regime curve gives once B_noise is known.
+    return optimizers.info(optimizer).lr_rule
 
 
 def examples_ratio(batch: float, ref_batch: float, noise_scale: float) -> float:

@@ -46,7 +46,9 @@ reference. Every step below leaves a line in the rationale.
    stated. Where the optimizer's LR units change, the LR is re-anchored on the new optimizer's prior
    (LARS: the TPU code's first row, its step function reported beside). Model size moves the LR by
    N^SIZE_EXPONENT at a fixed batch, or by muP's 1/width where widths are given; batch "auto" with a
-   budget uses DeepSeek LLM's compute-optimal batch and LR.
+   budget uses DeepSeek LLM's compute-optimal batch and LR. A study's runs replace the rule by the curve
+   they fit (:mod:`.learning`), whose exponent's prior is the rule's e (1 or 1/2), so runs that say
+   nothing of the exponent (one batch size) leave the rule's scaling as it was.
 6. Caps (:mod:`._lr`): the layer-wise cap 1/L (LANS section 3.3) and the AdamW cap of LAMB Table 8,
    which depends on the warmup (3e-4 diverged with 10% warmup and trained with 20%) and fades in
    below 16K; the divergences the study saw. A binding cap adds LANS eq. 9's constant phase.
@@ -288,8 +290,8 @@ def recommend(
     if evidence_model is not None:
         if req.optimizer is None:
             warns += evidence_model.better_elsewhere(name, unnamed)
-        mine = evidence_model.in_units_of(name, unnamed)
-        if mine is not evidence_model and any(h.units is None and h.min_diverged_lr is not None for h in history):
+        mine = evidence_model.in_units_of(name, unnamed, req.rule)
+        if len(mine.runs) != len(evidence_model.runs) and any(h.units is None and h.min_diverged_lr is not None for h in history):
             # Summaries that do not record their units keep one smallest diverged LR over every optimizer: in a
             # study of two LR units it may be another optimizer's. The runs in this one's units cap instead.
             history = [h for h in history if h.units is not None]

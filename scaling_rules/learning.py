@@ -50,7 +50,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from . import optimizers, priors, stats
-from ._curve import MIN_CURVATURE_RUNS, PRIOR_EXPONENT, ScalingFit, fit_curve, profile_sse, standardised
+from ._curve import MIN_CURVATURE_RUNS, ScalingFit, fit_curve, profile_sse, standardised
 from .evidence import Direction, Outcome
 from .models import MAX_LR, MIN_LR
 
@@ -113,35 +113,53 @@ class EvidenceModel:
     fit: ScalingFit | None = None
     conflicts: list[str] = field(default_factory=list)
     warmup_fit: WarmupFit | None = None
+    rule: str = "sqrt"  # the LR rule whose exponent centres the fitted exponent's prior
     # in_units_of's sub-models and better_elsewhere's lines, once per model (the service keeps a
     # study's fitted model for every request until its evidence changes)
     _memo: dict[tuple[str, str, str], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_runs(cls, runs: Iterable[RunEvidence | dict], *, direction: Direction = "minimize") -> EvidenceModel:
+    def from_runs(cls, runs: Iterable[RunEvidence | dict], *, direction: Direction = "minimize",
+                  rule: str | None = None) -> EvidenceModel:
+        """The fitted model of ``runs``. ``rule`` ("sqrt", "linear") centres the exponent's prior; by default
+        the rule the runs' optimizers share (SGD and LARS linear, the Adam family sqrt), sqrt where they
+        share none."""
         parsed = [r if isinstance(r, RunEvidence) else RunEvidence.model_validate(r) for r in runs]
         # Deterministic: the same evidence in any order gives the same recipe.
         parsed.sort(key=lambda r: (r.batch_size, r.lr, r.outcome, r.metric if r.metric is not None else 0.0,
                                    r.run_id or 0))
-        model = cls(runs=parsed, direction=direction)
+        if rule is None:
+            known = optimizers.OPTIMIZERS
+            rules = {known[r.optimizer].lr_rule for r in parsed if r.optimizer in known}
+            rule = rules.pop() if len(rules) == 1 else "sqrt"
+        optimizers.rule_exponent(rule)  # a ValueError naming an unknown rule, before any fit
+        model = cls(runs=parsed, direction=direction, rule=rule)
         model.fit = model._fit(bend=False)
         model.warmup_fit = model._fit_warmup()
         model.conflicts = model._find_conflicts()
         return model
 
+    @property
+    def exponent_prior(self) -> float:
+        """The rule's exponent (:data:`.optimizers.RULE_EXPONENTS`): 1 linear, 1/2 sqrt."""
+        return optimizers.rule_exponent(self.rule)
+
     # ----- optimizers -----
 
-    def in_units_of(self, optimizer: str, unnamed: str) -> EvidenceModel:
+    def in_units_of(self, optimizer: str, unnamed: str, rule: str | None = None) -> EvidenceModel:
         """The model of the runs whose LRs are in ``optimizer``'s units (a run that names no optimizer
         counts as ``unnamed``'s, the reference's; one that names an optimizer the table does not know is
-        left out). A study that changed optimizer (the engine's own recipes switch AdamW to LAMB past
-        16K) holds LRs of two units, several times apart: one curve through both would read the change
-        of units as an effect of the batch or the LR. ``self`` where every run is in those units."""
-        key = ("units", optimizers.units_of(optimizer), optimizers.units_of(unnamed))
+        left out), its exponent's prior centred on ``rule`` (default: ``optimizer``'s). A study that
+        changed optimizer (the engine's own recipes switch AdamW to LAMB past 16K) holds LRs of two units,
+        several times apart: one curve through both would read the change of units as an effect of the
+        batch or the LR. ``self`` where every run is in those units and the rule is its own."""
+        row = optimizers.OPTIMIZERS.get(optimizer)
+        rule = rule or (row.lr_rule if row is not None else "sqrt")
+        key = ("units", optimizers.units_of(optimizer), f"{optimizers.units_of(unnamed)} {rule}")
         if key not in self._memo:
             mine = [r for r in self.runs if optimizers.run_units(r.optimizer, unnamed) == key[1]]
-            self._memo[key] = self if len(mine) == len(self.runs) else \
-                EvidenceModel.from_runs(mine, direction=self.direction)
+            self._memo[key] = self if len(mine) == len(self.runs) and rule == self.rule else \
+                EvidenceModel.from_runs(mine, direction=self.direction, rule=rule)
         return self._memo[key]
 
     def better_elsewhere(self, optimizer: str, unnamed: str) -> list[str]:
@@ -262,7 +280,8 @@ class EvidenceModel:
                 len({x.warmup_ratio for x in rs}) >= 2 for rs in informative.values()):
             u = np.log([r.warmup_ratio for r in rows]) - WARMUP_PRIOR_EXPONENT * np.log(batch)  # type: ignore[misc]
             fixed = np.column_stack([fixed, u, u * u])
-        return fit_curve(batch, np.log([r.lr for r in rows]), y, fixed, batches, noise, bend=bend)
+        return fit_curve(batch, np.log([r.lr for r in rows]), y, fixed, batches, noise, bend=bend,
+                         prior_exponent=self.exponent_prior)
 
     # ----- the warmup -----
 
@@ -405,9 +424,9 @@ class EvidenceModel:
                     f"{r.batch_size}) although LR {worst.lr:.4g} diverged at batch {worst.batch_size}: "
                     "divergence may have been noise (the cap still honours it)"
                 )
-        if self.fit is not None and abs(self.fit.exponent - PRIOR_EXPONENT) > 3 * max(self.fit.exponent_sd, 1e-9):
+        if self.fit is not None and abs(self.fit.exponent - self.exponent_prior) > 3 * max(self.fit.exponent_sd, 1e-9):
             out.append(f"the fitted LR-vs-batch exponent {self.fit.exponent:.3f} +- {self.fit.exponent_sd:.3f} "
-                       "contradicts the sqrt rule (0.5) of the papers")
+                       f"contradicts the {self.rule} rule ({self.exponent_prior:g}) of the papers")
         return out
 
     def run_ids(self) -> list[int]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "RECIPE_NAMES", "REFERENCE_NAMES", "UNNAMED_UNITS", "Bounds",
-           "OptimInfo", "info", "run_units", "same_units", "summary_units", "units_of"]
+__all__ = ["HYPERPARAMETER_BOUNDS", "OPTIMIZERS", "RECIPE_NAMES", "REFERENCE_NAMES", "RULE_EXPONENTS", "UNNAMED_UNITS",
+           "Bounds", "OptimInfo", "info", "rule_exponent", "run_units", "same_units", "summary_units", "units_of"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,10 @@ class OptimInfo:
         recipe: can be a recipe's optimizer (Adam is only a reference: it is run as AdamW).
         decoupled_weight_decay: decays the weights apart from the gradient (AdamW-style), so that its
             timescale 1/(lr x weight_decay) is what a recipe keeps (``weight_decay_rule="timescale"``).
+        lr_rule: how its best LR grows with the batch well below the critical batch: "linear" for
+            SGD-like steps (Goyal et al. 2017; McCandlish et al. 2018 eq. 2.6), "sqrt" for the Adam family
+            (LAMB section 4.3; the square-root rule of Adam's SDE, Malladi et al. 2022). The rule's
+            exponent (:data:`RULE_EXPONENTS`) is also the prior of the exponent a study's runs fit.
     """
 
     name: str
@@ -51,6 +55,7 @@ class OptimInfo:
     options: frozenset[str]
     recipe: bool = True
     decoupled_weight_decay: bool = False
+    lr_rule: str = "sqrt"
 
 
 _LAYERWISE_OPTIONS = frozenset({"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "capturable"})
@@ -71,11 +76,22 @@ OPTIMIZERS: dict[str, OptimInfo] = {i.name: i for i in (
               options=frozenset({"foreach", "fused", "amsgrad"}), recipe=False),
     OptimInfo("lars", "largebatch.client.optim.LARS", "lars", betas=False, momentum=True, layerwise=True,
               clipping=False, trust_coefficient=True, optional_bias_correction=False, default_eps=1e-9,
-              options=_LAYERWISE_OPTIONS),
+              options=_LAYERWISE_OPTIONS, lr_rule="linear"),
     OptimInfo("sgd", "torch.optim.SGD", "sgd", betas=False, momentum=True, layerwise=False, clipping=False,
               trust_coefficient=False, optional_bias_correction=False, default_eps=0.0,
-              options=frozenset({"foreach", "fused", "nesterov", "dampening"})),
+              options=frozenset({"foreach", "fused", "nesterov", "dampening"}), lr_rule="linear"),
 )}
+
+#: The exponent of each LR rule: LR ~ batch^e well below the critical batch, (1 + B_noise/B)^-e around it.
+RULE_EXPONENTS: dict[str, float] = {"linear": 1.0, "sqrt": 0.5}
+
+
+def rule_exponent(rule: str) -> float:
+    """``rule``'s exponent (:data:`RULE_EXPONENTS`); a ValueError naming it where there is none."""
+    try:
+        return RULE_EXPONENTS[rule]
+    except KeyError:
+        raise ValueError(f"unknown LR rule: {rule!r} (known: {', '.join(RULE_EXPONENTS)})") from None
 
 # The names a request's reference may hold, and a recipe's optimizer (the order of the API's schemas).
 REFERENCE_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)

@@ -50,7 +50,9 @@ class Fit(BaseModel):
     log_c: float = Field(description="ln LR*(B) = log_c + exponent * ln B where the curve does not bend")
     n_runs: int
     batch_sizes: list[int]
-    data_weight: float = Field(description="0: the paper's sqrt prior alone, 1: the runs alone")
+    data_weight: float = Field(description="0: the rule's prior alone, 1: the runs alone")
+    prior_exponent: float = Field(0.5, description="the prior's centre: the LR rule's exponent the runs' optimizers "
+                                                   "share (1: linear, SGD and LARS; 0.5: sqrt, the Adam family)")
     bend: float | None = Field(None, description="N, where the runs show their best LR stop growing (an F-test "
                                                  "at 5%): ln LR*(B) = log_c + a (ln B - ln(1 + B/N)); reported, "
                                                  "not used: the optimum is the power law's unless a critical batch "
@@ -218,7 +220,7 @@ def study_evidence(
     if model.fit is not None:
         f, shown = model.fit, model.shown_bend()
         fit = Fit(exponent=f.exponent, exponent_sd=f.exponent_sd, log_c=f.log_c, n_runs=f.n_runs,
-                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight,
+                  batch_sizes=list(f.batch_sizes), data_weight=f.data_weight, prior_exponent=f.prior_exponent,
                   bend=shown.bend if shown else None, bend_weight=shown.bend_weight if shown else 0.0)
         optimum = [LrPoint(batch_size=b, lr=f.optimum(b)) for b in batches if math.isfinite(f.optimum(b))]
     boundary = []

@@ -219,3 +219,27 @@ def test_a_measured_critical_batch_bends_the_studys_curve_through_the_service(tm
         assert power_law > land.optimum(TARGET)
         assert abs(bent.stages[0].peak_lr / land.optimum(TARGET) - 1) < power_law / land.optimum(TARGET) - 1, line
         assert f"one power law through the same runs gives {power_law:.6g}" in line
+
+
+def test_an_sgd_studys_runs_keep_the_linear_rule_through_the_service(api):
+    """An SGD study that swept its LR at the reference batch: the recipe 16x past it keeps Goyal et al.'s
+    linear scaling (the runs say nothing of the exponent), and the evidence view says which prior it used."""
+    import math
+
+    c = api.client()
+    study = new_study(c)
+    body = {"model": {"params": 25_000_000, "family": "cnn"}, "study": study,
+            "reference": {"batch_size": 256, "lr": 0.1, "optimizer": "sgd", "warmup_ratio": 0.05, "steps": 450_000}}
+    out = RecommendationOut.model_validate(c.post("/v1/recommendations", json={
+        **body, "target": {"batch_size": 256}, "explore": 2, "start_run": True}).json())
+    for run in [out.run, *out.variant_runs]:
+        metric = 1.0 + math.log(run.peak_lr / 0.11) ** 2  # best at 0.11 at batch 256
+        assert c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "completed", "metric": metric}).status_code == 200
+    view = c.get(f"/v1/studies/{study}/evidence", params={"batch_size": 4096}).json()
+    assert view["fit"]["prior_exponent"] == 1.0 and view["fit"]["data_weight"] == 0.0
+    recipe = RecommendationOut.model_validate(
+        c.post("/v1/recommendations", json={**body, "target": {"batch_size": 4096}}).json())
+    assert recipe.optimizer.name == "sgd"
+    optimum = next(p["lr"] for p in view["optimum"] if p["batch_size"] == 4096)
+    assert recipe.stages[0].peak_lr == pytest.approx(optimum, rel=1e-9)
+    assert recipe.stages[0].peak_lr == pytest.approx(0.11 * 16, rel=0.05)  # linear; sqrt would give 0.44

@@ -103,6 +103,7 @@ def test_evidence_shows_the_fit_and_the_divergence_boundary_the_recipe_uses(api)
     fit = ev["fit"]
     assert fit["n_runs"] == 12 and fit["batch_sizes"] == sorted(SWEEP)
     assert abs(fit["exponent"] - 0.5) < 0.05  # the sweep was made with batch^0.5
+    assert fit["prior_exponent"] == 0.5  # LAMB: the Adam family's sqrt rule
     optimum = {p["batch_size"]: p["lr"] for p in ev["optimum"]}
     assert set(optimum) == {*SWEEP, 65536}
     assert optimum[16384] == pytest.approx(4.2e-3, rel=0.05)

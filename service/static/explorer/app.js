@@ -301,7 +301,7 @@ function renderEvidence(ev) {
     xTicks: [...new Set([...batches, ...recipeStages.map((s) => s.batch_size)])], series: lrSeries });
   const fit = ev.fit
     ? `Fit on ${ev.fit.n_runs} completed runs at batch sizes ${ev.fit.batch_sizes.map(fmt).join(", ")}: `
-      + `LR* ∝ batch^${ev.fit.exponent.toFixed(3)} ± ${ev.fit.exponent_sd.toFixed(3)} (the papers' rule: 0.5; `
+      + `LR* ∝ batch^${ev.fit.exponent.toFixed(3)} ± ${ev.fit.exponent_sd.toFixed(3)} (the rule's prior: ${ev.fit.prior_exponent}; `
       + `data weight ${ev.fit.data_weight.toFixed(2)})`
       + (ev.fit.bend && ev.fit.bend_weight >= 0.05
         ? `; the runs' optima bend near batch ${fmt(ev.fit.bend)} (F-test at 5%; a measured critical batch bends the recipe's curve).` : ".")

@@ -1,0 +1,85 @@
+"""A study's fitted LR-vs-batch exponent has the optimizer's own rule as its prior: linear (1) for SGD and
+LARS, sqrt (1/2) for the Adam family. Before, every study was pulled toward sqrt: an SGD study that swept
+its LR at the reference batch (which says nothing about the exponent) turned Goyal et al.'s linear 32x
+into sqrt's 5.7x."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from largebatch.scaling_rules import optimizers, recommend
+from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
+
+GOYAL = {"model": {"params": 25_000_000, "family": "cnn"},
+         "reference": {"batch_size": 256, "lr": 0.1, "optimizer": "sgd", "warmup_ratio": 0.05, "steps": 450_000},
+         "target": {"batch_size": 8192}}
+
+
+def runs(optimizer: str, batches: tuple[int, ...], best: dict[int, float], lrs=(0.5, 1.0, 2.0),
+         curvature: float = 1.0) -> list[RunEvidence]:
+    out = []
+    for b in batches:
+        for f in lrs:
+            lr = best[b] * f * 1.1  # off the optimum: the fit has to find it
+            out.append(RunEvidence(run_id=len(out) + 1, batch_size=b, lr=lr, outcome="completed", optimizer=optimizer,
+                                   metric=1.0 + curvature * math.log(lr / best[b]) ** 2, warmup_ratio=0.05))
+    return out
+
+
+@pytest.mark.parametrize("optimizer, lr", [("sgd", 0.1), ("lars", 2.0)])
+def test_a_sweep_at_the_reference_batch_keeps_the_linear_rule(optimizer: str, lr: float):
+    req = {**GOYAL, "reference": {**GOYAL["reference"], "optimizer": optimizer, "lr": lr}}
+    rule = recommend(req).stages[0].peak_lr
+    assert rule == pytest.approx(lr * 32)  # no evidence: linear
+    learned = recommend(req, evidence=runs(optimizer, (256,), {256: lr}))
+    line = next(x for x in learned.rationale if x.startswith("evidence ("))
+    assert "prior 1, the linear rule's; data weight 0.00" in line, line
+    assert learned.stages[0].peak_lr == pytest.approx(rule, rel=1e-6)
+    # a user who asks for the sqrt rule gets its prior too
+    sqrt = recommend({**req, "rule": "sqrt"}, evidence=runs(optimizer, (256,), {256: lr}))
+    assert sqrt.stages[0].peak_lr == pytest.approx(lr * math.sqrt(32), rel=1e-6)
+
+
+def test_without_a_fit_the_re_anchoring_follows_the_rule():
+    # two LRs show no U: the recipe re-anchors on the best run along the optimizer's own regime curve
+    learned = recommend(GOYAL, evidence=runs("sgd", (256,), {256: 0.1}, lrs=(1 / 1.1, 0.5)))
+    line = next(x for x in learned.rationale if x.startswith("evidence: re-anchored"))
+    assert "along the linear regime curve" in line, line
+    assert learned.stages[0].peak_lr == pytest.approx(3.2, rel=1e-9)
+
+
+def test_sgd_runs_at_two_batches_extrapolate_nearer_the_linear_truth_than_under_the_sqrt_prior():
+    """Shallow Us (the metric moves 1% over a 4x LR range) leave the prior in charge of much of the
+    exponent; the optima grow linearly: the recipe 16x past the runs is within 10% of the truth, and closer
+    than the same runs fitted under the Adam family's prior."""
+    best = {256: 0.1, 512: 0.2}
+    ev = runs("sgd", (256, 512), best, curvature=0.01)
+    target = {**GOYAL, "target": {"batch_size": 8192}}
+    truth = 0.1 * 8192 / 256
+    linear = recommend(target, evidence=ev).stages[0].peak_lr
+    assert abs(linear / truth - 1) < 0.10, linear
+    model = EvidenceModel.from_runs(ev)
+    assert model.rule == "linear" and model.fit is not None and model.fit.prior_exponent == 1.0
+    as_adam = EvidenceModel.from_runs(ev, rule="sqrt").fit
+    assert as_adam is not None
+    assert abs(math.log(as_adam.optimum(8192) / truth)) > abs(math.log(linear / truth))
+
+
+def test_the_rule_follows_the_units_and_adam_studies_are_unchanged():
+    adam = runs("adamw", (256, 512), {256: 1e-4, 512: 1.41e-4})
+    sgd = [r.model_copy(update={"run_id": r.run_id + 100}) for r in runs("sgd", (256, 512), {256: 0.1, 512: 0.2})]
+    assert EvidenceModel.from_runs(adam).rule == "sqrt"
+    mixed = EvidenceModel.from_runs(adam + sgd)
+    assert mixed.rule == "sqrt"  # no rule shared: the papers' default
+    assert mixed.in_units_of("sgd", "sgd").rule == "linear"
+    assert mixed.in_units_of("adamw", "adamw").rule == "sqrt"
+    only = EvidenceModel.from_runs(sgd)
+    assert only.in_units_of("sgd", "sgd") is only  # its own units and rule: itself
+    assert only.in_units_of("sgd", "sgd", "sqrt").rule == "sqrt"
+    # the same Adam runs fit exactly as before the prior followed the rule
+    assert EvidenceModel.from_runs(adam).fit == EvidenceModel.from_runs(adam, rule="sqrt").fit
+    assert optimizers.rule_exponent("linear") == 1.0 and optimizers.rule_exponent("sqrt") == 0.5
+    with pytest.raises(ValueError, match="unknown LR rule: 'cubic'"):
+        EvidenceModel.from_runs(adam, rule="cubic")
