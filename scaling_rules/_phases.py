@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from . import priors
+from . import optimizers, priors
 from ._plan import RecipeError, _fmt, _Plan
 from .learning import EvidenceModel
 from .models import RecommendationRequest, Stage
@@ -15,30 +15,27 @@ from .schedule import DEFAULT_DECAY_POWER, StageShape, stage_area
 __all__ = ["area_gaps"]
 
 
-_LAYERWISE = ("lamb", "lans")
+def _warmup_rule(opt: str) -> str:
+    return optimizers.info(opt).warmup_rule
 
 
 def _growth(opt: str, batch: float, plan: _Plan) -> float:
     """How a family's warmup ratio grows with the batch at a fixed epoch budget, relative to the
-    reference: LAMB/LANS linearly across the batches their tables span, flat outside; LARS as
-    1 + B/LARS_WARMUP_BATCH (in epochs); others not at all. A ratio of one function of the batch, so A -> B -> A and A -> B -> C are exact."""
-    if opt == "lars":
-        w = priors.LARS_WARMUP_BATCH
-        return (1 + batch / w) / (1 + plan.ref_batch_x / w)
-    if opt not in _LAYERWISE:
-        return 1.0
-    lo, hi = priors.LAMB_WARMUP_RANGE
-    return min(max(batch, lo), hi) / min(max(plan.ref_batch_x, lo), hi)
+    reference (``priors.warmup_growth`` of the optimizer table's ``warmup_rule``). A ratio of one function
+    of the batch, so A -> B -> A and A -> B -> C are exact."""
+    rule = _warmup_rule(opt)
+    return priors.warmup_growth(rule, batch) / priors.warmup_growth(rule, plan.ref_batch_x)
 
 
 def _family_text(opt: str) -> str:
-    if opt in _LAYERWISE:
+    rule = _warmup_rule(opt)
+    if rule == "linear-epoch":
         return ("linear-epoch (LAMB Tables 4, 5, LANS Table 1: the warmup ratio grows with the batch up to "
                 "96K, the largest batch they reach, and stays constant in epochs beyond)")
-    if opt == "lars":
+    if rule == "lars-epochs":
         return (f"epochs growing as 1 + B/{priors.LARS_WARMUP_BATCH:.0f} (about constant well below: SimCLR, BYOL; "
                 "lengthened past 16K by the LARS reference codes, TPU and MLPerf; the batch fitted on them)")
-    if opt == "sgd":
+    if rule == "constant-epochs":
         return "constant epochs (Goyal et al. 2017: 5 epochs at every batch)"
     return "constant samples (AdamW recipes: GPT-3, BLOOM, LLaMA keep warmup tokens fixed; ViT fixed epochs)"
 
@@ -80,7 +77,7 @@ def warmup_ratio(plan: _Plan, req: RecommendationRequest, name: str, n: int,
         grow = grow * _growth(name, b, plan) / _growth(name, edge, plan)
     # Constant-sample families keep the warmup's examples when the stage's examples change (an explicit
     # step budget); the LAMB tables state their rule as a ratio of the run.
-    same_samples = 1.0 if (name in _LAYERWISE or T * b == ref_total * plan.ref_batch_x) \
+    same_samples = 1.0 if (_warmup_rule(name) == "linear-epoch" or T * b == ref_total * plan.ref_batch_x) \
         else ref_total * plan.ref_batch_x / (T * b)
     ratio = ref_ratio * grow * same_samples
     if plan.switch_at is not None and priors.same_units(name, old) is False:
@@ -157,13 +154,14 @@ def _learned(plan: _Plan, ratio: float, evidence: EvidenceModel | None, p: str) 
             return ratio
         plan.rationale.append(
             f"{p}evidence (runs {ids or '?'}): the warmups tried at batch sizes {', '.join(map(str, wf.batch_sizes))} "
-            f"did not differ beyond the noise ({tried}), so the shortest tried was enough; kept in steps as the "
-            f"rule grows it (w = {wf.exponent:.3f}), it is {_fmt(learned)} at {plan.batch}, where the rule gave "
+            f"did not differ beyond the noise ({tried}), so the shortest tried was enough; grown as the "
+            f"{wf.rule} rule grows it (w = {wf.exponent:.3f}), it is {_fmt(learned)} at {plan.batch}, where the rule gave "
             f"{_fmt(ratio)} (a longer warmup only delays the training)")
         return learned
     plan.rationale.append(
         f"{p}evidence (runs {ids or '?'}; warmup varied at batch sizes {', '.join(map(str, wf.batch_sizes))}): "
-        f"warmup ratio ~ batch^w with w = {wf.exponent:.3f} +- {wf.exponent_sd:.3f} (prior 1, linear-epoch; "
+        f"warmup ratio ~ batch^w{'' if wf.rule != 'lars-epochs' else ' x (1 + B/B_w)'} with w = {wf.exponent:.3f} "
+        f"+- {wf.exponent_sd:.3f} (prior {priors.warmup_power(wf.rule):g}, {wf.rule}; "
         f"data weight {wf.data_weight:.2f}): {_fmt(learned)} at {plan.batch}, the rule gave {_fmt(ratio)}"
     )
     return learned

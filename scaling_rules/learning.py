@@ -57,10 +57,11 @@ from .models import MAX_LR, MIN_LR
 __all__ = ["EvidenceModel", "RunEvidence", "ScalingFit", "WarmupFit", "explore_lrs"]
 
 MAX_BEND_FITS = 16  # fits kept per model, one per critical batch a request brought
-WARMUP_PRIOR_EXPONENT = 1.0  # linear-epoch warmup (LAMB Table 4; You et al. 2019 "LEGW")
-# 2 sd reaches 0.3 (close to a fixed warmup ratio) and 1.7: tuned warmups in the literature sit in there.
+# The warmup exponent's prior is the optimizer's rule (priors.warmup_power: linear-epoch 1, LAMB Table 4 and
+# You et al. 2019 "LEGW"; constant epochs or samples 0). 2 sd around linear-epoch reaches 0.3 (close to a
+# fixed warmup ratio) and 1.7: tuned warmups in the literature sit in there.
 WARMUP_PRIOR_SD = 0.35
-WARMUP_EXPONENT_GRID = np.linspace(-0.5, 2.5, 301)
+WARMUP_EXPONENT_GRID = np.linspace(-0.5, 2.5, 301)  # around linear-epoch's 1; moved with another rule
 WARMUP_EXTRAPOLATION = math.log(2.0)  # the fitted optimum stays within 2x of the warmups tried
 WARMUP_EFFECT_ALPHA = 0.05  # the F-test level below which the warmups tried differ beyond the noise
 
@@ -83,7 +84,9 @@ class RunEvidence(BaseModel):
 
 @dataclass(frozen=True)
 class WarmupFit:
-    """The fitted warmup curve ln ratio*(B) = log_c + exponent * ln B, limited to what was tried."""
+    """The fitted warmup curve ln ratio*(B) = log_c + exponent * ln B + rest(B), limited to what was tried;
+    rest(B) is the part of the optimizer's warmup rule that is no power of the batch (LARS's 1 + B/B_w; 0
+    for the others)."""
 
     exponent: float
     exponent_sd: float
@@ -98,12 +101,19 @@ class WarmupFit:
     # upper bound of what the warmup needs, not an optimum (the rule's own ratio wins when shorter).
     flat: bool = False
     effect_p: float | None = None  # the F-test's p-value for any warmup effect at all
+    rule: str = "linear-epoch"  # the optimizer's warmup rule: the exponent's prior and rest(B)
 
     def ratio(self, batch_size: int) -> float:
         u = self.log_c
         lo, hi = self.u_range
         u = min(max(u, lo - WARMUP_EXTRAPOLATION), hi + WARMUP_EXTRAPOLATION)
-        return math.exp(min(u + self.exponent * math.log(batch_size), 0.0))  # a ratio of the steps: <= 1
+        # a ratio of the steps: <= 1
+        return math.exp(min(u + self.exponent * math.log(batch_size) + _warmup_rest(self.rule, batch_size), 0.0))
+
+
+def _warmup_rest(rule: str, batch: float) -> float:
+    """ln of the warmup rule's growth beyond its power of the batch (0.0 exactly for a pure power)."""
+    return math.log(priors.warmup_growth(rule, batch)) - priors.warmup_power(rule) * math.log(batch)
 
 
 @dataclass
@@ -114,26 +124,31 @@ class EvidenceModel:
     conflicts: list[str] = field(default_factory=list)
     warmup_fit: WarmupFit | None = None
     rule: str = "sqrt"  # the LR rule whose exponent centres the fitted exponent's prior
+    warmup_rule: str = "linear-epoch"  # the warmup rule that is the warmup curve's prior (priors.warmup_growth)
     # in_units_of's sub-models and better_elsewhere's lines, once per model (the service keeps a
     # study's fitted model for every request until its evidence changes)
     _memo: dict[tuple[str, str, str], Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_runs(cls, runs: Iterable[RunEvidence | dict], *, direction: Direction = "minimize",
-                  rule: str | None = None) -> EvidenceModel:
-        """The fitted model of ``runs``. ``rule`` ("sqrt", "linear") centres the exponent's prior; by default
-        the rule the runs' optimizers share (SGD and LARS linear, the Adam family sqrt), sqrt where they
-        share none."""
+                  rule: str | None = None, warmup_rule: str | None = None) -> EvidenceModel:
+        """The fitted model of ``runs``. ``rule`` ("sqrt", "linear") centres the LR exponent's prior and
+        ``warmup_rule`` (the optimizer table's) is the warmup curve's; by default the rules the runs'
+        optimizers share (SGD and LARS linear, the Adam family sqrt; LAMB and LANS linear-epoch, AdamW
+        constant samples, ...), else sqrt and linear-epoch."""
         parsed = [r if isinstance(r, RunEvidence) else RunEvidence.model_validate(r) for r in runs]
         # Deterministic: the same evidence in any order gives the same recipe.
         parsed.sort(key=lambda r: (r.batch_size, r.lr, r.outcome, r.metric if r.metric is not None else 0.0,
                                    r.run_id or 0))
+        rows = [optimizers.OPTIMIZERS[r.optimizer] for r in parsed if r.optimizer in optimizers.OPTIMIZERS]
         if rule is None:
-            known = optimizers.OPTIMIZERS
-            rules = {known[r.optimizer].lr_rule for r in parsed if r.optimizer in known}
+            rules = {row.lr_rule for row in rows}
             rule = rules.pop() if len(rules) == 1 else "sqrt"
+        if warmup_rule is None:
+            warmups = {row.warmup_rule for row in rows}
+            warmup_rule = warmups.pop() if len(warmups) == 1 else "linear-epoch"
         optimizers.rule_exponent(rule)  # a ValueError naming an unknown rule, before any fit
-        model = cls(runs=parsed, direction=direction, rule=rule)
+        model = cls(runs=parsed, direction=direction, rule=rule, warmup_rule=warmup_rule)
         model.fit = model._fit(bend=False)
         model.warmup_fit = model._fit_warmup()
         model.conflicts = model._find_conflicts()
@@ -149,17 +164,19 @@ class EvidenceModel:
     def in_units_of(self, optimizer: str, unnamed: str, rule: str | None = None) -> EvidenceModel:
         """The model of the runs whose LRs are in ``optimizer``'s units (a run that names no optimizer
         counts as ``unnamed``'s, the reference's; one that names an optimizer the table does not know is
-        left out), its exponent's prior centred on ``rule`` (default: ``optimizer``'s). A study that
-        changed optimizer (the engine's own recipes switch AdamW to LAMB past 16K) holds LRs of two units,
+        left out), its priors ``optimizer``'s rules (its LR rule unless ``rule`` is given; its warmup rule).
+        A study that changed optimizer (the engine's own recipes switch AdamW to LAMB past 16K) holds LRs of two units,
         several times apart: one curve through both would read the change of units as an effect of the
         batch or the LR. ``self`` where every run is in those units and the rule is its own."""
         row = optimizers.OPTIMIZERS.get(optimizer)
         rule = rule or (row.lr_rule if row is not None else "sqrt")
-        key = ("units", optimizers.units_of(optimizer), f"{optimizers.units_of(unnamed)} {rule}")
+        warmup = row.warmup_rule if row is not None else self.warmup_rule
+        key = ("units", optimizers.units_of(optimizer), f"{optimizers.units_of(unnamed)} {rule} {warmup}")
         if key not in self._memo:
             mine = [r for r in self.runs if optimizers.run_units(r.optimizer, unnamed) == key[1]]
-            self._memo[key] = self if len(mine) == len(self.runs) and rule == self.rule else \
-                EvidenceModel.from_runs(mine, direction=self.direction, rule=rule)
+            own = len(mine) == len(self.runs) and (rule, warmup) == (self.rule, self.warmup_rule)
+            self._memo[key] = self if own else \
+                EvidenceModel.from_runs(mine, direction=self.direction, rule=rule, warmup_rule=warmup)
         return self._memo[key]
 
     def better_elsewhere(self, optimizer: str, unnamed: str) -> list[str]:
@@ -278,7 +295,8 @@ class EvidenceModel:
         # warmup effect is not read as an LR effect.
         if all(r.warmup_ratio is not None and r.warmup_ratio > 0 for r in rows) and any(
                 len({x.warmup_ratio for x in rs}) >= 2 for rs in informative.values()):
-            u = np.log([r.warmup_ratio for r in rows]) - WARMUP_PRIOR_EXPONENT * np.log(batch)  # type: ignore[misc]
+            u = (np.log([r.warmup_ratio for r in rows]) - priors.warmup_power(self.warmup_rule) * np.log(batch)  # type: ignore[misc]
+                 - np.array([_warmup_rest(self.warmup_rule, b) for b in batch]))
             fixed = np.column_stack([fixed, u, u * u])
         return fit_curve(batch, np.log([r.lr for r in rows]), y, fixed, batches, noise, bend=bend,
                          prior_exponent=self.exponent_prior)
@@ -314,7 +332,11 @@ class EvidenceModel:
         sign = 1.0 if self.direction == "minimize" else -1.0
         y = standardised(np.array([sign * r.metric for r in runs]))  # type: ignore[operator]
         ln_b = np.log([r.batch_size for r in runs])
-        ln_r = np.log([r.warmup_ratio for r in runs])  # type: ignore[misc]
+        # the rule's growth that is no power of the batch comes off first (0.0 for a pure power)
+        ln_r = np.log([r.warmup_ratio for r in runs]) - np.array(  # type: ignore[misc]
+            [_warmup_rest(self.warmup_rule, r.batch_size) for r in runs])
+        prior = priors.warmup_power(self.warmup_rule)
+        grid = WARMUP_EXPONENT_GRID if prior == 1.0 else WARMUP_EXPONENT_GRID + (prior - 1.0)
         columns = [np.array([1.0 if r.batch_size == b else 0.0 for r in runs]) for b in batches]
         if self.fit is not None:
             # The LR's own U, along its fitted curve, so LR changes are not read as warmup effects.
@@ -329,17 +351,17 @@ class EvidenceModel:
             resid = y - design @ coef
             return float(resid @ resid), coef
 
-        sse = profile_sse(base, y, ln_r, ln_b, WARMUP_EXPONENT_GRID)
+        sse = profile_sse(base, y, ln_r, ln_b, grid)
         n, p = len(runs), base.shape[1] + 2
         sigma2 = max(float(sse.min()) / max(n - p, 1), 1e-12, 1e-4 * float(np.var(y)) if n > 1 else 1e-12)
         # The exponent is identified only by warmup optima at two batch sizes or more.
         identifiable = len(varied) >= 2
         log_lik = -sse / (2 * sigma2) if identifiable else np.zeros_like(sse)
-        log_post = log_lik - (WARMUP_EXPONENT_GRID - WARMUP_PRIOR_EXPONENT) ** 2 / (2 * WARMUP_PRIOR_SD**2)
+        log_post = log_lik - (grid - prior) ** 2 / (2 * WARMUP_PRIOR_SD**2)
         weights = np.exp(log_post - log_post.max())
         weights /= weights.sum()
-        w_mean = float(weights @ WARMUP_EXPONENT_GRID)
-        w_sd = float(math.sqrt(max(weights @ (WARMUP_EXPONENT_GRID - w_mean) ** 2, 0.0)))
+        w_mean = float(weights @ grid)
+        w_sd = float(math.sqrt(max(weights @ (grid - w_mean) ** 2, 0.0)))
         sse_w, coef = solve(w_mean)
         kappa, beta = float(coef[-1]), float(coef[-2])
         u = ln_r - w_mean * ln_b
@@ -352,8 +374,8 @@ class EvidenceModel:
             gain = max(float(resid0 @ resid0) - sse_w, 0.0)
             effect_p = stats.f_sf(gain / 2 / max(sse_w / (n - p), 1e-300), 2, n - p)
         # No effect beyond the noise, or no U and two edges the noise cannot tell apart: every warmup
-        # tried was as good as any other, so the shortest tried is enough, kept in steps as the
-        # prior's exponent grows it (a longer one only delays the training).
+        # tried was as good as any other, so the shortest tried is enough, grown with the batch as the
+        # optimizer's warmup rule grows it (a longer one only delays the training).
         shortest = float(min(x for x, r in zip(u, runs, strict=True) if r.batch_size in varied))
         flat = effect_p is not None and effect_p > WARMUP_EFFECT_ALPHA
         if flat:
@@ -375,6 +397,7 @@ class EvidenceModel:
             data_weight=1.0 - min(1.0, (w_sd / WARMUP_PRIOR_SD) ** 2) if identifiable else 0.0,
             u_range=(lo, hi),
             run_ids=tuple(sorted(r.run_id for r in runs if r.run_id is not None)),
+            rule=self.warmup_rule,
         )
 
     # ----- stability -----

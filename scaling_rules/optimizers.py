@@ -40,6 +40,10 @@ class OptimInfo:
             SGD-like steps (Goyal et al. 2017; McCandlish et al. 2018 eq. 2.6), "sqrt" for the Adam family
             (LAMB section 4.3; the square-root rule of Adam's SDE, Malladi et al. 2022). The rule's
             exponent (:data:`RULE_EXPONENTS`) is also the prior of the exponent a study's runs fit.
+        warmup_rule: how its warmup ratio grows with the batch at a fixed epoch budget (the growth itself:
+            ``priors.warmup_growth``): "linear-epoch" (LAMB Tables 4, 5, LANS Table 1), "lars-epochs"
+            (epochs growing as 1 + B/LARS_WARMUP_BATCH), "constant-epochs" (Goyal et al. 2017),
+            "constant-samples" (AdamW recipes). Also the prior of the warmup curve a study's runs fit.
     """
 
     name: str
@@ -56,6 +60,7 @@ class OptimInfo:
     recipe: bool = True
     decoupled_weight_decay: bool = False
     lr_rule: str = "sqrt"
+    warmup_rule: str = "constant-samples"
 
 
 _LAYERWISE_OPTIONS = frozenset({"layer_adaptation", "phi_bounds", "nonfinite", "foreach", "capturable"})
@@ -64,10 +69,11 @@ OPTIMIZERS: dict[str, OptimInfo] = {i.name: i for i in (
     OptimInfo("lamb", "largebatch.client.optim.LAMB", "layerwise-adam", betas=True, momentum=False,
               layerwise=True, clipping=True, trust_coefficient=False, optional_bias_correction=True,
               default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"skip_adaptation_without_decay", "fused"},
-              decoupled_weight_decay=True),
+              decoupled_weight_decay=True, warmup_rule="linear-epoch"),
     OptimInfo("lans", "largebatch.client.optim.LANS", "layerwise-adam", betas=True, momentum=False,
               layerwise=True, clipping=False, trust_coefficient=False, optional_bias_correction=True,
-              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"fused"}, decoupled_weight_decay=True),
+              default_eps=1e-6, options=_LAYERWISE_OPTIONS | {"fused"}, decoupled_weight_decay=True,
+              warmup_rule="linear-epoch"),
     OptimInfo("adamw", "torch.optim.AdamW", "adam", betas=True, momentum=False, layerwise=False, clipping=False,
               trust_coefficient=False, optional_bias_correction=False, default_eps=1e-8,
               options=frozenset({"foreach", "fused", "amsgrad"}), decoupled_weight_decay=True),
@@ -76,10 +82,11 @@ OPTIMIZERS: dict[str, OptimInfo] = {i.name: i for i in (
               options=frozenset({"foreach", "fused", "amsgrad"}), recipe=False),
     OptimInfo("lars", "largebatch.client.optim.LARS", "lars", betas=False, momentum=True, layerwise=True,
               clipping=False, trust_coefficient=True, optional_bias_correction=False, default_eps=1e-9,
-              options=_LAYERWISE_OPTIONS, lr_rule="linear"),
+              options=_LAYERWISE_OPTIONS, lr_rule="linear", warmup_rule="lars-epochs"),
     OptimInfo("sgd", "torch.optim.SGD", "sgd", betas=False, momentum=True, layerwise=False, clipping=False,
               trust_coefficient=False, optional_bias_correction=False, default_eps=0.0,
-              options=frozenset({"foreach", "fused", "nesterov", "dampening"}), lr_rule="linear"),
+              options=frozenset({"foreach", "fused", "nesterov", "dampening"}), lr_rule="linear",
+              warmup_rule="constant-epochs"),
 )}
 
 #: The exponent of each LR rule: LR ~ batch^e well below the critical batch, (1 + B_noise/B)^-e around it.

@@ -61,6 +61,25 @@ LAMB_WARMUP_RANGE = (1, 98304)
 # Fitted on the corpus's LARS warmups (corpus.fit_lars_warmup_batch: 13.7K; left out one source at a
 # time 7.4K .. 20K); its scorer overrides this name.
 LARS_WARMUP_BATCH = 13700.0
+
+
+def warmup_growth(rule: str, batch: float) -> float:
+    """How the warmup ratio grows with the batch at a fixed epoch budget under a family's ``rule`` (the
+    optimizer table's ``warmup_rule``), up to a constant: a ratio of two batches' values moves a warmup
+    ratio from one to the other. Linear-epoch within LAMB_WARMUP_RANGE and flat outside it; LARS epochs
+    as 1 + B/LARS_WARMUP_BATCH; constant epochs or samples not at all."""
+    if rule == "linear-epoch":
+        lo, hi = LAMB_WARMUP_RANGE
+        return min(max(batch, lo), hi)
+    if rule == "lars-epochs":
+        return 1 + batch / LARS_WARMUP_BATCH
+    return 1.0
+
+
+def warmup_power(rule: str) -> float:
+    """``warmup_growth``'s power of the batch where the rule is one (linear-epoch 1, the others 0): the
+    prior of the exponent a study's warmup runs fit (the rest of the growth, LARS's 1 + B/B_w, rides along)."""
+    return 1.0 if rule == "linear-epoch" else 0.0
 # Warmup-stable-decay: the decay takes the last 20% of the run (Hägele et al. 2024's cooldown).
 WSD_DECAY_FRACTION = 0.2
 

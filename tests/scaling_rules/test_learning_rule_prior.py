@@ -83,3 +83,38 @@ def test_the_rule_follows_the_units_and_adam_studies_are_unchanged():
     assert optimizers.rule_exponent("linear") == 1.0 and optimizers.rule_exponent("sqrt") == 0.5
     with pytest.raises(ValueError, match="unknown LR rule: 'cubic'"):
         EvidenceModel.from_runs(adam, rule="cubic")
+
+
+def warmup_sweep(optimizer: str, batch: int, lr: float, best_ratio: float) -> list[RunEvidence]:
+    """LR x warmup at one batch size, the warmup's optimum at ``best_ratio``."""
+    out = []
+    for f in (0.5, 1.0, 2.0):
+        for w in (best_ratio / 2, best_ratio, best_ratio * 2):
+            out.append(RunEvidence(run_id=len(out) + 1, batch_size=batch, lr=lr * f, outcome="completed",
+                                   optimizer=optimizer, warmup_ratio=w,
+                                   metric=1.0 + math.log(f) ** 2 + 0.5 * math.log(w / best_ratio) ** 2))
+    return out
+
+
+@pytest.mark.parametrize("optimizer, lr, ref_ratio, target, growth", [
+    ("adamw", 1e-4, 0.01, 1024, 1.0),  # constant samples
+    ("sgd", 0.1, 5 / 90, 1024, 1.0),  # constant epochs (Goyal et al.)
+    ("lamb", 1e-3, 1 / 320, 1024, 4.0),  # linear-epoch (LAMB Table 4)
+    ("lars", 2.0, 5 / 90, 32768, (1 + 32768 / 13700) / (1 + 256 / 13700)),  # epochs as 1 + B/B_w
+])
+def test_a_warmup_sweep_at_the_reference_batch_keeps_the_optimizers_warmup_rule(optimizer, lr, ref_ratio, target,
+                                                                                  growth):
+    """The study's best warmup at the reference batch is the reference's: the recipe's warmup at a larger
+    batch is the rule's. Before, every optimizer's warmup curve had LAMB's linear-epoch prior, so an AdamW
+    study 4x past its sweep warmed up 4x longer than AdamW's own rule (0.04 against 0.01)."""
+    req = {"model": {"params": 25_000_000, "family": "other"},
+           "reference": {"batch_size": 256, "lr": lr, "optimizer": optimizer, "warmup_ratio": ref_ratio,
+                         "steps": 100_000},
+           "target": {"batch_size": target}, "optimizer": optimizer}
+    stage = recommend(req).stages[0]
+    rule = stage.warmup_ratio
+    assert abs(rule - min(ref_ratio * growth, 0.45)) * stage.steps <= 1  # to the whole step
+    learned = recommend(req, evidence=warmup_sweep(optimizer, 256, lr, ref_ratio))
+    line = next(x for x in learned.rationale if x.startswith("evidence (runs") and "warmup" in x)
+    assert f"{optimizers.info(optimizer).warmup_rule}; data weight 0.00" in line, line
+    assert learned.stages[0].warmup_ratio == pytest.approx(rule, rel=0.02), line

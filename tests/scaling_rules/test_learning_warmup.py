@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from largebatch.scaling_rules import recommend
-from largebatch.scaling_rules.learning import WARMUP_PRIOR_EXPONENT, EvidenceModel, RunEvidence
+from largebatch.scaling_rules import priors, recommend
+from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
 
 B0, LR0, R0 = 256, 2e-3, 0.01
 
@@ -73,7 +73,7 @@ def test_one_batch_size_leaves_the_exponent_to_the_prior():
     runs = sweep((1024,))
     fit = EvidenceModel.from_runs(runs).warmup_fit
     assert fit is not None and fit.data_weight == 0.0
-    assert fit.exponent == pytest.approx(WARMUP_PRIOR_EXPONENT, abs=1e-6)
+    assert fit.exponent == pytest.approx(priors.warmup_power(fit.rule), abs=1e-6) and fit.rule == "linear-epoch"
     # the level is the data's: at the batch that was swept, the measured optimum
     assert fit.ratio(1024) == pytest.approx(best_warmup(1024), rel=0.15)
 

@@ -230,7 +230,7 @@ def test_warmups_that_do_not_matter_give_the_shortest_tried(request, backend):
         shortest_ratio, shortest_steps = min(tried)
         assert shortest_ratio < rule.stages[0].warmup_ratio / 4 / 2  # the sweep went well below the rule
         stage = learned.stages[0]
-        # The shortest tried, kept in steps as the batch grows 4x (the rule's exponent: no second batch size).
+        # The shortest tried, kept in steps (LAMB's linear-epoch rule) as the batch grows 4x (no second batch size).
         assert stage.warmup_ratio == pytest.approx(4 * shortest_ratio, rel=1e-3), learned.rationale
         assert abs(stage.warmup_steps - shortest_steps) <= 1
         assert stage.warmup_ratio < rule.stages[0].warmup_ratio
