@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from largebatch.scaling_rules import optimizers, recommend
 from largebatch.scaling_rules.learning import EvidenceModel, RunEvidence
@@ -118,3 +120,21 @@ def test_a_warmup_sweep_at_the_reference_batch_keeps_the_optimizers_warmup_rule(
     line = next(x for x in learned.rationale if x.startswith("evidence (runs") and "warmup" in x)
     assert f"{optimizers.info(optimizer).warmup_rule}; data weight 0.00" in line, line
     assert learned.stages[0].warmup_ratio == pytest.approx(rule, rel=0.02), line
+
+
+@settings(max_examples=60, deadline=None)
+@given(optimizer=st.sampled_from(optimizers.RECIPE_NAMES), k=st.integers(2, 64),
+       ref_batch=st.sampled_from([64, 256, 1024]), ratio=st.sampled_from([0.002, 0.01, 0.05]))
+def test_runs_that_confirm_the_reference_leave_the_recipe_as_the_rule_makes_it(optimizer, k, ref_batch, ratio):
+    """A study whose sweep at the reference batch finds the reference's own LR and warmup best has told
+    the engine nothing new: for every optimizer, at every larger batch, the recipe is the rule's."""
+    lr = {"sgd": 0.1, "lars": 1.0}.get(optimizer, 1e-3)
+    req = {"model": {"params": 25_000_000, "family": "other"}, "optimizer": optimizer,
+           "reference": {"batch_size": ref_batch, "lr": lr, "optimizer": optimizer, "warmup_ratio": ratio,
+                         "steps": 200_000},
+           "target": {"batch_size": ref_batch * k}}
+    rule = recommend(req)
+    learned = recommend(req, evidence=warmup_sweep(optimizer, ref_batch, lr, ratio))
+    a, b = rule.stages[0], learned.stages[0]
+    assert b.peak_lr == pytest.approx(a.peak_lr, rel=1e-6), learned.rationale
+    assert abs(b.warmup_steps - a.warmup_steps) <= 1, learned.rationale
