@@ -222,3 +222,17 @@ def test_evidence_bend_quick():
     for row in rows:
         cells = row.strip("|").split(" | ")
         assert len(cells) == 9 and cells[-2].strip().endswith("/2"), row
+
+
+def test_warmup_cost_quick(tmp_path):
+    pytest.importorskip("torch")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "warmup_cost.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| mlp | 64x |")]
+    # the sweep's 0, 1, 4 steps and the engine's linear-epoch warmup at 64x of the quick task's 12 steps
+    assert [row.split(" | ")[3] for row in rows] == ["0", "1", "3", "4"], proc.stdout
+    assert rows[1].split(" | ")[6] == "-" and all(" [" in rows[i].split(" | ")[6] for i in (0, 2, 3)), proc.stdout
+    assert "LAMB-sqrt" in rows[0] and "the engine's rule" in rows[2]  # 0.005 of 12 steps: no warmup
+    runs = json.loads((tmp_path / "warmup_cost.json").read_text())
+    assert len(runs) == 8 and {r["seed"] for r in runs} == {2, 3}
