@@ -164,10 +164,11 @@ class EvidenceModel:
     def in_units_of(self, optimizer: str, unnamed: str, rule: str | None = None) -> EvidenceModel:
         """The model of the runs whose LRs are in ``optimizer``'s units (a run that names no optimizer
         counts as ``unnamed``'s, the reference's; one that names an optimizer the table does not know is
-        left out), its priors ``optimizer``'s rules (its LR rule unless ``rule`` is given; its warmup rule).
-        A study that changed optimizer (the engine's own recipes switch AdamW to LAMB past 16K) holds LRs of two units,
-        several times apart: one curve through both would read the change of units as an effect of the
-        batch or the LR. ``self`` where every run is in those units and the rule is its own."""
+        left out), its priors ``optimizer``'s rules (its LR rule unless ``rule`` is given; its warmup
+        rule). A study that changed optimizer (the engine's own recipes switch AdamW to LAMB past 16K)
+        holds LRs of two units, several times apart: one curve through both would read the change of
+        units as an effect of the batch or the LR. ``self`` where every run is in those units and the
+        rules are its own."""
         row = optimizers.OPTIMIZERS.get(optimizer)
         rule = rule or (row.lr_rule if row is not None else "sqrt")
         warmup = row.warmup_rule if row is not None else self.warmup_rule
