@@ -3,6 +3,10 @@ gradient accumulation, for the noise-scale test."""
 
 from __future__ import annotations
 
+import gc
+import os
+import sys
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -58,26 +62,43 @@ def train_single(first_only: bool = False) -> list[float]:
     return values
 
 
-def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+def _ddp_run(rank: int) -> dict:
+    model = nn.parallel.DistributedDataParallel(make_model())
+    noise = GradientNoiseScale()
+    noise.attach_ddp(model, LOCAL_BATCH)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    values = []
+    for x, y in batches():
+        lo = rank * LOCAL_BATCH
+        nn.functional.mse_loss(model(x[lo:lo + LOCAL_BATCH]), y[lo:lo + LOCAL_BATCH]).backward()
+        values.append(noise.step())
+        opt.step()
+        opt.zero_grad()
+    return {"values": values, "state": noise.state_dict(),
+            "params": [p.detach().clone() for p in model.module.parameters()]}
+
+
+def run_rank(rank: int, world: int, init_file: str, out_file: str, body) -> None:
+    """``body(rank)`` on a gloo rank; rank 0 saves what it returns. Then both ranks leave together with
+    nothing holding the group: the DDP models ``body`` made (whose reducers keep the group alive) are
+    collected before the barrier, and the process ends without the interpreter's teardown. Torn down under
+    a talking peer, or destroyed late by a reducer that the exit frees, gloo has aborted a rank after a
+    correct run ("terminate called without an active exception", exit -6)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = nn.parallel.DistributedDataParallel(make_model())
-        noise = GradientNoiseScale()
-        noise.attach_ddp(model, LOCAL_BATCH)
-        opt = torch.optim.SGD(model.parameters(), lr=LR)
-        values = []
-        for x, y in batches():
-            lo = rank * LOCAL_BATCH
-            nn.functional.mse_loss(model(x[lo:lo + LOCAL_BATCH]), y[lo:lo + LOCAL_BATCH]).backward()
-            values.append(noise.step())
-            opt.step()
-            opt.zero_grad()
+        out = body(rank)
         if rank == 0:
-            torch.save({"values": values, "state": noise.state_dict(),
-                        "params": [p.detach().clone() for p in model.module.parameters()]}, out_file)
+            torch.save(out, out_file)
+        del out
     finally:
-        # Both ranks leave together: tearing gloo down while the peer still talks aborts the process
-        # ("terminate called without an active exception", exit -6) after a correct run.
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # only after a run that raised nothing (an exception leaves through the finally, exit 1)
+
+
+def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    run_rank(rank, world, init_file, out_file, _ddp_run)

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 import torch.distributed as dist
-from noise_dist_worker import LOCAL_BATCH, LR, batches, make_model
+from noise_dist_worker import LOCAL_BATCH, LR, batches, make_model, run_rank
 from torch import nn
 
 from largebatch.client._dist import BatchPlan
@@ -89,12 +89,5 @@ def without_no_sync(rank: int) -> tuple[list[float | None], list[float | None], 
 
 
 def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out = {"bare": bare(rank), "clipped": bare(rank, clip=True), "unsynced": unsynced(rank), "no_sync": without_no_sync(rank)}
-        if rank == 0:
-            torch.save(out, out_file)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    run_rank(rank, world, init_file, out_file, lambda r: {"bare": bare(r), "clipped": bare(r, clip=True),
+                                                         "unsynced": unsynced(r), "no_sync": without_no_sync(r)})
