@@ -78,10 +78,10 @@ def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str
     every input; 1 at B = B_ref; with no B_noise the papers' pure linear or sqrt."""
     if batch == ref_batch:
         return 1.0
-    if noise is None:
-        return batch / ref_batch if rule == "linear" else math.sqrt(batch / ref_batch)
-    r = (1 + noise / ref_batch) / (1 + noise / batch)
-    return r if rule == "linear" else math.sqrt(r)
+    r = batch / ref_batch if noise is None else (1 + noise / ref_batch) / (1 + noise / batch)
+    e = optimizers.rule_exponent(rule)
+    # math.sqrt, not r ** 0.5: the two differ in the last bit, and sqrt's bits are every recipe's.
+    return math.sqrt(r) if e == 0.5 else r ** e
 
 
 # Where a prior's own data grow otherwise than its family's default rule.

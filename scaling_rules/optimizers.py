@@ -100,6 +100,7 @@ def rule_exponent(rule: str) -> float:
     except KeyError:
         raise ValueError(f"unknown LR rule: {rule!r} (known: {', '.join(RULE_EXPONENTS)})") from None
 
+
 # The names a request's reference may hold, and a recipe's optimizer (the order of the API's schemas).
 REFERENCE_NAMES: tuple[str, ...] = tuple(OPTIMIZERS)
 RECIPE_NAMES: tuple[str, ...] = tuple(name for name, row in OPTIMIZERS.items() if row.recipe)

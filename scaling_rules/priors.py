@@ -80,6 +80,8 @@ def warmup_power(rule: str) -> float:
     """``warmup_growth``'s power of the batch where the rule is one (linear-epoch 1, the others 0): the
     prior of the exponent a study's warmup runs fit (the rest of the growth, LARS's 1 + B/B_w, rides along)."""
     return 1.0 if rule == "linear-epoch" else 0.0
+
+
 # Warmup-stable-decay: the decay takes the last 20% of the run (Hägele et al. 2024's cooldown).
 WSD_DECAY_FRACTION = 0.2
 
