@@ -13,8 +13,9 @@ one least-squares solve, so the posterior over a grid of both is exact up to the
 
 The bend. Two batch sizes cannot tell a power law from a bend (any two optima lie on both), so a
 measured critical batch, where one is known, centres the bend's prior (log-normal, x/÷3 at one sd, as
-far as a streaming statistic is trusted to agree with a branched one): the curve bends where the rule
-does. Without one, the runs must show the bend themselves: at three batch sizes or more, the best bend
+far as a streaming statistic is trusted to agree with a branched one: ``priors.critical_batch_spread``,
+which the rule itself averages over): the curve bends where the rule does, and runs that say nothing of
+the bend leave the rule's answer. Without one, the runs must show the bend themselves: at three batch sizes or more, the best bend
 must explain the optima beyond the best power law by more than the noise (an F-test at 5%, one
 parameter more), else the curve is the power law. A bend that passes enters with half the prior, the
 other half on no bend, spread log-uniform over the batches near the runs. The answer at a batch is the
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import stats
+from . import priors, stats
 from .models import MAX_LR, MIN_LR
 
 PRIOR_EXPONENT = 0.5  # LAMB section 4.3: sqrt scaling, the Adam family's rule (a linear rule's prior is 1).
@@ -42,8 +43,6 @@ MIN_CURVATURE_RUNS = 3  # a U needs three LRs
 UNBENT_PRIOR = 0.5  # with no measured critical batch, the prior's mass on "no bend": a pure power law
 BEND_SPAN = 8.0  # ... and the rest log-uniform on bends from B_min / 8 to B_max x 8
 BEND_POINTS = 25
-NOISE_PRIOR_SD = math.log(3.0)  # a measured critical batch, trusted within x/÷3 at one sd
-NOISE_PRIOR_POINTS = 13  # its log-normal prior on a grid of +-3 sd
 BEND_ALPHA = 0.05  # the F-test level at which runs show a bend no power law explains
 _LN_MAX_LR = math.log(MAX_LR)
 
@@ -133,9 +132,7 @@ class ScalingFit:
 def _bends(batches: list[int], measured: float | None) -> list[tuple[float | None, float]]:
     """The bends the posterior averages over, with their prior weights (summing to 1)."""
     if measured is not None:
-        z = np.linspace(-3.0, 3.0, NOISE_PRIOR_POINTS)
-        w = np.exp(-z * z / 2)
-        return [(measured * math.exp(float(zi) * NOISE_PRIOR_SD), float(wi / w.sum())) for zi, wi in zip(z, w, strict=True)]
+        return list(priors.critical_batch_spread(measured))
     grid = np.geomspace(min(batches) / BEND_SPAN, max(batches) * BEND_SPAN, BEND_POINTS)
     return [(None, UNBENT_PRIOR)] + [(float(n), (1 - UNBENT_PRIOR) / BEND_POINTS) for n in grid]
 

@@ -42,7 +42,8 @@ reference. Every step below leaves a line in the rationale.
    family's default (5 of Goyal's 90 epochs; BERT's 1%; LAMB's 1/320), stated.
 5. LR (:mod:`._lr`): the reference moved along f(B)/f(B_ref), f(B) = (1 + B_noise/B)^-e, e = 1 for
    SGD/LARS (McCandlish eq. 2.6-2.7) and 1/2 for the Adam family: linear or sqrt well below the
-   critical batch, flat beyond it; with no B_noise the papers' linear/sqrt, the regime assumed
+   critical batch, flat beyond it, its log averaged over the x/÷3 a given B_noise places the bend
+   within (the prior a study's fit starts from); with no B_noise the papers' linear/sqrt, the regime assumed
    stated. Where the optimizer's LR units change, the LR is re-anchored on the new optimizer's prior
    (LARS: the TPU code's first row, its step function reported beside). Model size moves the LR by
    N^SIZE_EXPONENT at a fixed batch, or by muP's 1/width where widths are given; batch "auto" with a

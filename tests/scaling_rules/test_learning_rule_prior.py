@@ -124,14 +124,17 @@ def test_a_warmup_sweep_at_the_reference_batch_keeps_the_optimizers_warmup_rule(
 
 @settings(max_examples=80, deadline=None)
 @given(optimizer=st.sampled_from(optimizers.RECIPE_NAMES), k=st.integers(2, 64), m=st.sampled_from([1, 2, 4]),
-       ref_batch=st.sampled_from([64, 256, 1024]), ratio=st.sampled_from([0.002, 0.01, 0.05]))
-def test_runs_that_confirm_the_rule_leave_the_recipe_as_the_rule_makes_it(optimizer, k, m, ref_batch, ratio):
+       ref_batch=st.sampled_from([64, 256, 1024]), ratio=st.sampled_from([0.002, 0.01, 0.05]),
+       noise=st.sampled_from([None, 0.25, 4.0, 32.0]))
+def test_runs_that_confirm_the_rule_leave_the_recipe_as_the_rule_makes_it(optimizer, k, m, ref_batch, ratio, noise):
     """A study whose sweep at one batch finds the rule's own LR and warmup there best has told the engine
-    nothing new: for every optimizer, at every larger batch, the recipe is the rule's."""
+    nothing new: for every optimizer, at every larger batch, with or without a measured critical batch
+    (``noise`` x the reference batch: the rule bends its curve there), the recipe is the rule's."""
     lr = {"sgd": 0.1, "lars": 1.0}.get(optimizer, 1e-3)
-    req = {"model": {"params": 25_000_000, "family": "other"}, "optimizer": optimizer,
-           "reference": {"batch_size": ref_batch, "lr": lr, "optimizer": optimizer, "warmup_ratio": ratio,
-                         "steps": 200_000},
+    ref = {"batch_size": ref_batch, "lr": lr, "optimizer": optimizer, "warmup_ratio": ratio, "steps": 200_000}
+    if noise is not None:
+        ref["noise_scale"] = noise * ref_batch
+    req = {"model": {"params": 25_000_000, "family": "other"}, "optimizer": optimizer, "reference": ref,
            "target": {"batch_size": ref_batch * m * k}}
     rule = recommend(req)
     at_runs = recommend({**req, "target": {"batch_size": ref_batch * m}}).stages[0]
