@@ -190,14 +190,13 @@ CRITICAL_BATCH_SCALE = 0.039
 # leave the rule's answer where it is.
 CRITICAL_BATCH_SD = math.log(3.0)
 CRITICAL_BATCH_POINTS = 13  # the log-normal on a grid of +-3 sd
+_SPREAD_Z = tuple(-3.0 + 6.0 * i / (CRITICAL_BATCH_POINTS - 1) for i in range(CRITICAL_BATCH_POINTS))
+_SPREAD_W = tuple(math.exp(-z * z / 2) / math.fsum(math.exp(-u * u / 2) for u in _SPREAD_Z) for z in _SPREAD_Z)
 
 
 def critical_batch_spread(measured: float) -> tuple[tuple[float, float], ...]:
     """The bends a measured critical batch stands for, with their weights (summing to 1)."""
-    z = [-3.0 + 6.0 * i / (CRITICAL_BATCH_POINTS - 1) for i in range(CRITICAL_BATCH_POINTS)]
-    w = [math.exp(-zi * zi / 2) for zi in z]
-    total = math.fsum(w)
-    return tuple((measured * math.exp(zi * CRITICAL_BATCH_SD), wi / total) for zi, wi in zip(z, w, strict=True))
+    return tuple((measured * math.exp(z * CRITICAL_BATCH_SD), w) for z, w in zip(_SPREAD_Z, _SPREAD_W, strict=True))
 
 
 def step_law_batch_tokens(tokens: float) -> float:
