@@ -63,6 +63,7 @@ SCENARIOS = (  # world, the study's batch sizes, the target, the measured critic
     ("bend", (512, 1024, 2048), 16384, None),
     ("bend", (512, 1024), 16384, 1 / 3),
     ("bend", (512, 1024), 16384, 1.0),
+    ("bend", (512, 1024), 4096, 1.0),  # off the geometric midpoint of B0 and the target: averaging's price
     ("bend", (512, 1024), 16384, 3.0),
     ("power law", (512, 1024, 2048), 8192, None),
     ("power law", (512, 1024, 2048, 4096), 16384, None),

@@ -218,7 +218,7 @@ def test_evidence_bend_quick():
                           capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| bend |", "| power law |"))]
-    assert len(rows) == 7, proc.stdout
+    assert len(rows) == 8, proc.stdout
     for row in rows:
         cells = row.strip("|").split(" | ")
         assert len(cells) == 9 and cells[-2].strip().endswith("/2"), row

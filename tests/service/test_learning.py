@@ -243,3 +243,30 @@ def test_an_sgd_studys_runs_keep_the_linear_rule_through_the_service(api):
     optimum = next(p["lr"] for p in view["optimum"] if p["batch_size"] == 4096)
     assert recipe.stages[0].peak_lr == pytest.approx(optimum, rel=1e-9)
     assert recipe.stages[0].peak_lr == pytest.approx(0.11 * 16, rel=0.05)  # linear; sqrt would give 0.44
+
+
+def test_runs_that_say_nothing_of_the_bend_leave_a_noise_aware_recipe_at_the_rules(api):
+    """A LAMB study with a measured B_noise sweeps its LR at the reference batch and finds the reference's
+    LR best: 64x past it, where the rule bends, the recipe is the rule's (the rule averages its bend over
+    the spread the study's fit starts from), and the rationale says the runs moved it by nothing."""
+    import math
+
+    c = api.client()
+    study = new_study(c)
+    ref = {"batch_size": 512, "lr": 1e-3, "optimizer": "lamb", "warmup_ratio": 0.01, "steps": 100_000,
+           "noise_scale": 2048}
+    body = {"model": {"params": 110_000_000}, "study": study, "reference": ref}
+    out = RecommendationOut.model_validate(c.post("/v1/recommendations", json={
+        **body, "target": {"batch_size": 512}, "explore": 2, "start_run": True}).json())
+    for run in [out.run, *out.variant_runs]:
+        metric = 2.0 + 0.1 * math.log(run.peak_lr / ref["lr"]) ** 2
+        assert c.post(f"/v1/runs/{run.id}/complete", json={"outcome": "completed", "metric": metric}).status_code == 200
+    target = {"batch_size": 32768}
+    rule = RecommendationOut.model_validate(
+        c.post("/v1/recommendations", json={**body, "study": None, "target": target}).json())
+    learned = RecommendationOut.model_validate(c.post("/v1/recommendations", json={**body, "target": target}).json())
+    line = next(x for x in learned.rationale if x.startswith("evidence ("))
+    assert "bent flat at the critical batch: B_noise 2048 as measured" in line, line
+    assert learned.stages[0].peak_lr == pytest.approx(rule.stages[0].peak_lr, rel=1e-6), line
+    # the exact bend would have put it elsewhere: sqrt((1 + 2048/512) / (1 + 2048/32768)) x the reference's
+    assert abs(rule.stages[0].peak_lr / (ref["lr"] * math.sqrt(5 / 1.0625)) - 1) > 0.02
