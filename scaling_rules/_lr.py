@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable, Sequence
 
 from . import optimizers, priors
+from ._curve import regime_coordinate
 from ._plan import _a, _default_rule, _fmt, _Plan, _ratio_text
 from .evidence import BatchSummary
 from .learning import EvidenceModel, ScalingFit
@@ -86,7 +87,8 @@ def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str
     if noise is None:
         r = batch / ref_batch
     else:
-        r = math.exp(math.fsum(w * (math.log1p(n / ref_batch) - math.log1p(n / batch))
+        # ln f(B)/f(B_ref) = e (h_N(B) - h_N(B_ref)), the fitted curve's own coordinate, averaged over N
+        r = math.exp(math.fsum(w * float(regime_coordinate(batch, n) - regime_coordinate(ref_batch, n))
                                for n, w in priors.critical_batch_spread(noise)))
     e = optimizers.rule_exponent(rule)
     # math.sqrt, not r ** 0.5: the two differ in the last bit, and sqrt's bits are every recipe's.
@@ -108,7 +110,8 @@ def _regime_text(plan: _Plan, rule: str, source: str) -> str:
     return (f"{law} bent by the critical batch B_noise = {_fmt(plan.noise)} ({plan.noise_src.split(' (')[0]}): "
             f"ratio f(B)/f(B_ref) with f(B) = (1 + B_noise/B)^-{'1' if rule == 'linear' else '1/2'} (McCandlish "
             f"et al. 2018, eq. 2.6-2.7{'' if rule == 'linear' else ', Adam-family analogue'}), its log averaged "
-            "over B_noise x/÷3 (how far a given critical batch places the bend); B/B_noise = "
+            f"over B_noise x/÷{math.exp(priors.CRITICAL_BATCH_SD):.3g} (how far a given critical batch places the "
+            "bend); B/B_noise = "
             f"{x:.3g}: {where} it ({'close to ' + rule if x < 0.1 else 'flat' if x > 10 else 'in between'})")
 
 

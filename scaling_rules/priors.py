@@ -191,7 +191,8 @@ CRITICAL_BATCH_SCALE = 0.039
 CRITICAL_BATCH_SD = math.log(3.0)
 CRITICAL_BATCH_POINTS = 13  # the log-normal on a grid of +-3 sd
 _SPREAD_Z = tuple(-3.0 + 6.0 * i / (CRITICAL_BATCH_POINTS - 1) for i in range(CRITICAL_BATCH_POINTS))
-_SPREAD_W = tuple(math.exp(-z * z / 2) / math.fsum(math.exp(-u * u / 2) for u in _SPREAD_Z) for z in _SPREAD_Z)
+_SPREAD_DENSITY = tuple(math.exp(-z * z / 2) for z in _SPREAD_Z)
+_SPREAD_W = tuple(d / math.fsum(_SPREAD_DENSITY) for d in _SPREAD_DENSITY)
 
 
 def critical_batch_spread(measured: float) -> tuple[tuple[float, float], ...]:
