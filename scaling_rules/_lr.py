@@ -80,8 +80,9 @@ def regime_factor(batch: float, ref_batch: float, noise: float | None, rule: str
 
     A given B_noise places the bend only within x/÷3 (``priors.critical_batch_spread``), so ln f(B)/f(B_ref)
     is averaged over that spread: the mean a study's fit gives when its runs say nothing of the bend, so
-    such runs leave the rule's answer where it is. The limits are unchanged; the average is smoother, at
-    most 7% off the exact-bend factor for e = 1/2 and 14% for e = 1 (B_noise = B_ref, B far beyond it)."""
+    such runs leave the rule's answer where it is. The limits are unchanged; the average is smoother,
+    within 7% of the exact-bend factor for e = 1/2 and 15% for e = 1 (6.9% and 14.2% at worst, B_noise =
+    B_ref with B far beyond it)."""
     if batch == ref_batch:
         return 1.0
     if noise is None:

@@ -7,6 +7,7 @@ reference returns the reference), round trips (A -> B -> A) and monotone steps i
 
 import math
 
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -279,3 +280,24 @@ def test_stages_written_in_either_unit_agree(req, batches, seq_len):
         assert (a.batch_size, a.steps, a.warmup_steps, a.const_steps, a.decay_steps) == \
                (b.batch_size, b.steps, b.warmup_steps, b.const_steps, b.decay_steps)
         assert math.isclose(a.peak_lr, b.peak_lr, rel_tol=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ref=st.floats(1.0, 1e5), k=st.floats(1e-3, 1e5), n=st.floats(1e-3, 1e5), rule=st.sampled_from(["sqrt", "linear"]))
+def test_the_averaged_bend_keeps_the_rules_limits_and_stays_near_the_exact_bend(ref, k, n, rule):
+    """The regime factor averages ln f over the spread a given B_noise stands for: monotone in the batch,
+    1 at the reference, the papers' power far below the bend and flat far beyond it, and within 7% (sqrt) /
+    15% (linear) of the factor that takes B_noise as exact."""
+    from largebatch.scaling_rules._lr import regime_factor
+
+    assume(abs(math.log(k)) > 1e-6)  # a batch a rounding away from the reference's has the factor 1 either side
+    e = 0.5 if rule == "sqrt" else 1.0
+    batch, noise = ref * k, ref * n
+    got = regime_factor(batch, ref, noise, rule)
+    exact = ((1 + noise / ref) / (1 + noise / batch)) ** e
+    assert abs(math.log(got / exact)) <= math.log(1.07 if rule == "sqrt" else 1.15)
+    assert (got >= 1) == (batch >= ref)
+    assert regime_factor(batch * 1.5, ref, noise, rule) > got
+    # far below every bend of the spread: the papers' power; far beyond it: flat
+    assert regime_factor(batch, ref, 1e9 * max(batch, ref), rule) == pytest.approx(k**e, rel=1e-6)
+    assert regime_factor(batch, ref, 1e-9 * min(batch, ref), rule) == pytest.approx(1.0, rel=1e-6)
